@@ -1,0 +1,96 @@
+"""Turn the user's INPUT arguments into a stream of videos: files, folders (recursive), globs, manifests."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
+)
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """One input video: where it is and its stable id."""
+
+    uri: str
+    video_id: str
+
+
+def make_video_id(uri: str, relative: str) -> str:
+    """A stable id: a readable slug of the path relative to its input root + a hash of the full URI."""
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:10]
+    slug = _SLUG.sub("_", relative.replace(os.sep, "/").replace("/", "__")).strip("_.")[-80:]
+    return f"{slug}-{digest}" if slug else digest
+
+
+def _canonical(path: Path) -> str:
+    return str(path.resolve())
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    # sorted walk: the same folder gives the same order every time (reproducible jobs)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def discover(inputs: list[str]) -> Iterator[VideoRef]:
+    """Yield the videos named by ``inputs`` lazily, each once.
+
+    A named file is taken whatever its extension (a missing one becomes a ``not_found`` failure
+    later, so the job goes on); folders are searched recursively for video extensions; a glob
+    pattern is expanded; ``*.txt``/``*.csv``/``*.parquet`` files are manifests of URIs.
+    """
+    seen: set[str] = set()
+    for item in inputs:
+        for ref in _discover_one(item):
+            if ref.uri not in seen:
+                seen.add(ref.uri)
+                yield ref
+
+
+def _discover_one(item: str) -> Iterator[VideoRef]:
+    if item.startswith("s3://"):
+        from jobs.remote import discover_s3
+
+        yield from discover_s3(item)
+        return
+    path = Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+    if path.is_dir():
+        for p in _walk(path):
+            uri = _canonical(p)
+            yield VideoRef(uri, make_video_id(uri, str(p.relative_to(path))))
+        return
+    if path.suffix.lower() in MANIFEST_EXTENSIONS and path.is_file():
+        from jobs.manifest import read_manifest
+
+        yield from read_manifest(path)
+        return
+    if glob.has_magic(item):
+        matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))
+        if not matches:
+            raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
+        for m in matches:
+            mp = Path(m)
+            if mp.is_dir():
+                yield from _discover_one(m)
+            elif mp.suffix.lower() in VIDEO_EXTENSIONS:
+                uri = _canonical(mp)
+                yield VideoRef(uri, make_video_id(uri, mp.name))
+        return
+    # A plain file (or a missing one: it becomes a not_found failure row, the job goes on).
+    uri = _canonical(path)
+    yield VideoRef(uri, make_video_id(uri, path.name))

@@ -1,0 +1,81 @@
+"""Which model bundle a job uses: ``--model DIR``, the packaged default, or (only when asked) untrained."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from pipeline.audio_encoder import build_audio_encoder
+from pipeline.bundle import UNTRAINED_MODEL_ID, ModelBundle
+from pipeline.errors import ConfigError
+from pipeline.image_encoder import IMAGE_ENCODER_DIMS
+from pipeline.media import SamplingSpec
+from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "bundles" / "default"
+
+
+def default_bundle_path() -> Path | None:
+    return DEFAULT_BUNDLE_DIR if (DEFAULT_BUNDLE_DIR / "bundle.json").is_file() else None
+
+
+def untrained_bundle(sampling: SamplingSpec | None = None) -> ModelBundle:
+    """A seeded, untrained bundle (resnet18 without weights + audio CNN): it runs, its labels mean nothing."""
+    image = ImageEncoderSpec(name="resnet18", weights="none")
+    audio = AudioEncoderSpec()
+    sampling = sampling or SamplingSpec()
+    audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
+    return ModelBundle.untrained(sampling=sampling, image=image, audio=audio,
+                                 image_dim=IMAGE_ENCODER_DIMS[image.name], audio_dim=audio_dim)
+
+
+def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
+    """Load the bundle a job asked for; refuse to pretend when there is no trained one."""
+    if model:
+        path = Path(model).expanduser()
+        if not (path / "bundle.json").is_file():
+            raise ConfigError(f"--model {model}: no bundle.json there; pass a directory written by "
+                              "'vidpipe train' (bundle.json + weights.safetensors)")
+        return ModelBundle.load(path)
+    default = default_bundle_path()
+    if default is not None:
+        return ModelBundle.load(default)
+    if not allow_untrained:
+        raise ConfigError("no trained model bundle is available: this install ships no default bundle and no "
+                          "--model was given. Train one with 'vidpipe train' and pass --model DIR, or pass "
+                          "--allow-untrained to run the pipeline with an UNTRAINED head (labels are meaningless; "
+                          "rows get model_id 'untrained').")
+    return untrained_bundle()
+
+
+def with_sampling(bundle: ModelBundle, segment_seconds: float | None, frames_per_segment: int | None) -> ModelBundle:
+    """The bundle with the job's sampling overrides; a trained bundle only accepts its own sampling."""
+    sampling = bundle.sampling
+    changes = {}
+    if segment_seconds is not None and segment_seconds != sampling.segment_seconds:
+        changes["segment_seconds"] = segment_seconds
+    if frames_per_segment is not None and frames_per_segment != sampling.frames_per_segment:
+        changes["frames_per_segment"] = frames_per_segment
+    if not changes:
+        return bundle
+    if bundle.trained:
+        raise ConfigError(f"model {bundle.model_id} was trained with segment_seconds={sampling.segment_seconds}, "
+                          f"frames_per_segment={sampling.frames_per_segment}; a different sampling "
+                          f"({changes}) changes what its head sees. Drop the flags or train a bundle for it.")
+    return dataclasses.replace(bundle, sampling=dataclasses.replace(sampling, **changes))
+
+
+def bundle_fingerprint(bundle: ModelBundle) -> str:
+    """Identity of what produces the labels: model id, encoders, head and sampling."""
+    content = {"model_id": bundle.model_id, "sampling": bundle.sampling.to_dict(), "image": bundle.image.to_dict(),
+               "audio": bundle.audio.to_dict(), "head": bundle.head.to_dict(), "labels": list(bundle.labels)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_untrained(bundle: ModelBundle) -> bool:
+    return bundle.model_id == UNTRAINED_MODEL_ID

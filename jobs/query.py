@@ -1,0 +1,88 @@
+"""SQL over a job's output with DuckDB: views ``segments``, ``videos``, ``failures`` of committed files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+
+from jobs.output import OutputDir
+from pipeline.errors import ConfigError
+from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
+
+OutputFormat = Literal["table", "csv", "json"]
+_EMPTY = {"segments": segments_schema(None), "videos": VIDEOS_SCHEMA, "failures": FAILURES_SCHEMA}
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per output table (only committed data is visible)."""
+    out = OutputDir(out_dir)
+    if not out.job_dir.is_dir():
+        raise ConfigError(f"{out_dir} is not a vidpipe output directory (no _job/ inside); "
+                          "pass the --out directory of a 'vidpipe run'")
+    con = duckdb.connect(":memory:")
+    for table, schema in _EMPTY.items():
+        files = out.committed_files(table)
+        if files:
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+        else:
+            con.register(f"_empty_{table}", schema.empty_table())
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+    return con
+
+
+def run_query(out_dir: str | Path, sql: str) -> pa.Table:
+    con = connect(out_dir)
+    try:
+        rel = con.sql(sql)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.Error as exc:
+        raise ConfigError(f"query failed: {exc}".strip()) from None
+    finally:
+        con.close()
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return "NaN" if math.isnan(v) else f"{v:.6g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
+    return str(v)
+
+
+def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int = 100, max_width: int = 48) -> str:
+    """Render query results for a terminal (aligned table), or as CSV / JSON lines."""
+    rows = table.to_pylist()
+    names = table.column_names
+    if fmt == "json":
+        return "".join(json.dumps(r, default=str) + "\n" for r in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(names)
+        for r in rows:
+            w.writerow([_cell(r[n]) if isinstance(r[n], list | float) else r[n] for n in names])
+        return buf.getvalue()
+    shown = rows[:max_rows]
+    cells = [[_cell(r[n]) for n in names] for r in shown]
+    cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in row] for row in cells]
+    widths = [max([len(n)] + [len(row[i]) for row in cells]) for i, n in enumerate(names)]
+    lines = [" | ".join(n.ljust(widths[i]) for i, n in enumerate(names)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(widths[i]) for i, c in enumerate(row)) for row in cells]
+    footer = f"({len(rows)} row{'s' if len(rows) != 1 else ''})"
+    if len(rows) > max_rows:
+        footer = f"({len(rows)} rows, first {max_rows} shown; use --format csv or --max-rows for all)"
+    return "\n".join(lines + [footer]) + "\n"

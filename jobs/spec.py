@@ -1,0 +1,55 @@
+"""JobSpec: everything that defines one ``vidpipe run``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pipeline.errors import ConfigError
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+# Exit statuses of the CLI (documented in the README).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3
+
+
+@dataclass
+class JobSpec:
+    """A job: inputs, output, model and sampling.  Validated on construction (bad config fails fast)."""
+
+    inputs: list[str]
+    out: str
+    model: str | None = None
+    allow_untrained: bool = False
+    segment_seconds: float | None = None  # None: the bundle's
+    frames_per_segment: int | None = None  # None: the bundle's
+    chunk_seconds: float = 60.0
+    address: str | None = None
+    device: DeviceChoice = "auto"
+    top_k: int = 5
+    with_embedding: bool = False
+    retry_failed: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no INPUT given; name video files, folders, globs or manifests")
+        if not self.out:
+            raise ConfigError("no output directory given; pass --out OUT")
+        if self.segment_seconds is not None and not self.segment_seconds > 0:
+            raise ConfigError(f"--segment-seconds must be > 0, got {self.segment_seconds}")
+        if self.frames_per_segment is not None and self.frames_per_segment < 1:
+            raise ConfigError(f"--frames-per-segment must be >= 1, got {self.frames_per_segment}")
+        if not self.chunk_seconds > 0:
+            raise ConfigError(f"--chunk-seconds must be > 0, got {self.chunk_seconds}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,103 @@
+"""Typed configuration of the model's parts.  Bundles store these as JSON; modules build from them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+from pipeline.errors import ConfigError
+
+ImageEncoderName = Literal["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large"]
+AudioEncoderKind = Literal["cnn", "classic"]
+FusionKind = Literal["concat", "weighted", "attention"]
+
+IMAGE_ENCODER_NAMES: tuple[str, ...] = get_args(ImageEncoderName)
+AUDIO_ENCODER_KINDS: tuple[str, ...] = get_args(AudioEncoderKind)
+FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ImageEncoderSpec(_DictMixin):
+    """A frozen torchvision CNN.
+
+    ``weights``: ``"none"`` (random init, seeded), ``"default"`` (the torchvision enum's DEFAULT,
+    which must already be in the local torch hub cache), an enum member name such as
+    ``"IMAGENET1K_V1"`` (same rule), or ``"file:/path"`` to a ``.safetensors`` / ``.pth`` state dict.
+    ``grid`` > 0 also yields a ``grid x grid`` spatial feature map (used by attention fusion).
+    """
+
+    name: ImageEncoderName = "resnet18"
+    weights: str = "none"
+    grid: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("image encoder", self.name, IMAGE_ENCODER_NAMES)
+        if self.grid < 0:
+            raise ConfigError(f"image encoder grid must be >= 0, got {self.grid}")
+
+
+@dataclass(frozen=True)
+class AudioEncoderSpec(_DictMixin):
+    """Log-mel (torchaudio, on the encoder's device) + a PANNs-style CNN, or classic librosa features.
+
+    The CNN's weights live in the model bundle (``audio.*`` tensors); without them it is seeded-random.
+    """
+
+    kind: AudioEncoderKind = "cnn"
+    n_mels: int = 64
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    f_min_hz: float = 50.0
+    f_max_hz: float = 8000.0
+    embed_dim: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("audio encoder", self.kind, AUDIO_ENCODER_KINDS)
+        if self.n_mels < 8 or self.win_ms <= 0 or self.hop_ms <= 0 or self.f_max_hz <= self.f_min_hz:
+            raise ConfigError(f"invalid mel parameters in {self}")
+
+
+@dataclass(frozen=True)
+class HeadSpec(_DictMixin):
+    """Fusion + BiLSTM head.
+
+    The head labels windows of ``window_segments`` segments aligned to absolute segment indices
+    (0, W, 2W, ...), each seen with ``context_segments`` neighbours on both sides, so a segment's
+    label does not depend on how a video is cut into chunks.
+    """
+
+    fusion: FusionKind = "concat"
+    image_dim: int = 512
+    audio_dim: int = 512
+    n_labels: int = 2
+    proj_dim: int = 256
+    lstm_hidden: int = 128
+    window_segments: int = 16
+    context_segments: int = 8
+    dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("fusion", self.fusion, FUSION_KINDS)
+        if self.n_labels < 1 or self.window_segments < 1 or self.context_segments < 0:
+            raise ConfigError(f"invalid head parameters in {self}")

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real sample media, one Ray runtime for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MEDIA = REPO.parent / "shared" / "media"
+SAMPLES = REPO / "jobs" / "samples"
+
+
+@pytest.fixture(scope="session")
+def shared_media() -> Path:
+    if not (SHARED_MEDIA / "bbb_clip_720p.mp4").is_file():
+        raise FileNotFoundError(f"real test media missing: {SHARED_MEDIA} (the checkout's sibling shared/media)")
+    return SHARED_MEDIA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for every test that needs Ray (started once, stopped at the end)."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.discover import discover, make_video_id
+from pipeline.errors import ConfigError
+
+
+def _touch(p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"x")
+    return p
+
+
+def test_folder_is_searched_recursively_in_sorted_order(tmp_path):
+    _touch(tmp_path / "b" / "z.mp4")
+    _touch(tmp_path / "a.MKV")
+    _touch(tmp_path / "b" / "notes.txt")
+    _touch(tmp_path / "b" / ".hidden.mp4")
+    refs = list(discover([str(tmp_path)]))
+    assert [Path(r.uri).name for r in refs] == ["a.MKV", "z.mp4"]
+    assert refs[1].video_id.startswith("b__z.mp4-")
+
+
+def test_each_input_once_and_stable_ids(tmp_path):
+    f = _touch(tmp_path / "clip one.mp4")
+    refs = list(discover([str(f), str(tmp_path), str(tmp_path / "*.mp4")]))
+    assert len(refs) == 1
+    assert refs[0].video_id == list(discover([str(f)]))[0].video_id
+    assert " " not in refs[0].video_id and "/" not in refs[0].video_id
+
+
+def test_glob_and_empty_glob(tmp_path):
+    _touch(tmp_path / "x1.mp4")
+    _touch(tmp_path / "x2.webm")
+    assert len(list(discover([str(tmp_path / "x*")]))) == 2
+    with pytest.raises(ConfigError, match="matches no files"):
+        list(discover([str(tmp_path / "nothing*.mp4")]))
+
+
+def test_missing_plain_file_is_kept_for_a_failure_row(tmp_path):
+    refs = list(discover([str(tmp_path / "gone.mp4")]))
+    assert len(refs) == 1 and refs[0].uri.endswith("gone.mp4")
+
+
+def test_manifests_txt_csv_parquet_relative_to_manifest(tmp_path):
+    a = _touch(tmp_path / "v" / "a.mp4")
+    (tmp_path / "m.txt").write_text("# comment\n\nv/a.mp4\ns3://bucket/k/b.mp4\n")
+    refs = list(discover([str(tmp_path / "m.txt")]))
+    assert [r.uri for r in refs] == [str(a.resolve()), "s3://bucket/k/b.mp4"]
+    (tmp_path / "m.csv").write_text("id,uri\n1,v/a.mp4\n")
+    assert [r.uri for r in discover([str(tmp_path / "m.csv")])] == [str(a.resolve())]
+    pq.write_table(pa.table({"path": ["v/a.mp4", None]}), tmp_path / "m.parquet")
+    assert [r.uri for r in discover([str(tmp_path / "m.parquet")])] == [str(a.resolve())]
+    (tmp_path / "bad.csv").write_text("name\nx\n")
+    with pytest.raises(ConfigError, match="uri"):
+        list(discover([str(tmp_path / "bad.csv")]))
+
+
+def test_video_id_is_sanitised_and_distinct():
+    a = make_video_id("/x/a b/c.mp4", "a b/c.mp4")
+    b = make_video_id("/y/a b/c.mp4", "a b/c.mp4")
+    assert a != b and a.startswith("a_b__c.mp4-")
+    assert ".." not in make_video_id("/x/../../etc", "../../etc")

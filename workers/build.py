@@ -1,0 +1,55 @@
+"""Assemble the stage chain for a bundle: decode → image encoder → audio encoder → head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.bundle import ModelBundle
+from pipeline.image_encoder import IMAGE_ENCODER_DIMS
+from pipeline.media import ChunkingSpec, SamplingSpec
+from workers.decode_stage import DecodeStage
+from workers.encoder_stages import AudioEncoderStage, ImageEncoderStage
+from workers.head_stage import HeadStage
+from workers.stage import Resources, Stage
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage runs: its resources per worker, pool size, batch size (chunks) and threads."""
+
+    resources: Resources = Resources()
+    pool_size: int = 1
+    batch_size: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    decode: StagePlan = StagePlan()
+    image: StagePlan = StagePlan()
+    audio: StagePlan = StagePlan()
+    head: StagePlan = StagePlan()
+
+
+def chunking_for(bundle: ModelBundle, chunk_seconds: float) -> ChunkingSpec:
+    """Chunks hold a whole number of head windows, about ``chunk_seconds`` long, plus head context."""
+    window = bundle.head.window_segments
+    per_chunk = max(1, int(chunk_seconds / bundle.sampling.segment_seconds + 1e-9))
+    core = max(window, (per_chunk // window) * window)
+    return ChunkingSpec(core_segments=core, context_segments=bundle.head.context_segments)
+
+
+def build_stages(bundle: ModelBundle, sampling: SamplingSpec, chunking: ChunkingSpec, plan: PipelinePlan, *,
+                 top_k: int = 5, with_embedding: bool = False) -> list[tuple[Stage, StagePlan]]:
+    """The stages of one job, each with how it should run."""
+    image_dim = IMAGE_ENCODER_DIMS[bundle.image.name]
+    return [
+        (DecodeStage(sampling, chunking, threads=plan.decode.threads or 0), plan.decode),
+        (ImageEncoderStage(bundle.image, device=plan.image.device, threads=plan.image.threads), plan.image),
+        (AudioEncoderStage(bundle.audio, sample_rate_hz=sampling.audio_rate_hz, state_dict=bundle.audio_state(),
+                           device=plan.audio.device, threads=plan.audio.threads, image_dim=image_dim,
+                           image_grid=bundle.image.grid > 0), plan.audio),
+        (HeadStage(bundle, device=plan.head.device, threads=plan.head.threads, top_k=top_k,
+                   with_embedding=with_embedding), plan.head),
+    ]

@@ -1,0 +1,67 @@
+"""The stage interface: what Ray (or the in-process runner) needs to know to run a step.
+
+A stage's constructor only stores configuration (it runs on the driver and is pickled to workers);
+``setup()`` runs inside the worker and loads models; ``process_batch`` maps a numpy batch of chunk
+rows to output rows.  A failure on one video is recorded on its row, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline.media import Failure
+from workers.rows import Batch, Row, failure_row, is_failure, iter_rows, keys_of, to_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks the scheduler for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class Stage:
+    """Base of the per-chunk stages (encoders, head)."""
+
+    name: str = "stage"
+
+    def setup(self) -> None:
+        """Load models; runs once inside the worker."""
+
+    def empty_outputs(self) -> Row:
+        """This stage's output array columns with zero rows (for failure rows)."""
+        return {}
+
+    def process_row(self, row: Row) -> Row:
+        """Map one non-failure chunk row to its output columns (without the key columns)."""
+        raise NotImplementedError
+
+    def process_rows(self, rows: list[Row]) -> list[Row]:
+        """Map the non-failure rows of a batch; override to batch work across chunks."""
+        return [self.process_row(r) for r in rows]
+
+    def process_batch(self, batch: Batch) -> Batch | Iterator[Batch]:
+        rows = list(iter_rows(batch))
+        good = [r for r in rows if not is_failure(r)]
+        try:
+            results = iter(self.process_rows(good))
+        except Exception as exc:  # noqa: BLE001 - one bad chunk must not stop the job: it fails its videos
+            log.exception("%s failed on a batch of %d chunks", self.name, len(good))
+            results = None
+            failed_msg = f"{type(exc).__name__}: {exc}"
+        out: list[Row] = []
+        for row in rows:
+            if is_failure(row):
+                out.append(keys_of(row) | self.empty_outputs())
+            elif results is None:
+                fail = Failure(uri=str(row["uri"]), video_id=str(row["video_id"]), stage=self.name,
+                               error_kind="stage_error", message=failed_msg)
+                out.append(failure_row(fail, self.empty_outputs()))
+            else:
+                out.append(keys_of(row) | next(results))
+        return to_batch(out)
