@@ -26,7 +26,9 @@ class HeadStage(Stage):
         self._runner: HeadRunner | None = None
 
     def setup(self) -> None:
-        self._runner = HeadRunner(self.head_spec, self.head_state, device=self.device, threads=self.threads)
+        # fp32 even on CUDA: the head is tiny and bf16 would let chunk borders move near-tied labels
+        self._runner = HeadRunner(self.head_spec, self.head_state, device=self.device, threads=self.threads,
+                                  precision="fp32")
         self._runner.setup()
 
     def empty_outputs(self) -> Row:
