@@ -1,0 +1,148 @@
+"""End to end on a real local Ray: real PyAV decoding of real files, Parquet read back, the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.output import OutputDir
+from jobs.query import run_query
+from jobs.runner import JobRunner
+from jobs.spec import EXIT_SOME_FAILED, EXIT_USAGE, JobSpec
+
+pytestmark = pytest.mark.slow
+
+
+def _duration_s(path: Path) -> float:
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = [f for f in c.decode(v)]
+        last = frames[-1]
+        first_t = frames[0].time
+        dur = last.duration * v.time_base if last.duration else 1 / float(v.average_rate)
+        return float(last.time - first_t + dur)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, shared_media):
+    """Two real clips in a folder tree, plus a corrupt file; and a missing path named on the command line."""
+    root = tmp_path_factory.mktemp("archive")
+    (root / "sub").mkdir()
+    shutil.copy(shared_media / "bbb_5s_51.mp4", root / "bbb 5s.mp4")
+    shutil.copy(shared_media / "bikes_noaudio.mp4", root / "sub" / "bikes.mp4")
+    (root / "sub" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(5000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("out") / "o"
+    spec = JobSpec(inputs=[str(archive), str(archive / "missing.mp4")], out=str(out), allow_untrained=True,
+                   chunk_seconds=4, progress=False)
+    result = JobRunner(spec).run()
+    return spec, out, result
+
+
+def test_segments_match_each_files_duration(first_run, archive):
+    _, out, result = first_run
+    assert result.videos_done == 2 and result.videos_failed == 2
+    assert result.exit_code == EXIT_SOME_FAILED
+    videos = {r["uri"]: r for r in run_query(out, "SELECT * FROM videos").to_pylist()}
+    for name in ("bbb 5s.mp4", "sub/bikes.mp4"):
+        path = archive / name
+        v = videos[str(path.resolve())]
+        dur = _duration_s(path)
+        assert v["duration_s"] == pytest.approx(dur, abs=1e-3)
+        assert v["n_segments"] == math.ceil(dur - 1e-3)
+        seg = run_query(out, f"SELECT * FROM segments WHERE video_id = '{v['video_id']}' ORDER BY segment_index")
+        rows = seg.to_pylist()
+        assert [r["segment_index"] for r in rows] == list(range(v["n_segments"]))
+        assert rows[0]["start_s"] == 0.0 and rows[-1]["end_s"] == pytest.approx(dur, abs=1e-3)
+        assert all(r["model_id"] == "untrained" for r in rows)
+        assert all(len(r["topk_labels"]) == 5 and r["topk_labels"][0] == r["label"] for r in rows)
+        assert all(r["score"] == pytest.approx(r["topk_scores"][0]) for r in rows)
+    assert videos[str((archive / "sub/bikes.mp4").resolve())]["has_audio"] is False
+    assert videos[str((archive / "bbb 5s.mp4").resolve())]["audio_channels"] == 6
+
+
+def test_bad_inputs_become_failures_rows(first_run):
+    _, out, _ = first_run
+    f = {Path(r["uri"]).name: r for r in run_query(out, "SELECT * FROM failures").to_pylist()}
+    assert f["missing.mp4"]["error_kind"] == "not_found"
+    assert f["broken.mp4"]["error_kind"] == "invalid_data"
+    assert all(r["stage"] == "decode" and r["message"] for r in f.values())
+
+
+def test_rerun_resumes_without_duplicates(first_run):
+    spec, out, first = first_run
+    before = run_query(out, "SELECT * FROM segments ORDER BY video_id, segment_index")
+    again = JobRunner(spec).run()
+    assert again.videos_skipped == 4 and again.videos_done == 0
+    after = run_query(out, "SELECT * FROM segments ORDER BY video_id, segment_index")
+    assert after.equals(before)
+    dupes = run_query(out, "SELECT video_id, segment_index, count(*) c FROM segments GROUP BY 1, 2 HAVING c > 1")
+    assert dupes.num_rows == 0
+
+
+def test_other_sampling_on_same_out_is_refused(first_run, capsys):
+    spec, out, _ = first_run
+    code = main(["run", *spec.inputs, "--out", str(out), "--allow-untrained", "--segment-seconds", "2"])
+    assert code == EXIT_USAGE
+    assert "already holds results of another job" in capsys.readouterr().err
+
+
+def test_chunked_and_whole_runs_give_identical_labels(shared_media, tmp_path, ray_session):
+    clip = shared_media / "bikes_noaudio.mp4"
+    results = []
+    for chunk_seconds in (16, 600):
+        out = tmp_path / f"o{chunk_seconds}"
+        spec = JobSpec(inputs=[str(clip)], out=str(out), allow_untrained=True, chunk_seconds=chunk_seconds,
+                       progress=False, segment_seconds=0.5)
+        JobRunner(spec).run()
+        results.append(run_query(out, "SELECT segment_index, label, score FROM segments ORDER BY 1").to_pylist())
+    whole, chunked = results
+    assert [r["label"] for r in whole] == [r["label"] for r in chunked]
+    assert [r["score"] for r in whole] == pytest.approx([r["score"] for r in chunked], abs=1e-5)
+
+
+def test_query_command_prints_table_csv_json(first_run, capsys):
+    _, out, _ = first_run
+    assert main(["query", str(out), "SELECT count(*) AS n FROM segments"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].strip() == "n" and "(1 row)" in text
+    assert main(["query", str(out), "SELECT error_kind FROM failures ORDER BY 1", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["error_kind", "invalid_data", "not_found"]
+    assert main(["query", str(out), "SELECT 1 AS one", "--format", "json"]) == 0
+    assert capsys.readouterr().out.strip() == '{"one": 1}'
+    assert main(["query", str(out), "SELEC nonsense"]) == EXIT_USAGE
+
+
+def test_no_trained_model_without_allow_untrained_is_a_usage_error(tmp_path, shared_media, capsys):
+    code = main(["run", str(shared_media / "bikes_noaudio.mp4"), "--out", str(tmp_path / "o")])
+    assert code == EXIT_USAGE
+    assert "--allow-untrained" in capsys.readouterr().err
+
+
+def test_console_script_against_the_session_cluster(first_run, shared_media, tmp_path, ray_session):
+    """The installed ``vidpipe`` command, connected with --address to the test session's Ray."""
+    address = ray_session.get_runtime_context().gcs_address
+    exe = Path(sys.executable).with_name("vidpipe")
+    out = tmp_path / "o"
+    proc = subprocess.run([str(exe), "run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(out),
+                           "--allow-untrained", "--address", address],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "UNTRAINED" in proc.stderr and "1 videos ok" in proc.stdout.replace("1 video ok", "1 videos ok")
+    files = OutputDir(out).committed_files("segments")
+    assert pq.read_table(files[0]).num_rows == 6
+    proc = subprocess.run([str(exe), "query", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "segments" in proc.stdout
