@@ -1,0 +1,786 @@
+"""Decode a video once, in order, into chunks of fixed-length segments (RGB frames + mono audio).
+
+One pass demuxes the video and the first audio stream together.  Frames are sampled by
+presentation time (so variable frame rate is right) and only the sampled ones are converted to RGB,
+by FFmpeg's scaler.  Audio is resampled to mono ``audio_rate_hz`` and laid on the same timeline.
+Segments are grouped into :class:`~pipeline.media.Chunk` s as soon as a chunk's right context has
+been decoded, so memory is bounded by the chunk size, not the video length.
+
+Conventions:
+
+- t = 0 is the video stream's first presentation time (``stream.start_time``, else the first
+  decoded frame's); audio before it is dropped.
+- duration = end of the last video frame (pts + duration, or 1 / average fps) minus the origin.
+  ``n_segments = ceil(duration / segment_seconds)``, except that a remainder under 1 ms does not
+  make a segment; the last segment keeps its true (possibly shorter) end.
+- Frame ``k`` of segment ``[a, b)`` is the frame shown at ``a + (k + 0.5) * (b - a) / K``: the last
+  frame whose pts <= that time (the first frame if the time precedes it).
+- Rotation: ``VideoInfo.rotation_deg`` is FFmpeg's display-matrix angle (counter-clockwise degrees,
+  as ``av.VideoFrame.rotation`` and ffprobe report it, e.g. -90 for a typical portrait phone video),
+  rounded to a multiple of 90.  Output frames are turned by it, upright as a player shows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+from pipeline.errors import ConfigError, MediaError
+from pipeline.media import Chunk, ChunkingSpec, SamplingSpec, VideoInfo
+
+log = logging.getLogger(__name__)
+
+SEGMENT_TOLERANCE_S = 1e-3  # a remainder shorter than this after the last full segment is dropped
+_TIE_S = 1e-6  # a frame starting within 1 µs after a target time counts as shown at it (float noise)
+MAX_BAD_PACKETS = 10  # corrupt packets tolerated per video (FFmpeg conceals them) before failing
+# How far decoded video may run ahead of the audio before the missing audio is taken as absent: a
+# short audio track must not make the decoder hold the whole video, yet badly interleaved files
+# (audio tens of seconds behind the video in file order) still come out right.  Costs at most this
+# many seconds of extra sampled segments in memory.
+_AUDIO_WAIT_S = 30.0
+# Resampled audio frames are laid back to back unless their timestamp disagrees by more than this
+# (container timestamps are often rounded to 1 ms; following them would leave 1-sample gaps).
+_AUDIO_RESYNC_S = 0.010
+# Segments this close to the end announced in the header convert every frame, so that a short
+# last segment can be sampled exactly once its true end is known (see _FrameSampler).
+_TAIL_MARGIN_S = 1.0
+
+# av.open raises these for bytes that are not a (supported) media file.  UnicodeDecodeError:
+# PyAV decodes container metadata as UTF-8, and a damaged header can hold any bytes.
+_INVALID_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    av.error.InvalidDataError,
+    UnicodeDecodeError,
+    av.error.EOFError,
+    av.error.PatchWelcomeError,
+    av.error.DemuxerNotFoundError,
+    av.error.UnknownError,
+)
+
+
+def count_segments(duration_s: float, segment_seconds: float) -> int:
+    """Number of segments of a video of ``duration_s`` (a remainder under 1 ms makes none)."""
+    if duration_s <= 0:
+        return 0
+    return max(1, math.ceil((duration_s - SEGMENT_TOLERANCE_S) / segment_seconds))
+
+
+class VideoDecoder:
+    """Turns one video into :class:`Chunk` s of sampled frames and audio.
+
+    Construction only stores settings (cheap, picklable); each :meth:`chunks` call opens and decodes
+    one video.
+
+    Args:
+        threads: FFmpeg frame-threading threads for the video decoder; 0 lets FFmpeg choose.
+    """
+
+    def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0) -> None:
+        if threads < 0:
+            raise ConfigError(f"decoder threads must be >= 0 (0 = FFmpeg's choice), got {threads}")
+        self.sampling = sampling
+        self.chunking = chunking
+        self.threads = threads
+
+    def __repr__(self) -> str:
+        return f"VideoDecoder({self.sampling}, {self.chunking}, threads={self.threads})"
+
+    def chunks(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        uri: str | None = None,
+        video_id: str = "",
+        size_bytes: int | None = None,
+    ) -> Generator[Chunk, None, None]:
+        """Decode ``source`` (a local path or a binary file object) and yield its chunks in order.
+
+        The last chunk has ``is_last=True`` and ``info``.  Raises :class:`MediaError` for a file
+        that cannot be decoded; a failure after some chunks were yielded also raises (the caller
+        discards that video's chunks).  The container is closed even if iteration stops early.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            uri = uri if uri is not None else str(path)
+            if size_bytes is None:
+                try:
+                    size_bytes = os.path.getsize(path)
+                except OSError:
+                    size_bytes = None  # av.open below reports the real problem
+            container = _open(path, uri)
+        else:
+            name = getattr(source, "name", None)
+            uri = uri if uri is not None else (name if isinstance(name, str) else "<file object>")
+            container = _open(source, uri)
+        with container:
+            run = _VideoRun(self, container, uri, video_id, size_bytes)
+            yield from run.chunks()
+
+
+def _open(source: str | BinaryIO, uri: str) -> av.container.InputContainer:
+    """av.open with its failures turned into MediaError kinds a person can act on."""
+    try:
+        return av.open(source, mode="r")
+    except FileNotFoundError as e:
+        raise MediaError(uri, "not_found", "no such file; check the path or URI") from e
+    except IsADirectoryError as e:
+        raise MediaError(uri, "unreadable", "this is a directory, not a video file") from e
+    except PermissionError as e:
+        raise MediaError(
+            uri, "unreadable", "permission denied; give this user read access to the file"
+        ) from e
+    except _INVALID_DATA_ERRORS as e:
+        raise MediaError(
+            uri,
+            "invalid_data",
+            f"not a readable media file (FFmpeg: {_ffmpeg_message(e)}); the file may be truncated, "
+            "corrupt, or not a video at all",
+        ) from e
+    except OSError as e:  # other I/O failures (EIO, network file systems, ...)
+        raise MediaError(uri, "unreadable", f"could not read the file: {e}") from e
+    except av.error.FFmpegError as e:
+        # Broad on purpose, after the specific cases: whatever else libav reports while opening,
+        # the bytes are not a video it can read, and a bad file must become a failure row.
+        raise MediaError(uri, "invalid_data", f"FFmpeg cannot open this file: {_ffmpeg_message(e)}") from e
+
+
+def _ffmpeg_message(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+# --- frame conversion -----------------------------------------------------------------------------
+
+
+class _Converter:
+    """Turns a decoded frame into an upright image_size x image_size RGB picture.
+
+    FFmpeg's scaler does colour conversion and an aspect-preserving resize in one pass (short side
+    = image_size, honouring the sample aspect ratio); the centre crop and the quarter turns are
+    numpy slicing.
+    """
+
+    def __init__(self, image_size: int, sample_aspect: Fraction, quarter_turns: int) -> None:
+        self.image_size = image_size
+        self.sample_aspect = sample_aspect
+        self.quarter_turns = quarter_turns
+        self.n_converted = 0
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        size = self.image_size
+        disp_w = frame.width * float(self.sample_aspect)
+        disp_h = float(frame.height)
+        scale = size / min(disp_w, disp_h)
+        out_w = max(size, int(round(disp_w * scale)))
+        out_h = max(size, int(round(disp_h * scale)))
+        rgb = frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray()
+        top, left = (out_h - size) // 2, (out_w - size) // 2
+        crop = rgb[top : top + size, left : left + size]
+        if self.quarter_turns:
+            # np.rot90 turns counter-clockwise, the display matrix's direction.
+            crop = np.rot90(crop, self.quarter_turns)
+        self.n_converted += 1
+        return np.ascontiguousarray(crop)
+
+
+# --- per-segment storage ----------------------------------------------------------------------------
+
+
+@dataclass
+class _SegmentSlots:
+    frames: np.ndarray  # uint8 [K, H, W, 3]
+    pts_s: np.ndarray  # float64 [K]
+
+
+class _SegmentStore:
+    """Sampled frames of the segments that are still needed (bounded by the chunk size)."""
+
+    def __init__(self, frames_per_segment: int, image_size: int) -> None:
+        self.k = frames_per_segment
+        self.image_size = image_size
+        self.slots: dict[int, _SegmentSlots] = {}
+        self.max_retained = 0  # for tests and diagnostics: the most segments held at once
+
+    def put(self, segment: int, k: int, rgb: np.ndarray, pts_s: float) -> None:
+        slots = self.slots.get(segment)
+        if slots is None:
+            size = self.image_size
+            slots = _SegmentSlots(
+                np.zeros((self.k, size, size, 3), dtype=np.uint8), np.full(self.k, np.nan, dtype=np.float64)
+            )
+            self.slots[segment] = slots
+            self.max_retained = max(self.max_retained, len(self.slots))
+        slots.frames[k] = rgb
+        slots.pts_s[k] = pts_s
+
+    def drop_before(self, segment: int) -> None:
+        for i in [i for i in self.slots if i < segment]:
+            del self.slots[i]
+
+
+# --- frame sampling ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Shown:
+    """A decoded frame and, once needed, its converted picture."""
+
+    t_s: float
+    frame: av.VideoFrame | None
+    rgb: np.ndarray | None = None
+
+    def picture(self, convert: _Converter) -> np.ndarray:
+        if self.rgb is None:
+            assert self.frame is not None  # frame is only released after conversion
+            self.rgb = convert(self.frame)
+            self.frame = None  # release the decoder's buffer
+        return self.rgb
+
+
+@dataclass
+class _FrameSampler:
+    """Picks, for every segment, the frames shown at its target times, converting only those.
+
+    Targets are first assumed to be those of full-length segments, which is right for every
+    segment but a short last one, whose targets depend on the video's true end (known only at
+    EOF).  Frames at or after ``tail_start_s`` (a little before the end the header announces) are
+    therefore all converted and kept while their segment is open, so the short last segment is
+    sampled exactly.  If the header's end was wrong, the last segment is sampled from the frames
+    at hand (the closest earlier one) and a debug message says so; ``frame_pts_s`` always records
+    the frame actually used.
+    """
+
+    segment_s: float
+    k: int
+    convert: _Converter
+    store: _SegmentStore
+    tail_start_s: float
+    next_target: int = 0  # global index segment * k + slot of the first unresolved target
+    prev: _Shown | None = None
+    tail: list[_Shown] = field(default_factory=list)
+    tail_active: bool = False
+    tail_has_first: bool = False  # the tail starts at the video's first frame
+
+    def _target_s(self, g: int) -> float:
+        segment, slot = divmod(g, self.k)
+        return segment * self.segment_s + (slot + 0.5) * self.segment_s / self.k
+
+    def push(self, t_s: float, frame: av.VideoFrame) -> None:
+        """Take the next frame in presentation order."""
+        new = _Shown(t_s, frame)
+        # Targets before this frame are showing the previous frame (or this one, the first).
+        while self._target_s(self.next_target) < t_s - _TIE_S:
+            shown = self.prev if self.prev is not None else new
+            segment, slot = divmod(self.next_target, self.k)
+            self.store.put(segment, slot, shown.picture(self.convert), shown.t_s)
+            self.next_target += 1
+        if not self.tail_active and t_s >= self.tail_start_s:
+            self.tail_active = True
+            if self.prev is not None:
+                self.prev.picture(self.convert)
+                self.tail.append(self.prev)  # shown at the start of the first tail segment
+        if self.tail_active:
+            if self.prev is None:
+                self.tail_has_first = True
+            new.picture(self.convert)
+            self.tail.append(new)
+            self._prune_tail(t_s)
+        self.prev = new
+
+    def _prune_tail(self, t_s: float) -> None:
+        # Segments before the one holding the newest frame are full-length: their (eager) picks
+        # are final.  Keep only the frame shown at the open segment's start and those after it.
+        open_start_s = math.floor(t_s / self.segment_s) * self.segment_s
+        keep_from = 0
+        for i, shown in enumerate(self.tail):
+            if shown.t_s <= open_start_s + _TIE_S:
+                keep_from = i
+        if keep_from:
+            del self.tail[:keep_from]
+
+    def finish(self, n_segments: int, duration_s: float) -> None:
+        """Resolve what is left once the video's true end is known."""
+        if self.prev is None:
+            return
+        last = n_segments - 1
+        last_end_s = min(n_segments * self.segment_s, duration_s)
+        short_last = last_end_s < n_segments * self.segment_s - _TIE_S
+        full_targets_end = (last if short_last else n_segments) * self.k
+        while self.next_target < full_targets_end:  # targets after the last frame show it
+            segment, slot = divmod(self.next_target, self.k)
+            self.store.put(segment, slot, self.prev.picture(self.convert), self.prev.t_s)
+            self.next_target += 1
+        if short_last:
+            self._sample_short_last(last, last_end_s)
+        for i in [i for i in self.store.slots if i >= n_segments]:
+            del self.store.slots[i]
+
+    def _sample_short_last(self, segment: int, end_s: float) -> None:
+        start_s = segment * self.segment_s
+        targets = [start_s + (slot + 0.5) * (end_s - start_s) / self.k for slot in range(self.k)]
+        candidates = list(self.tail)
+        exact = bool(candidates) and (self.tail_has_first or candidates[0].t_s <= start_s + _TIE_S)
+        if not exact:
+            log.debug(
+                "video ended before the end its header announced; sampling the short last segment "
+                "from the frames at hand"
+            )
+            kept = self.store.slots.get(segment)
+            candidates = [_Shown(self.prev.t_s, None, self.prev.picture(self.convert))] if self.prev else []
+            if kept is not None:
+                candidates += [
+                    _Shown(float(kept.pts_s[slot]), None, kept.frames[slot].copy())
+                    for slot in range(self.k)
+                    if not math.isnan(kept.pts_s[slot])
+                ]
+            candidates.sort(key=lambda s: s.t_s)
+        times = np.array([s.t_s for s in candidates])
+        for slot, target_s in enumerate(targets):
+            idx = max(0, int(np.searchsorted(times, target_s + _TIE_S, side="right")) - 1)
+            shown = candidates[idx]
+            self.store.put(segment, slot, shown.picture(self.convert), shown.t_s)
+
+
+# --- audio timeline ---------------------------------------------------------------------------------
+
+
+class _AudioTimeline:
+    """Mono samples placed by timestamp on the video's timeline, kept only while still needed."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self.rate_hz = rate_hz
+        self.base = 0  # timeline sample index of buf[0]
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.written = np.zeros(0, dtype=bool)
+        self.cursor: int | None = None  # where the next frame goes if its timestamp agrees
+        self.frontier = 0  # end of the furthest sample written
+        self.n_late = 0  # samples that arrived for segments already emitted (dropped)
+
+    @property
+    def frontier_s(self) -> float:
+        return self.frontier / self.rate_hz
+
+    def place(self, start_s: float | None, samples: np.ndarray) -> None:
+        """Lay ``samples`` from ``start_s`` (seconds from the origin; None: right after the last frame)."""
+        if start_s is None:
+            start = self.cursor if self.cursor is not None else 0
+        else:
+            by_ts = int(round(start_s * self.rate_hz))
+            near = self.cursor is not None and abs(by_ts - self.cursor) <= _AUDIO_RESYNC_S * self.rate_hz
+            start = self.cursor if near and self.cursor is not None else by_ts
+        end = start + len(samples)
+        self.cursor = end
+        lo = max(start, 0)  # samples before t = 0 are dropped
+        if lo < self.base:  # these segments were already emitted
+            self.n_late += max(0, min(end, self.base) - lo)
+            lo = self.base
+        if lo >= end:
+            return
+        self._ensure(end)
+        self.buf[lo - self.base : end - self.base] = samples[lo - start :]
+        self.written[lo - self.base : end - self.base] = True
+        self.frontier = max(self.frontier, end)
+
+    def _ensure(self, end: int) -> None:
+        need = end - self.base
+        if need > len(self.buf):
+            cap = max(need, 2 * len(self.buf), 4096)
+            buf = np.zeros(cap, dtype=np.float32)
+            written = np.zeros(cap, dtype=bool)
+            buf[: len(self.buf)] = self.buf
+            written[: len(self.written)] = self.written
+            self.buf, self.written = buf, written
+
+    def window(self, lo: int, hi: int, out: np.ndarray) -> int:
+        """Copy samples [lo, hi) into ``out`` (zero elsewhere); return how many were real samples."""
+        a, b = max(lo, self.base), min(hi, self.base + len(self.buf))
+        if b <= a:
+            return 0
+        out[a - lo : b - lo] = self.buf[a - self.base : b - self.base]
+        return int(self.written[a - self.base : b - self.base].sum())
+
+    def drop_before(self, sample: int) -> None:
+        cut = min(sample - self.base, len(self.buf))
+        if cut > 0:
+            self.buf = self.buf[cut:].copy()
+            self.written = self.written[cut:].copy()
+            self.base += cut
+
+
+# --- one video ----------------------------------------------------------------------------------------
+
+
+def _rotation_quarter_turns(frame: av.VideoFrame) -> int:
+    try:
+        rotation = frame.rotation
+    except (AttributeError, ValueError):  # no display matrix, or a degenerate one
+        return 0
+    if not rotation or not math.isfinite(rotation):
+        return 0
+    # Only quarter turns are applied; other angles are rare and rounded to the nearest one.
+    return int(round(rotation / 90)) % 4
+
+
+def _quarter_turns_to_deg(turns: int) -> int:
+    return {0: 0, 1: 90, 2: 180, 3: -90}[turns % 4]
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    codec = stream.codec_context.codec
+    return getattr(codec, "canonical_name", None) or codec.name
+
+
+class _VideoRun:
+    """State of decoding one open container."""
+
+    def __init__(
+        self,
+        decoder: VideoDecoder,
+        container: av.container.InputContainer,
+        uri: str,
+        video_id: str,
+        size_bytes: int | None,
+    ) -> None:
+        self.sampling = decoder.sampling
+        self.chunking = decoder.chunking
+        self.threads = decoder.threads
+        self.container = container
+        self.uri = uri
+        self.video_id = video_id
+        self.size_bytes = size_bytes
+
+    # The generator is split into steps so that each stays readable.
+    def chunks(self) -> Iterator[Chunk]:
+        self._select_streams()
+        self._setup()
+        for packet in self._demux():
+            if packet.stream is self.vstream:
+                for frame in self._decode(packet):
+                    self._on_video_frame(frame)
+                    # Checked per frame, not per packet, so no more than one segment past the
+                    # chunk's right context is ever held.
+                    yield from self._ready_chunks()
+            else:
+                for aframe in self._decode(packet):
+                    self._on_audio_frame(aframe)
+                yield from self._ready_chunks()
+        yield from self._finish()
+
+    def _select_streams(self) -> None:
+        video = [
+            s
+            for s in self.container.streams.video
+            if not (s.disposition & av.stream.Disposition.attached_pic)
+        ]
+        if not video:
+            what = "an audio-only file" if self.container.streams.audio else "a file without a video track"
+            raise MediaError(self.uri, "no_video_stream", f"no video stream: this is {what}")
+        self.vstream: av.video.stream.VideoStream = video[0]
+        self.astream: av.audio.stream.AudioStream | None = (
+            self.container.streams.audio[0] if self.container.streams.audio else None
+        )
+
+    def _setup(self) -> None:
+        s = self.sampling
+        vcc = self.vstream.codec_context
+        vcc.thread_type = "AUTO"  # frame + slice threading: decoding is the pipeline's ceiling
+        vcc.thread_count = self.threads
+        tb = self.vstream.time_base
+        self.time_base = Fraction(tb) if tb else Fraction(1, 90_000)
+        self.origin_pts: int | None = self.vstream.start_time
+        rate = self.vstream.average_rate or self.vstream.guessed_rate
+        self.avg_fps = float(rate) if rate else 0.0
+        sar = self.vstream.sample_aspect_ratio or vcc.sample_aspect_ratio
+        self.sample_aspect = Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+        self.store = _SegmentStore(s.frames_per_segment, s.image_size)
+        self.sampler: _FrameSampler | None = None  # built at the first frame (rotation is per file)
+        self.converter: _Converter | None = None
+        self.n_frames = 0
+        self.last_t_s = -math.inf
+        self.video_end_s = -math.inf  # end of the latest frame (pts + duration)
+        self.quarter_turns = 0
+        self.width = self.height = 0
+        self.bad_packets = 0
+        self.first_error = ""  # where and how the first corrupt packet failed
+
+        self.audio: _AudioTimeline | None = None
+        self.resampler: av.AudioResampler | None = None
+        self.pending_audio: list[tuple[float | None, np.ndarray]] = []  # until the origin is known
+        self.audio_done = self.astream is None
+        if self.astream is not None:
+            self.audio = _AudioTimeline(s.audio_rate_hz)
+            self.resampler = self._new_resampler()
+        self.next_chunk = 0
+
+    def _new_resampler(self) -> av.AudioResampler:
+        return av.AudioResampler(format="flt", layout="mono", rate=self.sampling.audio_rate_hz)
+
+    def _estimated_end_s(self) -> float | None:
+        """End of the video as the header announces it, relative to the origin (None if unknown)."""
+        v = self.vstream
+        if v.duration and v.start_time is not None:
+            return float((v.start_time + v.duration - (self.origin_pts or 0)) * self.time_base)
+        c = self.container
+        if c.duration:
+            start_us = c.start_time or 0
+            return (start_us + c.duration) / 1e6 - float((self.origin_pts or 0) * self.time_base)
+        return None
+
+    # -- demux and decode ----------------------------------------------------------------------------
+
+    def _demux(self) -> Iterator[av.Packet]:
+        streams = [self.vstream] + ([self.astream] if self.astream is not None else [])
+        packets = self.container.demux(streams)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.error.FFmpegError as e:  # the demuxer cannot go on: the file is damaged here
+                raise MediaError(
+                    self.uri,
+                    "decode_error",
+                    f"the file is damaged after {max(self.last_t_s, 0.0):.1f} s and cannot be read further "
+                    f"(FFmpeg: {_ffmpeg_message(e)}); re-encode or re-download it",
+                ) from e
+            yield packet
+
+    def _decode(self, packet: av.Packet) -> list:
+        try:
+            return packet.stream.codec_context.decode(packet)
+        except av.error.FFmpegError as e:
+            # Broad on purpose: any libav error here concerns this one packet, which FFmpeg
+            # conceals; only many of them make the video a failure.
+            self.bad_packets += 1
+            if not self.first_error:
+                self.first_error = f"near {max(self.last_t_s, 0.0):.1f} s: {_ffmpeg_message(e)}"
+            if self.bad_packets > MAX_BAD_PACKETS:
+                raise MediaError(
+                    self.uri,
+                    "decode_error",
+                    f"more than {MAX_BAD_PACKETS} corrupt packets (first {self.first_error}); "
+                    "the file is damaged: re-encode or re-download it",
+                ) from e
+            return []
+
+    # -- video -----------------------------------------------------------------------------------------
+
+    def _frame_time_s(self, frame: av.VideoFrame) -> float:
+        if frame.pts is None:
+            # No timestamp (some raw streams): assume it follows the previous frame.
+            step = 1 / self.avg_fps if self.avg_fps else 0.04
+            return self.last_t_s + step if self.n_frames else 0.0
+        if self.origin_pts is None:
+            self.origin_pts = frame.pts
+            self._flush_pending_audio()
+        return float((frame.pts - self.origin_pts) * self.time_base)
+
+    def _on_video_frame(self, frame: av.VideoFrame) -> None:
+        if self.origin_pts is None and frame.pts is None:
+            self.origin_pts = 0
+            self._flush_pending_audio()
+        t_s = self._frame_time_s(frame)
+        # Out-of-order timestamps (broken files) are treated as shown right after the previous frame.
+        t_s = max(t_s, self.last_t_s)
+        sampler = self.sampler if self.sampler is not None else self._start_sampling(frame)
+        if frame.duration:
+            dur_s = float(frame.duration * self.time_base)
+        elif self.avg_fps:
+            dur_s = 1 / self.avg_fps
+        else:
+            dur_s = t_s - self.last_t_s if self.n_frames and t_s > self.last_t_s else 0.04
+        sampler.push(t_s, frame)
+        self.n_frames += 1
+        self.last_t_s = t_s
+        self.video_end_s = max(self.video_end_s, t_s + dur_s)
+
+    def _start_sampling(self, frame: av.VideoFrame) -> _FrameSampler:
+        self.width, self.height = frame.width, frame.height
+        self.quarter_turns = _rotation_quarter_turns(frame)
+        self.converter = _Converter(self.sampling.image_size, self.sample_aspect, self.quarter_turns)
+        end_s = self._estimated_end_s()
+        tail_start_s = math.inf
+        if end_s is not None:
+            tail_start_s = end_s - 2 * self.sampling.segment_seconds - _TAIL_MARGIN_S
+        self.sampler = _FrameSampler(
+            self.sampling.segment_seconds,
+            self.sampling.frames_per_segment,
+            self.converter,
+            self.store,
+            tail_start_s,
+        )
+        return self.sampler
+
+    # -- audio -----------------------------------------------------------------------------------------
+
+    def _on_audio_frame(self, frame: av.AudioFrame) -> None:
+        assert self.resampler is not None
+        try:
+            out = self.resampler.resample(frame)
+        except ValueError:
+            # The stream changed format, layout or rate mid-way: start a new resampler.
+            out = self.resampler.resample(None)
+            self.resampler = self._new_resampler()
+            out += self.resampler.resample(frame)
+        for o in out:
+            self._place_audio(o)
+
+    def _place_audio(self, frame: av.AudioFrame) -> None:
+        samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+        tb = frame.time_base
+        t_abs = None if frame.pts is None or tb is None else frame.pts * Fraction(tb)
+        if self.origin_pts is None:
+            self.pending_audio.append((None if t_abs is None else float(t_abs), samples))
+            return
+        assert self.audio is not None
+        origin_s = self.origin_pts * self.time_base
+        self.audio.place(None if t_abs is None else float(t_abs - origin_s), samples)
+
+    def _flush_pending_audio(self) -> None:
+        if self.audio is None or self.origin_pts is None:
+            return
+        origin_s = float(self.origin_pts * self.time_base)
+        for t_abs, samples in self.pending_audio:
+            self.audio.place(None if t_abs is None else t_abs - origin_s, samples)
+        self.pending_audio.clear()
+
+    # -- chunks ----------------------------------------------------------------------------------------
+
+    def _ready_chunks(self) -> Iterator[Chunk]:
+        """Chunks whose segments (core and right context) are complete before the end of the file."""
+        if self.sampler is None:
+            return
+        seg_s = self.sampling.segment_seconds
+        core, ctx = self.chunking.core_segments, self.chunking.context_segments
+        frontier_s = self.last_t_s  # segments ending at or before the newest frame are final
+        if not self.audio_done and self.audio is not None:
+            frontier_s = min(frontier_s, max(self.audio.frontier_s, self.last_t_s - _AUDIO_WAIT_S))
+        while True:
+            core_start = self.next_chunk * core
+            core_end = core_start + core
+            rows_end = core_end + ctx
+            # The second term proves a segment exists after the core, so this chunk is not the last.
+            if frontier_s < max(rows_end * seg_s, core_end * seg_s + 2 * SEGMENT_TOLERANCE_S):
+                return
+            yield self._build_chunk(core_start, core_end, rows_end, duration_s=None, info=None)
+
+    def _finish(self) -> Iterator[Chunk]:
+        if self.resampler is not None:
+            for o in self.resampler.resample(None):
+                self._place_audio(o)
+        self.audio_done = True
+        if self.n_frames == 0 or self.sampler is None:
+            detail = (
+                f" ({self.bad_packets} corrupt packets, first {self.first_error})" if self.bad_packets else ""
+            )
+            raise MediaError(
+                self.uri,
+                "no_frames",
+                f"the video stream has no decodable frames{detail}; the file may be damaged",
+            )
+        if self.audio is not None and self.audio.n_late:
+            log.warning(
+                "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",
+                self.uri,
+                self.audio.n_late,
+                _AUDIO_WAIT_S,
+            )
+        duration_s = self.video_end_s
+        n = count_segments(duration_s, self.sampling.segment_seconds)
+        self.sampler.finish(n, duration_s)
+        info = self._info(duration_s, n)
+        core, ctx = self.chunking.core_segments, self.chunking.context_segments
+        while self.next_chunk * core < n:
+            core_start = self.next_chunk * core
+            core_end = min(core_start + core, n)
+            last = core_end == n
+            yield self._build_chunk(
+                core_start,
+                core_end,
+                min(n, core_end + ctx),
+                duration_s=duration_s,
+                info=info if last else None,
+            )
+
+    def _info(self, duration_s: float, n: int) -> VideoInfo:
+        acc = self.astream.codec_context if self.astream is not None else None
+        return VideoInfo(
+            uri=self.uri,
+            video_id=self.video_id,
+            duration_s=duration_s,
+            n_segments=n,
+            video_codec=_codec_name(self.vstream),
+            width=self.width,
+            height=self.height,
+            fps=self.avg_fps or (self.n_frames / duration_s if duration_s > 0 else 0.0),
+            rotation_deg=_quarter_turns_to_deg(self.quarter_turns),
+            has_audio=self.astream is not None,
+            audio_codec=_codec_name(self.astream) if self.astream is not None else None,
+            audio_channels=acc.layout.nb_channels if acc is not None else None,
+            audio_rate_hz=acc.sample_rate if acc is not None else None,
+            size_bytes=self.size_bytes,
+            n_frames_decoded=self.n_frames,
+        )
+
+    def _build_chunk(
+        self,
+        core_start: int,
+        core_end: int,
+        rows_end: int,
+        *,
+        duration_s: float | None,
+        info: VideoInfo | None,
+    ) -> Chunk:
+        s = self.sampling
+        seg_s = s.segment_seconds
+        first = max(0, core_start - self.chunking.context_segments)
+        n_rows = rows_end - first
+        spp = s.samples_per_segment
+        start_s = np.arange(first, rows_end, dtype=np.float64) * seg_s
+        end_s = start_s + seg_s
+        if duration_s is not None:
+            end_s = np.minimum(end_s, duration_s)
+        frames = np.zeros((n_rows, s.frames_per_segment, s.image_size, s.image_size, 3), dtype=np.uint8)
+        pts = np.full((n_rows, s.frames_per_segment), np.nan, dtype=np.float64)
+        audio = np.zeros((n_rows, spp), dtype=np.float32)
+        valid = np.zeros(n_rows, dtype=np.int32)
+        for row, segment in enumerate(range(first, rows_end)):
+            slots = self.store.slots.get(segment)
+            if slots is not None:
+                frames[row] = slots.frames
+                pts[row] = slots.pts_s
+            if self.audio is not None:
+                lo = int(round(start_s[row] * s.audio_rate_hz))
+                hi = min(int(round(end_s[row] * s.audio_rate_hz)), lo + spp)
+                valid[row] = self.audio.window(lo, hi, audio[row])
+        chunk = Chunk(
+            video_id=self.video_id,
+            uri=self.uri,
+            chunk_index=self.next_chunk,
+            is_last=info is not None,
+            first_segment=first,
+            core_start=core_start,
+            core_end=core_end,
+            start_s=start_s,
+            end_s=end_s,
+            frames=frames,
+            frame_pts_s=pts,
+            audio=audio,
+            audio_valid_samples=valid,
+            has_audio=self.astream is not None,
+            info=info,
+        )
+        self.next_chunk += 1
+        # Keep only what the next chunk still needs: its left context onwards.
+        keep_from = max(0, self.next_chunk * self.chunking.core_segments - self.chunking.context_segments)
+        self.store.drop_before(keep_from)
+        if self.audio is not None:
+            self.audio.drop_before(int(round(keep_from * seg_s * s.audio_rate_hz)))
+        return chunk

@@ -1,0 +1,533 @@
+"""VideoDecoder against real files: the shared sample clips and media written by tests/media_factory."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline.decode as decode_mod
+from pipeline.decode import VideoDecoder, count_segments
+from pipeline.errors import ConfigError, MediaError
+from pipeline.media import Chunk, ChunkingSpec, SamplingSpec
+from tests import media_factory as mf
+
+MEDIA = Path(__file__).resolve().parents[2].parent / "shared" / "media"
+needs_media = pytest.mark.skipif(not MEDIA.is_dir(), reason=f"shared sample media not found at {MEDIA}")
+
+ONE_CHUNK = ChunkingSpec(core_segments=10_000, context_segments=0)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+def decode(
+    source, sampling: SamplingSpec | None = None, chunking: ChunkingSpec = ONE_CHUNK, **kw
+) -> list[Chunk]:
+    return list(VideoDecoder(sampling or SamplingSpec(), chunking).chunks(source, **kw))
+
+
+def core_rows(chunks: list[Chunk]) -> dict[str, np.ndarray]:
+    """Every segment's row, taken from the chunk whose core holds it, in segment order."""
+    out: dict[str, list[np.ndarray]] = {}
+    for c in chunks:
+        for name in ("start_s", "end_s", "frames", "frame_pts_s", "audio", "audio_valid_samples"):
+            out.setdefault(name, []).append(getattr(c, name)[c.core_slice])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def rms(audio: np.ndarray) -> np.ndarray:
+    return np.sqrt((audio.astype(np.float64) ** 2).mean(axis=-1))
+
+
+def targets_s(start_s: float, end_s: float, k: int) -> list[float]:
+    return [start_s + (slot + 0.5) * (end_s - start_s) / k for slot in range(k)]
+
+
+def check_stamps(rows: dict[str, np.ndarray], frame_times_s: list[float]) -> None:
+    """Each sampled picture is the frame shown at its target time, and frame_pts_s says so."""
+    n, k = rows["frame_pts_s"].shape
+    for i in range(n):
+        for slot, t in enumerate(targets_s(rows["start_s"][i], rows["end_s"][i], k)):
+            expected = mf.frame_shown_at(frame_times_s, t)
+            got = mf.read_stamp(rows["frames"][i, slot])
+            assert got == expected, f"segment {i} slot {slot} (t={t:.3f}s): frame {got}, expected {expected}"
+            assert rows["frame_pts_s"][i, slot] == pytest.approx(frame_times_s[expected], abs=1e-6)
+
+
+# --- the factory's own stamp ---------------------------------------------------------------------
+
+
+def test_stamp_round_trip_and_rejects_rotated_pictures() -> None:
+    for number in (0, 1, 77, mf.STAMP_MAX):
+        img = mf.stamped_image(320, 240, number)
+        assert mf.read_stamp(img) == number
+        for turns in (1, 2, 3):
+            with pytest.raises(mf.StampNotFoundError):
+                mf.read_stamp(np.ascontiguousarray(np.rot90(img, turns)))
+        with pytest.raises(mf.StampNotFoundError):
+            mf.read_stamp(np.ascontiguousarray(img[:, ::-1]))
+
+
+# --- shared sample clips ---------------------------------------------------------------------------
+
+SHARED = [
+    # name, frames, fps, audio channels (None: no audio), audio rate
+    pytest.param("bbb_5s_51.mp4", 132, 25, 6, 48_000, id="bbb_5s_51"),
+    pytest.param("bikes_noaudio.mp4", 250, 25, None, None, id="bikes_noaudio"),
+    pytest.param("bbb_clip_720p.mp4", 1441, 24, 2, 44_100, id="bbb_clip_720p", marks=pytest.mark.slow),
+]
+
+
+@needs_media
+@pytest.mark.parametrize(("name", "n_frames", "fps", "channels", "rate_hz"), SHARED)
+def test_shared_media_segments_audio_and_info(name, n_frames, fps, channels, rate_hz) -> None:
+    path = MEDIA / name
+    chunks = decode(path, video_id="v1", chunking=ChunkingSpec(core_segments=16, context_segments=2))
+    info = chunks[-1].info
+    duration_s = n_frames / fps
+    n = math.ceil(duration_s - 1e-3)
+    assert info is not None and info.duration_s == pytest.approx(duration_s, abs=1e-6)
+    assert info.n_segments == n and info.n_frames_decoded == n_frames
+    assert (info.video_codec, info.fps, info.rotation_deg, info.video_id) == ("h264", fps, 0, "v1")
+    assert info.size_bytes == path.stat().st_size and info.uri == str(path)
+    rows = core_rows(chunks)
+    np.testing.assert_allclose(rows["start_s"], np.arange(n, dtype=float))
+    np.testing.assert_allclose(rows["end_s"], np.minimum(np.arange(1, n + 1), duration_s))
+    assert rows["frames"].shape == (n, 1, 224, 224, 3) and rows["frames"].dtype == np.uint8
+    # Frames vary (not a constant fill) and are the ones shown at each centre.
+    assert rows["frames"].std() > 10
+    for i in range(n):
+        t = targets_s(rows["start_s"][i], rows["end_s"][i], 1)[0]
+        assert rows["frame_pts_s"][i, 0] == pytest.approx(math.floor(t * fps + 1e-6) / fps, abs=1e-6)
+    if channels is None:
+        assert not info.has_audio and info.audio_codec is None
+        assert all(not c.has_audio for c in chunks)
+        assert not rows["audio"].any() and not rows["audio_valid_samples"].any()
+    else:
+        assert info.has_audio and all(c.has_audio for c in chunks)
+        assert (info.audio_codec, info.audio_channels, info.audio_rate_hz) == ("aac", channels, rate_hz)
+        # The film has sound throughout; the (5.1 or stereo) downmix carries it.
+        level = rms(rows["audio"][:-1])
+        assert (level > 1e-5).all() and np.median(level) > 1e-3
+        assert (rows["audio_valid_samples"][:-1] == 16_000).all()
+        assert 0 < rows["audio_valid_samples"][-1] <= 16_000
+
+
+# --- frame sampling --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segment_s", "k"), [(1.0, 1), (1.0, 3), (0.4, 2)], ids=["1s-k1", "1s-k3", "0.4s-k2"]
+)
+def test_sampled_frames_are_those_shown_at_target_times(media_dir: Path, segment_s: float, k: int) -> None:
+    # 3.4 s: the last segment is partial and must be sampled within its true end.
+    path = mf.make_video(media_dir / "cfr.mp4", duration_s=3.4, fps=25)
+    chunks = decode(path, SamplingSpec(segment_seconds=segment_s, frames_per_segment=k))
+    rows = core_rows(chunks)
+    n = count_segments(3.4, segment_s)
+    assert chunks[-1].info is not None and chunks[-1].info.n_segments == n == len(rows["start_s"])
+    assert rows["end_s"][-1] == pytest.approx(3.4)
+    check_stamps(rows, [i / 25 for i in range(85)])
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_variable_frame_rate_is_sampled_by_presentation_time(media_dir: Path, suffix: str) -> None:
+    times = mf.vfr_frame_times(4.3, intervals_s=(0.02, 0.25, 0.04, 0.5, 0.11))
+    path = mf.make_video(media_dir / f"vfr.{suffix}", frame_times_s=times, fps=25)
+    chunks = decode(path, SamplingSpec(frames_per_segment=3))
+    info = chunks[-1].info
+    assert info is not None and info.n_frames_decoded == len(times)
+    # The last frame lasts a container-dependent time; the duration ends after its start.
+    assert times[-1] < info.duration_s <= times[-1] + 0.5
+    rows = core_rows(chunks)
+    assert len(rows["start_s"]) == count_segments(info.duration_s, 1.0)
+    assert rows["end_s"][-1] == pytest.approx(info.duration_s)
+    check_stamps(rows, times)
+
+
+def test_short_last_segment_without_a_duration_in_the_header(media_dir: Path, monkeypatch) -> None:
+    """Without a announced end the short last segment uses frames at hand, and says which."""
+    path = mf.make_video(media_dir / "noend.mkv", duration_s=3.4, fps=25)
+    monkeypatch.setattr(decode_mod._VideoRun, "_estimated_end_s", lambda self: None)
+    rows = core_rows(decode(path, SamplingSpec(frames_per_segment=2)))
+    assert len(rows["start_s"]) == 4 and rows["end_s"][-1] == pytest.approx(3.4)
+    for i in range(4):
+        for slot in range(2):
+            pts = rows["frame_pts_s"][i, slot]
+            assert rows["start_s"][i] - 1e-6 <= pts < rows["end_s"][i]
+            assert mf.read_stamp(rows["frames"][i, slot]) == round(pts * 25)
+    check_stamps({k: v[:3] for k, v in rows.items()}, [i / 25 for i in range(85)])  # full segments exact
+
+
+def test_only_sampled_frames_are_converted(long_video: Path, monkeypatch) -> None:
+    converters: list[decode_mod._Converter] = []
+
+    class RecordingConverter(decode_mod._Converter):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            converters.append(self)
+
+    monkeypatch.setattr(decode_mod, "_Converter", RecordingConverter)
+    chunks = decode(long_video, SamplingSpec(image_size=32))
+    assert chunks[-1].info is not None and chunks[-1].info.n_frames_decoded == 135
+    # 14 sampled frames, plus every frame of the last few seconds (kept so that a short last
+    # segment can be sampled at its true end): far fewer than the 135 decoded.
+    assert converters[0].n_converted <= 14 + 10 * (2 + 1) + 2
+
+
+# --- codecs, sizes, rotation -----------------------------------------------------------------------
+
+VIDEO_CODECS = [
+    ("mp4", "libx264", "h264"),
+    ("mkv", "libx265", "hevc"),
+    ("webm", "libvpx", "vp8"),
+    ("webm", "libvpx-vp9", "vp9"),
+    ("ts", "mpeg2video", "mpeg2video"),  # MPEG-TS starts at 1.4 s: checks the time origin
+    ("mpg", "mpeg2video", "mpeg2video"),
+]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec", "codec_name"), VIDEO_CODECS, ids=[f"{c[1]}.{c[0]}" for c in VIDEO_CODECS]
+)
+def test_video_codecs_and_containers(media_dir: Path, suffix: str, codec: str, codec_name: str) -> None:
+    path = mf.make_video(media_dir / f"codec_{codec}.{suffix}", codec=codec, duration_s=2.6, size=(192, 144))
+    chunks = decode(path, SamplingSpec(frames_per_segment=2))
+    info = chunks[-1].info
+    assert info is not None
+    assert (info.video_codec, info.width, info.height, info.n_frames_decoded) == (codec_name, 192, 144, 65)
+    assert info.duration_s == pytest.approx(2.6, abs=1e-3) and info.n_segments == 3
+    rows = core_rows(chunks)
+    assert rows["frame_pts_s"][0, 0] == pytest.approx(0.24)  # relative to the video's first frame
+    check_stamps(rows, [i / 25 for i in range(65)])
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [("mp4", "libx264"), ("webm", "libvpx-vp9")])
+def test_odd_frame_size(media_dir: Path, suffix: str, codec: str) -> None:
+    path = mf.make_video(media_dir / f"odd_{codec}.{suffix}", codec=codec, duration_s=2.0, size=(317, 239))
+    chunks = decode(path, SamplingSpec(image_size=97))
+    info = chunks[-1].info
+    assert info is not None and (info.width, info.height) == (317, 239)
+    rows = core_rows(chunks)
+    assert rows["frames"].shape == (2, 1, 97, 97, 3)
+    check_stamps(rows, [i / 25 for i in range(50)])
+
+
+@pytest.mark.parametrize("rotation_deg", [90, -90, 180])
+def test_rotation_is_applied_so_frames_are_upright(media_dir: Path, rotation_deg: int) -> None:
+    # Coded 320x240; the factory stores the picture turned so that a player shows the stamp upright.
+    path = mf.make_video(
+        media_dir / f"rot{rotation_deg}.mp4", duration_s=2.0, size=(320, 240), rotation_deg=rotation_deg
+    )
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.rotation_deg == rotation_deg
+    assert (info.width, info.height) == (320, 240)  # coded size, before rotation
+    check_stamps(core_rows(chunks), [i / 25 for i in range(50)])
+
+
+# --- audio -----------------------------------------------------------------------------------------
+
+AUDIO_CASES = [
+    ("mp4", "aac", 1),
+    ("mp4", "aac", 6),
+    ("mkv", "libmp3lame", 2),
+    ("webm", "libopus", 6),
+    ("mkv", "libopus", 1),
+    ("ts", "aac", 2),
+    ("mpg", "mp2", 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "audio_codec", "channels"), AUDIO_CASES, ids=[f"{c[1]}-{c[2]}ch.{c[0]}" for c in AUDIO_CASES]
+)
+def test_audio_windows_are_aligned(media_dir: Path, suffix: str, audio_codec: str, channels: int) -> None:
+    path = mf.make_video(
+        media_dir / f"tone_{audio_codec}_{channels}.{suffix}",
+        duration_s=4.0,
+        size=(96, 96),
+        audio="tone",
+        audio_codec=audio_codec,
+        audio_channels=channels,
+        tone_start_s=2.0,
+    )
+    chunks = decode(path, chunking=ChunkingSpec(core_segments=1, context_segments=1))
+    info = chunks[-1].info
+    assert info is not None and info.has_audio and info.audio_channels == channels
+    rows = core_rows(chunks)
+    assert rows["audio"].shape == (4, 16_000) and rows["audio"].dtype == np.float32
+    level = rms(rows["audio"])
+    assert level[0] < 1e-4, level  # long before the tone
+    assert level[1] < 0.01, level  # just before it (codec pre-echo is tiny)
+    assert (level[2:] > 0.2).all(), level
+    assert (rows["audio_valid_samples"][:3] == 16_000).all()
+    assert rows["audio_valid_samples"][3] >= 15_900
+
+
+def test_audio_is_placed_by_its_timestamps(media_dir: Path) -> None:
+    # The audio track starts 1.5 s after the video: nothing before, tone after.
+    path = mf.make_video(
+        media_dir / "late.mkv", duration_s=4.0, size=(96, 96), audio="tone", audio_start_s=1.5
+    )
+    rows = core_rows(decode(path))
+    valid = rows["audio_valid_samples"]
+    assert valid[0] == 0 and abs(valid[1] - 8_000) <= 16 and (valid[2:] == 16_000).all()
+    assert not rows["audio"][0].any() and not rows["audio"][1, :7_980].any()
+    assert rms(rows["audio"][1, 8_020:]) > 0.3 and (rms(rows["audio"][2:]) > 0.3).all()
+
+
+def test_silent_audio_track_is_audio(media_dir: Path) -> None:
+    path = mf.make_video(media_dir / "silence.mp4", duration_s=2.0, size=(96, 96), audio="silence")
+    chunks = decode(path)
+    assert chunks[0].has_audio and chunks[0].info is not None and chunks[0].info.has_audio
+    assert np.abs(chunks[0].audio).max() < 1e-4 and (chunks[0].audio_valid_samples == 16_000).all()
+
+
+# --- chunking and memory ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_video(media_dir: Path) -> Path:
+    # 13.5 s at 10 fps: many segments, cheap to decode; audio is noise so every window differs.
+    return mf.make_video(media_dir / "long.mp4", duration_s=13.5, fps=10, size=(128, 96), audio="noise")
+
+
+@pytest.mark.parametrize(("core", "context"), [(3, 2), (1, 0), (4, 1), (2, 5)])
+def test_many_chunks_equal_one_chunk(long_video: Path, core: int, context: int) -> None:
+    sampling = SamplingSpec(frames_per_segment=2, image_size=64)
+    single = decode(long_video, sampling)
+    many = decode(long_video, sampling, ChunkingSpec(core_segments=core, context_segments=context))
+    assert len(single) == 1
+    n = 14
+    assert single[0].info is not None and single[0].info.n_segments == n
+    assert len(many) == math.ceil(n / core)
+    one = {
+        name: getattr(single[0], name)
+        for name in ("start_s", "end_s", "frames", "frame_pts_s", "audio", "audio_valid_samples")
+    }
+    for j, c in enumerate(many):
+        core_start, core_end = j * core, min((j + 1) * core, n)
+        first, end = max(0, core_start - context), min(n, core_end + context)
+        assert (c.chunk_index, c.core_start, c.core_end, c.first_segment) == (j, core_start, core_end, first)
+        assert c.n_segments == end - first
+        assert c.is_last == (j == len(many) - 1) and (c.info is not None) == c.is_last
+        # Every row, context included, equals the single-chunk decode of that segment.
+        for name, ref in one.items():
+            np.testing.assert_array_equal(getattr(c, name), ref[first:end], err_msg=f"chunk {j} {name}")
+    assert many[-1].info == single[0].info
+    check_stamps(core_rows(many), [i / 10 for i in range(135)])
+
+
+class _ReadTracker(io.BytesIO):
+    """An in-memory file that remembers how far it has been read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.max_pos = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        out = super().read(size)
+        self.max_pos = max(self.max_pos, self.tell())
+        return out
+
+
+def test_chunks_stream_with_memory_bounded_by_the_chunk(media_dir: Path, monkeypatch) -> None:
+    path = mf.make_video(media_dir / "stream.mkv", duration_s=30.0, fps=10, size=(128, 96), audio="noise")
+    stores: list[decode_mod._SegmentStore] = []
+
+    class RecordingStore(decode_mod._SegmentStore):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            stores.append(self)
+
+    monkeypatch.setattr(decode_mod, "_SegmentStore", RecordingStore)
+    for core, context in ((3, 1), (5, 3)):
+        source = _ReadTracker(path.read_bytes())
+        size = len(source.getvalue())
+        read_at_chunk = []
+        dec = VideoDecoder(
+            SamplingSpec(image_size=32), ChunkingSpec(core_segments=core, context_segments=context)
+        )
+        for _ in dec.chunks(source):
+            read_at_chunk.append(source.max_pos / size)
+        assert len(read_at_chunk) == math.ceil(30 / core)
+        # Chunk j is handed out once about (j + 1) * core + context seconds are read, not at the end
+        # (+5 s: FFmpeg reads the file in blocks of a few seconds of this video).
+        for j, fraction in enumerate(read_at_chunk[:-2]):
+            assert fraction < ((j + 1) * core + context + 5) / 30, (j, read_at_chunk)
+        # Segments held at once: the core and its context on both sides, never the whole video.
+        assert stores[-1].max_retained <= core + 2 * context
+
+
+def test_badly_interleaved_audio_is_still_placed(media_dir: Path) -> None:
+    # All video handed to the muxer before any audio: audio lags the video by up to ~20 s in file order.
+    path = mf.make_video(
+        media_dir / "lagging.mkv", duration_s=24.0, fps=5, size=(96, 96), audio="noise", interleave=False
+    )
+    sampling = SamplingSpec(image_size=32)
+    single = decode(path, sampling)[0]
+    rows = core_rows(decode(path, sampling, ChunkingSpec(core_segments=2, context_segments=1)))
+    np.testing.assert_array_equal(rows["audio"], single.audio)
+    assert (rows["audio_valid_samples"] == 16_000).all()
+
+
+def test_file_objects_decode_like_paths(long_video: Path) -> None:
+    sampling = SamplingSpec(image_size=64)
+    chunking = ChunkingSpec(core_segments=5, context_segments=1)
+    by_path = decode(long_video, sampling, chunking)
+    with open(long_video, "rb") as f:
+        by_file = decode(f, sampling, chunking)
+    by_bytes = decode(
+        io.BytesIO(long_video.read_bytes()), sampling, chunking, uri="s3://bucket/long.mp4", size_bytes=7
+    )
+    for a, b, c in zip(by_path, by_file, by_bytes, strict=True):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.audio, c.audio)
+    assert by_file[-1].uri == str(long_video)  # a real file object's name
+    last = by_bytes[-1]
+    assert last.uri == "s3://bucket/long.mp4" and last.info is not None and last.info.size_bytes == 7
+
+
+def test_stopping_early_closes_the_container(long_video: Path, monkeypatch) -> None:
+    opened = []
+    real_open = decode_mod._open
+
+    class Spy:
+        def __init__(self, container) -> None:
+            self.container, self.closed = container, False
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.closed = True
+            self.container.close()
+
+    def spy_open(source, uri):
+        opened.append(Spy(real_open(source, uri)))
+        return opened[-1]
+
+    monkeypatch.setattr(decode_mod, "_open", spy_open)
+    gen = VideoDecoder(SamplingSpec(image_size=32), ChunkingSpec(core_segments=2, context_segments=1)).chunks(
+        long_video
+    )
+    first = next(gen)
+    assert first.chunk_index == 0 and not first.is_last and not opened[0].closed
+    gen.close()
+    assert opened[0].closed
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def expect_error(source, kind: str) -> MediaError:
+    with pytest.raises(MediaError) as info:
+        decode(source)
+    assert info.value.error_kind == kind, info.value
+    assert info.value.message and str(source) in str(info.value)
+    return info.value
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    err = expect_error(tmp_path / "nope.mp4", "not_found")
+    assert "no such file" in err.message
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    expect_error(tmp_path, "unreadable")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file")
+def test_permission_denied(media_dir: Path, tmp_path: Path) -> None:
+    path = mf.make_video(tmp_path / "locked.mp4", duration_s=1.0, size=(96, 96))
+    path.chmod(0)
+    try:
+        expect_error(path, "unreadable")
+    finally:
+        path.chmod(0o600)
+
+
+def test_permission_error_is_unreadable(monkeypatch) -> None:
+    # Also runs as root (where chmod cannot take read access away).
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(decode_mod.av, "open", denied)
+    err = expect_error("/data/locked.mp4", "unreadable")
+    assert "permission" in err.message
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated"])
+def test_not_a_media_file(media_dir: Path, tmp_path: Path, kind: mf.CorruptKind) -> None:
+    source = mf.make_video(media_dir / "to_truncate.mp4", duration_s=1.0, size=(96, 96), audio="tone")
+    path = mf.make_corrupt(tmp_path / f"{kind}.mp4", kind=kind, source=source)
+    expect_error(path, "invalid_data")
+
+
+@pytest.mark.parametrize("suffix", ["m4a", "mp3"])
+def test_audio_only_file_has_no_video_stream(tmp_path: Path, suffix: str) -> None:
+    path = mf.make_audio(tmp_path / f"song.{suffix}", duration_s=1.0)
+    err = expect_error(path, "no_video_stream")
+    assert "audio-only" in err.message
+
+
+def test_video_stream_without_frames(tmp_path: Path) -> None:
+    import av
+
+    # A video track that never receives a packet, next to an audio track (so the file is written).
+    path = tmp_path / "empty_track.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=44_100)
+        audio.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 4096), dtype=np.float32), format="fltp", layout="mono"
+        )
+        frame.sample_rate, frame.pts = 44_100, 0
+        out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    expect_error(path, "no_frames")
+
+
+def test_a_few_corrupt_packets_are_tolerated_many_fail(media_dir: Path, tmp_path: Path) -> None:
+    source = mf.make_video(media_dir / "to_damage.mkv", duration_s=2.0, size=(96, 96))
+    few = mf.make_corrupt(tmp_path / "few.mkv", kind="bad_packets", source=source, bad_packets=[5, 20, 33])
+    chunks = decode(few)
+    assert chunks[-1].info is not None and chunks[-1].info.n_segments == 2
+    many = mf.make_corrupt(
+        tmp_path / "many.mkv", kind="bad_packets", source=source, bad_packets=range(10, 50)
+    )
+    err = expect_error(many, "decode_error")
+    assert "corrupt packets" in err.message
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+
+def test_decoder_is_cheap_and_picklable() -> None:
+    dec = VideoDecoder(SamplingSpec(segment_seconds=2.0), ChunkingSpec(core_segments=8), threads=2)
+    clone = pickle.loads(pickle.dumps(dec))
+    assert (clone.sampling, clone.chunking, clone.threads) == (dec.sampling, dec.chunking, 2)
+    with pytest.raises(ConfigError, match="threads"):
+        VideoDecoder(SamplingSpec(), ChunkingSpec(), threads=-1)
+
+
+def test_count_segments_tolerance() -> None:
+    assert count_segments(3.0, 1.0) == 3
+    assert count_segments(3.0009, 1.0) == 3  # under 1 ms left over: no extra segment
+    assert count_segments(3.002, 1.0) == 4
+    assert count_segments(0.04, 1.0) == 1
+    assert count_segments(0.0, 1.0) == 0
