@@ -34,6 +34,7 @@ class JobResult:
     video_seconds: float
     wall_s: float
     model_id: str
+    stage_metrics: dict | None = None  # per-stage busy seconds / peak RSS (see workers.metrics)
 
     @property
     def exit_code(self) -> int:
@@ -124,7 +125,8 @@ class JobRunner:
         wall = time.monotonic() - started
         return JobResult(videos_total=len(todo) + skipped, videos_skipped=skipped, videos_done=writer.videos_done,
                          videos_failed=writer.videos_failed, segments_written=writer.segments_written,
-                         video_seconds=writer.video_seconds_done, wall_s=wall, model_id=bundle.model_id)
+                         video_seconds=writer.video_seconds_done, wall_s=wall, model_id=bundle.model_id,
+                         stage_metrics=writer.meter.to_dict())
 
     def _run_ray(self, bundle: ModelBundle, todo: list[VideoRef], writer: ResultWriter) -> None:
         import ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,8 +44,12 @@ class DecodeStage(Stage):
 
     def process_batch(self, batch: Batch) -> Iterator[Batch]:
         for row in iter_rows(batch):
+            started = time.perf_counter()
             for out in self.decode_video(str(row["uri"]), str(row["video_id"])):
+                # busy time excludes the time the consumer holds us suspended at the yield
+                self.account([out], time.perf_counter() - started)
                 yield to_batch([out])
+                started = time.perf_counter()
 
     def decode_video(self, uri: str, video_id: str) -> Iterator[Row]:
         """Yield the chunk rows of one video, or a single failure row."""

@@ -19,9 +19,13 @@ from pipeline.media import Chunk, Failure, VideoInfo
 Batch = dict[str, np.ndarray]
 Row = dict[str, Any]
 
-# Identity columns every stage passes through unchanged.
+STAGE_NAMES = ("decode", "image_encoder", "audio_encoder", "head")
+# Per-row accounting each stage fills in for itself: seconds it was busy on this row and its
+# process's peak RSS; the driver sums them for `vidpipe bench` (per-stage throughput, busy fraction).
+METRIC_COLUMNS = tuple(f"busy_{s}_s" for s in STAGE_NAMES) + tuple(f"rss_{s}_mb" for s in STAGE_NAMES)
+# Identity columns every stage passes through unchanged (metrics: each stage sets its own).
 KEY_COLUMNS = ("video_id", "uri", "chunk_index", "is_last", "first_segment", "core_start", "core_end", "has_audio",
-               "info_json", "error_stage", "error_kind", "error_message")
+               "info_json", "error_stage", "error_kind", "error_message", *METRIC_COLUMNS)
 
 
 def iter_rows(batch: Batch) -> Iterator[Row]:
@@ -65,6 +69,7 @@ def chunk_row(chunk: Chunk) -> Row:
         "error_stage": "",
         "error_kind": "",
         "error_message": "",
+        **{c: 0.0 for c in METRIC_COLUMNS},
         "start_s": np.ascontiguousarray(chunk.start_s, dtype=np.float64),
         "end_s": np.ascontiguousarray(chunk.end_s, dtype=np.float64),
         "frames": np.ascontiguousarray(chunk.frames),
@@ -92,6 +97,7 @@ def failure_row(failure: Failure, empty: Row) -> Row:
         "error_stage": failure.stage,
         "error_kind": failure.error_kind,
         "error_message": failure.message,
+        **{c: 0.0 for c in METRIC_COLUMNS},
     }
 
 
@@ -112,6 +118,13 @@ def row_info(row: Row) -> VideoInfo | None:
 def keys_of(row: Row) -> Row:
     """The identity columns of a row (what a stage copies into its output row)."""
     return {k: _plain(row[k]) for k in KEY_COLUMNS}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _plain(v: Any) -> Any:

@@ -8,11 +8,12 @@ rows to output rows.  A failure on one video is recorded on its row, never raise
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.media import Failure
-from workers.rows import Batch, Row, failure_row, is_failure, iter_rows, keys_of, to_batch
+from workers.rows import Batch, Row, failure_row, is_failure, iter_rows, keys_of, peak_rss_mb, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Stage:
         return [self.process_row(r) for r in rows]
 
     def process_batch(self, batch: Batch) -> Batch | Iterator[Batch]:
+        started = time.perf_counter()
         rows = list(iter_rows(batch))
         good = [r for r in rows if not is_failure(r)]
         try:
@@ -64,4 +66,16 @@ class Stage:
                 out.append(failure_row(fail, self.empty_outputs()))
             else:
                 out.append(keys_of(row) | next(results))
+        self.account(out, time.perf_counter() - started)
         return to_batch(out)
+
+    def account(self, rows: list[Row], busy_s: float) -> None:
+        """Spread ``busy_s`` over ``rows`` by segment count and record this process's peak RSS."""
+        if not rows:
+            return
+        sizes = [max(1, int(r["core_end"]) - int(r["core_start"])) for r in rows]
+        total = sum(sizes)
+        rss = peak_rss_mb()
+        for r, n in zip(rows, sizes):
+            r[f"busy_{self.name}_s"] = busy_s * n / total
+            r[f"rss_{self.name}_mb"] = rss
