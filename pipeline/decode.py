@@ -34,6 +34,7 @@ import av
 import numpy as np
 
 from pipeline.errors import ConfigError, MediaError
+from pipeline.frame_skip import DisposableFrameGate, h264_nal_length_size
 from pipeline.media import Chunk, ChunkingSpec, SamplingSpec, VideoInfo
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,27 @@ class VideoDecoder:
 
     Args:
         threads: FFmpeg frame-threading threads for the video decoder; 0 lets FFmpeg choose.
+        skip_unsampled: do not decode H.264 frames that are disposable (no other frame references
+            them) and shown at no sampling target; the output is identical, decoding is faster.
+        hwaccel: ``"cuda"`` decodes on the GPU (NVDEC) through PyAV's HWAccel, falling back to
+            software decoding where the codec or machine does not allow it; sampling is the same.
     """
 
-    def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0) -> None:
+    def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0,
+                 skip_unsampled: bool = True, hwaccel: str | None = None) -> None:
         if threads < 0:
             raise ConfigError(f"decoder threads must be >= 0 (0 = FFmpeg's choice), got {threads}")
+        if hwaccel not in (None, "cuda"):
+            raise ConfigError(f"unknown decode device {hwaccel!r}; choose cpu or cuda")
+        self.hwaccel = hwaccel
         self.sampling = sampling
         self.chunking = chunking
         self.threads = threads
+        self.skip_unsampled = skip_unsampled
 
     def __repr__(self) -> str:
-        return f"VideoDecoder({self.sampling}, {self.chunking}, threads={self.threads})"
+        return (f"VideoDecoder({self.sampling}, {self.chunking}, threads={self.threads}, "
+                f"skip_unsampled={self.skip_unsampled})")
 
     def chunks(
         self,
@@ -114,18 +125,44 @@ class VideoDecoder:
                     size_bytes = os.path.getsize(path)
                 except OSError:
                     size_bytes = None  # av.open below reports the real problem
-            container = _open(path, uri)
+            container = _open(path, uri, self.hwaccel)
         else:
             name = getattr(source, "name", None)
             uri = uri if uri is not None else (name if isinstance(name, str) else "<file object>")
-            container = _open(source, uri)
+            container = _open(source, uri, self.hwaccel)
         with container:
             run = _VideoRun(self, container, uri, video_id, size_bytes)
             yield from run.chunks()
 
 
-def _open(source: str | BinaryIO, uri: str) -> av.container.InputContainer:
+def _hwaccel(device: str | None) -> object | None:
+    """PyAV's HWAccel for ``device`` with software fallback, or None where this PyAV/FFmpeg has none."""
+    if device is None:
+        return None
+    try:
+        from av.codec.hwaccel import HWAccel, hwdevices_available
+
+        if device not in hwdevices_available():
+            log.warning("decode device %s is not available in this FFmpeg build; decoding in software", device)
+            return None
+        return HWAccel(device_type=device, allow_software_fallback=True)
+    except (ImportError, ValueError, av.error.FFmpegError) as e:
+        log.warning("cannot use decode device %s (%s); decoding in software", device, e)
+        return None
+
+
+def _open(source: str | BinaryIO, uri: str, hwaccel: str | None = None) -> av.container.InputContainer:
     """av.open with its failures turned into MediaError kinds a person can act on."""
+    accel = _hwaccel(hwaccel)
+    if accel is not None:
+        try:
+            return av.open(source, mode="r", hwaccel=accel)
+        except (av.error.FFmpegError, OSError) as e:
+            # No usable GPU decoder here (no device, no driver access): decode in software; a real
+            # problem with the file shows again, with its proper error kind, in the plain open below.
+            log.warning("%s: GPU decoding unavailable (%s); decoding in software", uri, _ffmpeg_message(e))
+            if hasattr(source, "seek"):
+                source.seek(0)
     try:
         return av.open(source, mode="r")
     except FileNotFoundError as e:
@@ -450,6 +487,8 @@ class _VideoRun:
         self.sampling = decoder.sampling
         self.chunking = decoder.chunking
         self.threads = decoder.threads
+        self.skip_unsampled = decoder.skip_unsampled
+        self.frames_skipped = 0
         self.container = container
         self.uri = uri
         self.video_id = video_id
@@ -459,18 +498,57 @@ class _VideoRun:
     def chunks(self) -> Iterator[Chunk]:
         self._select_streams()
         self._setup()
+        gate = self._frame_gate()
         for packet in self._demux():
             if packet.stream is self.vstream:
-                for frame in self._decode(packet):
-                    self._on_video_frame(frame)
-                    # Checked per frame, not per packet, so no more than one segment past the
-                    # chunk's right context is ever held.
-                    yield from self._ready_chunks()
+                for p in gate.push(packet) if gate is not None else (packet,):
+                    for frame in self._decode(p):
+                        self._on_video_frame(frame)
+                        # Checked per frame, not per packet, so no more than one segment past the
+                        # chunk's right context is ever held.
+                        yield from self._ready_chunks()
             else:
                 for aframe in self._decode(packet):
                     self._on_audio_frame(aframe)
                 yield from self._ready_chunks()
+        if gate is not None:
+            held = gate.flush()  # normally empty: the stream's flush packet already drained it
+            for p in held:
+                for frame in self._decode(p):
+                    self._on_video_frame(frame)
+            if held:
+                for frame in self.vstream.codec_context.decode(None):
+                    self._on_video_frame(frame)
+            self.frames_skipped = gate.skipped
         yield from self._finish()
+
+    def _frame_gate(self) -> DisposableFrameGate | None:
+        """A gate that skips unsampled disposable frames, where that is provably safe (H.264, known end)."""
+        if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.origin_pts is None:
+            return None
+        end_s = self._estimated_end_s()
+        if end_s is None or not math.isfinite(end_s):
+            return None
+        seg_s, k = self.sampling.segment_seconds, self.sampling.frames_per_segment
+        time_base = self.time_base
+
+        def packet_time_s(packet: av.Packet) -> float | None:
+            if packet.pts is None or self.origin_pts is None:
+                return None
+            return float((packet.pts - self.origin_pts) * time_base)
+
+        def needed_between(lo_s: float, hi_s: float) -> bool:
+            for segment in range(max(0, math.floor(lo_s / seg_s)), math.floor(hi_s / seg_s) + 1):
+                for slot in range(k):
+                    if lo_s <= segment * seg_s + (slot + 0.5) * seg_s / k <= hi_s:
+                        return True
+            return False
+
+        extradata = self.vstream.codec_context.extradata
+        # Frames near the end are all decoded: the short last segment's targets depend on the true end.
+        keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
+        return DisposableFrameGate(h264_nal_length_size(bytes(extradata) if extradata else None),
+                                   packet_time_s, needed_between, keep_from_s)
 
     def _select_streams(self) -> None:
         video = [
@@ -727,6 +805,7 @@ class _VideoRun:
             audio_rate_hz=acc.sample_rate if acc is not None else None,
             size_bytes=self.size_bytes,
             n_frames_decoded=self.n_frames,
+            n_frames_skipped=self.frames_skipped,
         )
 
     def _build_chunk(

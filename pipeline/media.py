@@ -82,6 +82,7 @@ class VideoInfo:
     audio_rate_hz: int | None = None
     size_bytes: int | None = None
     n_frames_decoded: int = 0
+    n_frames_skipped: int = 0  # disposable frames no target needed, never decoded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

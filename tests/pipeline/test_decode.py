@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import pipeline.decode as decode_mod
+from pipeline.frame_skip import LOOKAHEAD_PACKETS
 from pipeline.decode import VideoDecoder, count_segments
 from pipeline.errors import ConfigError, MediaError
 from pipeline.media import Chunk, ChunkingSpec, SamplingSpec
@@ -95,7 +96,7 @@ def test_shared_media_segments_audio_and_info(name, n_frames, fps, channels, rat
     duration_s = n_frames / fps
     n = math.ceil(duration_s - 1e-3)
     assert info is not None and info.duration_s == pytest.approx(duration_s, abs=1e-6)
-    assert info.n_segments == n and info.n_frames_decoded == n_frames
+    assert info.n_segments == n and info.n_frames_decoded + info.n_frames_skipped == n_frames
     assert (info.video_codec, info.fps, info.rotation_deg, info.video_id) == ("h264", fps, 0, "v1")
     assert info.size_bytes == path.stat().st_size and info.uri == str(path)
     rows = core_rows(chunks)
@@ -144,7 +145,7 @@ def test_variable_frame_rate_is_sampled_by_presentation_time(media_dir: Path, su
     path = mf.make_video(media_dir / f"vfr.{suffix}", frame_times_s=times, fps=25)
     chunks = decode(path, SamplingSpec(frames_per_segment=3))
     info = chunks[-1].info
-    assert info is not None and info.n_frames_decoded == len(times)
+    assert info is not None and info.n_frames_decoded + info.n_frames_skipped == len(times)
     # The last frame lasts a container-dependent time; the duration ends after its start.
     assert times[-1] < info.duration_s <= times[-1] + 0.5
     rows = core_rows(chunks)
@@ -177,7 +178,7 @@ def test_only_sampled_frames_are_converted(long_video: Path, monkeypatch) -> Non
 
     monkeypatch.setattr(decode_mod, "_Converter", RecordingConverter)
     chunks = decode(long_video, SamplingSpec(image_size=32))
-    assert chunks[-1].info is not None and chunks[-1].info.n_frames_decoded == 135
+    assert chunks[-1].info is not None and chunks[-1].info.n_frames_decoded + chunks[-1].info.n_frames_skipped == 135
     # 14 sampled frames, plus every frame of the last few seconds (kept so that a short last
     # segment can be sampled at its true end): far fewer than the 135 decoded.
     assert converters[0].n_converted <= 14 + 10 * (2 + 1) + 2
@@ -203,7 +204,7 @@ def test_video_codecs_and_containers(media_dir: Path, suffix: str, codec: str, c
     chunks = decode(path, SamplingSpec(frames_per_segment=2))
     info = chunks[-1].info
     assert info is not None
-    assert (info.video_codec, info.width, info.height, info.n_frames_decoded) == (codec_name, 192, 144, 65)
+    assert (info.video_codec, info.width, info.height, info.n_frames_decoded + info.n_frames_skipped) == (codec_name, 192, 144, 65)
     assert info.duration_s == pytest.approx(2.6, abs=1e-3) and info.n_segments == 3
     rows = core_rows(chunks)
     assert rows["frame_pts_s"][0, 0] == pytest.approx(0.24)  # relative to the video's first frame
@@ -361,9 +362,11 @@ def test_chunks_stream_with_memory_bounded_by_the_chunk(media_dir: Path, monkeyp
             read_at_chunk.append(source.max_pos / size)
         assert len(read_at_chunk) == math.ceil(30 / core)
         # Chunk j is handed out once about (j + 1) * core + context seconds are read, not at the end
-        # (+5 s: FFmpeg reads the file in blocks of a few seconds of this video).
+        # (+5 s: FFmpeg reads the file in blocks of a few seconds of this video; + the frame-skip
+        # gate's look-ahead of LOOKAHEAD_PACKETS packets at 10 fps).
+        slack_s = 5 + LOOKAHEAD_PACKETS / 10
         for j, fraction in enumerate(read_at_chunk[:-2]):
-            assert fraction < ((j + 1) * core + context + 5) / 30, (j, read_at_chunk)
+            assert fraction < ((j + 1) * core + context + slack_s) / 30, (j, read_at_chunk)
         # Segments held at once: the core and its context on both sides, never the whole video.
         assert stores[-1].max_retained <= core + 2 * context
 
@@ -415,8 +418,8 @@ def test_stopping_early_closes_the_container(long_video: Path, monkeypatch) -> N
             self.closed = True
             self.container.close()
 
-    def spy_open(source, uri):
-        opened.append(Spy(real_open(source, uri)))
+    def spy_open(source, uri, hwaccel=None):
+        opened.append(Spy(real_open(source, uri, hwaccel)))
         return opened[-1]
 
     monkeypatch.setattr(decode_mod, "_open", spy_open)

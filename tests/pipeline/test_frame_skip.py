@@ -1,0 +1,73 @@
+"""Skipping unsampled disposable frames must not change a single output value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tests.media_factory as mf
+from pipeline.decode import VideoDecoder
+from pipeline.frame_skip import h264_is_disposable, h264_nal_length_size
+from pipeline.media import ChunkingSpec, SamplingSpec
+
+
+def _core_arrays(path: Path, sampling: SamplingSpec, skip: bool):
+    frames, pts, audio, info = [], [], [], None
+    dec = VideoDecoder(sampling, ChunkingSpec(core_segments=8, context_segments=2), skip_unsampled=skip)
+    for chunk in dec.chunks(path):
+        frames.append(chunk.frames[chunk.core_slice])
+        pts.append(chunk.frame_pts_s[chunk.core_slice])
+        audio.append(chunk.audio[chunk.core_slice])
+        info = chunk.info or info
+    return np.concatenate(frames), np.concatenate(pts), np.concatenate(audio), info
+
+
+def _assert_same(path: Path, sampling: SamplingSpec) -> int:
+    f0, p0, a0, i0 = _core_arrays(path, sampling, skip=False)
+    f1, p1, a1, i1 = _core_arrays(path, sampling, skip=True)
+    np.testing.assert_array_equal(f0, f1)
+    np.testing.assert_array_equal(p0, p1)
+    np.testing.assert_array_equal(a0, a1)
+    assert i0.duration_s == i1.duration_s and i0.n_segments == i1.n_segments
+    assert i1.n_frames_decoded + i1.n_frames_skipped == i0.n_frames_decoded
+    return i1.n_frames_skipped
+
+
+@pytest.mark.parametrize("k,segment_s", [(1, 1.0), (3, 1.0), (2, 0.4)])
+def test_generated_h264_with_b_frames_is_identical(tmp_path, k, segment_s):
+    path = mf.make_video(tmp_path / "b.mp4", duration_s=8.0, fps=25, size=(160, 120), audio="tone")
+    skipped = _assert_same(path, SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=64))
+    if k == 1:
+        assert skipped > 0  # x264's non-reference B-frames between the sampled ones
+
+
+def test_variable_frame_rate_is_identical(tmp_path):
+    times = mf.vfr_frame_times(8.0)
+    path = mf.make_video(tmp_path / "vfr.mp4", duration_s=8.0, size=(96, 96), frame_times_s=times, audio=None)
+    _assert_same(path, SamplingSpec(image_size=48))
+
+
+@pytest.mark.slow
+def test_real_film_clip_is_identical_and_skips_many_frames(shared_media):
+    skipped = _assert_same(shared_media / "bbb_clip_720p.mp4", SamplingSpec())
+    assert skipped > 400  # of 1441 frames, about 45 % are unsampled disposable B-frames
+
+
+def test_nal_parsing_avcc_and_annex_b():
+    assert h264_nal_length_size(bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1])) is None  # too short to be avcC
+    assert h264_nal_length_size(bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1, 0x00])) == 4
+    assert h264_nal_length_size(b"\x00\x00\x00\x01\x67") is None
+    non_ref_b = bytes([0x01, 0x9E])  # nal_ref_idc 0, type 1
+    ref_p = bytes([0x41, 0x9A])  # nal_ref_idc 2, type 1
+    idr = bytes([0x65, 0x88])  # nal_ref_idc 3, type 5
+    sei = bytes([0x06, 0x05])
+    avcc = lambda *nals: b"".join(len(n).to_bytes(4, "big") + n for n in nals)  # noqa: E731
+    assert h264_is_disposable(avcc(sei, non_ref_b), 4)
+    assert not h264_is_disposable(avcc(ref_p), 4)
+    assert not h264_is_disposable(avcc(idr), 4)
+    assert not h264_is_disposable(avcc(sei), 4)  # no picture slice: keep
+    annex_b = lambda *nals: b"".join(b"\x00\x00\x00\x01" + n for n in nals)  # noqa: E731
+    assert h264_is_disposable(annex_b(non_ref_b), None)
+    assert not h264_is_disposable(annex_b(non_ref_b, ref_p), None)
