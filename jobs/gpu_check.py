@@ -36,7 +36,6 @@ DEVICE = "cuda"  # --device cpu runs the same script here, to check it before sp
 
 
 def _sync() -> None:
-    import torch
 
     if DEVICE == "cuda":
         _sync()
@@ -117,7 +116,6 @@ def decode_nvdec(video: str, sampling: SamplingSpec, streams: int) -> dict[str, 
 
 
 def encoders(device: str) -> dict[str, Any]:
-    import torch
 
     from pipeline.audio_encoder import AudioEncoder
     from pipeline.image_encoder import ImageEncoder
@@ -193,7 +191,6 @@ def _decode_chunks(job: _DecodeJob) -> list:
 
 def pipeline_inprocess(video: str, bundle, processes: int, copies: int) -> dict[str, Any]:
     """All cores decode (processes), the main process runs the models on the GPU as chunks arrive."""
-    import torch
 
     chunking = ChunkingSpec(64, bundle.head.context_segments)
     img, aud, head = _models(bundle, DEVICE)
