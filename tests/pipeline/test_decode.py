@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import pipeline.decode as decode_mod
-from pipeline.frame_skip import LOOKAHEAD_PACKETS
 from pipeline.decode import VideoDecoder, count_segments
 from pipeline.errors import ConfigError, MediaError
+from pipeline.frame_skip import LOOKAHEAD_PACKETS
 from pipeline.media import Chunk, ChunkingSpec, SamplingSpec
 from tests import media_factory as mf
 
