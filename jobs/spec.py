@@ -29,6 +29,7 @@ class JobSpec:
     chunk_seconds: float = 60.0
     address: str | None = None
     device: DeviceChoice = "auto"
+    decode_device: Literal["cpu", "cuda"] = "cpu"
     top_k: int = 5
     with_embedding: bool = False
     retry_failed: bool = False
@@ -48,6 +49,8 @@ class JobSpec:
             raise ConfigError(f"--chunk-seconds must be > 0, got {self.chunk_seconds}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
+        if self.decode_device not in ("cpu", "cuda"):
+            raise ConfigError(f"--decode-device must be cpu or cuda; got {self.decode_device!r}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
 

@@ -23,14 +23,16 @@ class DecodeStage(Stage):
 
     name = "decode"
 
-    def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0) -> None:
+    def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0,
+                 hwaccel: str | None = None) -> None:
         self.sampling = sampling
         self.chunking = chunking
         self.threads = threads
+        self.hwaccel = hwaccel
         self._decoder: VideoDecoder | None = None
 
     def setup(self) -> None:
-        self._decoder = VideoDecoder(self.sampling, self.chunking, threads=self.threads)
+        self._decoder = VideoDecoder(self.sampling, self.chunking, threads=self.threads, hwaccel=self.hwaccel)
 
     def empty_outputs(self) -> Row:
         s, k, n = self.sampling.image_size, self.sampling.frames_per_segment, self.sampling.samples_per_segment
