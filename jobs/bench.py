@@ -78,23 +78,37 @@ def _timed(fn: Any, repeat: int = 2) -> float:
     return best
 
 
-def isolated_costs(path: str, bundle: ModelBundle, cpus: int, n_segments: int = 48) -> dict[str, float]:
-    """Seconds per segment of each model stage alone on ``cpus`` threads, on real decoded segments."""
+def isolated_costs(path: str, bundle: ModelBundle, cpus: int, n_segments: int = 48,
+                   precision: str = "auto") -> dict[str, float]:
+    """Seconds per segment of each model stage alone on ``cpus`` threads, on real decoded segments.
+
+    Also labels the same segments in float32 and reports how many labels the job's precision
+    (bf16 where the hardware has it) agrees on.
+    """
     import torch
 
-    from pipeline.audio_encoder import build_audio_encoder
     from pipeline.decode import VideoDecoder
-    from pipeline.head import HeadRunner
-    from pipeline.image_encoder import ImageEncoder
 
     chunking = ChunkingSpec(core_segments=n_segments, context_segments=0)
     chunk = next(iter(VideoDecoder(bundle.sampling, chunking, threads=cpus).chunks(path)))
-    n = chunk.n_segments
     torch.set_num_threads(cpus)
-    image = ImageEncoder(bundle.image, threads=cpus)
+    costs, labels = _stage_costs(chunk, bundle, cpus, precision)
+    _, labels_fp32 = _stage_costs(chunk, bundle, cpus, "fp32", timed=False)
+    return costs | {"segments_measured": chunk.n_segments,
+                    "fp32_label_agreement": float((labels == labels_fp32).mean()) if len(labels) else 1.0}
+
+
+def _stage_costs(chunk: Any, bundle: ModelBundle, cpus: int, precision: str,
+                 timed: bool = True) -> tuple[dict[str, float], np.ndarray]:
+    from pipeline.audio_encoder import build_audio_encoder
+    from pipeline.head import HeadRunner
+    from pipeline.image_encoder import ImageEncoder
+
+    n = chunk.n_segments
+    image = ImageEncoder(bundle.image, threads=cpus, precision=precision)  # type: ignore[arg-type]
     image.setup()
     audio = build_audio_encoder(bundle.audio, sample_rate_hz=bundle.sampling.audio_rate_hz, threads=cpus,
-                                state_dict=bundle.audio_state())
+                                state_dict=bundle.audio_state(), precision=precision)
     audio.setup()
     feats = image.encode(chunk.frames)
     aud = audio.encode(chunk.audio, chunk.audio_valid_samples)
@@ -103,19 +117,22 @@ def isolated_costs(path: str, bundle: ModelBundle, cpus: int, n_segments: int = 
     w = bundle.head.window_segments
     core_end = n if n < w else (n // w) * w
 
-    def run_head() -> None:
-        head.label(feats.pooled, aud, feats.grid, first_segment=0, core_start=0, core_end=core_end, is_last=True)
+    def run_head() -> Any:
+        return head.label(feats.pooled, aud, feats.grid, first_segment=0, core_start=0, core_end=core_end,
+                          is_last=True)
 
+    labels = run_head().probs.argmax(axis=1)
+    if not timed:
+        return {}, labels
     return {
         "image_encoder": _timed(lambda: image.encode(chunk.frames)) / n,
         "audio_encoder": _timed(lambda: audio.encode(chunk.audio, chunk.audio_valid_samples)) / n,
         "head": _timed(run_head) / max(core_end, 1),
-        "segments_measured": n,
-    }
+    }, labels
 
 
 def naive_baseline(paths: list[str], bundle: ModelBundle, cpus: int, batch: int = 32,
-                   device: str = "cpu") -> dict[str, float]:
+                   device: str = "cpu", precision: str = "auto") -> dict[str, float]:
     """(c) What a user would write: one process, every frame to RGB, one kept per segment, same image model."""
     import av
     import torch
@@ -124,7 +141,7 @@ def naive_baseline(paths: list[str], bundle: ModelBundle, cpus: int, batch: int 
     from pipeline.image_encoder import ImageEncoder
 
     torch.set_num_threads(cpus)
-    encoder = ImageEncoder(bundle.image, threads=cpus, device=device)
+    encoder = ImageEncoder(bundle.image, threads=cpus, device=device, precision=precision)  # type: ignore[arg-type]
     encoder.setup()
     seg_s, size = bundle.sampling.segment_seconds, bundle.sampling.image_size
     started = time.perf_counter()
@@ -197,7 +214,8 @@ def run_pipeline(inputs: list[str], bundle_args: dict[str, Any], cpus: int) -> d
 
 def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool = False,
           segment_seconds: float | None = None, frames_per_segment: int | None = None, chunk_seconds: float = 60.0,
-          address: str | None = None, device: str = "auto", skip_naive: bool = False) -> dict[str, Any]:
+          address: str | None = None, device: str = "auto", skip_naive: bool = False,
+          precision: str = "auto") -> dict[str, Any]:
     """Measure (a) decode-only, (b) the pipeline and (c) the naive baseline on the same local files."""
     from workers.build import chunking_for
 
@@ -217,7 +235,10 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
                               "image_encoder": bundle.image.name, "audio_encoder": bundle.audio.kind,
                               "sampling": bundle.sampling.to_dict()}
     report["decode_only"] = decode_ceiling(paths, bundle.sampling, chunking, cpus)
-    costs = isolated_costs(paths[0], bundle, cpus)
+    costs = isolated_costs(paths[0], bundle, cpus, precision=precision)
+    report["precision"] = precision
+    report["fp32_label_agreement"] = costs["fp32_label_agreement"]
+    report["agreement_segments"] = costs["segments_measured"]
     per_seg_video_s = report["decode_only"]["video_s"] / max(report["decode_only"]["segments"], 1)
     decode_cost = report["decode_only"]["wall_s"] / max(report["decode_only"]["segments"], 1)
     ideal_s_per_segment = decode_cost + costs["image_encoder"] + costs["audio_encoder"] + costs["head"]
@@ -226,9 +247,9 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
     report["pipeline"] = run_pipeline(paths, {
         "model": model, "allow_untrained": allow_untrained, "segment_seconds": segment_seconds,
         "frames_per_segment": frames_per_segment, "chunk_seconds": chunk_seconds, "address": address,
-        "device": device}, cpus)
+        "device": device, "precision": precision}, cpus)
     if not skip_naive:
-        report["naive"] = naive_baseline(paths, bundle, cpus)
+        report["naive"] = naive_baseline(paths, bundle, cpus, precision=precision)
     b = report["pipeline"]["video_s_per_s"]
     report["ratios"] = {
         "pipeline_over_decode": b / report["decode_only"]["video_s_per_s"],
@@ -260,6 +281,8 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     if ratios["pipeline_over_naive"] is not None:
         line(f"pipeline / naive baseline  = {ratios['pipeline_over_naive']:.2f}")
     line(f"orchestration efficiency   = {ratios['orchestration_efficiency']:.2f}  (pipeline / ideal)")
+    line(f"encoder precision {r['precision']}: labels agree with float32 on "
+         f"{r['fp32_label_agreement'] * 100:.1f} % of {r['agreement_segments']} sample segments")
     line()
     line(f"{'stage':<15} {'workers':>7} {'isolated ms/seg':>15} {'busy s':>8} {'seg/busy-s':>10} {'busy frac':>9} "
          f"{'peak RSS MiB':>12}")

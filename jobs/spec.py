@@ -30,6 +30,7 @@ class JobSpec:
     address: str | None = None
     device: DeviceChoice = "auto"
     decode_device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # encoders: bf16 on CUDA and bf16-capable CPUs
     top_k: int = 5
     with_embedding: bool = False
     retry_failed: bool = False
@@ -51,6 +52,8 @@ class JobSpec:
             raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.decode_device not in ("cpu", "cuda"):
             raise ConfigError(f"--decode-device must be cpu or cuda; got {self.decode_device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16; got {self.precision!r}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
 

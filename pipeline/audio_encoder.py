@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.media import AUDIO_RATE_HZ
+from pipeline.precision import Precision, check_precision, uses_bf16
 from pipeline.specs import AudioEncoderSpec
 
 LOG_MEL_EPS = 1e-6
@@ -229,7 +230,10 @@ class AudioEncoder:
         batch_size: int = 256,
         threads: int | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        precision: Precision = "auto",
     ) -> None:
+        check_precision(precision)
+        self.precision: Precision = precision
         if spec.kind != "cnn":
             raise ConfigError(
                 f"AudioEncoder is the 'cnn' kind, got spec.kind={spec.kind!r}; use build_audio_encoder"
@@ -325,6 +329,7 @@ class AudioEncoder:
         n_frames = mel_frames(self.spec, length, self.sample_rate_hz)
         valid = valid_mel_frames(valid_samples, n, n_frames, self.hop_samples)
         on_cuda = device.type == "cuda"
+        bf16 = uses_bf16(device, self.precision)
         parts: list[torch.Tensor] = []
         for start, batch in _audio_batches(audio, self.batch_size):
             host = torch.from_numpy(batch)
@@ -334,10 +339,7 @@ class AudioEncoder:
             feats = log_mel(x, mel)  # float32, outside autocast
             vf = torch.from_numpy(valid[start : start + len(batch)]).to(device)
             feats = feats.contiguous(memory_format=torch.channels_last)
-            if on_cuda:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    emb = model(feats, vf)
-            else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 emb = model(feats, vf)
             parts.append(emb.float().cpu())
         if not parts:
@@ -390,7 +392,9 @@ class ClassicAudioEncoder:
         batch_size: int = 256,
         threads: int | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
+        precision: Precision = "auto",  # accepted for a uniform interface; librosa computes in float32
     ) -> None:
+        check_precision(precision)
         if spec.kind != "classic":
             raise ConfigError(
                 f"ClassicAudioEncoder is the 'classic' kind, got spec.kind={spec.kind!r}; use build_audio_encoder"

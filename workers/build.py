@@ -42,16 +42,19 @@ def chunking_for(bundle: ModelBundle, chunk_seconds: float) -> ChunkingSpec:
 
 def build_stages(bundle: ModelBundle, sampling: SamplingSpec, chunking: ChunkingSpec, plan: PipelinePlan, *,
                  top_k: int = 5, with_embedding: bool = False,
-                 decode_device: str = "cpu") -> list[tuple[Stage, StagePlan]]:
+                 decode_device: str = "cpu", precision: str = "auto",
+                 video_timeout_s: float | None = None) -> list[tuple[Stage, StagePlan]]:
     """The stages of one job, each with how it should run."""
     image_dim = IMAGE_ENCODER_DIMS[bundle.image.name]
     hwaccel = "cuda" if decode_device == "cuda" else None
     return [
-        (DecodeStage(sampling, chunking, threads=plan.decode.threads or 0, hwaccel=hwaccel), plan.decode),
-        (ImageEncoderStage(bundle.image, device=plan.image.device, threads=plan.image.threads), plan.image),
+        (DecodeStage(sampling, chunking, threads=plan.decode.threads or 0, hwaccel=hwaccel,
+                     video_timeout_s=video_timeout_s), plan.decode),
+        (ImageEncoderStage(bundle.image, device=plan.image.device, threads=plan.image.threads, precision=precision),
+         plan.image),
         (AudioEncoderStage(bundle.audio, sample_rate_hz=sampling.audio_rate_hz, state_dict=bundle.audio_state(),
                            device=plan.audio.device, threads=plan.audio.threads, image_dim=image_dim,
-                           image_grid=bundle.image.grid > 0), plan.audio),
+                           image_grid=bundle.image.grid > 0, precision=precision), plan.audio),
         (HeadStage(bundle, device=plan.head.device, threads=plan.head.threads, top_k=top_k,
                    with_embedding=with_embedding), plan.head),
     ]

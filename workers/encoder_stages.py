@@ -35,8 +35,9 @@ class ImageEncoderStage(Stage):
     name = "image_encoder"
 
     def __init__(self, spec: ImageEncoderSpec, *, device: str = "cpu", batch_size: int = 64,
-                 threads: int | None = None, carry: tuple[str, ...] = ()) -> None:
+                 threads: int | None = None, carry: tuple[str, ...] = (), precision: str = "auto") -> None:
         self.spec = spec
+        self.precision = precision
         self.device = device
         self.batch_size = batch_size
         self.threads = threads
@@ -44,7 +45,8 @@ class ImageEncoderStage(Stage):
         self._encoder: ImageEncoder | None = None
 
     def setup(self) -> None:
-        self._encoder = ImageEncoder(self.spec, device=self.device, batch_size=self.batch_size, threads=self.threads)
+        self._encoder = ImageEncoder(self.spec, device=self.device, batch_size=self.batch_size, threads=self.threads,
+                                     precision=self.precision)  # type: ignore[arg-type]
         self._encoder.setup()
 
     def empty_outputs(self) -> Row:
@@ -85,8 +87,9 @@ class AudioEncoderStage(Stage):
 
     def __init__(self, spec: AudioEncoderSpec, *, sample_rate_hz: int, state_dict: dict | None = None,
                  device: str = "cpu", batch_size: int = 256, threads: int | None = None,
-                 image_dim: int = 512, image_grid: bool = False) -> None:
+                 image_dim: int = 512, image_grid: bool = False, precision: str = "auto") -> None:
         self.spec = spec
+        self.precision = precision
         self.sample_rate_hz = sample_rate_hz
         self.state_dict = state_dict
         self.device = device
@@ -100,7 +103,7 @@ class AudioEncoderStage(Stage):
     def setup(self) -> None:
         self._encoder = build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz, device=self.device,
                                             batch_size=self.batch_size, threads=self.threads,
-                                            state_dict=self.state_dict)
+                                            state_dict=self.state_dict, precision=self.precision)
         self._encoder.setup()
         self._dim = self._encoder.dim
 
