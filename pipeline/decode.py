@@ -28,7 +28,7 @@ import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
@@ -135,7 +135,7 @@ class VideoDecoder:
             yield from run.chunks()
 
 
-def _hwaccel(device: str | None) -> object | None:
+def _hwaccel(device: str | None) -> Any:
     """PyAV's HWAccel for ``device`` with software fallback, or None where this PyAV/FFmpeg has none."""
     if device is None:
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.audio_encoder import build_audio_encoder
+from pipeline.audio_encoder import AudioEncoder, ClassicAudioEncoder, build_audio_encoder
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, ImageEncoder
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
 from workers.rows import Row
@@ -97,15 +97,15 @@ class AudioEncoderStage(Stage):
         self.threads = threads
         self.image_dim = image_dim
         self.image_grid = image_grid
-        self._encoder = None
+        self._encoder: AudioEncoder | ClassicAudioEncoder | None = None
         self._dim: int | None = None
 
     def setup(self) -> None:
-        self._encoder = build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz, device=self.device,
-                                            batch_size=self.batch_size, threads=self.threads,
-                                            state_dict=self.state_dict, precision=self.precision)
-        self._encoder.setup()
-        self._dim = self._encoder.dim
+        encoder = build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz, device=self.device,
+                                      batch_size=self.batch_size, threads=self.threads,
+                                      state_dict=self.state_dict, precision=self.precision)
+        encoder.setup()
+        self._encoder, self._dim = encoder, encoder.dim
 
     def empty_outputs(self) -> Row:
         dim = self._dim or build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz).dim
