@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from workers.build import PipelinePlan, StagePlan
-from workers.stage import Resources
+from workers.stage import PipelinePlan, Resources, StagePlan
 
 
 def plan_for(cpus: float, gpus: float, *, device: str = "auto") -> PipelinePlan:

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.bundle import ModelBundle
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS
 from pipeline.media import ChunkingSpec, SamplingSpec
 from workers.decode_stage import DecodeStage
 from workers.encoder_stages import AudioEncoderStage, ImageEncoderStage
 from workers.head_stage import HeadStage
-from workers.stage import Resources, Stage
+from workers.stage import PipelinePlan, Stage, StagePlan
 
-
-@dataclass(frozen=True)
-class StagePlan:
-    """How one stage runs: its resources per worker, pool size, batch size (chunks) and threads."""
-
-    resources: Resources = Resources()
-    pool_size: int = 1
-    batch_size: int = 1
-    threads: int | None = None
-    device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    decode: StagePlan = StagePlan()
-    image: StagePlan = StagePlan()
-    audio: StagePlan = StagePlan()
-    head: StagePlan = StagePlan()
+__all__ = ["PipelinePlan", "StagePlan", "build_stages", "chunking_for"]
 
 
 def chunking_for(bundle: ModelBundle, chunk_seconds: float) -> ChunkingSpec:

@@ -26,6 +26,25 @@ class Resources:
     num_gpus: float = 0.0
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage runs: its resources per worker, pool size, batch size (chunks) and threads."""
+
+    resources: Resources = Resources()
+    pool_size: int = 1
+    batch_size: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    decode: StagePlan = StagePlan()
+    image: StagePlan = StagePlan()
+    audio: StagePlan = StagePlan()
+    head: StagePlan = StagePlan()
+
+
 class Stage:
     """Base of the per-chunk stages (encoders, head)."""
 
@@ -76,6 +95,6 @@ class Stage:
         sizes = [max(1, int(r["core_end"]) - int(r["core_start"])) for r in rows]
         total = sum(sizes)
         rss = peak_rss_mb()
-        for r, n in zip(rows, sizes):
+        for r, n in zip(rows, sizes, strict=True):
             r[f"busy_{self.name}_s"] = busy_s * n / total
             r[f"rss_{self.name}_mb"] = rss
