@@ -36,9 +36,10 @@ DEVICE = "cuda"  # --device cpu runs the same script here, to check it before sp
 
 
 def _sync() -> None:
+    import torch
 
     if DEVICE == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _section(name: str, out_path: str | None):
