@@ -26,13 +26,14 @@ def plan_for(cpus: float, gpus: float, *, device: str = "auto") -> PipelinePlan:
             head=StagePlan(Resources(num_cpus=0.25, num_gpus=0.25), pool_size=n_gpu, batch_size=8, device="cuda",
                            threads=1),
         )
+    # CPU only: the model stages share one pool (one process and torch import per worker, no hand-offs).
+    # Both pools get threads for all their cores' share; decode and models overlap across chunks.
     n_decode = max(1, int(cpus // 2))
     decode_cpus = cpus / 2 / n_decode
-    n_image = max(1, int(cpus // 4))
-    image_cpus = cpus * 0.375 / n_image
+    n_models = max(1, int(cpus // 8))
+    models_cpus = cpus / 2 / n_models
+    models = StagePlan(Resources(num_cpus=models_cpus), pool_size=n_models, threads=max(1, round(models_cpus * 2)))
     return PipelinePlan(
         decode=StagePlan(Resources(num_cpus=decode_cpus), pool_size=n_decode, threads=max(1, round(decode_cpus * 2))),
-        image=StagePlan(Resources(num_cpus=image_cpus), pool_size=n_image, threads=max(1, round(image_cpus * 2))),
-        audio=StagePlan(Resources(num_cpus=cpus * 0.0625), pool_size=1, threads=max(1, int(cpus * 0.0625))),
-        head=StagePlan(Resources(num_cpus=cpus * 0.0625), pool_size=1, threads=1),
+        image=models, audio=models, head=models, models=models,
     )

@@ -8,7 +8,7 @@ from pipeline.media import ChunkingSpec, SamplingSpec
 from workers.decode_stage import DecodeStage
 from workers.encoder_stages import AudioEncoderStage, ImageEncoderStage
 from workers.head_stage import HeadStage
-from workers.stage import PipelinePlan, Stage, StagePlan
+from workers.stage import ChainStage, PipelinePlan, Stage, StagePlan
 
 __all__ = ["PipelinePlan", "StagePlan", "build_stages", "chunking_for"]
 
@@ -28,7 +28,7 @@ def build_stages(bundle: ModelBundle, sampling: SamplingSpec, chunking: Chunking
     """The stages of one job, each with how it should run."""
     image_dim = IMAGE_ENCODER_DIMS[bundle.image.name]
     hwaccel = "cuda" if decode_device == "cuda" else None
-    return [
+    stages: list[tuple[Stage, StagePlan]] = [
         (DecodeStage(sampling, chunking, threads=plan.decode.threads or 0, hwaccel=hwaccel,
                      video_timeout_s=video_timeout_s), plan.decode),
         (ImageEncoderStage(bundle.image, device=plan.image.device, threads=plan.image.threads, precision=precision),
@@ -39,3 +39,6 @@ def build_stages(bundle: ModelBundle, sampling: SamplingSpec, chunking: Chunking
         (HeadStage(bundle, device=plan.head.device, threads=plan.head.threads, top_k=top_k,
                    with_embedding=with_embedding), plan.head),
     ]
+    if plan.models is not None:
+        return [stages[0], (ChainStage([s for s, _ in stages[1:]]), plan.models)]
+    return stages

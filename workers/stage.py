@@ -39,10 +39,17 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class PipelinePlan:
+    """How each stage runs.  ``models`` set: the image encoder, audio encoder and head share one pool.
+
+    Fusing the three model stages into one actor (CPU-only clusters) saves two worker processes, two
+    torch imports and two hand-offs of every chunk; on GPUs they stay separate pools sharing the GPU.
+    """
+
     decode: StagePlan = StagePlan()
     image: StagePlan = StagePlan()
     audio: StagePlan = StagePlan()
     head: StagePlan = StagePlan()
+    models: StagePlan | None = None
 
 
 class Stage:
@@ -98,3 +105,30 @@ class Stage:
         for r, n in zip(rows, sizes, strict=True):
             r[f"busy_{self.name}_s"] = busy_s * n / total
             r[f"rss_{self.name}_mb"] = rss
+
+
+class ChainStage(Stage):
+    """Several per-chunk stages run one after the other in the same worker."""
+
+    name = "chain"
+
+    def __init__(self, stages: list[Stage]) -> None:
+        if not stages:
+            raise ValueError("ChainStage needs at least one stage")
+        self.stages = stages
+        self.name = "+".join(s.name for s in stages)
+
+    def setup(self) -> None:
+        for stage in self.stages:
+            stage.setup()
+
+    def empty_outputs(self) -> Row:
+        return self.stages[-1].empty_outputs()
+
+    def process_batch(self, batch: Batch) -> Batch:
+        for stage in self.stages:
+            out = stage.process_batch(batch)
+            if not isinstance(out, dict):
+                raise TypeError(f"stage {stage.name} yields several batches; it cannot be chained")
+            batch = out
+        return batch

@@ -126,12 +126,6 @@ def test_query_command_prints_table_csv_json(first_run, capsys):
     assert main(["query", str(out), "SELEC nonsense"]) == EXIT_USAGE
 
 
-def test_no_trained_model_without_allow_untrained_is_a_usage_error(tmp_path, shared_media, capsys):
-    code = main(["run", str(shared_media / "bikes_noaudio.mp4"), "--out", str(tmp_path / "o")])
-    assert code == EXIT_USAGE
-    assert "--allow-untrained" in capsys.readouterr().err
-
-
 def test_console_script_against_the_session_cluster(first_run, shared_media, tmp_path, ray_session):
     """The installed ``vidpipe`` command, connected with --address to the test session's Ray."""
     address = ray_session.get_runtime_context().gcs_address
