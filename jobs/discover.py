@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.idset import IdSet
 from pipeline.errors import ConfigError
 
 VIDEO_EXTENSIONS = frozenset(
@@ -52,17 +53,55 @@ def discover(inputs: list[str]) -> Iterator[VideoRef]:
 
     A named file is taken whatever its extension (a missing one becomes a ``not_found`` failure
     later, so the job goes on); folders are searched recursively for video extensions; a glob
-    pattern is expanded; ``*.txt``/``*.csv``/``*.parquet`` files are manifests of URIs.
+    pattern is expanded; ``*.txt``/``*.csv``/``*.parquet`` files (local or ``s3://``) are manifests of
+    URIs.  Nothing is listed ahead of need, and the URIs already seen are kept as 16-byte digests
+    (:class:`~jobs.idset.IdSet`), so a manifest of millions of entries streams in bounded memory.
     """
-    seen: set[str] = set()
+    seen = IdSet()
     for item in inputs:
         for ref in _discover_one(item):
-            if ref.uri not in seen:
-                seen.add(ref.uri)
+            if seen.add(ref.uri):
                 yield ref
 
 
+def count_videos(inputs: list[str]) -> int:
+    """How many videos ``inputs`` name (a second, independent pass over them; for progress and ETA)."""
+    return sum(1 for _ in discover(inputs))
+
+
+def check_inputs(inputs: list[str]) -> None:
+    """Fail fast, before any work, on an input that cannot give videos (each checked cheaply, nothing listed)."""
+    for item in inputs:
+        if is_manifest(item):
+            from jobs.manifest import check_manifest
+
+            check_manifest(item)
+        elif item.startswith("s3://"):
+            from jobs.remote import check_s3
+
+            check_s3(item)
+        elif glob.has_magic(item) and not Path(item).expanduser().exists():
+            if next(glob.iglob(os.path.expanduser(item), recursive=True), None) is None:
+                raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
+
+
+def is_manifest(item: str) -> bool:
+    """Whether ``item`` names a manifest: an existing local .txt/.csv/.parquet file, or such an s3:// object."""
+    suffix = Path(item.split("://", 1)[-1]).suffix.lower()
+    if suffix not in MANIFEST_EXTENSIONS:
+        return False
+    if item.startswith("s3://"):
+        return True
+    path = Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+    return path.is_file()
+
+
 def _discover_one(item: str) -> Iterator[VideoRef]:
+    if is_manifest(item):
+        from jobs.manifest import read_manifest
+
+        yield from read_manifest(item)
+        return
     if item.startswith("s3://"):
         from jobs.remote import discover_s3
 
@@ -73,11 +112,6 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
         for p in _walk(path):
             uri = _canonical(p)
             yield VideoRef(uri, make_video_id(uri, str(p.relative_to(path))))
-        return
-    if path.suffix.lower() in MANIFEST_EXTENSIONS and path.is_file():
-        from jobs.manifest import read_manifest
-
-        yield from read_manifest(path)
         return
     if glob.has_magic(item):
         matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))

@@ -1,10 +1,19 @@
-"""Manifests: text (one URI a line), CSV or Parquet (a ``uri``/``path``/``video`` column), read lazily."""
+"""Manifests: text (one URI a line), CSV or Parquet (a ``uri``/``path``/``video`` column), read lazily.
+
+A manifest may be a local file or an ``s3://`` object.  Entries are absolute paths, URIs, or paths
+relative to the manifest's own folder (or S3 prefix).  Reading streams: one line (text, CSV) or one
+8192-row batch (Parquet) at a time, whatever the manifest's size.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import posixpath
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 from jobs.discover import VideoRef, make_video_id
 from pipeline.errors import ConfigError
@@ -13,57 +22,139 @@ URI_COLUMNS = ("uri", "path", "video", "url", "file")
 _BATCH_ROWS = 8192
 
 
-def _resolve(entry: str, base: Path) -> str:
-    entry = entry.strip()
-    if "://" in entry:
-        return entry
-    p = Path(entry).expanduser()
-    return str((p if p.is_absolute() else base / p).resolve())
+class _Base:
+    """Where a manifest's relative entries point: its local folder or its S3 prefix."""
+
+    def __init__(self, manifest: str) -> None:
+        if manifest.startswith("s3://"):
+            self.local: Path | None = None
+            self.prefix = manifest.rsplit("/", 1)[0] + "/"
+        else:
+            self.local = Path(manifest).expanduser().resolve().parent
+            self.prefix = ""
+
+    def resolve(self, entry: str) -> str:
+        entry = entry.strip()
+        if "://" in entry:
+            return entry
+        if self.local is None:  # s3://bucket/dir/ + entry, with ./ and ../ resolved within the bucket
+            bucket, _, key = self.prefix[len("s3://"):].partition("/")
+            return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(key, entry)).lstrip("/")
+        p = Path(entry).expanduser()
+        return str((p if p.is_absolute() else self.local / p).resolve())
 
 
-def _ref(entry: str, base: Path) -> VideoRef:
-    uri = _resolve(entry, base)
+def _ref(entry: str, base: _Base) -> VideoRef:
+    uri = base.resolve(entry)
     return VideoRef(uri, make_video_id(uri, entry.strip().split("://", 1)[-1]))
 
 
-def read_manifest(path: Path) -> Iterator[VideoRef]:
+def _name(manifest: str | Path) -> str:
+    text = str(manifest)
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+@contextmanager
+def _open_binary(manifest: str) -> Iterator[Any]:
+    if manifest.startswith("s3://"):
+        from pipeline.s3 import s3_filesystem
+
+        filesystem, key = s3_filesystem(manifest)
+        try:
+            handle = filesystem.open_input_file(key)
+        except FileNotFoundError:
+            raise ConfigError(f"manifest {manifest} does not exist; check the bucket and key") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read manifest {manifest}: {exc}; check AWS credentials, region and "
+                              "AWS_ENDPOINT_URL") from None
+        with handle:
+            yield handle
+        return
+    try:
+        f = open(Path(manifest).expanduser(), "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {manifest}: {exc}") from None
+    with f:
+        yield f
+
+
+def _text(binary: Any) -> IO[str]:
+    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
+
+
+def _csv_column(header: list[str] | None, manifest: str) -> int | None:
+    if header is None:
+        return None
+    lowered = [h.strip().lower() for h in header]
+    col = next((lowered.index(c) for c in URI_COLUMNS if c in lowered), None)
+    if col is None:
+        raise ConfigError(f"manifest {manifest}: no column named one of {', '.join(URI_COLUMNS)} "
+                          f"in header {header}; add a 'uri' column")
+    return col
+
+
+def _parquet_column(names: list[str], manifest: str) -> str:
+    lowered = [n.lower() for n in names]
+    col = next((names[lowered.index(c)] for c in URI_COLUMNS if c in lowered), None)
+    if col is None:
+        raise ConfigError(f"manifest {manifest}: no column named one of {', '.join(URI_COLUMNS)}; "
+                          f"columns are {names}")
+    return col
+
+
+def _suffix(manifest: str) -> str:
+    suffix = PurePosixPath(manifest.split("://", 1)[-1]).suffix.lower()
+    if suffix not in (".txt", ".csv", ".parquet"):
+        raise ConfigError(f"manifest {manifest}: unknown manifest type {suffix!r}; use .txt, .csv or .parquet")
+    return suffix
+
+
+def check_manifest(manifest: str | Path) -> None:
+    """Open the manifest and check its header (fails fast with ConfigError); reads no entries."""
+    name = _name(manifest)
+    suffix = _suffix(name)
+    with _open_binary(name) as binary:
+        if suffix == ".csv":
+            _csv_column(next(csv.reader(_text(binary)), None), name)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                _parquet_column(pq.ParquetFile(binary).schema_arrow.names, name)
+            except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError: not Parquet
+                raise ConfigError(f"manifest {name}: not a readable Parquet file ({exc})") from None
+
+
+def read_manifest(manifest: str | Path) -> Iterator[VideoRef]:
     """Yield the manifest's entries in order; relative paths are relative to the manifest's folder."""
-    base = path.resolve().parent
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+    name = _name(manifest)
+    suffix = _suffix(name)
+    base = _Base(name)
+    with _open_binary(name) as binary:
+        if suffix == ".txt":
+            for line in _text(binary):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     yield _ref(line, base)
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+        elif suffix == ".csv":
+            reader = csv.reader(_text(binary))
             header = next(reader, None)
-            if header is None:
+            col = _csv_column(header, name)
+            if header is None or col is None:
                 return
-            lowered = [h.strip().lower() for h in header]
-            col = next((lowered.index(c) for c in URI_COLUMNS if c in lowered), None)
-            if col is None:
-                raise ConfigError(f"manifest {path}: no column named one of {', '.join(URI_COLUMNS)} "
-                                  f"in header {header}; add a 'uri' column")
             for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
                 if len(row) <= col:
-                    raise ConfigError(f"manifest {path} line {lineno}: missing the {header[col]!r} column")
+                    raise ConfigError(f"manifest {name} line {lineno}: missing the {header[col]!r} column")
                 if row[col].strip():
                     yield _ref(row[col], base)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        else:
+            import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        names = [n.lower() for n in pf.schema_arrow.names]
-        col = next((pf.schema_arrow.names[names.index(c)] for c in URI_COLUMNS if c in names), None)
-        if col is None:
-            raise ConfigError(f"manifest {path}: no column named one of {', '.join(URI_COLUMNS)}; "
-                              f"columns are {pf.schema_arrow.names}")
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[col]):
-            for entry in batch.column(0).to_pylist():
-                if entry:
-                    yield _ref(str(entry), base)
-    else:
-        raise ConfigError(f"manifest {path}: unknown manifest type {suffix!r}; use .txt, .csv or .parquet")
+            pf = pq.ParquetFile(binary)
+            col_name = _parquet_column(pf.schema_arrow.names, name)
+            for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[col_name]):
+                for entry in batch.column(0).to_pylist():
+                    if entry:
+                        yield _ref(str(entry), base)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import UNTRAINED_MODEL_ID, ModelBundle
@@ -35,28 +36,32 @@ def untrained_bundle(sampling: SamplingSpec | None = None) -> ModelBundle:
 
 
 def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
-    """Load the bundle a job asked for; refuse to pretend when there is no trained one."""
+    """Load the bundle a job asked for; refuse to pretend when there is no trained one.
+
+    ``model`` given: that bundle.  Else ``allow_untrained`` (the explicit ``--allow-untrained`` flag): the
+    seeded untrained head, rows marked ``model_id = "untrained"``.  Else the packaged default bundle.
+    """
     if model:
         path = Path(model).expanduser()
         if not (path / "bundle.json").is_file():
             raise ConfigError(f"--model {model}: no bundle.json there; pass a directory written by "
                               "'vidpipe train' (bundle.json + weights.safetensors)")
         return ModelBundle.load(path)
+    if allow_untrained:
+        return untrained_bundle()
     default = default_bundle_path()
     if default is not None:
         return ModelBundle.load(default)
-    if not allow_untrained:
-        raise ConfigError("no trained model bundle is available: this install ships no default bundle and no "
-                          "--model was given. Train one with 'vidpipe train' and pass --model DIR, or pass "
-                          "--allow-untrained to run the pipeline with an UNTRAINED head (labels are meaningless; "
-                          "rows get model_id 'untrained').")
-    return untrained_bundle()
+    raise ConfigError("no trained model bundle is available: this install ships no default bundle and no "
+                      "--model was given. Train one with 'vidpipe train' and pass --model DIR, or pass "
+                      "--allow-untrained to run the pipeline with an UNTRAINED head (labels are meaningless; "
+                      "rows get model_id 'untrained').")
 
 
 def with_sampling(bundle: ModelBundle, segment_seconds: float | None, frames_per_segment: int | None) -> ModelBundle:
     """The bundle with the job's sampling overrides; a trained bundle only accepts its own sampling."""
     sampling = bundle.sampling
-    changes = {}
+    changes: dict[str, Any] = {}
     if segment_seconds is not None and segment_seconds != sampling.segment_seconds:
         changes["segment_seconds"] = segment_seconds
     if frames_per_segment is not None and frames_per_segment != sampling.frames_per_segment:

@@ -1,19 +1,31 @@
-"""The output directory and its commit protocol.
+"""The output directory (a local folder or an ``s3://`` prefix) and its commit protocol.
 
 Layout::
 
-    OUT/segments/part-<run>-<seq>.parquet   one row per segment
-    OUT/videos/part-<run>-<seq>.parquet     one row per finished video
-    OUT/failures/part-<run>-<seq>.parquet   one row per failed video
-    OUT/_job/job.json                       the job's identity (bundle id, sampling)
-    OUT/_job/commits/<run>-<seq>.json       one record per committed flush
-    OUT/_job/staging/                       files written but not yet committed
+    OUT/segments/part-<run>-<seq>-<x>.parquet   one row per segment
+    OUT/videos/part-<run>-<seq>-<x>.parquet     one row per finished video
+    OUT/failures/part-<run>-<seq>-<x>.parquet   one row per failed video
+    OUT/_job/job.json                           the job's identity (bundle id, sampling)
+    OUT/_job/progress.json                      the running (or last) run's counters, rewritten atomically
+    OUT/_job/commits/<run>-<seq>.json           one record per committed flush
+    OUT/_job/commits/checkpoint-<name>.json     many older records folded into one (same content)
+    OUT/_job/staging/                           files written but not yet committed
+    OUT/_job/lock                               held (flock) by the run writing to a local OUT
 
-A flush holds only *complete* videos.  Its files are written under ``staging/``, then the commit
-record is written atomically (``os.replace``), then the files are renamed into place.  A crash
-before the record leaves only staging files, which the next run deletes; a crash after it is rolled
-forward by the next run (or read from staging by ``vidpipe query``).  So a reader never sees a
+A flush holds only *complete* videos.  Its files are written under ``staging/``; then the commit
+record is written, atomically (local: temp file + ``fsync`` + ``os.replace``; S3: one PUT); then the
+files are moved into place (local: ``os.replace``; S3: copy + delete).  **The commit record is the
+only atomic step and the only thing that makes data visible**: readers (``vidpipe query``, a rerun's
+done-set) take exactly the files that commit records name, from their table folder or, when the
+move has not happened yet, from staging.  A crash before the record leaves staging files that no
+record names; the next run deletes them.  A crash after it is rolled forward by the next run (files
+moved, or on S3 a staged copy whose final copy already exists is deleted).  So a reader never sees a
 partial chunk or a video twice, and a rerun skips every committed video.
+
+Only the driver writes here (workers on any node stream their results back to it), and one run at a
+time: a local OUT is locked with ``flock`` (freed by the kernel when the process dies, even by
+SIGKILL); on S3, which has no locks, ``progress.json`` is a lease that a live run refreshes every
+few seconds and a new run waits out (best effort).
 """
 
 from __future__ import annotations
@@ -21,30 +33,57 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from jobs.fs import Store
+from jobs.idset import IdSet
+from pipeline.errors import ConfigError
 from pipeline.media import Failure, VideoInfo
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
+from workers.metrics import StageMeter
 
 log = logging.getLogger(__name__)
 
+JOB = "_job"
+COMMITS = "_job/commits"
+STAGING = "_job/staging"
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPACT_AT = 256  # commit records folded into one checkpoint when a run starts with more than this
+LEASE_S = 30.0  # S3: a run whose progress.json (rewritten every 5 s) is older than this is taken as dead
+
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    Store(path.parent).write_atomic(path.name, text.encode("utf-8"))
+
+
+def crash_point(step: str) -> None:
+    """Test hook: ``VIDPIPE_TEST_CRASH_AT=step:n`` SIGKILLs this process the n-th time ``step`` is reached.
+
+    Steps of a flush: ``staged`` (data files written), ``recorded`` (commit record written),
+    ``moved`` (first file moved into place).  Kill tests use it to stop a real driver exactly there.
+    """
+    spec = os.environ.get("VIDPIPE_TEST_CRASH_AT")
+    if not spec or not spec.startswith(step + ":"):
+        return
+    counter = f"_VIDPIPE_CRASH_COUNT_{step}"
+    seen = int(os.environ.get(counter, "0")) + 1
+    os.environ[counter] = str(seen)
+    if seen >= int(spec.split(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -58,76 +97,215 @@ class Commit:
     n_segments: int
 
     @classmethod
-    def read(cls, path: Path) -> Commit:
-        d = json.loads(path.read_text(encoding="utf-8"))
+    def from_dict(cls, d: dict[str, Any]) -> Commit:
         return cls(name=d["name"], files=d["files"], n_videos=d["n_videos"], n_failures=d["n_failures"],
                    n_segments=d["n_segments"])
 
+    @classmethod
+    def read(cls, path: Path) -> Commit:
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 class OutputDir:
-    """Paths of an output directory and its recovery."""
+    """An output directory or ``s3://`` prefix: its paths, commit records, recovery and lock.
+
+    ``root``, ``job_dir``, ``commits_dir``, ``staging_dir`` and ``table_dir()`` are ``Path`` s for a
+    local OUT and ``bucket/key`` ``PurePosixPath`` s (pyarrow filesystem paths) for S3.
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.job_dir = self.root / "_job"
-        self.commits_dir = self.job_dir / "commits"
-        self.staging_dir = self.job_dir / "staging"
+        self.store = Store(root)
+        self.uri = self.store.uri
+        self.local = self.store.local
+        self.root: Path | PurePosixPath = Path(self.store.root) if self.local else PurePosixPath(self.store.root)
+        self.job_dir = self.root / JOB
+        self.commits_dir = self.root / COMMITS
+        self.staging_dir = self.root / STAGING
+        self._lock_file: Any = None
 
-    def table_dir(self, table: str) -> Path:
+    def __repr__(self) -> str:
+        return f"OutputDir({self.uri!r})"
+
+    def table_dir(self, table: str) -> Path | PurePosixPath:
         return self.root / table
 
     def create(self) -> None:
-        for d in (self.commits_dir, self.staging_dir, *(self.table_dir(t) for t in TABLES)):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (COMMITS, STAGING, *TABLES):
+            self.store.makedirs(d)
 
+    def is_output(self) -> bool:
+        """Whether a run has ever written here (its ``_job/`` exists)."""
+        return self.store.exists(JOB)
+
+    # -- small job files (identity, progress) ------------------------------------------------------
+    def read_json(self, rel: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.read_text(rel))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, obj: dict[str, Any]) -> None:
+        self.store.write_atomic(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+    # -- commit records ------------------------------------------------------------------------------
     def commits(self) -> list[Commit]:
-        if not self.commits_dir.is_dir():
-            return []
-        return [Commit.read(p) for p in sorted(self.commits_dir.glob("*.json"))]
+        """Every committed flush, in name order (records and checkpoints together, each once)."""
+        for _ in range(5):
+            names = self.store.list_names(COMMITS, ".json")
+            try:
+                texts = self._read_all([f"{COMMITS}/{n}" for n in names])
+            except FileNotFoundError:
+                continue  # a run folded records into a checkpoint meanwhile: list again
+            found: dict[str, Commit] = {}
+            for name, text in zip(names, texts, strict=True):
+                d = json.loads(text)
+                for c in d["commits"] if name.startswith(CHECKPOINT_PREFIX) else [d]:
+                    found[c["name"]] = Commit.from_dict(c)
+            return [found[k] for k in sorted(found)]
+        raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
 
-    def committed_files(self, table: str) -> list[Path]:
-        """Every committed file of ``table`` where it is now (in place, or still in staging)."""
+    def _read_all(self, rels: list[str]) -> list[str]:
+        if self.local or len(rels) < 4:
+            return [self.store.read_text(r) for r in rels]
+        with ThreadPoolExecutor(16) as pool:  # S3: one GET each, so in parallel
+            return list(pool.map(self.store.read_text, rels))
+
+    def committed_rel(self, table: str, commits: list[Commit] | None = None) -> list[str]:
+        """Committed files of ``table`` relative to the root: in place, or still in staging."""
+        commits = self.commits() if commits is None else commits
+        in_place = set(self.store.list_names(table, ".parquet"))
         out = []
-        for c in self.commits():
+        for c in commits:
             name = c.files.get(table)
-            if not name:
-                continue
-            final = self.table_dir(table) / name
-            staged = self.staging_dir / name
-            out.append(final if final.exists() else staged)
+            if name:
+                out.append(f"{table}/{name}" if name in in_place else f"{STAGING}/{name}")
         return out
 
+    def committed_files(self, table: str) -> list[Any]:
+        """Every committed file of ``table`` where it is now: local ``Path`` s, or ``bucket/key`` strings."""
+        rels = self.committed_rel(table)
+        if self.local:
+            return [Path(self.store.full(r)) for r in rels]
+        return [self.store.full(r) for r in rels]
+
+    def read_committed(self, table: str, columns: list[str]) -> Iterator[pa.Table]:
+        """The committed files of ``table``, one table each (``columns`` only)."""
+        for rel in self.committed_rel(table):
+            try:
+                yield self.store.read_table(rel, columns=columns)
+            except FileNotFoundError:
+                if not rel.startswith(STAGING + "/"):
+                    raise
+                # moved into place by the running writer since we listed: it is there now
+                yield self.store.read_table(f"{table}/{rel.rsplit('/', 1)[1]}", columns=columns)
+
+    # -- recovery --------------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Roll committed flushes forward and delete what no commit names (a crashed run's leftovers)."""
+        """Roll committed flushes forward, delete what no commit names, fold old records into a checkpoint.
+
+        Call only while holding the lock (:meth:`lock`): it deletes other runs' staging files.
+        """
+        commits = self.commits()
         committed: dict[str, set[str]] = {t: set() for t in TABLES}
-        for c in self.commits():
+        for c in commits:
             for table, name in c.files.items():
                 committed[table].add(name)
-                staged, final = self.staging_dir / name, self.table_dir(table) / name
-                if staged.exists() and not final.exists():
-                    os.replace(staged, final)
-        if self.staging_dir.is_dir():
-            for p in self.staging_dir.iterdir():
-                p.unlink()
+        staged = set(self.store.list_names(STAGING))
         for table in TABLES:
-            d = self.table_dir(table)
-            if d.is_dir():
-                for p in d.glob("*.parquet"):
-                    if p.name not in committed[table]:
-                        log.warning("removing uncommitted output file %s (left by an interrupted run)", p)
-                        p.unlink()
+            in_place = set(self.store.list_names(table, ".parquet"))
+            for name in sorted(committed[table] & staged):
+                if name in in_place:
+                    self.store.delete(f"{STAGING}/{name}")  # S3: copied before the crash, not yet deleted
+                else:
+                    self.store.move(f"{STAGING}/{name}", f"{table}/{name}")
+                staged.discard(name)
+            for name in sorted(in_place - committed[table]):
+                log.warning("removing uncommitted output file %s (left by an interrupted run)",
+                            self.store.uri_of(f"{table}/{name}"))
+                self.store.delete(f"{table}/{name}")
+        for name in sorted(staged):
+            self.store.delete(f"{STAGING}/{name}")
+        self._compact(commits)
+
+    def _compact(self, commits: list[Commit]) -> None:
+        # Thousands of tiny records make every start and query slow (one GET each on S3).  The
+        # checkpoint is written (atomically) before any record it holds is deleted, and readers take
+        # the union of both by name, so no moment exists where a commit is missing.
+        names = self.store.list_names(COMMITS, ".json")
+        records = [n for n in names if not n.startswith(CHECKPOINT_PREFIX)]
+        if len(records) <= COMPACT_AT or not commits:
+            return
+        checkpoint = f"{CHECKPOINT_PREFIX}{commits[-1].name}.json"
+        self.store.write_atomic(f"{COMMITS}/{checkpoint}",
+                                json.dumps({"commits": [asdict(c) for c in commits]}).encode("utf-8"))
+        for n in names:
+            if n != checkpoint:
+                self.store.delete(f"{COMMITS}/{n}")
+
+    # -- what is finished ------------------------------------------------------------------------------
+    def finished_uris(self, *, include_failed: bool = True) -> IdSet:
+        """URIs of committed videos (done, and by default failed too) as a compact :class:`IdSet`.
+
+        Keyed by URI, as discovery de-duplicates: a video's id also depends on the input that named it
+        (folder, manifest, ...), and a rerun that names the same file another way must still skip it.
+        """
+        uris = IdSet()
+        for table in ("videos", "failures") if include_failed else ("videos",):
+            for t in self.read_committed(table, ["uri"]):
+                uris.update(t.column("uri").to_pylist())
+        return uris
 
     def finished_video_ids(self, *, include_failed: bool = True) -> set[str]:
-        """Video ids that a committed flush holds (done, and by default failed too)."""
+        """Video ids that a committed flush holds, as plain strings (small outputs and tests)."""
         ids: set[str] = set()
-        tables = ("videos", "failures") if include_failed else ("videos",)
-        for table in tables:
-            for p in self.committed_files(table):
-                ids.update(pq.read_table(p, columns=["video_id"]).column("video_id").to_pylist())
+        for table in ("videos", "failures") if include_failed else ("videos",):
+            for t in self.read_committed(table, ["video_id"]):
+                ids.update(t.column("video_id").to_pylist())
         return ids
+
+    # -- one writer at a time ------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, run_id: str, *, wait_s: float = 2 * LEASE_S) -> Iterator[None]:
+        """Hold OUT for one run; another live run makes this wait (S3) or fail (local) with a clear message."""
+        self.store.makedirs(JOB)
+        if self.local:
+            import fcntl
+
+            f = open(self.store.full(f"{JOB}/lock"), "a+")  # noqa: SIM115 - held open for the lock's lifetime
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                holder = self.read_json(f"{JOB}/progress.json") or {}
+                raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')}, "
+                                  f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to finish "
+                                  "or stop it, then rerun to resume") from None
+            self._lock_file = f
+            try:
+                yield
+            finally:
+                self._lock_file = None
+                f.close()
+            return
+        deadline = time.time() + wait_s
+        lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
+        while True:
+            lease = self.read_json(f"{JOB}/progress.json") or {}
+            age = time.time() - float(lease.get("heartbeat", 0) or 0)
+            if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s:
+                break
+            if time.time() > deadline:
+                raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {lease.get('run_id')} on "
+                                  f"{lease.get('host')}, alive {age:.0f} s ago); stop it or wait, then rerun")
+            log.warning("waiting for run %s to release %s (its lease was renewed %.0f s ago)",
+                        lease.get("run_id"), self.uri, age)
+            time.sleep(min(5.0, lease_s / 2))
+        self.write_json(f"{JOB}/progress.json", {"run_id": run_id, "state": "running", "heartbeat": time.time(),
+                                                  "host": socket.gethostname(), "pid": os.getpid()})
+        yield
 
 
 @dataclass
@@ -142,14 +320,14 @@ class ResultWriter:
     """Collects head output per video and commits complete videos in batches of sensible size."""
 
     def __init__(self, out: OutputDir, *, model_id: str, labels: list[str], embedding_dim: int | None = None,
-                 flush_segments: int = 200_000, flush_seconds: float = 60.0) -> None:
+                 flush_segments: int = 200_000, flush_seconds: float = 60.0, run_id: str | None = None) -> None:
         self.out = out
         self.model_id = model_id
         self.labels = np.asarray(labels, dtype=object)
         self.embedding_dim = embedding_dim
         self.flush_segments = flush_segments
         self.flush_seconds = flush_seconds
-        self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.run_id = run_id or new_run_id()
         self._seq = 0
         self._buffers: dict[str, _VideoBuffer] = {}
         self._ready_segments: list[pa.Table] = []
@@ -161,32 +339,62 @@ class ResultWriter:
         self.videos_failed = 0
         self.video_seconds_done = 0.0
         self.segments_written = 0
+        self.meter = StageMeter()
+        # Videos finished or failed in the current wave: a late or repeated chunk of one of them (a
+        # retried task re-sends what a dead worker had sent) is dropped, not taken for a new video.
+        self._closed: set[str] = set()
+        # Earlier lost runs per video (worker crashes), kept by the runner: a failure row's attempts
+        self.attempts: dict[str, int] = {}
 
     # -- input ---------------------------------------------------------------------------------------------
     def add_row(self, row: dict[str, Any]) -> None:
         """Take one head-output row (a chunk's results or a failure row)."""
+        self.meter.add(row)
         video_id = str(row["video_id"])
+        if video_id in self._closed:
+            return
         if row.get("error_kind"):
             self._buffers.pop(video_id, None)
+            # a failure row's info_json may say how many times the worker tried (transient read errors)
+            tries = int(json.loads(str(row.get("info_json") or "{}")).get("attempts", 1))
             self.add_failure(Failure(uri=str(row["uri"]), video_id=video_id, stage=str(row["error_stage"]),
-                                     error_kind=str(row["error_kind"]), message=str(row["error_message"])))
+                                     error_kind=str(row["error_kind"]), message=str(row["error_message"]),
+                                     attempts=self.attempts.get(video_id, 0) + tries))
             return
         buf = self._buffers.setdefault(video_id, _VideoBuffer(uri=str(row["uri"])))
         idx = int(row["chunk_index"])
         buf.chunks[idx] = {k: row[k] for k in ("segment_index", "start_s", "end_s", "topk_idx", "topk_scores",
                                                "has_audio", *(("embedding",) if self.embedding_dim else ()))}
+        if "active_mask" in row:  # a multilabel head: every row of the job carries it
+            buf.chunks[idx]["active_mask"] = row["active_mask"]
         if bool(row["is_last"]):
             buf.n_chunks = idx + 1
             info_json = str(row.get("info_json") or "")
             buf.info = VideoInfo.from_dict(json.loads(info_json)) if info_json else None
         if buf.n_chunks is not None and len(buf.chunks) == buf.n_chunks:
             del self._buffers[video_id]
+            self._closed.add(video_id)
             self._finish_video(video_id, buf)
         self.maybe_flush()
 
     def add_failure(self, failure: Failure) -> None:
+        self._closed.add(failure.video_id)
         self._ready_failures.append(failure.to_dict() | {"model_id": self.model_id, "failed_at": _now()})
         self.videos_failed += 1
+
+    def begin_wave(self) -> None:
+        """A new set of videos starts: forget the last wave's finished ids (its tasks are all over)."""
+        self._closed = set()
+
+    def is_closed(self, video_id: str) -> bool:
+        """Whether ``video_id`` finished or failed in the current wave."""
+        return video_id in self._closed
+
+    def discard_incomplete(self) -> set[str]:
+        """Drop the chunks of videos that did not deliver all of them; return their ids (to run again)."""
+        lost = set(self._buffers)
+        self._buffers.clear()
+        return lost
 
     @property
     def pending_videos(self) -> int:
@@ -222,6 +430,13 @@ class ResultWriter:
             "model_id": pa.array([self.model_id] * n, pa.string()),
         }
         schema = segments_schema(self.embedding_dim)
+        if "active_mask" in parts[0]:
+            # multilabel bundles: every label whose probability reached its tuned threshold, in label order
+            active = np.concatenate([np.asarray(p["active_mask"], np.bool_).reshape(len(p["segment_index"]), -1)
+                                     for p in parts])
+            cols["active_labels"] = pa.array([self.labels[np.flatnonzero(r)].tolist() for r in active],
+                                             pa.list_(pa.string()))
+            schema = schema.append(pa.field("active_labels", pa.list_(pa.string()), nullable=False))
         if self.embedding_dim:
             emb = np.concatenate([np.asarray(p["embedding"], np.float32).reshape(len(p["segment_index"]), -1)
                                   for p in parts])
@@ -264,9 +479,12 @@ class ResultWriter:
                                             name)
         commit = Commit(name=name, files=files, n_videos=len(self._ready_videos),
                         n_failures=len(self._ready_failures), n_segments=n_segments)
-        _atomic_write_text(self.out.commits_dir / f"{name}.json", commit.to_json())
+        crash_point("staged")
+        self.out.store.write_atomic(f"{COMMITS}/{name}.json", commit.to_json().encode("utf-8"))  # the commit
+        crash_point("recorded")
         for table, fname in files.items():
-            os.replace(self.out.staging_dir / fname, self.out.table_dir(table) / fname)
+            self.out.store.move(f"{STAGING}/{fname}", f"{table}/{fname}")
+            crash_point("moved")
         self.segments_written += n_segments
         self._ready_segments, self._ready_videos, self._ready_failures = [], [], []
         self._ready_n_segments = 0
@@ -275,12 +493,14 @@ class ResultWriter:
     def _stage(self, table: pa.Table, name: str) -> str:
         # staging is shared by the three tables: the random suffix keeps their names apart
         fname = f"part-{name}-{uuid.uuid4().hex[:8]}.parquet"
-        path = self.out.staging_dir / fname
-        pq.write_table(table, path, compression="zstd")
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        self.out.store.write_parquet(table, f"{STAGING}/{fname}", compression="zstd")
         return fname
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_run_id() -> str:
+    """A sortable, unique id for one run (commit names start with it)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
+
 from workers.stage import PipelinePlan, Resources, StagePlan
 
 
@@ -37,3 +41,45 @@ def plan_for(cpus: float, gpus: float, *, device: str = "auto") -> PipelinePlan:
         decode=StagePlan(Resources(num_cpus=decode_cpus), pool_size=n_decode, threads=max(1, round(decode_cpus * 2))),
         image=models, audio=models, head=models, models=models,
     )
+
+
+def plan_for_cluster(nodes: list[tuple[float, float]], *, device: str = "auto") -> PipelinePlan:
+    """A plan for a cluster of ``nodes`` (CPUs, GPUs of each alive node), where every actor fits on one node.
+
+    Sizing by the cluster's total alone can ask for actors larger than any node (1.5 CPUs on a cluster
+    of 1-CPU nodes), which Ray never places: the job would wait forever.  Identical nodes get the
+    single-node plan once per node; mixed nodes get the total's plan with each actor cut down to the
+    smallest node (more actors, the same total).
+    """
+    nodes = [(c, g) for c, g in nodes if c > 0]
+    if len(nodes) <= 1:
+        cpus, gpus = nodes[0] if nodes else (1.0, 0.0)
+        return plan_for(cpus, gpus, device=device)
+    if len(set(nodes)) == 1:
+        base = plan_for(*nodes[0], device=device)
+        return _map_stages(base, lambda sp: dataclasses.replace(sp, pool_size=sp.pool_size * len(nodes)))
+    base = plan_for(sum(c for c, _ in nodes), sum(g for _, g in nodes), device=device)
+    smallest = min(c for c, _ in nodes)
+    return _map_stages(base, lambda sp: _cap(sp, smallest))
+
+
+def _cap(sp: StagePlan, max_cpus: float) -> StagePlan:
+    if sp.resources.num_cpus <= max_cpus:
+        return sp
+    total = sp.resources.num_cpus * sp.pool_size
+    n = math.ceil(total / max_cpus)
+    per = total / n
+    return dataclasses.replace(sp, resources=dataclasses.replace(sp.resources, num_cpus=per), pool_size=n,
+                               threads=max(1, round(per * 2)))
+
+
+def _map_stages(plan: PipelinePlan, f: Callable[[StagePlan], StagePlan]) -> PipelinePlan:
+    done: dict[int, StagePlan] = {}  # the model stages may share one StagePlan (one fused pool): map it once
+
+    def once(sp: StagePlan) -> StagePlan:
+        if id(sp) not in done:
+            done[id(sp)] = f(sp)
+        return done[id(sp)]
+
+    return dataclasses.replace(plan, decode=once(plan.decode), image=once(plan.image), audio=once(plan.audio),
+                               head=once(plan.head), models=once(plan.models) if plan.models is not None else None)

@@ -1,9 +1,26 @@
-"""A one-line progress display: videos done / failed / in flight, video-seconds and rate."""
+"""Progress of a run: a one-line display, and ``OUT/_job/progress.json`` for ``vidpipe status``.
+
+``progress.json`` is rewritten atomically every few seconds by a background thread (and at every
+wave's end); it holds this run's counters and a heartbeat, so that ``vidpipe status`` can tell a
+live run from a dead one and estimate the rate and the time left.  It is informative only: the
+committed tables are the truth for which videos are done or failed.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
-from typing import Protocol, TextIO
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Literal, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from jobs.output import OutputDir
+
+PROGRESS_FILE = "_job/progress.json"
+RunState = Literal["running", "finished", "failed", "interrupted"]
 
 
 class _Counts(Protocol):
@@ -15,10 +32,17 @@ class _Counts(Protocol):
     def pending_videos(self) -> int: ...
 
 
-class Progress:
-    """Prints at most once a second on a terminal (in place), every 10 s to a log file or pipe."""
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def __init__(self, total_videos: int, stream: TextIO, *, enabled: bool = True) -> None:
+
+class Progress:
+    """Prints at most once a second on a terminal (in place), every 10 s to a log file or pipe.
+
+    ``total`` may be None while discovery is still going (the line then shows the count so far).
+    """
+
+    def __init__(self, total_videos: int | None, stream: TextIO, *, enabled: bool = True) -> None:
         self.total = total_videos
         self.stream = stream
         self.enabled = enabled
@@ -30,7 +54,8 @@ class Progress:
     def line(self, c: _Counts) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = c.video_seconds_done / elapsed
-        return (f"[vidpipe] {c.videos_done + c.videos_failed}/{self.total} videos "
+        total = "?" if self.total is None else str(self.total)
+        return (f"[vidpipe] {c.videos_done + c.videos_failed}/{total} videos "
                 f"({c.videos_done} ok, {c.videos_failed} failed, {c.pending_videos} in flight) | "
                 f"{c.video_seconds_done:,.1f} video-s | {rate:,.2f} video-s/s | {elapsed:,.0f} s")
 
@@ -49,3 +74,70 @@ class Progress:
         if self.enabled:
             self.stream.write(("\r" if self.tty else "") + self.line(c) + ("\x1b[K\n" if self.tty else "\n"))
             self.stream.flush()
+
+
+@dataclass
+class RunStatus:
+    """The counters of one run, as ``progress.json`` holds them."""
+
+    run_id: str
+    state: RunState = "running"
+    started: float = field(default_factory=time.time)
+    heartbeat: float = field(default_factory=time.time)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    inputs_total: int | None = None  # every video the inputs name (finished ones included), once counted
+    discovered: int = 0  # videos handed out by discovery so far
+    skipped: int = 0  # of those, finished by an earlier run
+    done: int = 0  # finished by this run (committed or about to be)
+    failed: int = 0
+    video_seconds: float = 0.0
+    in_flight: int = 0
+    waves: int = 0
+    wave_size: int = 0
+    retry_groups: int = 0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        elapsed = max(self.heartbeat - self.started, 1e-9)
+        d |= {"started_at": _iso(self.started), "updated_at": _iso(self.heartbeat), "elapsed_s": round(elapsed, 1),
+              "video_seconds_per_s": round(self.video_seconds / elapsed, 3),
+              "videos_per_s": round((self.done + self.failed) / elapsed, 4)}
+        return d
+
+
+class ProgressFile:
+    """Keeps ``OUT/_job/progress.json`` current: a background thread rewrites it every ``interval_s``."""
+
+    def __init__(self, out: OutputDir, status: RunStatus, *, interval_s: float = 5.0) -> None:
+        self.out = out
+        self.status = status
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="vidpipe-progress", daemon=True)
+
+    def __enter__(self) -> ProgressFile:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.write()
+
+    def write(self) -> None:
+        with self._lock:
+            self.status.heartbeat = time.time()
+            try:
+                self.out.write_json(PROGRESS_FILE, self.status.to_dict())
+            except OSError as exc:  # S3 hiccup: the next beat tries again; the job goes on
+                import logging
+
+                logging.getLogger(__name__).warning("could not update %s: %s", PROGRESS_FILE, exc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()

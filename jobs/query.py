@@ -20,21 +20,38 @@ OutputFormat = Literal["table", "csv", "json"]
 _EMPTY = {"segments": segments_schema(None), "videos": VIDEOS_SCHEMA, "failures": FAILURES_SCHEMA}
 
 
-def _sql_list(paths: list[Path]) -> str:
+def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per output table (only committed data is visible)."""
-    out = OutputDir(out_dir)
-    if not out.job_dir.is_dir():
+    """An in-memory DuckDB with one view per output table (only committed data is visible).
+
+    A local OUT is read by DuckDB's own Parquet reader; an ``s3://`` OUT through pyarrow datasets
+    registered in DuckDB (pyarrow's S3 client, the same credentials as the run; no DuckDB extension
+    to download), with column projection and filters pushed down to the Parquet files.
+    """
+    try:
+        out = OutputDir(out_dir)
+        is_output = out.is_output()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {out_dir}: {exc}") from None
+    if not is_output:
         raise ConfigError(f"{out_dir} is not a vidpipe output directory (no _job/ inside); "
                           "pass the --out directory of a 'vidpipe run'")
     con = duckdb.connect(":memory:")
+    commits = out.commits()
     for table, schema in _EMPTY.items():
-        files = out.committed_files(table)
-        if files:
+        rels = out.committed_rel(table, commits)
+        if rels and out.local:
+            files = [out.store.full(r) for r in rels]
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+        elif rels:
+            import pyarrow.dataset as pads
+
+            data = pads.dataset([out.store.full(r) for r in rels], filesystem=out.store.fs, format="parquet")
+            con.register(f"_arrow_{table}", data)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _arrow_{table}")
         else:
             con.register(f"_empty_{table}", schema.empty_table())
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
@@ -42,14 +59,19 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
 
 
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:
-    con = connect(out_dir)
-    try:
-        rel = con.sql(sql)
-        return rel.to_arrow_table() if rel is not None else pa.table({})
-    except duckdb.Error as exc:
-        raise ConfigError(f"query failed: {exc}".strip()) from None
-    finally:
-        con.close()
+    last: Exception | None = None
+    for _ in range(3):
+        con = connect(out_dir)
+        try:
+            rel = con.sql(sql)
+            return rel.to_arrow_table() if rel is not None else pa.table({})
+        except (duckdb.IOException, FileNotFoundError) as exc:
+            last = exc  # a running job moved a committed file out of staging after we listed it: list again
+        except duckdb.Error as exc:
+            raise ConfigError(f"query failed: {exc}".strip()) from None
+        finally:
+            con.close()
+    raise ConfigError(f"query failed: {last}")
 
 
 def _cell(v: Any) -> str:

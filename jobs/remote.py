@@ -10,8 +10,8 @@ from pipeline.errors import ConfigError
 from pipeline.s3 import s3_filesystem
 
 
-def discover_s3(uri: str) -> Iterator[VideoRef]:
-    """One object, or every video object under a prefix (recursively), in key order."""
+def check_s3(uri: str) -> None:
+    """Fail fast when ``uri`` cannot be reached or names nothing."""
     from pyarrow import fs as pafs
 
     filesystem, path = s3_filesystem(uri)
@@ -19,15 +19,34 @@ def discover_s3(uri: str) -> Iterator[VideoRef]:
         info = filesystem.get_file_info(path)
     except OSError as exc:
         raise ConfigError(f"cannot reach {uri}: {exc}; check AWS credentials, region and AWS_ENDPOINT_URL") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
+
+
+def discover_s3(uri: str) -> Iterator[VideoRef]:
+    """One object, or every video object under a prefix (recursively), in key order.
+
+    The prefix is walked one "folder" (common prefix) at a time, so memory holds one folder's
+    listing, not the whole archive's.
+    """
+    from pyarrow import fs as pafs
+
+    check_s3(uri)
+    filesystem, path = s3_filesystem(uri)
+    info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
         yield VideoRef(uri, make_video_id(uri, PurePosixPath(path).name))
         return
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
     prefix = path.rstrip("/")
-    infos = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    for fi in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        if PurePosixPath(fi.path).suffix.lower() in VIDEO_EXTENSIONS:
-            rel = fi.path[len(prefix):].lstrip("/")
-            full = f"s3://{fi.path}"
-            yield VideoRef(full, make_video_id(full, rel))
+
+    def walk(folder: str) -> Iterator[VideoRef]:
+        infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+        for fi in sorted(infos, key=lambda i: i.path):
+            if fi.type == pafs.FileType.Directory:
+                yield from walk(fi.path)
+            elif fi.type == pafs.FileType.File and PurePosixPath(fi.path).suffix.lower() in VIDEO_EXTENSIONS:
+                rel = fi.path[len(prefix):].lstrip("/")
+                full = f"s3://{fi.path}"
+                yield VideoRef(full, make_video_id(full, rel))
+
+    yield from walk(prefix)

@@ -1,27 +1,61 @@
-"""JobRunner: discover → (skip finished) → Ray Data stages → ResultWriter, with progress."""
+"""JobRunner: stream the inputs in waves through the Ray Data stages into the ResultWriter.
+
+How a job over an archive runs (see also ``jobs/output.py`` for the commit protocol):
+
+- **Discovery streams.**  Inputs are enumerated lazily (folders, globs, manifests, S3 prefixes); each
+  video's URI is checked against the *done-set* (URIs in committed ``videos``/``failures`` files,
+  kept as 16-byte digests, see :mod:`jobs.idset`) and the rest is cut into *waves*.  Only one wave's
+  videos are Python objects on the driver at a time.  A second thread counts the inputs (an
+  independent pass) so that progress and ``vidpipe status`` know the total.
+- **One Ray Data execution per wave.**  Waves start at ``8 x`` the decode pool (so the first
+  results commit early) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
+  videos: the cost of starting a wave's actor pools (about 8 s on a 2-core machine: worker processes,
+  torch imports, models) and of its tail (the last videos finishing while workers idle) stays a
+  small fraction.  ``--wave-size`` fixes the size.
+- **Only the driver writes.**  Workers on any node return head rows through the dataset iterator;
+  the driver assembles complete videos and commits them.  So outputs of many nodes land in one
+  consistent OUT, and a node's death cannot leave a partial file.
+- **Failures.**  A bad file is a failure row from its stage.  A worker process that dies (segfault,
+  OOM kill, node lost) has its task retried once by Ray Data; if that also dies, the task's block is
+  dropped (``max_errored_blocks = -1``) and the wave ends without those videos.  A wave's execution
+  can also fail as a whole (an object lost with its node, ...): the driver catches that.  Either
+  way the wave's *unfinished* videos are run again, split in halves while more than one is left
+  (bisection), until a video that keeps killing workers runs alone; after ``max_attempts`` runs
+  (the last alone) it becomes one ``worker_crashed`` failure row with its ``attempts``.  Innocent
+  videos that shared a dead task finish in their half.  Chunks a dead task had already delivered
+  are discarded (or, for repeats of a finished video, ignored) by the writer.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
-from jobs.discover import VideoRef, discover
+from jobs.discover import VideoRef, check_inputs, count_videos, discover
+from jobs.idset import IdSet
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
-from jobs.output import OutputDir, ResultWriter, _atomic_write_text
-from jobs.plan import plan_for
-from jobs.progress import Progress
+from jobs.output import OutputDir, ResultWriter, new_run_id
+from jobs.plan import plan_for_cluster
+from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
+from pipeline.media import Failure
 from workers.build import PipelinePlan, build_stages, chunking_for
 from workers.rows import iter_rows
 
 log = logging.getLogger(__name__)
+
+MAX_WAVE = 16_384
+TARGET_WAVE_S = 300.0
+_MAX_ROWS_PER_BLOCK = 8
 
 
 @dataclass
@@ -42,12 +76,13 @@ class JobResult:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` or start an embedded local Ray (reusing one already started)."""
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, set inside a Ray job) or start an embedded local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     show_logs = os.environ.get("VIDPIPE_RAY_LOGS") == "1"
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
     else:
@@ -66,11 +101,10 @@ def _quiet_ray_data() -> None:
 
 def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
     """Record what defines the job's rows; refuse to mix another bundle or sampling into the same OUT."""
-    path = out.job_dir / "job.json"
     identity = {"bundle_fingerprint": bundle_fingerprint(bundle), "model_id": bundle.model_id,
                 "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding}
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    old = out.read_json("_job/job.json")
+    if old is not None:
         mismatch = [k for k in identity if old.get(k) != identity[k]]
         if mismatch:
             raise ConfigError(
@@ -78,10 +112,69 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
                 "Use a new --out directory, or rerun with the same model and sampling to resume.")
         return
-    out.job_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(identity | {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                    "bundle": bundle.meta.get("source", spec.model or "default")},
-                                        indent=2, sort_keys=True))
+    out.write_json("_job/job.json", identity | {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bundle": bundle.meta.get("source", spec.model or "default"),
+        "inputs": list(spec.inputs)})
+
+
+def _open_output(uri: str) -> OutputDir:
+    try:
+        out = OutputDir(uri)
+        out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot use --out {uri}: {exc}") from None
+    return out
+
+
+class WaveFeeder:
+    """Pulls videos lazily from discovery, skips the finished ones, hands out waves of a given size."""
+
+    def __init__(self, refs: Iterator[VideoRef], done: IdSet) -> None:
+        self._refs = refs
+        self.done = done
+        self.discovered = 0
+        self.skipped = 0
+        self.exhausted = False
+
+    def next_wave(self, size: int) -> list[VideoRef]:
+        wave: list[VideoRef] = []
+        while len(wave) < size and not self.exhausted:
+            ref = next(self._refs, None)
+            if ref is None:
+                self.exhausted = True
+                break
+            self.discovered += 1
+            if ref.uri in self.done:
+                self.skipped += 1
+            else:
+                wave.append(ref)
+        return wave
+
+
+def _infrastructure_error(exc: BaseException) -> bool:
+    """Whether a failed execution is the cluster's doing (a process, node or object lost), not a bug.
+
+    A stage whose setup raises (its actor's creation task failed) is a configuration problem: the
+    job stops with it rather than marking every video as crashed.
+    """
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.NodeDiedError,
+            rex.OutOfMemoryError, rex.LocalRayletDiedError, rex.RaySystemError, rex.ObjectStoreFullError)
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, rex.RayActorError) and e.actor_init_failed:
+            return False
+        if isinstance(e, lost):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return False
 
 
 class JobRunner:
@@ -91,73 +184,205 @@ class JobRunner:
         self.spec = spec
         self.stream = stream or sys.stderr
 
-    def prepare(self) -> tuple[ModelBundle, OutputDir, list[VideoRef], int]:
-        spec = self.spec
-        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained),
-                               spec.segment_seconds, spec.frames_per_segment)
-        out = OutputDir(spec.out)
-        out.create()
-        check_job_identity(out, bundle, spec)
-        out.recover()
-        done = out.finished_video_ids(include_failed=not spec.retry_failed)
-        todo, skipped = [], 0
-        for ref in discover(spec.inputs):
-            if ref.video_id in done:
-                skipped += 1
-            else:
-                todo.append(ref)
-        return bundle, out, todo, skipped
-
     def run(self) -> JobResult:
         spec = self.spec
         started = time.monotonic()
-        bundle, out, todo, skipped = self.prepare()
-        if is_untrained(bundle):
-            self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
-                      "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
-        self._say(f"vidpipe: {len(todo)} videos to do, {skipped} already finished in {spec.out}; "
-                  f"model {bundle.model_id}")
-        embedding_dim = 2 * bundle.head.lstm_hidden if spec.with_embedding else None
-        writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels), embedding_dim=embedding_dim)
-        if todo:
-            self._run_ray(bundle, todo, writer)
-        writer.flush()
+        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained),
+                               spec.segment_seconds, spec.frames_per_segment)
+        check_inputs(spec.inputs)
+        out = _open_output(spec.out)
+        run_id = new_run_id()
+        with out.lock(run_id):
+            out.create()
+            check_job_identity(out, bundle, spec)
+            out.recover()
+            done = out.finished_uris(include_failed=not spec.retry_failed)
+            if is_untrained(bundle):
+                self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
+                          "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
+            self._say(f"vidpipe: {len(done)} videos already finished in {out.uri} (done-set "
+                      f"{done.nbytes / 1e6:.1f} MB); model {bundle.model_id}; run {run_id}")
+            embedding_dim = 2 * bundle.head.lstm_hidden if spec.with_embedding else None
+            writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),
+                                  embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)
+            status = RunStatus(run_id=run_id)
+            feeder = WaveFeeder(discover(spec.inputs), done)
+            self._count_inputs(status)
+            with ProgressFile(out, status) as progress_file:
+                try:
+                    self._run_waves(bundle, feeder, writer, status, progress_file)
+                    writer.flush()
+                    status.state = "finished"
+                except BaseException as exc:
+                    status.state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                    status.message = f"{type(exc).__name__}: {exc}"[:500]
+                    self._flush_what_is_complete(writer)
+                    raise
+                finally:
+                    self._sync(status, writer, feeder)
         wall = time.monotonic() - started
-        return JobResult(videos_total=len(todo) + skipped, videos_skipped=skipped, videos_done=writer.videos_done,
-                         videos_failed=writer.videos_failed, segments_written=writer.segments_written,
-                         video_seconds=writer.video_seconds_done, wall_s=wall, model_id=bundle.model_id,
-                         stage_metrics=writer.meter.to_dict())
+        return JobResult(videos_total=feeder.discovered, videos_skipped=feeder.skipped,
+                         videos_done=writer.videos_done, videos_failed=writer.videos_failed,
+                         segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
+                         wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
 
-    def _run_ray(self, bundle: ModelBundle, todo: list[VideoRef], writer: ResultWriter) -> None:
-        import ray
+    # -- waves -----------------------------------------------------------------------------------------
+    def _run_waves(self, bundle: ModelBundle, feeder: WaveFeeder, writer: ResultWriter, status: RunStatus,
+                   progress_file: ProgressFile) -> None:
+        spec = self.spec
+        retry: deque[list[VideoRef]] = deque()
+        wave_size = spec.wave_size or 0
+        progress = Progress(None, self.stream, enabled=spec.progress)
+        ray_started = False
+        while True:
+            if retry:
+                group, fresh = retry.popleft(), False
+                status.retry_groups += 1
+            else:
+                group, fresh = feeder.next_wave(wave_size or 16), True
+                self._sync(status, writer, feeder)
+                if not group:
+                    break
+            if not ray_started:
+                init_ray(spec.address)
+                _quiet_ray_data()
+                ray_started = True
+            plan = self._plan()  # per wave: nodes come and go
+            if not wave_size:
+                wave_size = max(16, 8 * plan.decode.pool_size)
+                if fresh and len(group) < wave_size and not feeder.exhausted:
+                    group += feeder.next_wave(wave_size - len(group))
+            status.wave_size = wave_size
+            progress.total = status.inputs_total
+            t0 = time.monotonic()
+            lost = self._run_group(bundle, plan, group, writer, status, feeder, progress)
+            status.waves += 1
+            elapsed = time.monotonic() - t0
+            if fresh and spec.wave_size is None and len(group) >= wave_size and elapsed < TARGET_WAVE_S:
+                # grow toward TARGET_WAVE_S per wave (at most 8x at a time: early waves are mostly start-up)
+                wave_size = min(MAX_WAVE, int(wave_size * min(8.0, TARGET_WAVE_S / max(elapsed, 1.0))))
+            self._requeue(group, lost, writer, retry)
+            self._sync(status, writer, feeder)
+            progress_file.write()
+        progress.total = status.inputs_total or feeder.discovered
+        progress.finish(writer)
 
-        init_ray(self.spec.address)
-        _quiet_ray_data()
-        resources = ray.cluster_resources()
-        plan = plan_for(resources.get("CPU", 1.0), resources.get("GPU", 0.0), device=self.spec.device)
-        ds = self._dataset(bundle, todo, plan)
-        progress = Progress(len(todo), self.stream, enabled=self.spec.progress)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    def _run_group(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef], writer: ResultWriter,
+                   status: RunStatus, feeder: WaveFeeder, progress: Progress) -> list[VideoRef]:
+        """Run ``group`` through one Ray Data execution; return the videos that did not come back."""
+        writer.begin_wave()
+        finished_before = writer.videos_done + writer.videos_failed
+        ds = self._dataset(bundle, plan, group)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:
+                if not _infrastructure_error(exc):
+                    raise
+                # broad on purpose, then narrowed: whatever the cluster lost, the unfinished videos run again
+                log.warning("a wave's execution failed (%s: %s); re-running its unfinished videos",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                break
             for row in iter_rows(batch):
                 writer.add_row(row)
+            status.in_flight = len(group) - (writer.videos_done + writer.videos_failed - finished_before)
+            self._sync(status, writer, feeder)
+            progress.total = status.inputs_total
             progress.update(writer)
-        progress.finish(writer)
-        if writer.pending_videos:
-            raise RuntimeError(f"{writer.pending_videos} videos did not deliver all their chunks")
+        del batches
+        writer.discard_incomplete()
+        status.in_flight = 0
+        return [r for r in group if not writer.is_closed(r.video_id)]
 
-    def _dataset(self, bundle: ModelBundle, todo: list[VideoRef], plan: PipelinePlan):  # noqa: ANN202 - ray type
+    def _requeue(self, group: list[VideoRef], lost: list[VideoRef], writer: ResultWriter,
+                 retry: deque[list[VideoRef]]) -> None:
+        """Bisect the videos a wave lost until one that keeps killing workers is alone, then record it."""
+        if not lost:
+            return
+        for ref in lost:
+            writer.attempts[ref.video_id] = writer.attempts.get(ref.video_id, 0) + 1
+        if len(group) == 1:
+            ref = lost[0]
+            attempts = writer.attempts[ref.video_id]
+            if attempts >= self.spec.max_attempts:
+                self._say(f"vidpipe: {ref.uri} took down its worker in {attempts} runs (the last alone); "
+                          "recorded as worker_crashed")
+                writer.add_failure(Failure(
+                    uri=ref.uri, video_id=ref.video_id, stage="worker", error_kind="worker_crashed",
+                    message=f"the worker processing this video died in {attempts} runs, the last with this video "
+                            "alone: a crash (e.g. a segfault in a decoder), an out-of-memory kill, or a hang that "
+                            "blocked even the watchdog; see the Ray worker logs",
+                    attempts=attempts))
+                writer.maybe_flush()
+            else:
+                retry.appendleft([ref])
+            return
+        if len(lost) == 1:
+            retry.appendleft(lost)
+            return
+        half = (len(lost) + 1) // 2
+        log.warning("%d videos of a group of %d did not come back; re-running them in halves", len(lost), len(group))
+        retry.appendleft(lost[half:])
+        retry.appendleft(lost[:half])
+
+    # -- Ray Data --------------------------------------------------------------------------------------
+    def _plan(self) -> PipelinePlan:
+        import ray
+
+        nodes = [(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+                 for n in ray.nodes() if n.get("Alive")]
+        return plan_for_cluster(nodes, device=self.spec.device)
+
+    def _dataset(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef]) -> Any:
         import ray.data
 
         from workers.ray_adapter import add_stage
 
-        chunking = chunking_for(bundle, self.spec.chunk_seconds)
-        stages = build_stages(bundle, bundle.sampling, chunking, plan, top_k=self.spec.top_k,
-                              with_embedding=self.spec.with_embedding)
-        ds = ray.data.from_items([{"uri": r.uri, "video_id": r.video_id} for r in todo],
-                                 override_num_blocks=max(1, min(len(todo), 1000)))
+        spec = self.spec
+        chunking = chunking_for(bundle, spec.chunk_seconds)
+        stages = build_stages(bundle, bundle.sampling, chunking, plan, top_k=spec.top_k,
+                              with_embedding=spec.with_embedding, decode_device=spec.decode_device,
+                              precision=spec.precision, video_timeout_s=spec.video_timeout_s)
+        # A few videos per input block amortise Ray's per-task cost (videos that fail at once, e.g.
+        # missing files, cost milliseconds); small waves keep one video per block for isolation.
+        per_block = max(1, min(_MAX_ROWS_PER_BLOCK, len(group) // (4 * plan.decode.pool_size)))
+        ds: ray.data.Dataset = ray.data.from_items([{"uri": r.uri, "video_id": r.video_id} for r in group],
+                                                   override_num_blocks=-(-len(group) // per_block))
         for stage, stage_plan in stages:
             ds = add_stage(ds, stage, stage_plan)
+        ds.context.max_errored_blocks = -1  # a block whose task died twice is dropped; its videos run again
         return ds
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def _count_inputs(self, status: RunStatus) -> None:
+        def count() -> None:
+            try:
+                status.inputs_total = count_videos(self.spec.inputs)
+            except Exception as exc:  # noqa: BLE001 - only the progress display loses its total
+                log.warning("could not count the inputs: %s", exc)
+
+        threading.Thread(target=count, name="vidpipe-count-inputs", daemon=True).start()
+
+    @staticmethod
+    def _sync(status: RunStatus, writer: ResultWriter, feeder: WaveFeeder) -> None:
+        status.discovered = feeder.discovered
+        status.skipped = feeder.skipped
+        status.done = writer.videos_done
+        status.failed = writer.videos_failed
+        status.video_seconds = writer.video_seconds_done
+        if feeder.exhausted and status.inputs_total is None:
+            status.inputs_total = feeder.discovered
+
+    @staticmethod
+    def _flush_what_is_complete(writer: ResultWriter) -> None:
+        # Stopping (Ctrl-C, SIGTERM, an error): keep the videos that are complete; a rerun does the rest.
+        try:
+            writer.flush()
+        except Exception as exc:  # noqa: BLE001 - the original error matters more; a rerun redoes these
+            log.warning("could not commit the finished videos while stopping: %s", exc)
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

@@ -35,6 +35,11 @@ class JobSpec:
     with_embedding: bool = False
     retry_failed: bool = False
     progress: bool = True
+    # Archives and failures (none of these changes a result row; not part of the job's identity):
+    video_timeout_s: float | None = 600.0  # decode may work this long without producing a chunk; None: no limit
+    max_attempts: int = 3  # runs of a video whose worker died before it is recorded as worker_crashed
+    wave_size: int | None = None  # videos per Ray Data execution; None: start small, grow to ~5-minute waves
+    commit_seconds: float = 60.0  # commit finished videos at least this often (the most a crash can lose)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +61,14 @@ class JobSpec:
             raise ConfigError(f"--precision must be auto, fp32 or bf16; got {self.precision!r}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.video_timeout_s is not None and not self.video_timeout_s > 0:
+            raise ConfigError(f"--video-timeout must be > 0 seconds, got {self.video_timeout_s}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        if self.wave_size is not None and self.wave_size < 1:
+            raise ConfigError(f"--wave-size must be >= 1, got {self.wave_size}")
+        if not self.commit_seconds > 0:
+            raise ConfigError(f"--commit-seconds must be > 0, got {self.commit_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,12 +141,14 @@ class ModelBundle:
             return UNTRAINED_MODEL_ID
         return _content_hash(self._document(), self.tensors)
 
-    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False,
+             keep: tuple[str, ...] = ()) -> Path:
         """Write the bundle to ``directory`` atomically and return its path; sets ``self.model_id``.
 
         The bundle is written to a temporary sibling directory and renamed into place, so a reader
         sees the old bundle, the new one, or (with ``overwrite``, for an instant) none, never a mix.
-        An existing non-empty directory is replaced only with ``overwrite=True``.
+        An existing non-empty directory is replaced only with ``overwrite=True``.  Entries named in
+        ``keep`` (e.g. ``"work"``, the training feature cache) move over from the old directory.
         """
         target = Path(directory).absolute()
         if target.exists() and not target.is_dir():
@@ -173,13 +175,19 @@ class ModelBundle:
         try:
             _write_file(tmp / WEIGHTS_FILE, weights)
             _write_file(tmp / BUNDLE_JSON, doc_bytes)
+            kept = [name for name in keep if replacing and (target / name).exists()]
+            for name in kept:
+                os.replace(target / name, tmp / name)
             if replacing:
                 os.replace(target, old)
             os.replace(tmp, target)  # onto a missing or empty directory: atomic on POSIX
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
             if replacing and old.exists() and not target.exists():
                 os.replace(old, target)
+            for name in keep:  # put kept entries back where they were
+                if (tmp / name).exists() and target.is_dir() and not (target / name).exists():
+                    os.replace(tmp / name, target / name)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
         return target

@@ -21,12 +21,11 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigError
 from pipeline.specs import HeadSpec
 
-HeadTask = Literal["multiclass"]
+HeadTask = Literal["multiclass", "multilabel"]
 HeadPrecision = Literal["bf16", "fp32"]
 HEAD_PRECISIONS: tuple[str, ...] = get_args(HeadPrecision)
 HEAD_TASKS: tuple[str, ...] = get_args(HeadTask)
-# A multilabel task (independent sigmoid per label) slots in here: add it to HeadTask, to
-# ``probabilities`` below and, when it becomes part of a bundle, a ``task`` field to HeadSpec.
+# ``multilabel``: an independent sigmoid per label; bundles record it in ``HeadSpec.task``.
 
 # Windows of equal input length are run as one LSTM batch of at most this many windows.
 MAX_BATCH_WINDOWS = 256
@@ -152,9 +151,11 @@ def build_head(spec: HeadSpec, state_dict: dict[str, Tensor] | None = None) -> F
 
 
 def probabilities(logits: Tensor, task: HeadTask = "multiclass") -> Tensor:
-    """Per-segment label probabilities from logits (``multiclass``: softmax over labels)."""
+    """Per-segment label probabilities from logits (``multiclass``: softmax over labels; ``multilabel``: sigmoid)."""
     if task == "multiclass":
         return torch.softmax(logits.float(), dim=-1)
+    if task == "multilabel":
+        return torch.sigmoid(logits.float())
     raise ConfigError(f"unknown head task {task!r}; choose one of: {', '.join(HEAD_TASKS)}")
 
 
@@ -281,13 +282,17 @@ class HeadRunner:
         *,
         device: str = "cpu",
         threads: int | None = None,
-        task: HeadTask = "multiclass",
+        task: HeadTask | None = None,
         precision: HeadPrecision = "bf16",
     ) -> None:
         if precision not in HEAD_PRECISIONS:
             raise ConfigError(f"unknown head precision {precision!r}; choose one of: {', '.join(HEAD_PRECISIONS)}")
+        task = task or spec.task  # None: the task the head was trained for
         if task not in HEAD_TASKS:
             raise ConfigError(f"unknown head task {task!r}; choose one of: {', '.join(HEAD_TASKS)}")
+        if task != spec.task:
+            raise ConfigError(f"head task {task!r} differs from the task {spec.task!r} the head was built for "
+                              f"(HeadSpec.task); its logits mean nothing under another task")
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         self.spec = spec

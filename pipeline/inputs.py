@@ -5,18 +5,31 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from pipeline.errors import MediaError
+
+# Failure kinds worth another try: the bytes could not be fetched this time (network, throttling,
+# a node's disk), as opposed to bytes that are not a video or an object that does not exist.
+TRANSIENT_ERROR_KINDS = frozenset({"read_error"})
+
+# S3 errors that another try will not fix.
+_PERMANENT_S3_MARKERS = ("ACCESS_DENIED", "ACCESSDENIED", "FORBIDDEN", "NO_SUCH_BUCKET", "NOSUCHBUCKET",
+                         "INVALIDACCESSKEYID", "SIGNATUREDOESNOTMATCH")
 
 
 @dataclass
 class OpenedInput:
-    """What the decoder reads: a local path or a seekable binary file object."""
+    """What the decoder reads: a local path or a seekable binary file object.
+
+    ``io_errors`` collects the I/O errors the file object raised while being read, so that a decode
+    failure they caused (FFmpeg reports them as its own errors) is known to be a transient one.
+    """
 
     file: str | BinaryIO
     size_bytes: int | None
+    io_errors: list[OSError] = field(default_factory=list)
 
 
 def local_path(uri: str) -> str | None:
@@ -28,9 +41,55 @@ def local_path(uri: str) -> str | None:
     return uri
 
 
+def _s3_error(uri: str, what: str, exc: OSError) -> MediaError:
+    text = str(exc)
+    if any(m in text.upper().replace(" ", "") for m in _PERMANENT_S3_MARKERS):
+        return MediaError(uri, "unreadable", f"cannot {what}: {text}; check the credentials' access to it")
+    return MediaError(uri, "read_error", f"cannot {what}: {text}")
+
+
+class _GuardedFile:
+    """A file object that records the OSErrors of the one it wraps (and re-raises them)."""
+
+    def __init__(self, inner: Any, errors: list[OSError]) -> None:
+        self._inner = inner
+        self._errors = errors
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._inner.read(n)
+        except OSError as exc:
+            self._errors.append(exc)
+            raise
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._inner.seek(offset, whence)
+        except OSError as exc:
+            self._errors.append(exc)
+            raise
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self._inner, "path", "") or "")
+
+
 @contextmanager
-def open_input(uri: str) -> Iterator[OpenedInput]:
-    """Open ``uri`` for reading; missing or unreadable inputs raise MediaError."""
+def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
+    """Open ``uri`` for reading; missing or unreadable inputs raise MediaError.
+
+    Args:
+        wrap: optional ``f(file) -> file`` applied to a remote file object (tests inject faults).
+    """
     path = local_path(uri)
     if path is not None:
         try:
@@ -39,6 +98,8 @@ def open_input(uri: str) -> Iterator[OpenedInput]:
             raise MediaError(uri, "not_found", "no such file; check the path or the manifest entry") from None
         except PermissionError:
             raise MediaError(uri, "unreadable", "permission denied; make the file readable by this user") from None
+        except OSError as exc:  # EIO, a network file system gone away, ...
+            raise MediaError(uri, "read_error", f"cannot stat the file: {exc}") from None
         yield OpenedInput(path, size)
         return
     if uri.startswith("s3://"):
@@ -50,15 +111,19 @@ def open_input(uri: str) -> Iterator[OpenedInput]:
         try:
             info = filesystem.get_file_info(key)
         except OSError as exc:
-            raise MediaError(uri, "unreadable", f"cannot stat object: {exc}") from None
+            raise _s3_error(uri, "stat object", exc) from None
         if info.type == pafs.FileType.NotFound:
             raise MediaError(uri, "not_found", "no such object in the bucket; check the URI")
         try:
             handle = filesystem.open_input_file(key)
+        except FileNotFoundError:
+            raise MediaError(uri, "not_found", "no such object in the bucket; check the URI") from None
         except OSError as exc:
-            raise MediaError(uri, "unreadable", f"cannot open object: {exc}") from None
+            raise _s3_error(uri, "open object", exc) from None
+        errors: list[OSError] = []
         with handle:
-            yield OpenedInput(handle, info.size)
+            inner = wrap(handle) if wrap is not None else handle
+            yield OpenedInput(_GuardedFile(inner, errors), info.size, errors)  # type: ignore[arg-type]
         return
     scheme = uri.split("://", 1)[0]
     raise MediaError(uri, "unsupported_uri", f"unsupported URI scheme {scheme!r}; use a local path, file:// or s3://")

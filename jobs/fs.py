@@ -1,0 +1,151 @@
+"""Where a job's output lives: a local folder or an ``s3://`` prefix, behind the few operations it needs.
+
+The commit protocol (:mod:`jobs.output`) relies on one atomic step per commit: writing a small
+object.  Locally that is write-to-temp + ``fsync`` + ``os.replace`` (+ ``fsync`` of the folder); on S3
+a single PUT, which makes an object visible whole or not at all.  Moving a data file into place is
+``os.replace`` locally and copy + delete on S3 (server-side ``CopyObject``), which is *not* atomic as
+a pair; the protocol never depends on it being so (see :mod:`jobs.output`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+
+def is_remote(uri: str | os.PathLike[str]) -> bool:
+    return str(uri).startswith("s3://")
+
+
+class Store:
+    """A root folder on the local disk or on S3; paths given to its methods are relative to the root.
+
+    Args:
+        uri: a local path (``file://`` allowed) or ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, uri: str | os.PathLike[str]) -> None:
+        text = str(uri)
+        self.local = not is_remote(text)
+        self.fs: pafs.FileSystem
+        if self.local:
+            path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser().resolve()
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(path)
+            self.uri = self.root
+        else:
+            from pipeline.s3 import s3_filesystem
+
+            self.fs, key = s3_filesystem(text.rstrip("/"))
+            if not key or key.startswith("/"):
+                raise ValueError(f"not a bucket/prefix: {text!r}")
+            self.root = key
+            self.uri = f"s3://{key}"
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    # -- paths -------------------------------------------------------------------------------------------
+    def full(self, rel: str) -> str:
+        """The filesystem path of ``rel`` (what pyarrow takes with :attr:`fs`)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri_of(self, rel: str) -> str:
+        """A path or URI a person (or another tool) can use."""
+        return self.full(rel) if self.local else f"s3://{self.full(rel)}"
+
+    def local_path(self, rel: str) -> Path:
+        if not self.local:
+            raise ValueError(f"{self.uri} is not on the local disk")
+        return Path(self.full(rel))
+
+    # -- queries -----------------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.full(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
+
+    def list_names(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """Names of the files directly inside ``rel_dir`` (sorted); [] when it does not exist."""
+        sel = pafs.FileSelector(self.full(rel_dir), recursive=False, allow_not_found=True)
+        names = [PurePosixPath(i.path).name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        return sorted(n for n in names if n.endswith(suffix))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.full(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.full(rel), columns=columns, filesystem=self.fs)
+
+    # -- changes -----------------------------------------------------------------------------------------
+    def makedirs(self, rel: str) -> None:
+        # S3 has no folders: a key's prefix exists as soon as the key does
+        if self.local:
+            os.makedirs(self.full(rel), exist_ok=True)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Make ``rel`` hold ``data``: readers see the old content or the new, never a part."""
+        if not self.local:
+            with self.fs.open_output_stream(self.full(rel)) as f:  # one PUT: visible whole or not at all
+                f.write(data)
+            return
+        path = Path(self.full(rel))
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(path.parent)
+
+    def write_parquet(self, table: pa.Table, rel: str, **kwargs: object) -> None:
+        """Write a Parquet file that is durable once this returns (not atomic: write it to staging)."""
+        if self.local:
+            pq.write_table(table, self.full(rel), **kwargs)  # type: ignore[arg-type]
+            with open(self.full(rel), "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            pq.write_table(table, self.full(rel), filesystem=self.fs, **kwargs)  # type: ignore[arg-type]
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename locally; copy + delete on S3 (the copy appears whole, then the source goes)."""
+        if self.local:
+            os.replace(self.full(src), self.full(dst))
+        else:
+            self.fs.copy_file(self.full(src), self.full(dst))
+            self.delete(src)
+
+    def delete(self, rel: str) -> None:
+        """Delete a file; a missing one is fine (another step or run got there first)."""
+        try:
+            self.fs.delete_file(self.full(rel))
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    # the rename itself must survive a power cut, not only the file's bytes
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,117 @@
+"""``vidpipe status``: how far a job is: videos done / failed / pending, video-seconds, rate and ETA.
+
+Done and failed come from the committed tables (the truth); the total, the rate and whether a run
+is alive come from ``OUT/_job/progress.json``, which the running driver rewrites every few seconds.
+With ``--job`` the Ray job's own state is shown as well.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobs.output import OutputDir
+from jobs.progress import PROGRESS_FILE
+from pipeline.errors import ConfigError
+
+_ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
+
+
+@dataclass
+class JobStatus:
+    out: str
+    done: int
+    failed: int
+    video_seconds: float
+    total: int | None
+    pending: int | None
+    run_state: str | None  # running / finished / failed / interrupted, or dead (a run that stopped writing)
+    run_id: str | None
+    updated_at: str | None
+    videos_per_s: float | None
+    video_seconds_per_s: float | None
+    eta_s: float | None
+    ray_job: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_status(out_uri: str) -> JobStatus:
+    """Status of the job whose output is ``out_uri`` (local or ``s3://``)."""
+    from jobs.query import connect
+
+    try:
+        out = OutputDir(out_uri)
+        is_output = out.is_output()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {out_uri}: {exc}") from None
+    if not is_output:
+        raise ConfigError(f"{out_uri} is not a vidpipe output (no _job/ inside); pass the --out of a run")
+    con = connect(out_uri)
+    try:
+        done, seconds = con.execute("SELECT count(DISTINCT video_id), coalesce(sum(duration_s), 0) "
+                                    "FROM videos").fetchall()[0]
+        (failed,) = con.execute("SELECT count(DISTINCT video_id) FROM failures "
+                                "WHERE video_id NOT IN (SELECT video_id FROM videos)").fetchall()[0]
+    finally:
+        con.close()
+    progress = out.read_json(PROGRESS_FILE) or {}
+    state = progress.get("state")
+    heartbeat = float(progress.get("heartbeat") or 0)
+    alive = state == "running" and time.time() - heartbeat < _ALIVE_S
+    if state == "running" and not alive:
+        state = "dead"  # killed without a word: rerun the same command to resume
+    total = progress.get("inputs_total")
+    pending = max(int(total) - done - failed, 0) if total is not None else None
+    per_s = progress.get("videos_per_s") or None
+    eta = pending / per_s if alive and per_s and pending is not None else None
+    return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),
+                     total=None if total is None else int(total), pending=pending, run_state=state,
+                     run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
+                     videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") if alive else None,
+                     eta_s=eta)
+
+
+def ray_job_info(address: str, job_id: str) -> dict[str, Any]:
+    """The Ray job's state, message and the OUT it was submitted with."""
+    from jobs.submit import _client, job_exit_code
+
+    info = _client(address).get_job_info(job_id)
+    status = str(getattr(info.status, "value", info.status))
+    d: dict[str, Any] = {"job_id": job_id, "status": status, "message": info.message or "",
+                         "out": (info.metadata or {}).get("vidpipe_out")}
+    if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        d["exit_status"] = job_exit_code(status, info.message or "")
+    return d
+
+
+def format_status(s: JobStatus) -> str:
+    lines = []
+    if s.ray_job:
+        j = s.ray_job
+        extra = " (some inputs failed; see the failures table)" if j.get("exit_status") == 3 else ""
+        lines.append(f"ray job {j['job_id']}: {j['status']}{extra}" + (f" — {j['message']}" if j["message"] and
+                                                                          not extra else ""))
+    total = "?" if s.total is None else f"{s.total:,}"
+    pending = "?" if s.pending is None else f"{s.pending:,}"
+    lines.append(f"output {s.out}")
+    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed, {pending} pending (of {total})")
+    lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
+    run = s.run_state or "no run recorded"
+    if s.run_state == "dead":
+        run = "stopped without finishing (driver killed?); rerun the same command to resume"
+    lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))
+    if s.video_seconds_per_s is not None:
+        lines.append(f"rate: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s")
+    if s.eta_s is not None:
+        lines.append(f"ETA: {_duration(s.eta_s)}")
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {sec:02d}s"

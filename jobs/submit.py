@@ -1,0 +1,120 @@
+"""``vidpipe submit``: run ``vidpipe run ...`` as a job on a Ray cluster through the Ray Jobs API.
+
+The cluster runs the same command a user would type on its head node: its driver streams the
+inputs, the workers of every node decode and encode, and the driver alone writes OUT (so OUT must
+be a place the head node can write: a shared folder or ``s3://``).  Nothing is uploaded or
+downloaded for the job (no ``working_dir``, no ``pip``): vidpipe must be installed on the cluster's
+nodes.  Only non-secret AWS settings (endpoint, region, profile name) are passed along; credentials
+come from the cluster's own environment.  A cluster with token authentication needs the token
+here too (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+# Settings forwarded to the job (never AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass
+class SubmitOptions:
+    address: str
+    job_id: str | None = None
+    wait: bool = False
+    command: str = "vidpipe"
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    """The options of ``submit`` itself; every other argument belongs to ``vidpipe run``."""
+    p = argparse.ArgumentParser(prog="vidpipe submit", add_help=False)
+    p.add_argument("--address", required=True, metavar="URL",
+                   help="the cluster's dashboard / job server, e.g. http://HEAD:8265")
+    p.add_argument("--job-id", metavar="ID", help="submission id (default: Ray picks one)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
+    p.add_argument("--command", default="vidpipe", metavar="CMD",
+                   help="how the head node runs vidpipe (default 'vidpipe'; e.g. '/opt/venv/bin/vidpipe')")
+    return p
+
+
+def split_args(argv: list[str]) -> tuple[SubmitOptions, list[str]]:
+    """Separate ``submit``'s own options from the ``run`` arguments (which may come in any order)."""
+    ns, rest = submit_parser().parse_known_args(argv)
+    return SubmitOptions(address=ns.address, job_id=ns.job_id, wait=ns.wait, command=ns.command), rest
+
+
+def entrypoint(run_argv: list[str], parse_run: Callable[[list[str]], argparse.Namespace], command: str) -> str:
+    """The shell command the cluster runs: ``vidpipe run`` with local paths made absolute.
+
+    Args:
+        parse_run: parses ``run`` arguments (the CLI's own parser), so bad flags fail here, not on the cluster.
+    """
+    args = parse_run(run_argv)
+    if getattr(args, "address", None):
+        raise ConfigError("give the cluster with 'vidpipe submit --address http://HEAD:8265'; the job's driver "
+                          "joins that cluster by itself ('run --address' is not used with submit)")
+    paths = {*args.inputs, args.out, *([args.model] if args.model else [])}
+    tokens = [_absolute(t) if t in paths else t for t in run_argv]
+    return " ".join([*shlex.split(command), "run", *(shlex.quote(t) for t in tokens)])
+
+
+def _absolute(value: str) -> str:
+    if "://" in value or os.path.isabs(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))  # keeps glob characters as they are
+
+
+def _client(address: str) -> Any:
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as exc:  # ray without its dashboard extras
+        raise ConfigError(f"the Ray Jobs client is not installed ({exc}); pip install 'vidpipe[cluster]'") from None
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray job server at {address}: {exc}") from None
+
+
+def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str], None] = print) -> tuple[str, int]:
+    """Submit the job; with ``wait``, follow it to the end.  Returns (job id, exit status)."""
+    client = _client(options.address)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    job_id = client.submit_job(entrypoint=entry, submission_id=options.job_id,
+                               runtime_env={"env_vars": env} if env else None,
+                               metadata={"vidpipe_out": out})
+    say(job_id)
+    if not options.wait:
+        return job_id, 0
+    last = None
+    while True:
+        info = client.get_job_info(job_id)
+        status = str(getattr(info.status, "value", info.status))
+        if status != last:
+            say(f"job {job_id}: {status}")
+            last = status
+        if status in _TERMINAL:
+            break
+        time.sleep(2.0)
+    logs = client.get_job_logs(job_id)
+    tail = "\n".join(logs.rstrip().splitlines()[-20:])
+    if tail:
+        say(tail)
+    return job_id, job_exit_code(status, info.message or "")
+
+
+def job_exit_code(status: str, message: str) -> int:
+    """The ``vidpipe run`` exit status behind a finished Ray job (3: some inputs failed)."""
+    if status == "SUCCEEDED":
+        return 0
+    if "exit code 3" in message:
+        return 3
+    return 1

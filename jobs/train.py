@@ -1,0 +1,563 @@
+"""``vidpipe train``: train the fusion + BiLSTM head on annotated videos and write a model bundle.
+
+Steps: read the annotations (``jobs.annotations``); extract per-segment encoder features once with the
+pipeline's own Ray stages into the feature cache (``jobs.features``; ``<OUT>/work/features`` unless
+``cache`` is given); split the videos into train and validation *by video* (seeded, or AVE's own split);
+train the head on windows shaped exactly like the ones ``HeadRunner`` labels at inference (``W`` output
+segments with up to ``X`` context segments on each side, clipped at the video's ends; each epoch shifts
+the window grid of every video by a random offset, so more distinct windows are seen); stop early on
+validation macro-F1 (ties: validation loss); write a trained ``ModelBundle`` that ``vidpipe run --model``
+loads.
+
+Inputs are standardised per feature during training (mean / std over the training segments); the
+standardisation is then folded into the head's first linear layers, so the saved head takes raw
+encoder features like any other and the bundle format does not change.  ``modality_dropout`` zeroes one
+modality's raw features in a random fraction of training windows, which keeps the head usable when a
+modality is missing (a silent or audio-less video) and makes ``vidpipe eval --ablate`` meaningful.
+
+Deterministic on CPU for a given seed (the head's init, the split, the shuffling and the dropout masks
+all come from it); on CUDA cuDNN's LSTM kernels may differ in the last bits between runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.annotations import (
+    BACKGROUND,
+    AnnotatedVideo,
+    AnnotationSet,
+    TaskKind,
+    UnlabeledMode,
+    read_annotations,
+    segment_targets,
+)
+from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
+from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from pipeline.audio_encoder import build_audio_encoder
+from pipeline.bundle import ModelBundle
+from pipeline.errors import ConfigError
+from pipeline.head import FusionHead, build_head, window_plan
+from pipeline.image_encoder import IMAGE_ENCODER_DIMS
+from pipeline.media import SamplingSpec
+from pipeline.specs import (
+    AUDIO_ENCODER_KINDS,
+    FUSION_KINDS,
+    IMAGE_ENCODER_NAMES,
+    AudioEncoderSpec,
+    FusionKind,
+    HeadSpec,
+    ImageEncoderSpec,
+)
+
+WORK_DIR = "work"
+# kept when a bundle directory is retrained: the feature cache and a README the user wrote there
+_KEPT = (WORK_DIR, "README.md")
+
+
+@dataclass
+class TrainSpec:
+    """Everything that defines one ``vidpipe train`` run.  Validated on construction."""
+
+    annotations: str
+    out: str
+    videos: str | None = None
+    fusion: FusionKind = "concat"
+    task: TaskKind = "multiclass"
+    unlabeled: UnlabeledMode = "background"
+    epochs: int = 60
+    val_fraction: float = 0.2
+    patience: int = 12
+    image_encoder: str = "efficientnet_lite0"
+    image_weights: str = "default"
+    image_grid: int = 0
+    audio_encoder: str = "cnn"
+    audio_f_max_hz: float = 8000.0
+    segment_seconds: float = 1.0
+    frames_per_segment: int = 1
+    image_size: int = 224
+    window_segments: int = 16
+    context_segments: int = 8
+    proj_dim: int = 128
+    lstm_hidden: int = 128
+    dropout: float = 0.2
+    modality_dropout: float = 0.15
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_windows: int = 32
+    seed: int = 0
+    device: str = "auto"
+    address: str | None = None
+    cache: str | None = None  # feature cache root; default <out>/work/features
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+        choice("--fusion", self.fusion, FUSION_KINDS)
+        choice("--task", self.task, get_args(TaskKind))
+        choice("--unlabeled", self.unlabeled, get_args(UnlabeledMode))
+        choice("--image-encoder", self.image_encoder, IMAGE_ENCODER_NAMES)
+        choice("--audio-encoder", self.audio_encoder, AUDIO_ENCODER_KINDS)
+        choice("--device", self.device, ("auto", "cpu", "cuda"))
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.modality_dropout < 0.5:
+            raise ConfigError(f"modality_dropout must be in [0, 0.5), got {self.modality_dropout}")
+        if self.patience < 1 or self.batch_windows < 1 or not self.lr > 0:
+            raise ConfigError("patience and batch_windows must be >= 1 and lr > 0")
+
+    def sampling(self) -> SamplingSpec:
+        try:
+            return SamplingSpec(segment_seconds=self.segment_seconds, frames_per_segment=self.frames_per_segment,
+                                image_size=self.image_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def image_spec(self) -> ImageEncoderSpec:
+        return ImageEncoderSpec(name=self.image_encoder, weights=self.image_weights, grid=self.image_grid)  # type: ignore[arg-type]
+
+    def audio_spec(self) -> AudioEncoderSpec:
+        return AudioEncoderSpec(kind=self.audio_encoder, f_max_hz=self.audio_f_max_hz)  # type: ignore[arg-type]
+
+
+@dataclass
+class TrainResult:
+    bundle: ModelBundle
+    path: Path
+    val_metrics: Metrics | None
+    history: list[dict[str, float]]
+    feature_cache_hits: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class _Video:
+    """One video's standardised features and targets, ready for windows."""
+
+    uri: str
+    image: torch.Tensor  # [n, D] standardised
+    audio: torch.Tensor  # [n, Da]
+    grid: torch.Tensor | None  # [n, R, D]
+    target: torch.Tensor  # multiclass long [n] (-1: none); multilabel float [n, L] (row of -1: none)
+
+    @property
+    def n(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass
+class _Norm:
+    image_mean: np.ndarray
+    image_std: np.ndarray
+    audio_mean: np.ndarray
+    audio_std: np.ndarray
+
+    @classmethod
+    def fit(cls, feats: list[VideoFeatures]) -> _Norm:
+        img = np.concatenate([f.image for f in feats]).astype(np.float64)
+        aud = np.concatenate([f.audio for f in feats]).astype(np.float64)
+
+        def std(x: np.ndarray) -> np.ndarray:
+            s = x.std(axis=0)
+            # a constant feature (dead ReLU unit) stays constant: do not blow up its noise
+            return np.where(s > 1e-6, s, 1.0)
+
+        return cls(img.mean(axis=0), std(img), aud.mean(axis=0), std(aud))
+
+    def apply(self, f: VideoFeatures, target: np.ndarray) -> _Video:
+        im = (f.image - self.image_mean) / self.image_std
+        au = (f.audio - self.audio_mean) / self.audio_std
+        grid = None if f.grid is None else (f.grid - self.image_mean) / self.image_std
+        tgt = torch.from_numpy(target)
+        return _Video(uri=f.uri, image=torch.from_numpy(im.astype(np.float32)),
+                      audio=torch.from_numpy(au.astype(np.float32)),
+                      grid=None if grid is None else torch.from_numpy(grid.astype(np.float32)), target=tgt)
+
+    def zero_image(self) -> torch.Tensor:
+        """Standardised value of an all-zero raw image feature (what ``--ablate visual`` feeds)."""
+        return torch.from_numpy((-self.image_mean / self.image_std).astype(np.float32))
+
+    def zero_audio(self) -> torch.Tensor:
+        return torch.from_numpy((-self.audio_mean / self.audio_std).astype(np.float32))
+
+
+def split_videos(videos: list[AnnotatedVideo], ann: AnnotationSet, val_fraction: float, seed: int
+                 ) -> tuple[list[AnnotatedVideo], list[AnnotatedVideo]]:
+    """Train and validation videos: AVE's own split when the annotations have one, else a seeded shuffle."""
+    if ann.splits:
+        train = [v for v in videos if ann.splits.get(v.uri) == "train"]
+        val = [v for v in videos if ann.splits.get(v.uri) == "val"]
+        return train, val
+    order = sorted(videos, key=lambda v: v.uri)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(order))
+    n_val = int(round(val_fraction * len(order)))
+    if val_fraction > 0 and len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    else:
+        n_val = 0
+    val = [order[i] for i in sorted(perm[:n_val])]
+    train = [order[i] for i in sorted(perm[n_val:])]
+    return train, val
+
+
+def _windows(n: int, head: HeadSpec, shift: int) -> list[tuple[int, int, int, int]]:
+    """``(in_lo, in_hi, out_lo, out_hi)`` of a window grid shifted by ``shift`` segments (0: inference's)."""
+    W, X = head.window_segments, head.context_segments
+    if shift == 0:
+        return [(w.in_lo, w.in_hi, w.out_lo, w.out_hi) for w in window_plan(0, n, 0, n, head, video_n_segments=n)]
+    starts = [0] + list(range(shift, n, W))
+    out = []
+    for i, lo in enumerate(starts):
+        hi = starts[i + 1] if i + 1 < len(starts) else n
+        if hi > lo:
+            out.append((max(0, lo - X), min(hi + X, n), lo, hi))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def fold_normalization(head: FusionHead, norm: _Norm) -> FusionHead:
+    """A copy of ``head`` that takes raw features: the standardisation folded into its input layers.
+
+    ``W ((x - m) / s) + b = (W / s) x + (b - (W / s) m)`` for every Linear that reads image or audio
+    features; attention's audio query has no bias, so its constant moves into the visual key's bias.
+    """
+    folded = copy.deepcopy(head).cpu()
+    im_m, im_s = torch.from_numpy(norm.image_mean).float(), torch.from_numpy(norm.image_std).float()
+    au_m, au_s = torch.from_numpy(norm.audio_mean).float(), torch.from_numpy(norm.audio_std).float()
+
+    def fold(linear: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        w = linear.weight.detach() / std[None, :]
+        shift = w @ mean
+        linear.weight.data.copy_(w)
+        if linear.bias is not None:
+            linear.bias.data.sub_(shift)
+        return shift
+
+    with torch.no_grad():
+        fold(cast(torch.nn.Linear, folded.image_proj[0]), im_m, im_s)
+        fold(cast(torch.nn.Linear, folded.audio_proj[0]), au_m, au_s)
+        if head.spec.fusion == "attention":
+            fold(folded.att_visual, im_m, im_s)
+            shift = fold(folded.att_audio, au_m, au_s)
+            folded.att_visual.bias.data.sub_(shift)
+    return folded
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class _Trainer:
+    def __init__(self, spec: TrainSpec, head_spec: HeadSpec, norm: _Norm, train: list[_Video], val: list[_Video],
+                 class_weight: torch.Tensor | None, device: torch.device, say: Callable[[str], None]) -> None:
+        self.spec, self.head_spec, self.norm = spec, head_spec, norm
+        self.train_videos, self.val_videos = train, val
+        self.device, self.say = device, say
+        self.multilabel = head_spec.task == "multilabel"
+        self.class_weight = None if class_weight is None else class_weight.to(device)
+        self.model = build_head(head_spec).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.rng = np.random.default_rng(spec.seed + 1)
+        self.zero_image = norm.zero_image().to(device)
+        self.zero_audio = norm.zero_audio().to(device)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the segments that have a target (``logits`` ``[B, T, L]``)."""
+        if self.multilabel:
+            mask = (target >= 0).all(dim=-1)
+            if not bool(mask.any()):
+                return logits.sum() * 0.0
+            return F.binary_cross_entropy_with_logits(logits[mask], target[mask])
+        flat_t = target.reshape(-1)
+        if not bool((flat_t >= 0).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_t, weight=self.class_weight,
+                               ignore_index=-1)
+
+    def _batch(self, items: list[tuple[_Video, tuple[int, int, int, int]]], *, augment: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        img = torch.stack([v.image[lo:hi] for v, (lo, hi, _, _) in items]).to(self.device)
+        aud = torch.stack([v.audio[lo:hi] for v, (lo, hi, _, _) in items]).to(self.device)
+        grid = None
+        if self.head_spec.fusion == "attention" and items[0][0].grid is not None:
+            grid = torch.stack([v.grid[lo:hi] for v, (lo, hi, _, _) in items if v.grid is not None]).to(self.device)
+        targets = []
+        for v, (lo, hi, olo, ohi) in items:
+            t = v.target[lo:hi].clone()
+            # only the window's output segments are scored, as at inference; context is input only
+            t[: olo - lo] = -1
+            t[ohi - lo:] = -1
+            targets.append(t)
+        target = torch.stack(targets).to(self.device)
+        if augment and self.spec.modality_dropout > 0:
+            drop = self.rng.random((len(items), 2)) < self.spec.modality_dropout
+            drop[:, 1] &= ~drop[:, 0]  # never both
+            for i, (d_img, d_aud) in enumerate(drop):
+                if d_img:
+                    img[i] = self.zero_image
+                    if grid is not None:
+                        grid[i] = self.zero_image
+                if d_aud:
+                    aud[i] = self.zero_audio
+        return img, aud, grid, target
+
+    def epoch(self) -> float:
+        self.model.train()
+        W = self.head_spec.window_segments
+        by_len: dict[int, list[tuple[_Video, tuple[int, int, int, int]]]] = defaultdict(list)
+        for v in self.train_videos:
+            shift = int(self.rng.integers(W)) if v.n > W else 0
+            for w in _windows(v.n, self.head_spec, shift):
+                by_len[w[1] - w[0]].append((v, w))
+        batches = []
+        for length in sorted(by_len):
+            group = by_len[length]
+            order = self.rng.permutation(len(group))
+            for b in range(0, len(group), self.spec.batch_windows):
+                batches.append([group[i] for i in order[b: b + self.spec.batch_windows]])
+        total, count = 0.0, 0
+        for bi in self.rng.permutation(len(batches)):
+            img, aud, grid, target = self._batch(batches[bi], augment=True)
+            loss = self._loss(self.model(img, aud, grid), target)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            total += float(loss.detach()) * len(batches[bi])
+            count += len(batches[bi])
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, videos: list[_Video]) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        """Validation loss and per-video probabilities on inference's own windows."""
+        self.model.eval()
+        losses, probs_all, targets = [], [], []
+        for v in videos:
+            probs = np.zeros((v.n, self.head_spec.n_labels), np.float32)
+            for lo, hi, olo, ohi in _windows(v.n, self.head_spec, 0):
+                img, aud, grid, target = self._batch([(v, (lo, hi, olo, ohi))], augment=False)
+                logits = self.model(img, aud, grid)
+                losses.append((float(self._loss(logits, target)), int(((target >= 0) if not self.multilabel
+                                                                      else (target >= 0).all(-1)).sum())))
+                p = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+                probs[olo:ohi] = p[0, olo - lo: ohi - lo].cpu().numpy()
+            probs_all.append(probs)
+            targets.append(v.target.numpy())
+        n = sum(c for _, c in losses)
+        loss = sum(value * c for value, c in losses) / n if n else float("nan")
+        return loss, probs_all, targets
+
+
+def tune_thresholds(probs: np.ndarray, truth: np.ndarray) -> tuple[float, ...]:
+    """Per-label threshold in 0.05..0.95 that maximises that label's F1 on validation (0.5 without positives)."""
+    keep = (truth >= 0).all(axis=1)
+    probs, truth = probs[keep], truth[keep] > 0.5
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    out = []
+    for j in range(truth.shape[1]):
+        if not truth[:, j].any():
+            out.append(0.5)
+            continue
+        best, best_f1 = 0.5, -1.0
+        for t in grid:
+            pred = probs[:, j] >= t
+            tp = int((pred & truth[:, j]).sum())
+            f1 = 2 * tp / (int(pred.sum()) + int(truth[:, j].sum()))
+            if f1 > best_f1 + 1e-12:
+                best, best_f1 = float(t), f1
+        out.append(best)
+    return tuple(out)
+
+
+def _metrics(probs: list[np.ndarray], targets: list[np.ndarray], labels: list[str], task: str,
+             thresholds: tuple[float, ...] | None = None) -> Metrics:
+    p, t = np.concatenate(probs), np.concatenate(targets)
+    if task == "multilabel":
+        th = np.asarray(thresholds or (0.5,) * len(labels), np.float32)
+        return multilabel_metrics(t, (p >= th[None, :]).astype(np.float32), labels)
+    return multiclass_metrics(t, p.argmax(axis=1), labels)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if out.is_dir():
+        others = [p.name for p in out.iterdir() if p.name not in (*_KEPT, "bundle.json", "weights.safetensors")]
+        if others and not (out / "bundle.json").is_file():
+            raise ConfigError(f"--out {out}: the directory holds other files ({', '.join(sorted(others)[:5])}); "
+                              "use a new directory or an earlier bundle directory")
+
+
+def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult:
+    """Train a head per ``spec`` and save the bundle to ``spec.out``."""
+    started = time.monotonic()
+    out = Path(spec.out).expanduser()
+    _check_out(out)
+    ann = read_annotations(spec.annotations, spec.videos, task=spec.task, unlabeled=spec.unlabeled)
+    labels = ann.labels
+    if len(labels) < 2:
+        raise ConfigError(f"annotations {spec.annotations}: need at least 2 labels to train, found {labels}")
+    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(labels)} labels ({', '.join(labels)}), "
+        f"task {spec.task}")
+
+    sampling, image, audio = spec.sampling(), spec.image_spec(), spec.audio_spec()
+    fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
+    cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
+    fres = extract_features([(v.uri, v.video_id) for v in ann.videos], fspec, cache_root, address=spec.address,
+                            device=spec.device, say=say)
+    if fres.failures:
+        say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
+    usable = [v for v in ann.videos if v.uri in fres.features]
+    train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)
+    if not train_v:
+        raise ConfigError("no training videos left (all failed to decode, or the split left none)")
+
+    def targets_of(v: AnnotatedVideo) -> np.ndarray:
+        f = fres.features[v.uri]
+        return segment_targets(v, f.start_s, f.end_s, labels, task=spec.task, unlabeled=spec.unlabeled)
+
+    train_feats = [fres.features[v.uri] for v in train_v]
+    norm = _Norm.fit(train_feats)
+    train_data = [norm.apply(fres.features[v.uri], targets_of(v)) for v in train_v]
+    val_data = [norm.apply(fres.features[v.uri], targets_of(v)) for v in val_v]
+
+    class_weight = None
+    counts: dict[str, int] = {}
+    if spec.task == "multiclass":
+        all_t = np.concatenate([d.target.numpy() for d in train_data])
+        n_per = np.bincount(all_t[all_t >= 0], minlength=len(labels)).astype(np.float64)
+        counts = {name: int(c) for name, c in zip(labels, n_per, strict=True)}
+        # sqrt-inverse frequency: rare labels count more without letting one rare clip dominate
+        w = np.where(n_per > 0, np.sqrt(n_per.sum() / (len(labels) * np.maximum(n_per, 1))), 0.0)
+        class_weight = torch.tensor(w, dtype=torch.float32)
+    else:
+        all_t = np.concatenate([d.target.numpy() for d in train_data])
+        all_t = all_t[(all_t >= 0).all(axis=1)]
+        counts = {name: int(c) for name, c in zip(labels, all_t.sum(axis=0), strict=True)}
+    missing = [name for name, c in counts.items() if c == 0 and name != BACKGROUND]
+    if missing:
+        say(f"warning: no training segment has the labels {missing}; the model cannot learn them")
+
+    audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
+    head_spec = HeadSpec(fusion=spec.fusion, image_dim=IMAGE_ENCODER_DIMS[image.name], audio_dim=audio_dim,
+                         n_labels=len(labels), proj_dim=spec.proj_dim, lstm_hidden=spec.lstm_hidden,
+                         window_segments=spec.window_segments, context_segments=spec.context_segments,
+                         dropout=spec.dropout, seed=spec.seed, task=spec.task)
+    device = _pick_device(spec.device)
+    n_train_seg = sum(d.n for d in train_data)
+    say(f"training on {device.type}: {len(train_data)} train videos ({n_train_seg} segments), {len(val_data)} "
+        f"validation videos ({sum(d.n for d in val_data)} segments); fusion {spec.fusion}, up to {spec.epochs} epochs")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        trainer = _Trainer(spec, head_spec, norm, train_data, val_data, class_weight, device, say)
+        monitor = val_data or train_data
+        best: tuple[float, float] | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        best_epoch, stale = 0, 0
+        history: list[dict[str, float]] = []
+        for epoch in range(1, spec.epochs + 1):
+            t0 = time.monotonic()
+            train_loss = trainer.epoch()
+            val_loss, probs, targets = trainer.predict(monitor)
+            thresholds = tune_thresholds(np.concatenate(probs), np.concatenate(targets)) \
+                if spec.task == "multilabel" else None
+            m = _metrics(probs, targets, labels, spec.task, thresholds)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": m.accuracy,
+                            "val_macro_f1": m.macro_f1})
+            improved = best is None or (m.macro_f1, -val_loss) > best
+            say(f"epoch {epoch:3d}/{spec.epochs}: train loss {train_loss:.4f}  "
+                f"{'val' if val_data else 'train(no val)'} loss {val_loss:.4f}  acc {m.accuracy:.3f}  "
+                f"macro-F1 {m.macro_f1:.3f}  ({time.monotonic() - t0:.1f} s){'  *' if improved else ''}")
+            if improved:
+                best, best_epoch, stale = (m.macro_f1, -val_loss), epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= spec.patience:
+                    say(f"early stop: no better validation macro-F1 / loss for {spec.patience} epochs")
+                    break
+        if best_state is None:
+            raise RuntimeError("training produced no model")
+        trainer.model.load_state_dict(best_state)
+        val_loss, probs, targets = trainer.predict(monitor)
+        thresholds = tune_thresholds(np.concatenate(probs), np.concatenate(targets)) \
+            if spec.task == "multilabel" else None
+        val_metrics = _metrics(probs, targets, labels, spec.task, thresholds) if val_data else None
+
+    if thresholds is not None:
+        head_spec = HeadSpec(**{**head_spec.to_dict(), "thresholds": thresholds})
+    folded = fold_normalization(trainer.model, norm)
+    tensors = {f"head.{k}": v.detach().cpu().clone() for k, v in folded.state_dict().items()}
+    seconds = time.monotonic() - started
+    meta: dict[str, Any] = {
+        "source": "vidpipe train",
+        "annotations": os.path.abspath(spec.annotations),
+        "task": spec.task,
+        "unlabeled": spec.unlabeled,
+        "seed": spec.seed,
+        "feature_key": fspec.key,
+        "train_videos": len(train_data),
+        "train_segments": n_train_seg,
+        "val_videos": len(val_data),
+        "val_segments": int(sum(d.n for d in val_data)),
+        "label_counts_train": counts,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "train_seconds": round(seconds, 1),
+        "history": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in h.items()}
+                    for h in history],
+        "hyperparameters": {k: getattr(spec, k) for k in ("epochs", "val_fraction", "patience", "lr", "weight_decay",
+                                                          "batch_windows", "modality_dropout", "proj_dim",
+                                                          "lstm_hidden", "dropout")},
+        **spec.extra_meta,
+    }
+    if val_metrics is not None:
+        meta["val_accuracy"] = round(val_metrics.accuracy, 4)
+        meta["val_macro_f1"] = round(val_metrics.macro_f1, 4)
+        meta["val_loss"] = round(val_loss, 5)
+    bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
+                         tensors=tensors, meta=meta)
+    path = bundle.save(out, overwrite=True, keep=_KEPT)
+    say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
+        + (f", validation accuracy {val_metrics.accuracy:.3f}, macro-F1 {val_metrics.macro_f1:.3f}" if val_metrics else "")
+        + f"; {seconds:.0f} s)")
+    return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
+                       feature_cache_hits=fres.cache_hits, seconds=seconds)
+
+
+def features_for(bundle: ModelBundle) -> FeatureSpec:
+    """The feature key of a bundle's encoders (what ``vidpipe eval`` reads from the cache)."""
+    state = bundle.audio_state()
+    return FeatureSpec(sampling=bundle.sampling, image=bundle.image, audio=bundle.audio,
+                       audio_weights=tensors_digest(state))

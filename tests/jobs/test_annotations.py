@@ -1,0 +1,157 @@
+"""Annotation files: formats, the segment labelling rule, and the errors that name file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.annotations import BACKGROUND, read_annotations, segment_targets
+from jobs.train import split_videos
+from pipeline.errors import ConfigError
+
+
+@pytest.fixture
+def videos(tmp_path: Path) -> Path:
+    root = tmp_path / "videos"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4", "sub/c.mp4", "-5cWp3PP2fA.mp4", "xyz.mp4"):
+        (root / name).write_bytes(b"not decoded here")
+    return root
+
+
+def _csv(tmp_path: Path, text: str, name: str = "ann.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _segments(n: int, seconds: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    start = np.arange(n) * seconds
+    return start, start + seconds
+
+
+def test_csv_with_extra_columns_relative_and_absolute_paths(tmp_path, videos):
+    ann = _csv(tmp_path, "clip,video,start_s,end_s,label,who\n"
+                         f"1,a.mp4,0,2,dog,me\n2,sub/c.mp4,1.5,3,cat,you\n3,{videos / 'b.mp4'},0,1,dog,x\n")
+    s = read_annotations(ann, videos)
+    assert [Path(v.uri).name for v in s.videos] == ["a.mp4", "c.mp4", "b.mp4"]
+    assert s.labels == ["cat", "dog", BACKGROUND]
+    assert s.videos[1].annotations[0].line == 3
+    ids = {v.video_id for v in s.videos}
+    assert len(ids) == 3 and all("/" not in i for i in ids)
+    ignore = read_annotations(ann, videos, unlabeled="ignore")
+    assert ignore.labels == ["cat", "dog"]
+
+
+def test_parquet_annotations(tmp_path, videos):
+    path = tmp_path / "ann.parquet"
+    pq.write_table(pa.table({"Video": ["a.mp4", "b.mp4"], "start_s": [0.0, 1.0], "end_s": [1.0, 2.0],
+                             "label": ["x", "y"], "extra": [1, 2]}), path)
+    s = read_annotations(path, videos)
+    assert s.labels == ["x", "y", BACKGROUND] and len(s.videos) == 2
+    pq.write_table(pa.table({"video": ["a.mp4"], "start_s": [2.0], "end_s": [1.0], "label": ["x"]}), path)
+    with pytest.raises(ConfigError, match=r"ann\.parquet row 1: end_s 1 <= start_s 2"):
+        read_annotations(path, videos)
+
+
+def test_labelling_rule_half_coverage_and_background():
+    from jobs.annotations import AnnotatedVideo, Annotation
+
+    video = AnnotatedVideo("u", "u", (Annotation("u", 0.5, 2.4, "dog", 2), Annotation("u", 3.0, 3.4, "cat", 3)))
+    start, end = _segments(5)
+    labels = ["cat", "dog", BACKGROUND]
+    t = segment_targets(video, start, end, labels, task="multiclass", unlabeled="background")
+    # [0,1): half covered -> dog; [1,2) dog; [2,3): 0.4 s -> background; [3,4): 0.4 s -> background
+    assert t.tolist() == [1, 1, 2, 2, 2]
+    t = segment_targets(video, start, end, labels[:2], task="multiclass", unlabeled="ignore")
+    assert t.tolist() == [1, 1, -1, -1, -1]
+    # a short last segment: [4, 4.3) is covered 0.2 s of 0.3 s -> most of it
+    video2 = AnnotatedVideo("u", "u", (Annotation("u", 4.1, 9.0, "cat", 2),))
+    start = np.array([3.0, 4.0])
+    end = np.array([4.0, 4.3])
+    assert segment_targets(video2, start, end, labels, task="multiclass", unlabeled="background").tolist() == [2, 0]
+
+
+def test_multilabel_targets_allow_overlap(tmp_path, videos):
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,4,music\na.mp4,1,3,speech\n")
+    with pytest.raises(ConfigError, match=r"ann\.csv line 3: .*overlaps line 2.*--task multilabel"):
+        read_annotations(ann, videos)
+    s = read_annotations(ann, videos, task="multilabel")
+    start, end = _segments(5)
+    t = segment_targets(s.videos[0], start, end, s.labels, task="multilabel", unlabeled="background")
+    assert s.labels == ["music", "speech", BACKGROUND]
+    assert t.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1]]
+    t = segment_targets(s.videos[0], start, end, s.labels, task="multilabel", unlabeled="ignore")
+    assert t[4].tolist() == [-1, -1, -1]
+
+
+def test_same_label_may_overlap_in_multiclass(tmp_path, videos):
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,4,music\na.mp4,1,3,music\na.mp4,4,5,x\n")
+    assert len(read_annotations(ann, videos).videos[0].annotations) == 3
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("video,start_s,end_s,label\na.mp4,0,1,x\nnope.mp4,0,1,x\n", r"ann\.csv line 3: unknown video 'nope\.mp4'"),
+    ("video,start_s,end_s,label\na.mp4,2,2,x\n", r"ann\.csv line 2: end_s 2 <= start_s 2"),
+    ("video,start_s,end_s,label\na.mp4,0,1,x\na.mp4,zero,1,x\n", r"ann\.csv line 3: start_s 'zero' is not a number"),
+    ("video,start_s,end_s,label\na.mp4,0,1,\n", r"ann\.csv line 2: empty label"),
+    ("video,start,end,label\na.mp4,0,1,x\n", r"ann\.csv line 1: missing columns \['start_s', 'end_s'\]"),
+    ("video,start_s,end_s,label\na.mp4,0,1\n", r"ann\.csv line 2: 3 fields"),
+    ("video,start_s,end_s,label\na.mp4,0,2,x\na.mp4,1,3,y\n", r"ann\.csv line 3: \[1, 3\) 'y' overlaps line 2"),
+    ("video,start_s,end_s,label\na.mp4,-1,2,x\n", r"ann\.csv line 2: start_s must be"),
+    ("", r"ann\.csv: the file is empty"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, videos, text, match):
+    with pytest.raises(ConfigError, match=match):
+        read_annotations(_csv(tmp_path, text), videos)
+
+
+def test_relative_video_needs_videos_dir_and_label_vocabulary(tmp_path, videos):
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,1,x\n")
+    with pytest.raises(ConfigError, match="relative path; pass --videos"):
+        read_annotations(ann, None)
+    with pytest.raises(ConfigError, match=r"line 2: label 'x' is not one of the model's labels \(y, background\)"):
+        read_annotations(ann, videos, labels=["y", "background"])
+    with pytest.raises(ConfigError, match="no 'background' label.*--unlabeled ignore"):
+        read_annotations(ann, videos, labels=["x"])
+    assert read_annotations(ann, videos, labels=["x"], unlabeled="ignore").labels == ["x"]
+
+
+def test_ave_format_and_its_split_files(tmp_path, videos):
+    ave = tmp_path / "AVE"
+    ave.mkdir()
+    header = "Category&VideoID&Quality&StartTime&EndTime\n"
+    (ave / "Annotations.txt").write_text(header + "Church bell&-5cWp3PP2fA&good&0&10\n"
+                                         "Male speech, man speaking&xyz&good&2&7\nDog&a&bad&1&3\n")
+    (ave / "trainSet.txt").write_text(header + "Church bell&-5cWp3PP2fA&good&0&10\n")
+    (ave / "valSet.txt").write_text(header + "Male speech, man speaking&xyz&good&2&7\n")
+    (ave / "testSet.txt").write_text(header + "Dog&a&bad&1&3\n")
+    s = read_annotations(ave / "Annotations.txt", videos)
+    assert s.labels == ["Church bell", "Dog", "Male speech, man speaking", BACKGROUND]
+    assert [Path(v.uri).name for v in s.videos] == ["-5cWp3PP2fA.mp4", "xyz.mp4", "a.mp4"]
+    assert sorted(s.splits.values()) == ["test", "train", "val"]
+    train, val = split_videos(s.videos, s, 0.5, 0)
+    assert [Path(v.uri).name for v in train] == ["-5cWp3PP2fA.mp4"] and [Path(v.uri).name for v in val] == ["xyz.mp4"]
+    # a split file is itself an annotation file (e.g. for vidpipe eval on the test set)
+    test = read_annotations(ave / "testSet.txt", videos)
+    assert [a.label for v in test.videos for a in v.annotations] == ["Dog"] and not test.splits
+    (ave / "bad.txt").write_text(header + "Dog&a&good&5\n")
+    with pytest.raises(ConfigError, match=r"bad\.txt line 2: expected Category&VideoID"):
+        read_annotations(ave / "bad.txt", videos)
+    (ave / "bad.txt").write_text(header + "Dog&missing&good&1&5\n")
+    with pytest.raises(ConfigError, match=r"bad\.txt line 2: unknown video 'missing\.mp4'"):
+        read_annotations(ave / "bad.txt", videos)
+
+
+def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
+    ann = _csv(tmp_path, "video,start_s,end_s,label\n" + "".join(
+        f"{n},0,1,x\n" for n in ("a.mp4", "b.mp4", "sub/c.mp4", "xyz.mp4", "-5cWp3PP2fA.mp4")))
+    s = read_annotations(ann, videos)
+    train, val = split_videos(s.videos, s, 0.4, seed=3)
+    assert len(val) == 2 and len(train) == 3 and not {v.uri for v in train} & {v.uri for v in val}
+    assert split_videos(s.videos, s, 0.4, seed=3) == (train, val)
+    assert split_videos(s.videos, s, 0.0, seed=3) == (sorted(s.videos, key=lambda v: v.uri), [])

@@ -1,0 +1,149 @@
+"""Fast logic tests of the archive machinery: id sets, waves and bisection, cluster plans, submit, faults."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+
+import pytest
+
+from jobs.discover import VideoRef, discover
+from jobs.idset import IdSet
+from jobs.manifest import _Base
+from jobs.plan import plan_for_cluster
+from jobs.progress import Progress
+from jobs.runner import JobRunner, WaveFeeder
+from jobs.spec import JobSpec
+from jobs.submit import entrypoint, split_args
+from pipeline.errors import ConfigError
+from pipeline.inputs import _s3_error
+from pipeline.media import ChunkingSpec, SamplingSpec
+from workers.decode_stage import DecodeStage
+
+
+def test_idset_is_a_set_of_16_byte_digests():
+    s = IdSet(merge_every=4)
+    names = [f"/archive/{i}.mp4" for i in range(50)]
+    assert all(s.add(n) for n in names)
+    assert not s.add(names[3]) and len(s) == 50
+    assert all(n in s for n in names) and "/archive/x.mp4" not in s and 5 not in s
+    s.update(names[:10] + ["/new.mp4"])
+    assert len(s) == 51
+    assert IdSet(names).nbytes == 16 * 50
+
+
+def test_feeder_streams_waves_and_skips_by_uri(tmp_path):
+    for i in range(7):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"x")
+    refs = list(discover([str(tmp_path)]))
+    done = IdSet([refs[1].uri, refs[4].uri])
+    feeder = WaveFeeder(discover([str(tmp_path), str(tmp_path / "v0.mp4")]), done)  # v0 named twice
+    waves = [feeder.next_wave(3), feeder.next_wave(3), feeder.next_wave(3)]
+    assert [len(w) for w in waves] == [3, 2, 0]
+    assert feeder.exhausted and (feeder.discovered, feeder.skipped) == (7, 2)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.failures: list = []
+
+    def add_failure(self, f) -> None:  # noqa: ANN001
+        self.failures.append(f)
+
+    def maybe_flush(self) -> None:
+        pass
+
+
+def test_lost_videos_are_bisected_until_alone_then_recorded(tmp_path):
+    runner = JobRunner(JobSpec(inputs=["x"], out=str(tmp_path), max_attempts=3), stream=open("/dev/null", "w"))
+    refs = [VideoRef(f"/v{i}.mp4", f"v{i}") for i in range(8)]
+    writer, retry = _Writer(), deque()
+    runner._requeue(refs, refs[:5], writer, retry)  # a whole execution failed: 5 did not come back
+    assert [len(g) for g in retry] == [3, 2]
+    retry.clear()
+    runner._requeue(refs, [refs[6]], writer, retry)  # one lost in a big group: alone next
+    assert list(retry) == [[refs[6]]]
+    retry.clear()
+    for _ in range(2):  # alone, lost again: retried while under max_attempts
+        runner._requeue([refs[6]], [refs[6]], writer, retry)
+    assert writer.failures and writer.failures[0].error_kind == "worker_crashed"
+    assert writer.failures[0].attempts == 3 and len(retry) == 1
+
+
+def test_cluster_plan_fits_every_actor_on_one_node():
+    plan = plan_for_cluster([(1.0, 0.0)] * 3)
+    for sp in (plan.decode, plan.image, plan.audio, plan.head):
+        assert sp.resources.num_cpus <= 1.0
+    total = plan.decode.resources.num_cpus * plan.decode.pool_size
+    assert total == pytest.approx(1.5)
+    mixed = plan_for_cluster([(4.0, 0.0), (1.0, 0.0)])
+    assert all(sp.resources.num_cpus <= 1.0 for sp in (mixed.decode, mixed.image))
+    assert plan_for_cluster([(2.0, 0.0), (0.0, 0.0)]) == plan_for_cluster([(2.0, 0.0)])  # a CPU-less head
+
+
+def test_submit_builds_the_run_command_with_absolute_paths(tmp_path, monkeypatch):
+    from jobs.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    options, run_argv = split_args(["videos/", "s3://b/more/", "--out", "res", "--address", "http://h:8265",
+                                    "--segment-seconds", "2", "--wait"])
+    assert (options.address, options.wait) == ("http://h:8265", True)
+    entry = entrypoint(run_argv, lambda a: build_parser().parse_args(["run", *a]), "vidpipe")
+    assert entry == f"vidpipe run {tmp_path}/videos s3://b/more/ --out {tmp_path}/res --segment-seconds 2"
+    with pytest.raises(ConfigError, match="submit --address"):
+        entrypoint(["v.mp4", "--out", "o", "--address", "auto"], lambda a: build_parser().parse_args(["run", *a]),
+                   "vidpipe")
+
+
+def test_s3_manifest_entries_resolve_within_the_bucket():
+    base = _Base("s3://bkt/lists/m.txt")
+    assert base.resolve("../videos/a.mp4") == "s3://bkt/videos/a.mp4"
+    assert base.resolve("sub/b.mp4") == "s3://bkt/lists/sub/b.mp4"
+    assert base.resolve("s3://other/c.mp4") == "s3://other/c.mp4"
+
+
+def test_s3_errors_are_transient_unless_access_is_denied():
+    assert _s3_error("s3://b/k", "open", OSError("AWS Error NETWORK_CONNECTION: reset")).error_kind == "read_error"
+    assert _s3_error("s3://b/k", "open", OSError("AWS Error ACCESS_DENIED: no")).error_kind == "unreadable"
+
+
+def test_progress_line_without_a_known_total():
+    class C:
+        videos_done, videos_failed, video_seconds_done, pending_videos = 3, 1, 12.0, 2
+
+    assert "4/? videos" in Progress(None, open("/dev/null", "w")).line(C())
+
+
+def _stage(**kw) -> DecodeStage:  # noqa: ANN003
+    return DecodeStage(SamplingSpec(image_size=32), ChunkingSpec(core_segments=16, context_segments=2), **kw)
+
+
+def test_decode_watchdog_fails_a_hanging_video_in_time(tmp_path):
+    clip = tmp_path / "hangme.mp4"
+    clip.write_bytes(b"x")
+    stage = _stage(video_timeout_s=0.5, faults="hang=hangme.mp4")
+    t0 = time.monotonic()
+    rows = list(stage.decode_video(str(clip), "vid"))
+    assert time.monotonic() - t0 < 10
+    assert [r["error_kind"] for r in rows] == ["timeout"]
+    assert json.loads(rows[0]["info_json"]) == {"attempts": 1}
+
+
+def test_decode_retries_transient_read_errors(tmp_path, shared_media):
+    import shutil
+
+    once = shutil.copy(shared_media / "bikes_noaudio.mp4", tmp_path / "flaky_once.mp4")
+    always = shutil.copy(shared_media / "bikes_noaudio.mp4", tmp_path / "flaky.mp4")
+    stage = _stage(video_timeout_s=60, faults="ioerror_once=flaky_once.mp4;ioerror=flaky.mp4")
+    ok = list(stage.decode_video(str(once), "a"))
+    assert ok and not any(r["error_kind"] for r in ok) and ok[-1]["is_last"]
+    failed = list(stage.decode_video(str(always), "b"))
+    assert [r["error_kind"] for r in failed] == ["read_error"]
+    assert json.loads(failed[0]["info_json"]) == {"attempts": 3}
+
+
+def test_bad_fault_spec_is_refused():
+    with pytest.raises(ValueError, match="kind=glob"):
+        _stage(faults="explode=*")

@@ -1,0 +1,78 @@
+"""A multi-node Ray cluster of real processes on 127.0.0.1: ``vidpipe submit`` through the Jobs API,
+and a worker node SIGKILLed mid-job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.clusters import LocalCluster
+from tests.jobs.conftest import RUN_FLAGS, VIDPIPE, duplicate_keys, segment_rows, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with the dashboard and job server, and two one-CPU worker nodes, all on this machine."""
+    # a short root: Ray's unix sockets live under it, and their paths may not exceed 107 bytes
+    root = Path(tempfile.mkdtemp(prefix="vpc-", dir="/tmp"))
+    c = LocalCluster(root, head_cpus=1, dashboard=True)
+    try:
+        c.start()
+        c.add_node(1)
+        c.add_node(1)
+        c.wait_for_cpus(3)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _vidpipe(cluster: LocalCluster, args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True, env=cluster.env, timeout=timeout)
+
+
+def _same_results(rows: list[dict], baseline: list[dict]) -> None:
+    # another cluster size sizes the actors' thread pools differently: labels must match, scores to float noise
+    assert [(r["video_id"], r["segment_index"], r["label"], r["topk_labels"]) for r in rows] == \
+        [(r["video_id"], r["segment_index"], r["label"], r["topk_labels"]) for r in baseline]
+    assert [r["score"] for r in rows] == pytest.approx([r["score"] for r in baseline], rel=1e-4, abs=1e-5)
+
+
+def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline, tmp_path):
+    out = tmp_path / "out"
+    r = _vidpipe(cluster, ["submit", str(small_archive), "--out", str(out), *RUN_FLAGS,
+                           "--address", cluster.dashboard_url, "--wait"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = r.stdout.splitlines()[0].strip()
+    assert job_id and "SUCCEEDED" in r.stdout
+    _same_results(segment_rows(out), baseline)
+    st = _vidpipe(cluster, ["status", "--job", job_id, "--address", cluster.dashboard_url, "--json"])
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["ray_job"]["status"] == "SUCCEEDED" and status["out"] == str(out)
+    assert (status["done"], status["failed"], status["pending"], status["run_state"]) == (20, 0, 0, "finished")
+
+
+def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(VIDPIPE), "run", str(small_archive), "--out", str(out), *RUN_FLAGS,
+                             "--address", cluster.address, "--wave-size", "10", "--commit-seconds", "0.5"],
+                            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    commits = out / "_job" / "commits"
+    wait_for(lambda: (commits.is_dir() and any(commits.glob("*.json"))) or proc.poll() is not None, 300,
+             "the first commit")
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    cluster.kill_node(cluster.nodes[-1])  # its raylet, and every worker it ran
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "20 videos ok" in stdout.replace("20 videos ok", "20 videos ok") or "skipped" in stdout
+    rows = segment_rows(out)
+    assert duplicate_keys(out) == 0
+    _same_results(rows, baseline)

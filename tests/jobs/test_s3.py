@@ -1,0 +1,149 @@
+"""Videos read from S3 and results written to S3 (moto's server on loopback), then queried and resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from jobs.output import OutputDir, ResultWriter
+from jobs.query import run_query
+from jobs.runner import JobRunner
+from jobs.spec import JobSpec
+from tests.jobs.conftest import (
+    RUN_FLAGS,
+    duplicate_keys,
+    make_archive,
+    run_vidpipe,
+    segment_rows,
+    vidpipe_env,
+)
+from tests.jobs.test_output import LABELS, head_row
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    import boto3
+
+    client = boto3.client("s3")
+    for bucket in ("vidpipe-in", "vidpipe-out"):
+        client.create_bucket(Bucket=bucket)
+    return client
+
+
+@pytest.fixture(scope="module")
+def s3_archive(s3, tmp_path_factory):
+    """Three small videos under s3://vidpipe-in/videos/, and a manifest beside them that adds a missing one."""
+    local = make_archive(tmp_path_factory.mktemp("s3src"), 3, duration_s=2.0)
+    for path in sorted(local.rglob("*.mp4")):
+        s3.upload_file(str(path), "vidpipe-in", f"videos/{path.relative_to(local).as_posix()}")
+    manifest = "a/clip001.mp4\ns3://vidpipe-in/videos/b/clip000.mp4\nnot/there.mp4\n"
+    s3.put_object(Bucket="vidpipe-in", Key="lists/m.txt",
+                  Body=manifest.replace("a/clip001.mp4", "../videos/a/clip001.mp4").encode())
+    s3.put_object(Bucket="vidpipe-in", Key="videos/list.txt", Body=manifest.encode())
+    return local
+
+
+def _all_objects(s3, bucket: str) -> dict[str, bytes]:  # noqa: ANN001
+    # (keys ending in "/" are the empty "folder" markers pyarrow leaves when it deletes a folder's last file)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_read_from_s3_write_to_s3_query_and_status(s3, s3_archive, s3_server, tmp_path, ray_session):
+    out = "s3://vidpipe-out/run1"
+    r = run_vidpipe(["run", "s3://vidpipe-in/videos/", "s3://vidpipe-in/videos/list.txt", "--out", out, *RUN_FLAGS],
+                    env=vidpipe_env(**s3_server))
+    assert r.returncode == 3, r.stderr[-3000:]  # one manifest entry does not exist
+    assert "3 videos ok, 1 failed" in r.stdout
+    failures = run_query(out, "SELECT uri, error_kind FROM failures").to_pylist()
+    assert failures == [{"uri": "s3://vidpipe-in/videos/not/there.mp4", "error_kind": "not_found"}]
+    videos = run_query(out, "SELECT uri, n_segments, size_bytes FROM videos ORDER BY uri").to_pylist()
+    assert [v["uri"] for v in videos] == ["s3://vidpipe-in/videos/a/clip001.mp4",
+                                          "s3://vidpipe-in/videos/b/clip000.mp4",
+                                          "s3://vidpipe-in/videos/b/clip002.mp4"]
+    assert all(v["size_bytes"] > 1000 for v in videos)
+    # the same labels as the same files read from the local disk
+    local_out = tmp_path / "local"
+    JobRunner(JobSpec(inputs=[str(s3_archive)], out=str(local_out), allow_untrained=True, segment_seconds=1.0,
+                      chunk_seconds=16, progress=False)).run()
+
+    def by_name(o: str) -> list[tuple]:
+        rows = run_query(o, "SELECT v.uri, s.segment_index, s.label, s.score FROM segments s JOIN videos v "
+                            "USING (video_id) ORDER BY v.uri, s.segment_index").to_pylist()
+        return [(x["uri"].rsplit("/", 2)[-2:], x["segment_index"], x["label"], x["score"]) for x in rows]
+
+    assert by_name(out) == by_name(str(local_out))
+    assert duplicate_keys(out) == 0
+    # status over S3
+    st = run_vidpipe(["status", out, "--json"], env=vidpipe_env(**s3_server))
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert (status["done"], status["failed"], status["total"], status["pending"]) == (3, 1, 4, 0)
+    assert status["run_state"] == "finished"
+    # nothing secret in anything written
+    for key, body in _all_objects(s3, "vidpipe-out").items():
+        assert s3_server["AWS_SECRET_ACCESS_KEY"].encode() not in body, key
+        assert s3_server["AWS_ACCESS_KEY_ID"].encode() not in body, key
+    # a manifest's relative entries are relative to its own prefix; files finished under another input
+    # (the prefix above) are skipped: the done-set is by URI
+    r2 = run_vidpipe(["run", "s3://vidpipe-in/lists/m.txt", "--out", out, *RUN_FLAGS], env=vidpipe_env(**s3_server))
+    assert r2.returncode == 3 and "0 videos ok, 1 failed, 2 skipped" in r2.stdout, r2.stdout + r2.stderr[-2000:]
+    assert run_query(out, "SELECT count(*) n FROM failures WHERE uri = 's3://vidpipe-in/lists/not/there.mp4'"
+                     ).column("n")[0].as_py() == 1
+
+
+def test_driver_killed_between_commit_record_and_copies_on_s3(s3, s3_archive, s3_server):
+    """On S3 a move is copy + delete; the commit record alone decides what is visible."""
+    out = "s3://vidpipe-out/run2"
+    args = ["run", "s3://vidpipe-in/videos/", "--out", out, *RUN_FLAGS, "--commit-seconds", "0.01"]
+    r = run_vidpipe(args, env=vidpipe_env(VIDPIPE_TEST_CRASH_AT="recorded:1", **s3_server))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    staged = [k for k in _all_objects(s3, "vidpipe-out") if k.startswith("run2/_job/staging/")]
+    assert staged  # committed, not yet copied into place
+    partial = segment_rows(out)  # read from staging, exactly the committed videos
+    assert partial and duplicate_keys(out) == 0
+    # the killed run's lease (progress.json, renewed every 5 s) is waited out: 2 s here instead of 30
+    r = run_vidpipe(args, env=vidpipe_env(VIDPIPE_S3_LEASE_S="2", **s3_server))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = segment_rows(out)
+    assert duplicate_keys(out) == 0 and all(row in final for row in partial)
+    per_video = run_query(out, "SELECT v.n_segments, count(*) n FROM segments s JOIN videos v USING (video_id) "
+                               "GROUP BY v.video_id, v.n_segments").to_pylist()
+    assert len(per_video) == 3 and all(r["n"] == r["n_segments"] for r in per_video)
+    assert len(final) == sum(r["n"] for r in per_video)
+    assert not [k for k in _all_objects(s3, "vidpipe-out") if k.startswith("run2/_job/staging/")]
+
+
+def test_commit_protocol_on_s3_every_crash_state(s3):
+    """Unit level, on the real S3 API: staged+recorded, copied-not-deleted, orphans; recovery and readers."""
+    out = OutputDir("s3://vidpipe-out/unit")
+    out.create()
+    w = ResultWriter(out, model_id="m1", labels=LABELS)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    w.add_row(head_row("v2", 0, 0, 2, is_last=True, n_total=2))
+    commit = w.flush()
+    assert commit is not None
+    store = out.store
+    # crash after the record, before any copy: files back in staging
+    for table, name in commit.files.items():
+        store.move(f"{table}/{name}", f"_job/staging/{name}")
+    # crash between the copy and the delete of one file: it is in both places
+    seg = commit.files["segments"]
+    store.fs.copy_file(store.full(f"_job/staging/{seg}"), store.full(f"segments/{seg}"))
+    # crash before a record: orphans in staging and in place
+    store.write_atomic("_job/staging/part-orphan.parquet", b"partial")
+    store.write_atomic("videos/part-orphan.parquet", b"partial")
+    rows = run_query(out.uri, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1").to_pylist()
+    assert rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
+    assert out.finished_video_ids() == {"v1", "v2"}
+    out.recover()
+    assert store.list_names("_job/staging") == []
+    assert "part-orphan.parquet" not in store.list_names("videos")
+    assert all(store.is_file(f"{t}/{n}") for t, n in commit.files.items())
+    assert run_query(out.uri, "SELECT count(*) n FROM videos").column("n")[0].as_py() == 2

@@ -1,0 +1,266 @@
+"""vidpipe train / eval end to end on small generated corpora, on a real local Ray.
+
+Three corpora of short real videos (H.264 + AAC written by PyAV) whose per-segment label depends on
+the audio only (tone / noise / silence), on the picture only (red / blue frames), or on both (XOR of
+colour and sound).  The trained head must label held-out videos far above chance, and ``--ablate``
+must show the dependence: zeroing the decisive modality drops accuracy to about chance.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.annotations import read_annotations
+from jobs.cli import main
+from jobs.evaluate import evaluate, score
+from jobs.features import FeatureCache, FeatureSpec, extract_features
+from jobs.train import TrainSpec, train
+from pipeline.bundle import ModelBundle
+from pipeline.media import SamplingSpec
+from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
+
+pytestmark = pytest.mark.slow
+
+RATE = 16_000
+SECONDS = 8  # two 4 s halves with independent labels
+FPS = 5
+SIZE = 48
+COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220)}
+SOUNDS = ("tone", "noise", "silence")
+N_TRAIN, N_TEST = 24, 9
+
+
+def _sound(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    n = int(seconds * RATE)
+    if kind == "tone":
+        t = np.arange(n) / RATE
+        return (0.4 * np.sin(2 * np.pi * rng.uniform(300, 900) * t)).astype(np.float32)
+    if kind == "noise":
+        return rng.uniform(-0.3, 0.3, n).astype(np.float32)
+    return np.zeros(n, np.float32)
+
+
+def write_clip(path: Path, colours: list[tuple[int, int, int]], audio: np.ndarray) -> None:
+    """A real H.264 + AAC file: one solid (slightly noisy) colour per second, the given 16 kHz mono audio."""
+    rng = np.random.default_rng(len(str(path)))
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=FPS, options={"preset": "ultrafast", "crf": "18"})
+        v.width = v.height = SIZE
+        v.pix_fmt = "yuv420p"
+        a = c.add_stream("aac", rate=RATE)
+        a.layout = "mono"
+        for i in range(len(colours) * FPS):
+            img = np.empty((SIZE, SIZE, 3), np.uint8)
+            img[:] = colours[i // FPS]
+            img = np.clip(img.astype(np.int16) + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, FPS)
+            c.mux(v.encode(frame))
+        c.mux(v.encode(None))
+        for off in range(0, len(audio), 1024):
+            frame = av.AudioFrame.from_ndarray(audio[None, off: off + 1024], format="fltp", layout="mono")
+            frame.sample_rate = RATE
+            frame.pts = off
+            frame.time_base = Fraction(1, RATE)
+            c.mux(a.encode(frame))
+        c.mux(a.encode(None))
+
+
+def _label(kind: str, colour: str, sound: str) -> str:
+    if kind == "audio":
+        return sound
+    if kind == "visual":
+        return colour
+    return "same" if (colour == "red") == (sound == "tone") else "different"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """``root/videos`` with every clip, and per task kind a train and a test annotation CSV."""
+    root = tmp_path_factory.mktemp("corpus")
+    videos = root / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(7)
+    files = {}
+    for kind in ("audio", "visual", "both"):
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            lines = ["video,start_s,end_s,label,comment"]
+            for i in range(n):
+                name = f"{kind}_{split}_{i:02d}.mp4"
+                colours, audio = [], []
+                for half in range(2):
+                    colour = str(rng.choice(list(COLOURS)))
+                    # the XOR task only uses tone/noise so that the label is balanced
+                    sound = str(rng.choice(SOUNDS if kind != "both" else ("tone", "noise")))
+                    colours += [COLOURS[colour]] * (SECONDS // 2)
+                    audio.append(_sound(sound, SECONDS / 2, rng))
+                    lines.append(f"{name},{half * SECONDS // 2},{(half + 1) * SECONDS // 2},"
+                                 f"{_label(kind, colour, sound)},x")
+                write_clip(videos / name, colours, np.concatenate(audio))
+            path = root / f"{kind}_{split}.csv"
+            path.write_text("\n".join(lines) + "\n")
+            files[(kind, split)] = path
+    return root, videos, files
+
+
+SMALL = dict(image_encoder="resnet18", image_weights="none", image_size=32, window_segments=4,
+             context_segments=2, epochs=40, patience=10, proj_dim=32, lstm_hidden=32, val_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory, ray_session):
+    root, videos, files = corpus
+    cache = tmp_path_factory.mktemp("cache")
+    results = {}
+    for kind in ("audio", "visual", "both"):
+        out = tmp_path_factory.mktemp("bundles") / kind
+        lines: list[str] = []
+        spec = TrainSpec(annotations=str(files[(kind, "train")]), videos=str(videos), out=str(out),
+                         cache=str(cache), **SMALL)  # type: ignore[arg-type]
+        results[kind] = (train(spec, say=lines.append), lines)
+    return results, cache
+
+
+CHANCE = {"audio": 1 / 3, "visual": 1 / 2, "both": 1 / 2}
+
+
+@pytest.mark.parametrize("kind", ["audio", "visual", "both"])
+def test_trained_head_beats_chance_and_needs_the_decisive_modality(kind, trained, corpus, ray_session):
+    root, videos, files = corpus
+    results, cache = trained
+    result, _ = results[kind]
+    bundle = ModelBundle.load(result.path)
+    assert bundle.trained and bundle.model_id == result.bundle.model_id and bundle.model_id != "untrained"
+    test = str(files[(kind, "test")])
+    full = evaluate(bundle, test, str(videos), cache=str(cache), say=lambda _: None).metrics
+    no_audio = evaluate(bundle, test, str(videos), cache=str(cache), ablate="audio", say=lambda _: None).metrics
+    no_visual = evaluate(bundle, test, str(videos), cache=str(cache), ablate="visual", say=lambda _: None).metrics
+    chance = CHANCE[kind]
+    assert full.accuracy >= 0.9, (kind, full.accuracy)
+    assert full.macro_f1 >= 0.85
+    if kind == "audio":
+        assert no_audio.accuracy < chance + 0.2 and no_visual.accuracy >= 0.85
+    elif kind == "visual":
+        assert no_visual.accuracy < chance + 0.2 and no_audio.accuracy >= 0.85
+    else:
+        assert no_audio.accuracy < chance + 0.2 and no_visual.accuracy < chance + 0.2
+
+
+def test_bundle_round_trip_gives_identical_outputs(trained, corpus, tmp_path):
+    root, videos, files = corpus
+    results, cache = trained
+    result, _ = results["both"]
+    loaded = ModelBundle.load(result.path)
+    again = ModelBundle.load(loaded.save(tmp_path / "copy"))
+    assert again.model_id == loaded.model_id == result.bundle.model_id
+    ann = read_annotations(files[("both", "test")], videos)
+    spec = FeatureSpec(sampling=loaded.sampling, image=loaded.image, audio=loaded.audio)
+    feats = extract_features([(v.uri, v.video_id) for v in ann.videos], spec, cache, say=lambda _: None).features
+    a = score(result.bundle, ann, feats)
+    b = score(again, ann, feats)
+    assert a.to_dict() == b.to_dict()
+    meta = loaded.meta
+    assert meta["source"] == "vidpipe train" and meta["train_videos"] + meta["val_videos"] == N_TRAIN
+    assert 0 < meta["best_epoch"] <= meta["epochs_run"] and "val_macro_f1" in meta
+
+
+def test_second_train_hits_the_feature_cache_and_is_deterministic(trained, corpus, tmp_path):
+    root, videos, files = corpus
+    results, cache = trained
+    first, first_lines = results["audio"]
+    assert first.feature_cache_hits == 0 and any(line.startswith("extracting features") for line in first_lines)
+    spec = TrainSpec(annotations=str(files[("audio", "train")]), videos=str(videos), out=str(tmp_path / "b"),
+                     cache=str(cache), **SMALL)  # type: ignore[arg-type]
+    lines: list[str] = []
+    again = train(spec, say=lines.append)
+    assert again.feature_cache_hits == N_TRAIN
+    assert any(line.startswith(f"feature cache hit: {N_TRAIN} of {N_TRAIN} videos") for line in lines)
+    assert not any(line.startswith("extracting features") for line in lines)
+    # same seed, same data, CPU: the same weights, so the same content-hashed model id
+    assert again.bundle.model_id == first.bundle.model_id
+
+
+def test_cli_train_eval_and_run_with_the_bundle(corpus, trained, tmp_path, capsys):
+    root, videos, files = corpus
+    results, cache = trained
+    bundle_dir = tmp_path / "cli_bundle"
+    code = main(["train", "--annotations", str(files[("visual", "train")]), "--videos", str(videos), "--out",
+                 str(bundle_dir), "--image-encoder", "resnet18", "--image-size", "32", "--window-segments", "4",
+                 "--context-segments", "2", "--epochs", "3", "--task", "multilabel", "--fusion", "weighted"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "epoch   1/3" in err and "saved model" in err
+    assert (bundle_dir / "work" / "features").is_dir()  # the cache lives in the bundle's work dir
+    bundle = ModelBundle.load(bundle_dir)
+    assert bundle.head.task == "multilabel" and len(bundle.head.thresholds) == len(bundle.labels)
+    assert bundle.labels == ["blue", "red", "background"]
+
+    # retraining into the same directory keeps (and hits) its feature cache, and keeps a README
+    (bundle_dir / "README.md").write_text("my notes")
+    code = main(["train", "--annotations", str(files[("visual", "train")]), "--videos", str(videos), "--out",
+                 str(bundle_dir), "--image-encoder", "resnet18", "--image-size", "32", "--window-segments", "4",
+                 "--context-segments", "2", "--epochs", "1"])
+    assert code == 0 and "feature cache hit" in capsys.readouterr().err
+    assert ModelBundle.load(bundle_dir).head.task == "multiclass"
+    assert (bundle_dir / "README.md").read_text() == "my notes"
+
+    code = main(["eval", "--model", str(results["visual"][0].path), "--annotations", str(files[("visual", "test")]),
+                 "--videos", str(videos), "--cache", str(cache), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] >= 0.9 and set(report["per_class"]) == {"background", "blue", "red"}
+    assert report["confusion"]["labels"] == ["blue", "red", "background"]
+    code = main(["eval", "--model", str(results["visual"][0].path), "--annotations", str(files[("visual", "test")]),
+                 "--videos", str(videos), "--cache", str(cache), "--ablate", "visual"])
+    out = capsys.readouterr().out
+    assert code == 0 and "visual features zeroed" in out and "confusion matrix" in out
+
+
+def test_multilabel_bundle_writes_active_labels(corpus, trained, tmp_path, ray_session):
+    root, videos, files = corpus
+    _, cache = trained
+    # overlapping labels: the whole clip is "clip" and each half has its colour
+    ann = tmp_path / "ml.csv"
+    rows = ["video,start_s,end_s,label"]
+    for line in files[("visual", "train")].read_text().splitlines()[1:]:
+        name, start, end, label, _ = line.split(",")
+        rows.append(f"{name},{start},{end},{label}")
+        if start == "0":
+            rows.append(f"{name},0,{SECONDS},clip")
+    ann.write_text("\n".join(rows) + "\n")
+    spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "ml"), task="multilabel",
+                     cache=str(cache), **{**SMALL, "epochs": 25})  # type: ignore[arg-type]
+    result = train(spec, say=lambda _: None)
+    assert result.bundle.labels == ["blue", "clip", "red", "background"]
+
+    out = tmp_path / "run"
+    clip = sorted(videos.glob("visual_test_*.mp4"))[0]
+    assert main(["run", str(clip), "--out", str(out), "--model", str(result.path), "--no-progress"]) == 0
+    table = pq.read_table(sorted((out / "segments").glob("*.parquet"))[0]).to_pylist()
+    assert len(table) == SECONDS
+    truth = {int(r.split(",")[1]): r.split(",")[3] for r in files[("visual", "test")].read_text().splitlines()[1:]
+             if r.startswith(clip.name)}
+    for row in table:
+        colour = truth[0 if row["start_s"] < SECONDS // 2 else SECONDS // 2]
+        assert set(row["active_labels"]) == {"clip", colour}, row
+        assert row["label"] in row["active_labels"] and row["model_id"] == result.bundle.model_id
+
+
+def test_cache_key_depends_on_encoders():
+    base = FeatureSpec(sampling=SamplingSpec(), image=ImageEncoderSpec(), audio=AudioEncoderSpec())
+    assert base.key == FeatureSpec(sampling=SamplingSpec(), image=ImageEncoderSpec(), audio=AudioEncoderSpec()).key
+    others = [FeatureSpec(sampling=SamplingSpec(image_size=112), image=ImageEncoderSpec(), audio=AudioEncoderSpec()),
+              FeatureSpec(sampling=SamplingSpec(), image=ImageEncoderSpec(weights="default"), audio=AudioEncoderSpec()),
+              FeatureSpec(sampling=SamplingSpec(), image=ImageEncoderSpec(), audio=AudioEncoderSpec(kind="classic")),
+              FeatureSpec(sampling=SamplingSpec(), image=ImageEncoderSpec(), audio=AudioEncoderSpec(),
+                          audio_weights="abc")]
+    assert len({base.key, *(o.key for o in others)}) == 5
+    assert FeatureCache("/x", base).dir.name == base.key
