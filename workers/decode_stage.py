@@ -93,11 +93,15 @@ class DecodeStage(Stage):
         # chunks stream on one by one; failure rows (often many and instant: missing files) go in one batch
         failed: list[Row] = []
         for row in iter_rows(batch):
+            started = time.perf_counter()
             for out in self.decode_video(str(row["uri"]), str(row["video_id"])):
+                # busy time excludes the time the consumer holds us suspended at the yield
+                self.account([out], time.perf_counter() - started)
                 if out.get("error_kind"):
                     failed.append(out)
                 else:
                     yield to_batch([out])
+                started = time.perf_counter()
         if failed:
             yield to_batch(failed)
 
