@@ -24,13 +24,8 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per output table (only committed data is visible).
-
-    A local OUT is read by DuckDB's own Parquet reader; an ``s3://`` OUT through pyarrow datasets
-    registered in DuckDB (pyarrow's S3 client, the same credentials as the run; no DuckDB extension
-    to download), with column projection and filters pushed down to the Parquet files.
-    """
+def open_output(out_dir: str | Path) -> OutputDir:
+    """The OutputDir at ``out_dir``; a ConfigError when it cannot be read or is not a run's output."""
     try:
         out = OutputDir(out_dir)
         is_output = out.is_output()
@@ -39,6 +34,17 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     if not is_output:
         raise ConfigError(f"{out_dir} is not a vidpipe output directory (no _job/ inside); "
                           "pass the --out directory of a 'vidpipe run'")
+    return out
+
+
+def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per output table (only committed data is visible).
+
+    A local OUT is read by DuckDB's own Parquet reader; an ``s3://`` OUT through pyarrow datasets
+    registered in DuckDB (pyarrow's S3 client, the same credentials as the run; no DuckDB extension
+    to download), with column projection and filters pushed down to the Parquet files.
+    """
+    out = open_output(out_dir)
     con = duckdb.connect(":memory:")
     commits = out.commits()
     for table, schema in _EMPTY.items():

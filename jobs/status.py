@@ -11,9 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.output import OutputDir
 from jobs.progress import PROGRESS_FILE
-from pipeline.errors import ConfigError
 
 _ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
 
@@ -40,15 +38,9 @@ class JobStatus:
 
 def read_status(out_uri: str) -> JobStatus:
     """Status of the job whose output is ``out_uri`` (local or ``s3://``)."""
-    from jobs.query import connect
+    from jobs.query import connect, open_output
 
-    try:
-        out = OutputDir(out_uri)
-        is_output = out.is_output()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {out_uri}: {exc}") from None
-    if not is_output:
-        raise ConfigError(f"{out_uri} is not a vidpipe output (no _job/ inside); pass the --out of a run")
+    out = open_output(out_uri)
     con = connect(out_uri)
     try:
         done, seconds = con.execute("SELECT count(DISTINCT video_id), coalesce(sum(duration_s), 0) "

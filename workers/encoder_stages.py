@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.audio_encoder import AudioEncoder, ClassicAudioEncoder, build_audio_encoder
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, ImageEncoder
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
-from workers.rows import Row
+from workers.rows import KEY_COLUMNS, Row
 from workers.stage import Stage
 
 _DROP_AFTER_IMAGE = ("frames",)
@@ -20,8 +20,6 @@ _DROP_AFTER_AUDIO = ("audio", "audio_valid_samples")
 
 def _passthrough(row: Row, drop: tuple[str, ...]) -> Row:
     """Per-segment columns of ``row`` that are neither key columns nor dropped."""
-    from workers.rows import KEY_COLUMNS
-
     return {k: v for k, v in row.items() if k not in KEY_COLUMNS and k not in drop}
 
 
