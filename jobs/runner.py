@@ -15,15 +15,18 @@ How a job over an archive runs (see also ``jobs/output.py`` for the commit proto
 - **Only the driver writes.**  Workers on any node return head rows through the dataset iterator;
   the driver assembles complete videos and commits them.  So outputs of many nodes land in one
   consistent OUT, and a node's death cannot leave a partial file.
-- **Failures.**  A bad file is a failure row from its stage.  A worker process that dies (segfault,
-  OOM kill, node lost) has its task retried once by Ray Data; if that also dies, the task's block is
-  dropped (``max_errored_blocks = -1``) and the wave ends without those videos.  A wave's execution
-  can also fail as a whole (an object lost with its node, ...): the driver catches that.  Either
-  way the wave's *unfinished* videos are run again, split in halves while more than one is left
-  (bisection), until a video that keeps killing workers runs alone; after ``max_attempts`` runs
-  (the last alone) it becomes one ``worker_crashed`` failure row with its ``attempts``.  Innocent
-  videos that shared a dead task finish in their half.  Chunks a dead task had already delivered
-  are discarded (or, for repeats of a finished video, ignored) by the writer.
+- **Failures.**  A bad file is a failure row from its stage.  A decoder that crashes or hangs on a
+  file takes only its own child process down: the decode worker records that video
+  (``worker_crashed`` / ``timeout``, see ``workers/decode_stage.py``) and goes on.  A worker process
+  that dies itself (OOM kill, node lost) has its task retried once by Ray Data; if that also dies,
+  the task's block is dropped (``max_errored_blocks = -1``) and the wave ends without those videos.
+  A wave's execution can also fail as a whole (an object lost with its node, ...): the driver
+  catches that.  Either way the wave's *unfinished* videos are run again, split in halves while more
+  than one is left (bisection), until a video that keeps killing workers runs alone; after
+  ``max_attempts`` runs (the last alone) it becomes one ``worker_crashed`` failure row (stage
+  ``worker``) with its ``attempts``.  Innocent videos that shared a dead task finish in their half.
+  Chunks a dead task had already delivered are discarded (or, for repeats of a finished video,
+  ignored) by the writer.
 """
 
 from __future__ import annotations
@@ -345,7 +348,8 @@ class JobRunner:
         chunking = chunking_for(bundle, spec.chunk_seconds)
         stages = build_stages(bundle, bundle.sampling, chunking, plan, top_k=spec.top_k,
                               with_embedding=spec.with_embedding, decode_device=spec.decode_device,
-                              precision=spec.precision, video_timeout_s=spec.video_timeout_s)
+                              precision=spec.precision, video_timeout_s=spec.video_timeout_s,
+                              crash_attempts=spec.max_attempts)
         # A few videos per input block amortise Ray's per-task cost (videos that fail at once, e.g.
         # missing files, cost milliseconds); small waves keep one video per block for isolation.
         per_block = max(1, min(_MAX_ROWS_PER_BLOCK, len(group) // (4 * plan.decode.pool_size)))

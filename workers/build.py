@@ -24,13 +24,13 @@ def chunking_for(bundle: ModelBundle, chunk_seconds: float) -> ChunkingSpec:
 def build_stages(bundle: ModelBundle, sampling: SamplingSpec, chunking: ChunkingSpec, plan: PipelinePlan, *,
                  top_k: int = 5, with_embedding: bool = False,
                  decode_device: str = "cpu", precision: str = "auto",
-                 video_timeout_s: float | None = None) -> list[tuple[Stage, StagePlan]]:
+                 video_timeout_s: float | None = None, crash_attempts: int = 3) -> list[tuple[Stage, StagePlan]]:
     """The stages of one job, each with how it should run."""
     image_dim = IMAGE_ENCODER_DIMS[bundle.image.name]
     hwaccel = "cuda" if decode_device == "cuda" else None
     stages: list[tuple[Stage, StagePlan]] = [
         (DecodeStage(sampling, chunking, threads=plan.decode.threads or 0, hwaccel=hwaccel,
-                     video_timeout_s=video_timeout_s), plan.decode),
+                     video_timeout_s=video_timeout_s, crash_attempts=crash_attempts), plan.decode),
         (ImageEncoderStage(bundle.image, device=plan.image.device, threads=plan.image.threads, precision=precision),
          plan.image),
         (AudioEncoderStage(bundle.audio, sample_rate_hz=sampling.audio_rate_hz, state_dict=bundle.audio_state(),

@@ -9,6 +9,7 @@ array of arrays; ``iter_rows`` hides the difference.  Failure rows carry no segm
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,10 +122,22 @@ def keys_of(row: Row) -> Row:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far, in MiB.
+
+    On Linux from ``VmHWM`` (the high-water mark of this process's own address space);
+    ``ru_maxrss`` would report a spawned process's parent's size at the fork if that was larger.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    scale = 1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0  # KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _plain(v: Any) -> Any:

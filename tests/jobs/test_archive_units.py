@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections import deque
 
@@ -120,15 +121,43 @@ def _stage(**kw) -> DecodeStage:  # noqa: ANN003
     return DecodeStage(SamplingSpec(image_size=32), ChunkingSpec(core_segments=16, context_segments=2), **kw)
 
 
-def test_decode_watchdog_fails_a_hanging_video_in_time(tmp_path):
+def test_decode_watchdog_kills_a_hanging_decoder_in_time(tmp_path, shared_media):
+    import shutil
+
     clip = tmp_path / "hangme.mp4"
     clip.write_bytes(b"x")
+    good = shutil.copy(shared_media / "bikes_noaudio.mp4", tmp_path / "good.mp4")
     stage = _stage(video_timeout_s=0.5, faults="hang=hangme.mp4")
+    stage.setup()
+    assert stage._child is not None
+    stuck = stage._child._proc
     t0 = time.monotonic()
     rows = list(stage.decode_video(str(clip), "vid"))
     assert time.monotonic() - t0 < 10
     assert [r["error_kind"] for r in rows] == ["timeout"]
     assert json.loads(rows[0]["info_json"]) == {"attempts": 1}
+    assert stuck is not None and stuck.poll() == -signal.SIGKILL  # the stuck process is gone, not left spinning
+    after = list(stage.decode_video(str(good), "good"))  # a fresh decoder takes the next video
+    assert after and not any(r["error_kind"] for r in after) and after[-1]["is_last"]
+    stage.close()
+
+
+@pytest.mark.parametrize("fault", ["crash", "segfault"])
+def test_a_video_that_kills_its_decoder_fails_alone(tmp_path, shared_media, fault):
+    import shutil
+
+    bad = shutil.copy(shared_media / "bikes_noaudio.mp4", tmp_path / "bad.mp4")
+    good = shutil.copy(shared_media / "bikes_noaudio.mp4", tmp_path / "good.mp4")
+    stage = _stage(video_timeout_s=60, crash_attempts=2, faults=f"{fault}=bad.mp4")
+    before = list(stage.decode_video(str(good), "g1"))
+    failed = list(stage.decode_video(str(bad), "b"))
+    assert [r["error_kind"] for r in failed] == ["worker_crashed"]
+    signal_name = "SIGKILL" if fault == "crash" else "SIGSEGV"
+    assert f"killed by signal {signal_name}" in failed[0]["error_message"]
+    assert json.loads(failed[0]["info_json"]) == {"attempts": 2}
+    after = list(stage.decode_video(str(good), "g2"))  # this worker goes on with a new decoder process
+    assert [r["frames"].tobytes() for r in after] == [r["frames"].tobytes() for r in before]
+    stage.close()
 
 
 def test_decode_retries_transient_read_errors(tmp_path, shared_media):
@@ -147,3 +176,29 @@ def test_decode_retries_transient_read_errors(tmp_path, shared_media):
 def test_bad_fault_spec_is_refused():
     with pytest.raises(ValueError, match="kind=glob"):
         _stage(faults="explode=*")
+
+
+def test_a_stuck_decoder_exits_when_its_worker_is_killed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    clip = tmp_path / "hangme.mp4"
+    clip.write_bytes(b"x")
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+from tests.jobs.test_archive_units import _stage
+stage = _stage(faults="hang=hangme.mp4")
+stage.setup()
+print(stage._child._proc.pid, flush=True)
+list(stage.decode_video({str(clip)!r}, "v"))  # hangs: no time limit
+"""], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    child = int(worker.stdout.readline())
+    time.sleep(0.5)
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}"), "the orphaned decoder process is still running"

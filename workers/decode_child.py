@@ -1,0 +1,91 @@
+"""The decoder process of a decode worker (``python -m workers.decode_child REQUEST_FD RESULT_FD``).
+
+It reads a :class:`~workers.decode_stage.DecodeConfig`, answers ``("ready", pid)``, then serves
+``("decode", uri, video_id)`` requests one at a time, streaming back
+
+- ``("row", chunk_row, busy_s, peak_rss_mb)`` per chunk (``busy_s``: time spent producing it),
+- then ``("end", peak_rss_mb)``, or ``("media_error", kind, message)`` / ``("internal_error", text)``.
+
+A result pipe that cannot take more blocks the decoder: it runs at most one chunk ahead of the
+worker.  ``None`` or a closed request pipe ends the process; so does a closed result pipe (the worker
+is gone), and so does the worker's death, noticed within a second even while a decode is stuck.
+Anything worse (a segfault, a kill) is seen by the worker as the result pipe closing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+
+def serve(requests: Connection, results: Connection) -> None:
+    from pipeline.errors import MediaError
+    from workers.decode_stage import Decoding
+    from workers.rows import peak_rss_mb
+
+    try:
+        decoding = Decoding(requests.recv())
+    except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops with it
+        results.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    results.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = requests.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        _, uri, video_id = request
+        try:
+            started = time.perf_counter()
+            for row in decoding.rows(uri, video_id):
+                busy = time.perf_counter() - started
+                results.send(("row", row, busy, peak_rss_mb()))
+                started = time.perf_counter()
+            results.send(("end", peak_rss_mb()))
+        except MediaError as exc:
+            results.send(("media_error", exc.error_kind, exc.message))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file fails that file
+            logging.getLogger(__name__).exception("unexpected error decoding %s", uri)
+            results.send(("internal_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when the worker that started it is gone (even while it is stuck in a decoder)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m workers.decode_child REQUEST_FD RESULT_FD (started by a decode worker)",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="decoder %(process)d: %(levelname)s %(message)s")
+    _exit_with_parent()
+    requests = Connection(int(argv[0]), writable=False)
+    results = Connection(int(argv[1]), readable=False)
+    try:
+        serve(requests, results)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
