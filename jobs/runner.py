@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_WAVE = 16_384
 TARGET_WAVE_S = 300.0
 _MAX_ROWS_PER_BLOCK = 8
+_TARGET_BLOCK_BYTES = 1 << 20
 
 
 @dataclass
@@ -358,6 +359,9 @@ class JobRunner:
         for stage, stage_plan in stages:
             ds = add_stage(ds, stage, stage_plan)
         ds.context.max_errored_blocks = -1  # a block whose task died twice is dropped; its videos run again
+        # Each chunk a stage yields leaves as its own block: Ray Data's default (128 MiB) would gather a
+        # whole video's chunks before the next stage saw the first, so decode and models never overlapped.
+        ds.context.target_max_block_size = _TARGET_BLOCK_BYTES
         return ds
 
     # -- bookkeeping -----------------------------------------------------------------------------------

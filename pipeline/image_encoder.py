@@ -313,6 +313,17 @@ class _Backbone(nn.Module):
         return self.features(x)  # type: ignore[no-any-return]
 
 
+# Images per forward pass.  On CPUs small batches keep a layer's activations in cache: measured on a
+# 2-core EPYC (bf16), efficientnet_lite0 3.8 ms/image at 8 vs 9.2 at 64, resnet18 5.4 vs 7.4,
+# mobilenet_v3_large 2.5 vs 4.0.  GPUs want large batches.
+CPU_BATCH = 8
+CUDA_BATCH = 256
+
+
+def default_batch_size(device: str) -> int:
+    return CUDA_BATCH if str(device).startswith("cuda") else CPU_BATCH
+
+
 class ImageEncoder:
     """Frozen torchvision CNN over ``[N, K, H, W, 3]`` uint8 frames; cheap to construct and pickle."""
 
@@ -321,11 +332,13 @@ class ImageEncoder:
         spec: ImageEncoderSpec,
         *,
         device: str = "cpu",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         threads: int | None = None,
         precision: Precision = "auto",
     ) -> None:
         check_precision(precision)
+        if batch_size is None:
+            batch_size = default_batch_size(device)
         if batch_size < 1:
             raise ConfigError(f"image encoder batch_size must be >= 1, got {batch_size}")
         if threads is not None and threads < 1:

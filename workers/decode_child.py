@@ -24,9 +24,10 @@ from multiprocessing.connection import Connection
 
 def serve(requests: Connection, results: Connection) -> None:
     from pipeline.errors import MediaError
-    from workers.decode_stage import Decoding
+    from workers.decode_stage import Decoding, keep_large_buffers_out_of_the_heap
     from workers.rows import peak_rss_mb
 
+    keep_large_buffers_out_of_the_heap()
     try:
         decoding = Decoding(requests.recv())
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops with it

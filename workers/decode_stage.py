@@ -22,6 +22,7 @@ crash isolation: for in-process tools and tests).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -48,6 +49,25 @@ log = logging.getLogger(__name__)
 FAULTS_ENV = "VIDPIPE_TEST_FAULTS"
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 _CHILD_START_TIMEOUT_S = 120.0
+
+
+@functools.cache
+def keep_large_buffers_out_of_the_heap(threshold: int = 1 << 20) -> None:
+    """Allocate buffers of ``threshold`` bytes or more with mmap, so that freeing returns them at once.
+
+    glibc otherwise raises its mmap threshold to the size of the first large buffers freed (a chunk's
+    frames, ~10 MB) and serves later ones from the heap, whose fragments make a process's peak RSS
+    creep up over a long video (measured: decoder +23 MB from a 3- to a 27-minute video, +6 MB with
+    this).  A no-op where mallopt does not exist.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL("libc.so.6" if sys.platform.startswith("linux") else ctypes.util.find_library("c"))
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; also turns off glibc's dynamic threshold
+    except (OSError, AttributeError):
+        pass
 
 
 class VideoTimeout(Exception):
@@ -275,6 +295,7 @@ class DecodeStage(Stage):
                             faults=tuple(self.faults.items()))
 
     def setup(self) -> None:
+        keep_large_buffers_out_of_the_heap()
         if self.isolate:
             if self._child is None:
                 self._child = DecoderProcess(self._config())

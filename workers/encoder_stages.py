@@ -32,7 +32,7 @@ class ImageEncoderStage(Stage):
 
     name = "image_encoder"
 
-    def __init__(self, spec: ImageEncoderSpec, *, device: str = "cpu", batch_size: int = 64,
+    def __init__(self, spec: ImageEncoderSpec, *, device: str = "cpu", batch_size: int | None = None,
                  threads: int | None = None, carry: tuple[str, ...] = (), precision: str = "auto") -> None:
         self.spec = spec
         self.precision = precision
