@@ -1,0 +1,46 @@
+"""`vidpipe bench` runs its three measurements on real files and reports consistent numbers (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.cli import main
+from jobs.spec import EXIT_USAGE
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
+    assert main(["bench", str(SAMPLES), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    decode, pipeline, naive = r["decode_only"], r["pipeline"], r["naive"]
+    assert r["files"] == 2 and r["model_id"] == "4a2dd00c4441d743"
+    # the same files, the same sampling: the same video-seconds and segments in every measurement
+    assert pipeline["videos_failed"] == 0
+    assert pipeline["segments"] == decode["segments"] == 16  # 6 for the 5.28 s clip, 10 for the 10 s one
+    assert pipeline["video_s"] == pytest.approx(decode["video_s"], abs=0.05)
+    assert naive["video_s"] == pytest.approx(decode["video_s"], abs=0.2)
+    assert naive["segments"] <= decode["segments"]  # the naive loop keeps one frame per segment, no more
+    for run in (decode, pipeline, naive):
+        assert run["wall_s"] > 0 and run["video_s_per_s"] == pytest.approx(run["video_s"] / run["wall_s"])
+    ratios = r["ratios"]
+    assert ratios["pipeline_over_decode"] == pytest.approx(pipeline["video_s_per_s"] / decode["video_s_per_s"])
+    assert ratios["pipeline_over_naive"] == pytest.approx(pipeline["video_s_per_s"] / naive["video_s_per_s"])
+    assert ratios["orchestration_efficiency"] == pytest.approx(pipeline["video_s_per_s"] / r["ideal_video_s_per_s"])
+    iso = r["isolated_s_per_segment"]
+    assert set(iso) == set(pipeline["stages"]) == {"decode", "image_encoder", "audio_encoder", "head"}
+    assert r["ideal_video_s_per_s"] == pytest.approx(
+        (decode["video_s"] / decode["segments"]) / sum(iso.values()))
+    for name, stage in pipeline["stages"].items():
+        assert stage["workers"] >= 1 and stage["busy_s"] > 0, name
+        assert 0 < stage["busy_fraction"] <= 1.0, name  # a worker cannot be busy longer than the run
+        assert stage["peak_rss_mb"] > 20, name  # every stage reports its worker's memory
+    assert 0.0 <= r["fp32_label_agreement"] <= 1.0 and r["agreement_segments"] > 0
+
+
+def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == EXIT_USAGE
+    assert "at least one video file" in capsys.readouterr().err
