@@ -101,6 +101,12 @@ def _quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_operator_progress_bars = False
+    if os.environ.get("VIDPIPE_RAY_LOGS") != "1":
+        # "execution finished in N seconds" per wave is Ray Data's bookkeeping, not the user's; its
+        # warnings and errors (a dropped block, ...) still show
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # vidpipe prints its own progress line; Ray Data's notice that its bars are off is noise
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
