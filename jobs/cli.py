@@ -15,6 +15,18 @@ _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failu
 2 usage or configuration error, 1 internal error."""
 
 
+def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    """The model, sampling and placement flags that 'run' and 'bench' share (same names, defaults, help)."""
+    p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
+    p.add_argument("--segment-seconds", type=float, metavar="S", help="segment length in seconds (default: bundle's, 1.0)")
+    p.add_argument("--frames-per-segment", type=int, metavar="K", help="frames sampled per segment (default: bundle's, 1)")
+    p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S",
+                   help="video seconds per chunk moving between stages (bounds memory; default 60)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="encoders' arithmetic: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="label every segment of the input videos and write Parquet",
@@ -26,20 +38,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="video files, folders (searched recursively), glob patterns (quote them), "
                         "manifests (.txt/.csv/.parquet) or s3:// URIs")
     p.add_argument("--out", required=True, metavar="OUT", help="output directory")
-    p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
+    _add_pipeline_flags(p)
     p.add_argument("--allow-untrained", action="store_true",
                    help="run an UNTRAINED head instead of the packaged default bundle (labels are meaningless; "
                         "for testing the pipeline)")
-    p.add_argument("--segment-seconds", type=float, metavar="S", help="segment length in seconds (default: bundle's, 1.0)")
-    p.add_argument("--frames-per-segment", type=int, metavar="K", help="frames sampled per segment (default: bundle's, 1)")
-    p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S",
-                   help="video seconds per chunk moving between stages (bounds memory; default 60)")
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: start an embedded local Ray)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
     p.add_argument("--decode-device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: decode on the GPU (NVDEC) where possible, software otherwise (same sampling)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="encoders' arithmetic: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels kept per segment (default 5)")
     p.add_argument("--embeddings", action="store_true", help="also write the fused per-segment embedding")
     p.add_argument("--retry-failed", action="store_true", help="redo videos that failed in an earlier run")
@@ -47,8 +52,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video-timeout", type=float, default=600.0, metavar="S",
                    help="a decode that produces no chunk for S seconds fails that video as 'timeout' (default 600)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                   help="runs of a video that keeps killing its worker before it is recorded as 'worker_crashed' "
-                        "(default 3)")
+                   help="tries of a video that keeps killing its decoder process (or its worker) before it is "
+                        "recorded as 'worker_crashed' (default 3)")
     p.add_argument("--wave-size", type=int, metavar="N",
                    help="videos per Ray Data execution (default: grows from 8x the decoders to ~5-minute waves)")
     p.add_argument("--commit-seconds", type=float, default=60.0, metavar="S",
@@ -167,15 +172,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                     "(b)/(a) and (b)/(c), the orchestration efficiency, and per-stage throughput, busy fraction "
                     "and peak memory.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="local video files, folders or globs")
-    p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
+    _add_pipeline_flags(p)
     p.add_argument("--allow-untrained", action="store_true", help="bench with an untrained head if no bundle exists")
-    p.add_argument("--segment-seconds", type=float, metavar="S")
-    p.add_argument("--frames-per-segment", type=int, metavar="K")
-    p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S")
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster for (b)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline (c)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="encoders' arithmetic")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

@@ -118,7 +118,6 @@ def measure(path: str, sampling: SamplingSpec, chunking: ChunkingSpec, threads: 
 
     stage = DecodeStage(sampling, chunking, threads=threads, video_timeout_s=600)
     stage.setup()
-    assert stage._child is not None
     started = time.perf_counter()
     segments, chunks, failure = 0, 0, None
     for row in stage.decode_video(path, "memcheck"):
@@ -128,7 +127,7 @@ def measure(path: str, sampling: SamplingSpec, chunking: ChunkingSpec, threads: 
         chunks += 1
         segments += int(row["core_end"]) - int(row["core_start"])
     wall = time.perf_counter() - started
-    child_peak = stage._child.peak_rss_mb
+    child_peak = stage.decoder_peak_rss_mb
     stage.close()
     return {"segments": segments, "chunks": chunks, "wall_s": wall, "failure": failure,
             "worker_peak_rss_mb": peak_rss_mb(), "decoder_peak_rss_mb": child_peak}

@@ -323,8 +323,8 @@ class JobRunner:
                 writer.add_failure(Failure(
                     uri=ref.uri, video_id=ref.video_id, stage="worker", error_kind="worker_crashed",
                     message=f"the worker processing this video died in {attempts} runs, the last with this video "
-                            "alone: a crash (e.g. a segfault in a decoder), an out-of-memory kill, or a hang that "
-                            "blocked even the watchdog; see the Ray worker logs",
+                            "alone: a crash of the worker process itself (decoders run in processes of their own), "
+                            "an out-of-memory kill or its node lost; see the Ray worker logs",
                     attempts=attempts))
                 writer.maybe_flush()
             else:

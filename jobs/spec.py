@@ -37,7 +37,7 @@ class JobSpec:
     progress: bool = True
     # Archives and failures (none of these changes a result row; not part of the job's identity):
     video_timeout_s: float | None = 600.0  # decode may work this long without producing a chunk; None: no limit
-    max_attempts: int = 3  # runs of a video whose worker died before it is recorded as worker_crashed
+    max_attempts: int = 3  # tries of a video whose decoder (or worker) died before it is recorded as worker_crashed
     wave_size: int | None = None  # videos per Ray Data execution; None: start small, grow to ~5-minute waves
     commit_seconds: float = 60.0  # commit finished videos at least this often (the most a crash can lose)
     extra: dict[str, Any] = field(default_factory=dict)

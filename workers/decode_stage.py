@@ -144,7 +144,6 @@ class DecoderProcess:
         self._requests: Connection | None = None
         self._results: Connection | None = None
         self.peak_rss_mb = 0.0  # the largest peak RSS any of this worker's decoder children reported
-        self.restarts = 0
 
     def start(self) -> None:
         """Start a child and wait until it has imported PyAV and built its decoder."""
@@ -222,7 +221,6 @@ class DecoderProcess:
                     kind, *rest = results.recv()
                 except (EOFError, OSError):
                     code = self.kill()
-                    self.restarts += 1
                     raise DecoderCrashed(f"the decoder process died ({_exit_text(code)}) after {chunks} chunks") \
                         from None
                 if kind == "row":
@@ -341,11 +339,15 @@ class DecodeStage(Stage):
         if failed:
             yield to_batch(failed)
 
+    @property
+    def decoder_peak_rss_mb(self) -> float:
+        """Peak RSS of this worker's decoder processes so far (0 when decoding in this process)."""
+        return self._child.peak_rss_mb if self._child is not None else 0.0
+
     def account(self, rows: list[Row], busy_s: float) -> None:
         super().account(rows, busy_s)
-        if self._child is not None:  # the worker's memory is its own plus its decoder process's
-            for r in rows:
-                r[f"rss_{self.name}_mb"] += self._child.peak_rss_mb
+        for r in rows:  # the worker's memory is its own plus its decoder process's
+            r[f"rss_{self.name}_mb"] += self.decoder_peak_rss_mb
 
     def decode_video(self, uri: str, video_id: str) -> Iterator[Row]:
         """Yield the chunk rows of one video, or a single failure row (after chunk rows, the caller drops them).

@@ -27,7 +27,7 @@ class StageActor:
 
 
 # Ray Data's default retries an actor task forever when its worker dies: a video that kills every
-# decoder it meets would stall the job.  One retry absorbs a lost node or a one-off kill; past it the
+# worker it meets would stall the job.  One retry absorbs a lost node or a one-off kill; past it the
 # task's block is dropped (the runner sets DataContext.max_errored_blocks) and the runner re-runs
 # the videos that did not come back, isolating the one that keeps killing workers.
 TASK_RETRIES = 1
