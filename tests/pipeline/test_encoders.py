@@ -26,7 +26,14 @@ from pipeline.audio_encoder import (
     mel_window_samples,
 )
 from pipeline.errors import ConfigError, WeightsNotFoundError
-from pipeline.image_encoder import IMAGE_ENCODER_DIMS, ImageEncoder, ImageFeatures, resolve_image_weights
+from pipeline.image_encoder import (
+    IMAGE_ENCODER_DIMS,
+    ImageEncoder,
+    ImageFeatures,
+    _Backbone,
+    _build_full_model,
+    resolve_image_weights,
+)
 from pipeline.specs import IMAGE_ENCODER_NAMES, AudioEncoderSpec, ImageEncoderSpec
 
 SR = 16_000
@@ -100,6 +107,31 @@ def test_image_encoder_shapes(name):
     # A segment's pooled vector is the mean over its K frames.
     np.testing.assert_allclose(one.pooled.reshape(2, 3, d).mean(axis=1), three.pooled, rtol=1e-4, atol=1e-5)
     assert "pooled=(6," in repr(one)
+
+
+@pytest.mark.parametrize("name", IMAGE_ENCODER_NAMES)
+def test_folded_batch_norms_compute_the_same_features(name):
+    """Inference folds every BatchNorm into its convolution; the features stay those of the model as trained."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = _build_full_model(name)
+        for m in full.modules():  # trained-looking statistics, so that folding has something to fold
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 3.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        x = torch.randn(3, 3, IMG, IMG)
+    reference = _Backbone(full, name).eval()
+    folded = _Backbone(pickle.loads(pickle.dumps(full)), name).eval()
+    folded.fold_batch_norms()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    with torch.inference_mode():
+        want, got = reference(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    enc = ImageEncoder(ImageEncoderSpec(name=name))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.module.modules())
 
 
 def test_image_encoder_without_grid_and_empty():
