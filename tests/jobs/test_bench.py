@@ -39,6 +39,14 @@ def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
         assert 0 < stage["busy_fraction"] <= 1.0, name  # a worker cannot be busy longer than the run
         assert stage["peak_rss_mb"] > 20, name  # every stage reports its worker's memory
     assert 0.0 <= r["fp32_label_agreement"] <= 1.0 and r["agreement_segments"] > 0
+    assert pipeline["ray_session_start_s"] >= 0  # reported apart from (b)'s clock
+
+
+def test_bench_text_report_names_what_it_excludes(ray_session, capsys):
+    assert main(["bench", str(SAMPLES / "bbb_5s_51.mp4"), "--skip-naive"]) == 0
+    out = capsys.readouterr().out
+    assert "(b) pipeline" in out and "(c) naive" not in out
+    assert "excludes starting Ray and Ray Data" in out and "orchestration efficiency" in out
 
 
 def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
