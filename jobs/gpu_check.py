@@ -191,28 +191,38 @@ def correctness(video: str, bundle) -> dict[str, Any]:
             "max_abs_prob_diff": float(np.abs(c[3] - g[3]).max()), "model_id": bundle.model_id}
 
 
-def _warm_worker(audio_spec: Any, rate_hz: int) -> None:
-    """Pool initializer: import and JIT-compile the CPU audio features before the clock starts."""
+_CHUNKS: Any = None  # in a decode worker: the queue its chunks go to
+
+
+def _warm_worker(audio_spec: Any, rate_hz: int, chunks: Any = None) -> None:
+    """Pool initializer: keep the chunk queue; import and JIT-compile the CPU audio features before the clock."""
+    global _CHUNKS
+    _CHUNKS = chunks
     if audio_spec is not None:
         from pipeline.audio_encoder import build_audio_encoder
 
         build_audio_encoder(audio_spec, sample_rate_hz=rate_hz).encode(np.zeros((2, rate_hz), np.float32))
 
 
-def _decode_chunks(job: _DecodeJob, audio_spec: Any = None) -> list:
-    """Decode one video; a CPU audio encoder (the classic kind) runs here too, beside its decoder."""
+def _decode_to_queue(job: _DecodeJob, index: int, audio_spec: Any = None) -> int:
+    """Decode one video, sending each chunk on as soon as it is ready; a CPU audio encoder (the classic
+    kind) runs here too, beside its decoder.  A final ``(index, None, None)`` says the video is done."""
     from pipeline.audio_encoder import build_audio_encoder
     from pipeline.decode import VideoDecoder
 
-    chunks = list(VideoDecoder(job.sampling, job.chunking, threads=job.threads).chunks(job.path))
-    if audio_spec is None:
-        return [(c, None) for c in chunks]
-    enc = build_audio_encoder(audio_spec, sample_rate_hz=job.sampling.audio_rate_hz)
-    return [(c, enc.encode(c.audio, c.audio_valid_samples)) for c in chunks]
+    enc = build_audio_encoder(audio_spec, sample_rate_hz=job.sampling.audio_rate_hz) if audio_spec else None
+    for c in VideoDecoder(job.sampling, job.chunking, threads=job.threads).chunks(job.path):
+        _CHUNKS.put((index, c, enc.encode(c.audio, c.audio_valid_samples) if enc is not None else None))
+    _CHUNKS.put((index, None, None))
+    return index
 
 
 def pipeline_inprocess(video: str, bundle, processes: int, copies: int) -> dict[str, Any]:
-    """All cores decode (processes), the main process runs the models on the GPU as chunks arrive."""
+    """All cores decode (processes) and stream chunks to the main process, which runs the models on the GPU.
+
+    The same processes and copies as the decode ceiling, so both see the same waves of videos.
+    """
+    import queue as queue_mod
 
     chunking = ChunkingSpec(64, bundle.head.context_segments)
     img, aud, head = _models(bundle, DEVICE)
@@ -225,23 +235,35 @@ def pipeline_inprocess(video: str, bundle, processes: int, copies: int) -> dict[
     gpu_busy = 0.0
     cpu_audio = bundle.audio if bundle.audio.kind == "classic" else None
     # spawn: the parent holds a CUDA context and torch threads, which forked children must not inherit
-    with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_warm_worker,
-                                initargs=(cpu_audio, bundle.sampling.audio_rate_hz)) as pool:
+    ctx = mp.get_context("spawn")
+    chunks = ctx.Queue(maxsize=4 * processes)  # bounded: decoders wait rather than pile chunks up
+    with cf.ProcessPoolExecutor(processes, mp_context=ctx, initializer=_warm_worker,
+                                initargs=(cpu_audio, bundle.sampling.audio_rate_hz, chunks)) as pool:
         list(pool.map(time.sleep, [0.5] * processes))  # every worker started and warmed before the clock
         t0 = time.time()
-        futures = [pool.submit(_decode_chunks, j, cpu_audio) for j in jobs]
-        for fut in cf.as_completed(futures):
-            for chunk, a_cpu in fut.result():
-                g = time.time()
-                f = img.encode(chunk.frames)
-                a = a_cpu if a_cpu is not None else aud.encode(chunk.audio, chunk.audio_valid_samples)
-                head.label(f.pooled, a, f.grid, first_segment=chunk.first_segment, core_start=chunk.core_start,
-                           core_end=chunk.core_end, is_last=chunk.is_last)
-                _sync()
-                gpu_busy += time.time() - g
-                segments += chunk.core_end - chunk.core_start
-                if chunk.info:
-                    video_s += chunk.info.duration_s
+        futures = [pool.submit(_decode_to_queue, j, i, cpu_audio) for i, j in enumerate(jobs)]
+        done = 0
+        while done < copies:
+            try:
+                _, chunk, a_cpu = chunks.get(timeout=1.0)
+            except queue_mod.Empty:
+                for fut in futures:
+                    if fut.done() and fut.exception() is not None:
+                        raise RuntimeError(f"a decode worker failed: {fut.exception()!r}") from fut.exception()
+                continue
+            if chunk is None:
+                done += 1
+                continue
+            g = time.time()
+            f = img.encode(chunk.frames)
+            a = a_cpu if a_cpu is not None else aud.encode(chunk.audio, chunk.audio_valid_samples)
+            head.label(f.pooled, a, f.grid, first_segment=chunk.first_segment, core_start=chunk.core_start,
+                       core_end=chunk.core_end, is_last=chunk.is_last)
+            _sync()
+            gpu_busy += time.time() - g
+            segments += chunk.core_end - chunk.core_start
+            if chunk.info:
+                video_s += chunk.info.duration_s
         wall = time.time() - t0
     return {"processes": processes, "copies": copies, "wall_s": wall, "video_s_per_s": video_s / wall,
             "segments": segments, "gpu_model_busy_fraction": gpu_busy / wall,
@@ -275,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     _section("decode_nvdec_8", out)(decode_nvdec)(args.video, sampling, 8)
     _section("encoders_cuda", out)(encoders)(DEVICE)
     _section("correctness_cuda_vs_cpu", out)(correctness)(args.video, bundle)
-    pipe = _section("pipeline_inprocess", out)(pipeline_inprocess)(args.video, bundle, cpus - 1, args.copies)
+    pipe = _section("pipeline_inprocess", out)(pipeline_inprocess)(args.video, bundle, cpus, args.copies)
     naive = _section("naive_baseline_gpu", out)(_naive)(args.video, bundle)
     try:
         REPORT["ratios"] = {"pipeline_over_decode_ceiling": pipe["video_s_per_s"] / ceiling["video_s_per_s"],
