@@ -32,6 +32,32 @@ def free_port() -> int:
             return port
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for ``bind(0)`` (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_WORKER_PORTS = 150
+_used_worker_ranges: set[int] = set()
+
+
+def worker_port_base() -> int:
+    """The start of a worker-port range of its own, below the kernel's ephemeral ports.
+
+    Ray binds its agents to the ports :func:`free_port` returns, which come from the ephemeral range; a
+    worker range inside it can contain one of them and ``ray start`` then refuses to start.
+    """
+    slots = max(1, (_ephemeral_low() - 20000) // _WORKER_PORTS)
+    while True:
+        slot = int.from_bytes(os.urandom(2), "big") % slots
+        if slot not in _used_worker_ranges or len(_used_worker_ranges) >= slots:
+            _used_worker_ranges.add(slot)
+            return 20000 + slot * _WORKER_PORTS
+
+
 def cluster_env(**extra: str) -> dict[str, str]:
     """The environment for ``ray``/``vidpipe`` subprocesses: this venv first on PATH, no token auth, quiet."""
     env = dict(os.environ)
@@ -76,11 +102,11 @@ class LocalCluster:
         return self.root / "ray"
 
     def _node_ports(self) -> list[str]:
-        base = 20000 + (free_port() % 200) * 150  # a worker-port range of its own per node
+        base = worker_port_base()
         return ["--node-ip-address=127.0.0.1", f"--node-manager-port={free_port()}",
                 f"--object-manager-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                 f"--dashboard-agent-grpc-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--min-worker-port={base}", f"--max-worker-port={base + 149}",
+                f"--metrics-export-port={free_port()}", f"--min-worker-port={base}", f"--max-worker-port={base + _WORKER_PORTS - 1}",
                 "--object-store-memory=300000000", "--disable-usage-stats"]
 
     def _start(self, args: list[str], cpus: int, name: str) -> Node:
