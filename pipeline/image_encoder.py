@@ -339,8 +339,10 @@ class _Backbone(nn.Module):
     def fold_batch_norms(self) -> None:
         """Fold BatchNorm layers into the convolutions before them, for inference.
 
-        The same function up to float rounding (measured: largest difference 1e-5 relative in float32),
-        and 3-35 % faster on CPU: under bf16 autocast every BatchNorm ran in float32, with two casts.
+        The same function up to float rounding (measured in float32: at most 4e-6 relative) and faster on
+        CPU, since under bf16 autocast every BatchNorm ran in float32 between two casts (one thread, bf16,
+        batch 8: resnet18 3 %, efficientnet_b0 16 %, mobilenet_v3_large 19 %; efficientnet_lite0 about
+        45 % together with its in-place ReLU6).
         """
         if isinstance(self.features, _LiteTrunk):
             self.features.full.fold_batch_norms()
