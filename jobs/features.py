@@ -36,7 +36,7 @@ from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT_VERSION = 2  # 2: image features of the BatchNorm-folded encoders (bf16 rounds differently)
+FEATURE_FORMAT_VERSION = 3  # 2: BatchNorm-folded image encoders; 3: classic audio features per segment
 # Features do not need head context: chunks of 64 segments without overlap keep memory bounded.
 _FEATURE_CHUNKING = ChunkingSpec(core_segments=64, context_segments=0)
 

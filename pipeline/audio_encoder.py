@@ -5,8 +5,9 @@ Two kinds (``AudioEncoderSpec.kind``):
 * ``"cnn"`` — :class:`AudioEncoder`: log-mel spectrogram (torchaudio, computed on the encoder's device)
   fed to :class:`AudioCNN`, a PANNs-style CNN (Kong et al. 2020, Cnn10-like).  Its weights come from the
   model bundle; without them it is a seeded random init.
-* ``"classic"`` — :class:`ClassicAudioEncoder`: CPU-cheap librosa statistics, no torch model
-  (see :data:`CLASSIC_FEATURE_NAMES` for the layout of its :data:`CLASSIC_AUDIO_DIM` = 74 values).
+* ``"classic"`` — :class:`ClassicAudioEncoder`: CPU-cheap MFCC / chroma / spectral statistics
+  (librosa's definitions, computed per segment in numpy by :mod:`pipeline.classic_audio`), no torch
+  model (see :data:`CLASSIC_FEATURE_NAMES` for the layout of its :data:`CLASSIC_AUDIO_DIM` = 74 values).
 
 The log-mel is ``log(mel_power + 1e-6)`` (natural log of the HTK-scale mel power spectrogram, no
 normalisation), so a silent segment is ``log(1e-6) ~ -13.8`` everywhere, finite.  Training code
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import classic_audio
 from pipeline.errors import ConfigError
 from pipeline.media import AUDIO_RATE_HZ
 from pipeline.precision import Precision, check_precision, uses_bf16
@@ -376,7 +378,8 @@ CHROMA_WINDOW_S = 0.128  # chroma needs finer frequency resolution than the 25 m
 
 
 class ClassicAudioEncoder:
-    """librosa statistics per segment (the ``"classic"`` kind): 74 floats, no torch model, always on the CPU.
+    """MFCC, chroma and spectral statistics per segment (the ``"classic"`` kind): 74 floats, no torch model,
+    always on the CPU.  Each segment's features depend on its own samples only (not on the batch).
 
     Frames use the spec's window/hop (chroma: a 128 ms FFT, same hop); each frame-level feature is reduced
     to its mean and standard deviation over the valid frames.  ``device``/``threads`` are accepted for a
@@ -392,7 +395,7 @@ class ClassicAudioEncoder:
         batch_size: int = 256,
         threads: int | None = None,
         state_dict: Mapping[str, torch.Tensor] | None = None,
-        precision: Precision = "auto",  # accepted for a uniform interface; librosa computes in float32
+        precision: Precision = "auto",  # accepted for a uniform interface; features are float32 (FFTs float64)
     ) -> None:
         check_precision(precision)
         if spec.kind != "classic":
@@ -426,9 +429,10 @@ class ClassicAudioEncoder:
         return CLASSIC_AUDIO_DIM
 
     def setup(self) -> None:
-        """Import librosa (slow to import, so not at module import) and warm its filter caches."""
-        import librosa  # noqa: F401
-
+        """Build the filterbanks (cached per process)."""
+        classic_audio.mel_filterbank(self.sample_rate_hz, self.win_samples, self.spec.n_mels, self.spec.f_min_hz,
+                                     self.spec.f_max_hz)
+        classic_audio.chroma_filterbank(self.sample_rate_hz, self.chroma_n_fft)
         self._ready = True
 
     def encode(self, audio: np.ndarray, valid_samples: np.ndarray | None = None) -> np.ndarray:
@@ -445,44 +449,13 @@ class ClassicAudioEncoder:
         return out
 
     def _features(self, y: np.ndarray, valid_frames: np.ndarray) -> np.ndarray:
-        import librosa
-
-        sr, win, hop = self.sample_rate_hz, self.win_samples, self.hop_samples
-        spec = self.spec
-        stft = librosa.stft(y, n_fft=win, hop_length=hop, win_length=win, center=True, pad_mode="constant")
-        mag = np.abs(stft)  # [B, 1 + win // 2, T]
-        power = mag**2
-        mel = librosa.feature.melspectrogram(
-            S=power, sr=sr, n_fft=win, n_mels=spec.n_mels, fmin=spec.f_min_hz, fmax=spec.f_max_hz
+        frames = classic_audio.frame_features(
+            y, sample_rate_hz=self.sample_rate_hz, win=self.win_samples, hop=self.hop_samples,
+            chroma_n_fft=self.chroma_n_fft, n_mels=self.spec.n_mels, f_min_hz=self.spec.f_min_hz,
+            f_max_hz=self.spec.f_max_hz,
         )
-        mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=20)
-        chroma_power = (
-            np.abs(librosa.stft(y, n_fft=self.chroma_n_fft, hop_length=hop, center=True, pad_mode="constant"))
-            ** 2
-        )
-        chroma = librosa.feature.chroma_stft(
-            S=chroma_power, sr=sr, n_fft=self.chroma_n_fft, tuning=0.0, n_chroma=12
-        )
-        centroid = librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=win) / 1000.0
-        bandwidth = librosa.feature.spectral_bandwidth(S=mag, sr=sr, n_fft=win) / 1000.0
-        rolloff = librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=win) / 1000.0
-        zcr = librosa.feature.zero_crossing_rate(y, frame_length=win, hop_length=hop, center=True)
-        rms = librosa.feature.rms(y=y, frame_length=win, hop_length=hop, center=True, pad_mode="constant")
-
-        n_t = mag.shape[-1]
-        mask = (np.arange(n_t)[None, :] < np.minimum(valid_frames, n_t)[:, None]).astype(np.float64)[
-            :, None, :
-        ]
-        count = mask.sum(axis=2)
-        stats: list[np.ndarray] = []
-        for feat in (mfcc, chroma, centroid, bandwidth, rolloff, zcr, rms):
-            f = feat[..., :n_t].astype(np.float64)
-            mean = (f * mask).sum(axis=2) / count
-            std = np.sqrt((((f - mean[..., None]) * mask) ** 2).sum(axis=2) / count)
-            stats.extend([mean, std])
-        out = np.concatenate(stats, axis=1).astype(np.float32)
-        # librosa normalises near-silent frames by ~0 in places (chroma, centroid); silence must stay finite.
-        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        # near-silent frames normalise by ~0 in places (chroma, centroid): silence stays finite (zeros)
+        return classic_audio.segment_statistics(frames, valid_frames)
 
 
 def build_audio_encoder(spec: AudioEncoderSpec, **kwargs: Any) -> AudioEncoder | ClassicAudioEncoder:

@@ -61,7 +61,7 @@ class ImageEncoderSpec(_DictMixin):
 
 @dataclass(frozen=True)
 class AudioEncoderSpec(_DictMixin):
-    """Log-mel (torchaudio, on the encoder's device) + a PANNs-style CNN, or classic librosa features.
+    """Log-mel (torchaudio, on the encoder's device) + a PANNs-style CNN, or classic MFCC / chroma / spectral features.
 
     The CNN's weights live in the model bundle (``audio.*`` tensors); without them it is seeded-random.
     """

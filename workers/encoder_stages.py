@@ -103,8 +103,8 @@ class AudioEncoderStage(Stage):
                                       batch_size=self.batch_size, threads=self.threads,
                                       state_dict=self.state_dict, precision=self.precision)
         encoder.setup()
-        # The first call pays one-time costs (librosa's lazy imports and numba compilation: 1.6 s for
-        # the classic encoder on 2 cores); pay them here, while the first chunk is still decoding.
+        # The first call pays one-time costs (torch's kernel selection and allocator for the CNN, numpy's
+        # FFT plans for the classic features); pay them here, while the first chunk is still decoding.
         warm = np.random.default_rng(0).standard_normal((1, self.sample_rate_hz)).astype(np.float32) * 0.1
         encoder.encode(warm, np.array([self.sample_rate_hz], np.int32))
         self._encoder, self._dim = encoder, encoder.dim

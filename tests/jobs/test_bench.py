@@ -17,7 +17,7 @@ def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
     assert main(["bench", str(SAMPLES), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     decode, pipeline, naive = r["decode_only"], r["pipeline"], r["naive"]
-    assert r["files"] == 2 and r["model_id"] == "f11ba08ed50718c9"
+    assert r["files"] == 2 and r["model_id"] == "1434b10b7b367cd4"
     # the same files, the same sampling: the same video-seconds and segments in every measurement
     assert pipeline["videos_failed"] == 0
     assert pipeline["segments"] == decode["segments"] == 16  # 6 for the 5.28 s clip, 10 for the 10 s one

@@ -100,13 +100,16 @@ def test_other_sampling_on_same_out_is_refused(first_run, capsys):
     assert "already holds results of another job" in capsys.readouterr().err
 
 
-def test_chunked_and_whole_runs_give_identical_labels(shared_media, tmp_path, ray_session):
-    clip = shared_media / "bikes_noaudio.mp4"
+@pytest.mark.parametrize("clip_name, bundle", [("bikes_noaudio.mp4", "untrained"), ("bbb_clip_720p.mp4", "default")])
+def test_chunked_and_whole_runs_give_identical_labels(shared_media, tmp_path, ray_session, clip_name, bundle):
+    """One chunk or many: the same labels and scores (the default bundle's audio features included)."""
+    clip = shared_media / clip_name
+    untrained = bundle == "untrained"
     results = []
     for chunk_seconds in (16, 600):
         out = tmp_path / f"o{chunk_seconds}"
-        spec = JobSpec(inputs=[str(clip)], out=str(out), allow_untrained=True, chunk_seconds=chunk_seconds,
-                       progress=False, segment_seconds=0.5)
+        spec = JobSpec(inputs=[str(clip)], out=str(out), allow_untrained=untrained, chunk_seconds=chunk_seconds,
+                       progress=False, segment_seconds=0.5 if untrained else None)
         JobRunner(spec).run()
         results.append(run_query(out, "SELECT segment_index, label, score FROM segments ORDER BY 1").to_pylist())
     whole, chunked = results

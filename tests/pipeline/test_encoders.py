@@ -352,8 +352,75 @@ def test_audio_encoder_pickles_and_builds_by_kind():
 
 @pytest.fixture(scope="module")
 def classic() -> ClassicAudioEncoder:
-    pytest.importorskip("librosa")
     return ClassicAudioEncoder(AudioEncoderSpec(kind="classic"), batch_size=8)
+
+
+def _real_audio(media: Path, seconds: int = 5) -> np.ndarray:
+    """``[seconds, SR]`` float32: the sound track of a real clip, decoded and resampled to 16 kHz mono by PyAV."""
+    import av
+
+    out = []
+    with av.open(str(media / "bbb_5s_51.mp4")) as c:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SR)
+        for frame in c.decode(audio=0):
+            out.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(frame))
+    samples = np.concatenate(out)[: seconds * SR]
+    assert len(samples) == seconds * SR
+    return samples.reshape(seconds, SR)
+
+
+def _librosa_frame_features(y: np.ndarray, enc: ClassicAudioEncoder) -> list[np.ndarray]:
+    """librosa's own frame-level features of one segment, as the classic encoder defines them: ``[T, k]`` each."""
+    librosa = pytest.importorskip("librosa")
+    sr, win, hop, n_fft, spec = SR, enc.win_samples, enc.hop_samples, enc.chroma_n_fft, enc.spec
+    mag = np.abs(librosa.stft(y, n_fft=win, hop_length=hop, win_length=win, center=True, pad_mode="constant"))
+    mel = librosa.feature.melspectrogram(S=mag**2, sr=sr, n_fft=win, n_mels=spec.n_mels, fmin=spec.f_min_hz,
+                                         fmax=spec.f_max_hz)
+    chroma_power = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, center=True, pad_mode="constant")) ** 2
+    feats = [
+        librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=20),
+        librosa.feature.chroma_stft(S=chroma_power, sr=sr, n_fft=n_fft, tuning=0.0, n_chroma=12),
+        librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=win) / 1000.0,
+        librosa.feature.spectral_bandwidth(S=mag, sr=sr, n_fft=win) / 1000.0,
+        librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=win) / 1000.0,
+        librosa.feature.zero_crossing_rate(y, frame_length=win, hop_length=hop, center=True),
+        librosa.feature.rms(y=y, frame_length=win, hop_length=hop, center=True, pad_mode="constant"),
+    ]
+    return [f.T for f in feats]
+
+
+def test_classic_features_are_librosas_computed_per_segment(classic, shared_media):
+    """Our numpy features against librosa itself, one segment at a time: real sound, tones, noise, silence."""
+    from pipeline import classic_audio
+
+    rng = np.random.default_rng(3)
+    audio = np.concatenate([
+        _real_audio(shared_media),
+        np.stack([_tone(440.0), _noise(), np.zeros(SR, np.float32),
+                  (1e-7 * rng.standard_normal(SR)).astype(np.float32),  # below the zero-crossing threshold
+                  np.concatenate([_tone(220.0, 0.3), np.zeros(SR - int(0.3 * SR), np.float32)])]),
+    ])
+    blocks = ("mfcc", "chroma", "centroid", "bandwidth", "rolloff", "zero crossing rate", "rms")
+    ours = classic_audio.frame_features(
+        audio, sample_rate_hz=SR, win=classic.win_samples, hop=classic.hop_samples,
+        chroma_n_fft=classic.chroma_n_fft, n_mels=classic.spec.n_mels, f_min_hz=classic.spec.f_min_hz,
+        f_max_hz=classic.spec.f_max_hz)
+    for i, y in enumerate(audio):
+        for name, theirs, mine in zip(blocks, _librosa_frame_features(y, classic), ours, strict=True):
+            assert mine[i].shape == theirs.shape, name
+            scale = max(float(np.abs(theirs).max()), 1e-3)
+            assert np.abs(mine[i] - theirs).max() <= 1e-5 * scale, f"{name}, segment {i}"
+
+
+def test_classic_features_of_a_segment_do_not_depend_on_its_neighbours(classic, shared_media):
+    """A quiet second gets the same features alone, beside loud ones, in any batch: chunking cannot change
+    them.  (librosa's power_to_db on a batch floors every segment 80 dB below the loudest one.)"""
+    quiet = (1e-4 * _tone(330.0)).astype(np.float32)
+    loud = (0.9 * _noise()).astype(np.float32)
+    alone = classic.encode(quiet[None])
+    for batch in (np.stack([loud, quiet]), np.stack([quiet, loud, loud]), np.concatenate([_real_audio(shared_media), quiet[None]])):
+        where = next(i for i, row in enumerate(batch) if np.array_equal(row, quiet))
+        np.testing.assert_allclose(classic.encode(batch)[where], alone[0], rtol=1e-5, atol=1e-6)
 
 
 def test_classic_dims_and_silence(classic):
