@@ -286,6 +286,81 @@ def test_audio_is_placed_by_its_timestamps(media_dir: Path) -> None:
     assert rms(rows["audio"][1, 8_020:]) > 0.3 and (rms(rows["audio"][2:]) > 0.3).all()
 
 
+def _write_pcm_with_jumps(path: Path, jumps: dict[int, int], duration_s: float = 4.0) -> Path:
+    """25 fps video + 48 kHz stereo PCM in 1024-sample blocks; block i starts jumps[i] samples late (or early)."""
+    import av
+
+    rate, block = 48_000, 1024
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("pcm_s16le", rate=rate)
+        audio.layout = "stereo"
+        pts, i = 0, 0
+        blocks = []
+        while pts < (duration_s + 0.5) * rate:
+            pts += jumps.get(i, 0)
+            blocks.append(pts)
+            pts, i = pts + block, i + 1
+        for n in range(int(duration_s * 25)):
+            while blocks and blocks[0] <= n * rate // 25:
+                data = rng.integers(-8000, 8000, (1, 2 * block), dtype=np.int16)
+                frame = av.AudioFrame.from_ndarray(data, format="s16", layout="stereo")
+                frame.sample_rate, frame.pts = rate, blocks.pop(0)
+                out.mux(audio.encode(frame))
+            picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), n, dtype=np.uint8), format="rgb24")
+            picture.pts = n
+            out.mux(video.encode(picture))
+        out.mux(video.encode(None))
+        for pts in blocks:
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 2 * block), dtype=np.int16), format="s16", layout="stereo")
+            frame.sample_rate, frame.pts = rate, pts
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    return path
+
+
+def test_audio_timestamp_jumps_over_10ms_leave_a_gap_smaller_ones_do_not(media_dir: Path) -> None:
+    # +-5 ms (240 samples at 48 kHz) are absorbed: frames are laid back to back; +0.5 s is a real gap.
+    path = _write_pcm_with_jumps(media_dir / "jumps.mkv", {10: 240, 20: -240, 100: 24_000})
+    rows = core_rows(decode(path))
+    valid = rows["audio_valid_samples"]
+    assert (valid[[0, 1, 3]] == 16_000).all(), valid
+    # Block 100 starts 0.5 s late, at 2.14 s (Matroska rounds timestamps to 1 ms: +-16 samples).
+    assert abs(valid[2] - 8_000) <= 16, valid
+    # The silence is where the gap is: the longest run of zeros, from 100 * 1024 / 3 - 32_000 on
+    # (less the resampler's filter delay, 16 samples).
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], (rows["audio"][2] == 0).astype(np.int8), [0]])))
+    runs = edges.reshape(-1, 2)
+    start, end = runs[np.argmax(runs[:, 1] - runs[:, 0])]
+    assert abs(start - (100 * 1024 / 3 - 32_000)) <= 32 and abs(end - start - 8_000) <= 16, (start, end)
+
+
+def test_resampled_audio_is_read_without_its_padding() -> None:
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
+    rng = np.random.default_rng(1)
+    frames = []
+    for n in (1024, 1000, 7, 4096, 333):
+        src = av.AudioFrame.from_ndarray(rng.uniform(-1, 1, (2, n)).astype(np.float32), format="fltp", layout="stereo")
+        src.sample_rate = 48_000
+        frames += resampler.resample(src)
+    frames += resampler.resample(None)
+    padded = 0
+    for frame in frames:
+        samples = decode_mod._mono_samples(frame)
+        expected = frame.to_ndarray().reshape(-1)
+        assert samples.dtype == np.float32 and samples.shape == (frame.samples,)
+        np.testing.assert_array_equal(samples, expected)
+        padded += frame.planes[0].buffer_size > 4 * frame.samples
+    assert padded  # FFmpeg aligns its buffers: the plane is longer than the samples
+    # Anything but packed float mono falls back to to_ndarray.
+    stereo = av.AudioFrame.from_ndarray(np.arange(8, dtype=np.float32).reshape(1, 8), format="flt", layout="stereo")
+    np.testing.assert_array_equal(decode_mod._mono_samples(stereo), np.arange(8, dtype=np.float32))
+
+
 def test_silent_audio_track_is_audio(media_dir: Path) -> None:
     path = mf.make_video(media_dir / "silence.mp4", duration_s=2.0, size=(96, 96), audio="silence")
     chunks = decode(path)
