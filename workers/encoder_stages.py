@@ -57,8 +57,8 @@ class _Overlap:
         self._bytes = 0
         self.reused = 0  # segments not encoded again (for tests and metrics)
 
-    def known(self, row: Row) -> np.ndarray:
-        """Which of ``row``'s segments are kept (a boolean mask over its rows)."""
+    def known(self, row: Row) -> tuple[np.ndarray, tuple[int, dict[str, np.ndarray]] | None]:
+        """Which of ``row``'s segments are kept (a boolean mask over its rows), and what is kept."""
         n = len(row["start_s"])
         first = int(row["first_segment"])
         mask = np.zeros(n, dtype=bool)
@@ -69,23 +69,25 @@ class _Overlap:
             lo, hi = max(first, k_first), min(first + n, k_first + k_n)
             if lo < hi:
                 mask[lo - first : hi - first] = True
-        return mask
+        return mask, kept
 
-    def merge(self, row: Row, known: np.ndarray, fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The full columns of ``row``: ``fresh`` values for its unknown segments, kept ones for the rest."""
-        video_id, first, n = str(row["video_id"]), int(row["first_segment"]), len(known)
-        if known.any():
-            k_first, values = self._kept[video_id]
-            rows = np.arange(n)[known] + first - k_first
+    def merge(self, row: Row, known: tuple[np.ndarray, tuple[int, dict[str, np.ndarray]] | None],
+              fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The full columns of ``row``: ``fresh`` values for its unknown segments, kept ones for the rest
+        (``known`` as :meth:`known` gave it, before any row of the same batch was merged)."""
+        mask, kept = known
+        video_id, first, n = str(row["video_id"]), int(row["first_segment"]), len(mask)
+        full = fresh
+        if kept is not None and mask.any():
+            k_first, values = kept
+            rows = np.arange(n)[mask] + first - k_first
             full = {}
             for name, part in fresh.items():
                 col = np.empty((n, *part.shape[1:]), dtype=part.dtype)
-                col[~known] = part
-                col[known] = values[name][rows]
+                col[~mask] = part
+                col[mask] = values[name][rows]
                 full[name] = col
-            self.reused += int(known.sum())
-        else:
-            full = fresh
+            self.reused += int(mask.sum())
         self._forget(video_id)
         if not bool(row["is_last"]):
             core_start, core_end = int(row["core_start"]), int(row["core_end"])
@@ -146,8 +148,8 @@ class ImageEncoderStage(Stage):
         if encoder is None:
             raise RuntimeError("image encoder did not set up")
         overlap = self._overlap
-        known = [overlap.known(r) if overlap is not None else np.zeros(len(r["frames"]), bool) for r in rows]
-        todo = [np.asarray(r["frames"])[~k] for r, k in zip(rows, known, strict=True)]
+        known = [overlap.known(r) if overlap is not None else (np.zeros(len(r["frames"]), bool), None) for r in rows]
+        todo = [np.asarray(r["frames"])[~k] for r, (k, _) in zip(rows, known, strict=True)]
         lengths = [len(t) for t in todo]
         feats = encoder.encode(np.concatenate(todo))
         pooled = _split(feats.pooled, lengths)
@@ -213,9 +215,9 @@ class AudioEncoderStage(Stage):
         if encoder is None:
             raise RuntimeError("audio encoder did not set up")
         overlap = self._overlap
-        known = [overlap.known(r) if overlap is not None else np.zeros(len(r["audio"]), bool) for r in rows]
-        audio = [np.asarray(r["audio"], np.float32)[~k] for r, k in zip(rows, known, strict=True)]
-        valid = [np.asarray(r["audio_valid_samples"], np.int32)[~k] for r, k in zip(rows, known, strict=True)]
+        known = [overlap.known(r) if overlap is not None else (np.zeros(len(r["audio"]), bool), None) for r in rows]
+        audio = [np.asarray(r["audio"], np.float32)[~k] for r, (k, _) in zip(rows, known, strict=True)]
+        valid = [np.asarray(r["audio_valid_samples"], np.int32)[~k] for r, (k, _) in zip(rows, known, strict=True)]
         lengths = [len(a) for a in audio]
         emb = encoder.encode(np.concatenate(audio), np.concatenate(valid))
         parts = _split(np.asarray(emb, np.float32), lengths)

@@ -91,3 +91,20 @@ def test_overlap_is_not_reused_across_different_videos_or_out_of_order(bundle, c
     assert image._overlap.reused == 0
     image.process_rows([rows[2]])  # the chunk right after rows[1]: its first 8 rows are known
     assert image._overlap.reused == 8
+
+
+def test_several_chunks_of_one_video_in_one_batch(bundle, chunk_rows):
+    """A batch may hold consecutive chunks of a video (larger batches): each is merged with what was kept
+    before the batch, and the result is still the fresh encoder's."""
+    torch.set_num_threads(1)
+    reusing, _ = _stages(bundle, "bf16")
+    fresh, _ = _stages(bundle, "bf16")
+    fresh._overlap = None
+    rows = chunk_rows["bbb_clip_720p.mp4"]
+    reusing.process_rows([rows[1]])  # keeps segments 12..20
+    batch = [rows[2], rows[3], rows[1]]  # a retried video yields its chunks again, from the first
+    got = reusing.process_rows(batch)
+    want = fresh.process_rows(batch)
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g["image_emb"], w["image_emb"])
+    assert reusing._overlap is not None and reusing._overlap.reused == 8 + 8  # rows[2] and rows[1] each reuse 12..20
