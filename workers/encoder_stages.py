@@ -14,7 +14,9 @@ On CUDA, where cuDNN may choose its algorithm by batch size, every segment is en
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,36 +44,50 @@ def _split(values: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
     return np.split(values, np.cumsum(lengths)[:-1]) if lengths else []
 
 
+_Kept = tuple[int, dict[str, np.ndarray], list[bytes]]  # first segment, embeddings, digests of their inputs
+
+
 class _Overlap:
     """Per video, the embeddings of the last chunk's rows that the next chunk will repeat.
 
     The next chunk of a video starts ``context`` segments before this one's core ends, and this one
     holds up to ``context`` segments past it: those rows are kept (a video's first chunk keeps its
-    whole core).  Memory is capped (least recently used videos go first); a video's entry goes when
-    its last chunk has passed.
+    whole core).  An embedding is reused only where the segment's input is the same bytes as when it
+    was encoded (a digest of its frames, or of its samples and valid count): a chunk can go out before
+    its right context's audio has arrived (the audio lags), and the next chunk then has that audio.
+    Memory is capped (least recently used videos go first); a video's entry goes when its last chunk
+    has passed.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, inputs: Callable[[Row], list[np.ndarray]], max_bytes: int = 64 << 20) -> None:
+        self.inputs = inputs  # a row's per-segment input arrays (the same first dimension)
         self.max_bytes = max_bytes
-        self._kept: OrderedDict[str, tuple[int, dict[str, np.ndarray]]] = OrderedDict()
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._bytes = 0
         self.reused = 0  # segments not encoded again (for tests and metrics)
 
-    def known(self, row: Row) -> tuple[np.ndarray, tuple[int, dict[str, np.ndarray]] | None]:
-        """Which of ``row``'s segments are kept (a boolean mask over its rows), and what is kept."""
+    def _digest(self, arrays: list[np.ndarray], i: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for a in arrays:
+            h.update(np.ascontiguousarray(a[i]).data)
+        return h.digest()
+
+    def known(self, row: Row) -> tuple[np.ndarray, _Kept | None]:
+        """Which of ``row``'s segments are kept with the same input (a boolean mask over its rows), and
+        what is kept."""
         n = len(row["start_s"])
         first = int(row["first_segment"])
         mask = np.zeros(n, dtype=bool)
         kept = self._kept.get(str(row["video_id"]))
         if kept is not None:
-            k_first, values = kept
-            k_n = len(next(iter(values.values())))
-            lo, hi = max(first, k_first), min(first + n, k_first + k_n)
-            if lo < hi:
-                mask[lo - first : hi - first] = True
+            k_first, _, digests = kept
+            lo, hi = max(first, k_first), min(first + n, k_first + len(digests))
+            arrays = self.inputs(row)
+            for seg in range(lo, hi):
+                mask[seg - first] = self._digest(arrays, seg - first) == digests[seg - k_first]
         return mask, kept
 
-    def merge(self, row: Row, known: tuple[np.ndarray, tuple[int, dict[str, np.ndarray]] | None],
+    def merge(self, row: Row, known: tuple[np.ndarray, _Kept | None],
               fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The full columns of ``row``: ``fresh`` values for its unknown segments, kept ones for the rest
         (``known`` as :meth:`known` gave it, before any row of the same batch was merged)."""
@@ -79,7 +95,7 @@ class _Overlap:
         video_id, first, n = str(row["video_id"]), int(row["first_segment"]), len(mask)
         full = fresh
         if kept is not None and mask.any():
-            k_first, values = kept
+            k_first, values, _ = kept
             rows = np.arange(n)[mask] + first - k_first
             full = {}
             for name, part in fresh.items():
@@ -89,14 +105,16 @@ class _Overlap:
                 full[name] = col
             self.reused += int(mask.sum())
         self._forget(video_id)
-        if not bool(row["is_last"]):
-            core_start, core_end = int(row["core_start"]), int(row["core_end"])
+        core_start, core_end = int(row["core_start"]), int(row["core_end"])
+        if not bool(row["is_last"]) and first + n > core_end:  # no right context: no overlap to keep
             # The next chunk starts `context` segments before this core's end; a first chunk (no left
             # context to tell `context` by) keeps its whole core.
             next_first = core_end - (core_start - first) if core_start > first else core_start
             keep_from = min(max(0, next_first - first), n)
             tail = {name: col[keep_from:].copy() for name, col in full.items()}
-            self._kept[video_id] = (first + keep_from, tail)
+            arrays = self.inputs(row)
+            digests = [self._digest(arrays, i) for i in range(keep_from, n)]
+            self._kept[video_id] = (first + keep_from, tail, digests)
             self._bytes += sum(v.nbytes for v in tail.values())
             while self._bytes > self.max_bytes and self._kept:
                 self._forget(next(iter(self._kept)))
@@ -128,7 +146,7 @@ class ImageEncoderStage(Stage):
         self._encoder = ImageEncoder(self.spec, device=self.device, batch_size=self.batch_size, threads=self.threads,
                                      precision=self.precision)  # type: ignore[arg-type]
         self._encoder.setup()
-        self._overlap = _Overlap() if torch_device_type(self.device) == "cpu" else None
+        self._overlap = _Overlap(lambda r: [np.asarray(r["frames"])]) if torch_device_type(self.device) == "cpu" else None
 
     def empty_outputs(self) -> Row:
         d = IMAGE_ENCODER_DIMS[self.spec.name]
@@ -163,6 +181,10 @@ class ImageEncoderStage(Stage):
         return out
 
 
+def _audio_inputs(row: Row) -> list[np.ndarray]:
+    return [np.asarray(row["audio"], np.float32), np.asarray(row["audio_valid_samples"], np.int32)]
+
+
 class AudioEncoderStage(Stage):
     """Audio samples → ``audio_emb`` [n, D]."""
 
@@ -195,7 +217,7 @@ class AudioEncoderStage(Stage):
         encoder.encode(warm, np.array([self.sample_rate_hz], np.int32))
         self._encoder, self._dim = encoder, encoder.dim
         on_cpu = isinstance(encoder, ClassicAudioEncoder) or torch_device_type(self.device) == "cpu"
-        self._overlap = _Overlap() if on_cpu else None
+        self._overlap = _Overlap(_audio_inputs) if on_cpu else None
 
     def empty_outputs(self) -> Row:
         dim = self._dim or build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz).dim

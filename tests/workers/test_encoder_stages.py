@@ -108,3 +108,25 @@ def test_several_chunks_of_one_video_in_one_batch(bundle, chunk_rows):
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g["image_emb"], w["image_emb"])
     assert reusing._overlap is not None and reusing._overlap.reused == 8 + 8  # rows[2] and rows[1] each reuse 12..20
+
+
+def test_overlap_is_not_reused_where_the_input_changed(bundle, chunk_rows):
+    """A chunk may go out before its right context's audio has arrived (audio lagging the video in the
+    file); the next chunk then has that audio, and its embeddings must be computed from it."""
+    torch.set_num_threads(1)
+    image, audio = _stages(bundle, "bf16")
+    fresh = _stages(bundle, "bf16")
+    rows = chunk_rows["bbb_clip_720p.mp4"]
+    early = dict(rows[1])
+    early["audio"] = np.array(early["audio"], copy=True)
+    early["audio_valid_samples"] = np.array(early["audio_valid_samples"], copy=True)
+    early["audio"][-4:] = 0.0  # its right context (4 segments) without audio yet
+    early["audio_valid_samples"][-4:] = 0
+    _encode((image, audio), early)
+    got = _encode((image, audio), rows[2])
+    fresh[0]._overlap = fresh[1]._overlap = None
+    want = _encode(fresh, rows[2])
+    assert np.array_equal(got["audio_emb"], want["audio_emb"])
+    assert np.array_equal(got["image_emb"], want["image_emb"])
+    assert audio._overlap is not None and image._overlap is not None
+    assert audio._overlap.reused == 4 and image._overlap.reused == 8  # the frames were the same all along
