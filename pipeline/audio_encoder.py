@@ -375,6 +375,7 @@ CLASSIC_FEATURE_NAMES: tuple[str, ...] = _classic_names()
 C..B mean, chroma C..B std, then centroid / bandwidth / rolloff in kHz, zero-crossing rate, RMS: mean, std)."""
 CLASSIC_AUDIO_DIM = len(CLASSIC_FEATURE_NAMES)  # 74
 CHROMA_WINDOW_S = 0.128  # chroma needs finer frequency resolution than the 25 ms mel window gives
+CLASSIC_BLOCK_SEGMENTS = 32  # segments per feature computation (memory; values do not depend on it)
 
 
 class ClassicAudioEncoder:
@@ -444,7 +445,9 @@ class ClassicAudioEncoder:
         n_frames = 1 + length // self.hop_samples
         valid = valid_mel_frames(valid_samples, n, n_frames, self.hop_samples)
         out = np.zeros((n, self.dim), dtype=np.float32)
-        for start, batch in _audio_batches(audio, self.batch_size):
+        # Each segment stands alone, so blocks change no value; small blocks bound the FFTs' memory
+        # (the 128 ms chroma FFT in float64: ~3.4 MB per segment).
+        for start, batch in _audio_batches(audio, min(self.batch_size, CLASSIC_BLOCK_SEGMENTS)):
             out[start : start + len(batch)] = self._features(batch, valid[start : start + len(batch)])
         return out
 

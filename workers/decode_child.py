@@ -27,7 +27,10 @@ from multiprocessing.connection import Connection
 class _Sender:
     """Sends results in order from a thread; ``send`` blocks while one result already waits.
 
-    A result pipe that breaks means the worker is gone: the process ends at once.
+    A result pipe that breaks means the worker is gone: the process ends at once.  Any other failure
+    to send (a row that cannot be pickled, no memory for its bytes) ends it too, with the error in
+    the log: the worker sees the decoder die and retries the video in a fresh one, as after a crash
+    (the results after a lost one could not be trusted to belong where the worker would put them).
     """
 
     def __init__(self, results: Connection) -> None:
@@ -45,6 +48,10 @@ class _Sender:
                 self._results.send(message)
             except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
                 os._exit(0)
+            except BaseException:  # noqa: BLE001 - see the class docstring
+                logging.getLogger(__name__).exception("could not send a result to the decode worker")
+                logging.shutdown()
+                os._exit(70)
             finally:
                 self._queue.task_done()
 
