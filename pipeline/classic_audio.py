@@ -190,7 +190,9 @@ def frame_features(y: np.ndarray, *, sample_rate_hz: int, win: int, hop: int, ch
                    f_min_hz: float, f_max_hz: float) -> list[np.ndarray]:
     """The frame-level features of float32 ``y [B, L]``, each ``[B, T, k]``: mfcc (20), chroma (12),
     centroid, bandwidth, roll-off (kHz), zero-crossing rate, RMS (1 each); ``T = 1 + L // hop``."""
-    y = np.ascontiguousarray(y, dtype=np.float32)
+    # A non-finite sample (corrupt float PCM) would spread NaN over its segment's every MFCC frame (via
+    # the 80 dB floor) and its statistics: it counts as silence instead.
+    y = np.nan_to_num(np.asarray(y, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     mag = magnitude_spectrum(y, win, hop)
     centroid, bandwidth, rolloff = spectral_shape(mag, sample_rate_hz, win)
     return [

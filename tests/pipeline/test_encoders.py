@@ -412,6 +412,18 @@ def test_classic_features_are_librosas_computed_per_segment(classic, shared_medi
             assert np.abs(mine[i] - theirs).max() <= 1e-5 * scale, f"{name}, segment {i}"
 
 
+def test_classic_features_take_non_finite_samples_as_silence(classic):
+    tone = _tone(440.0)
+    broken = tone.copy()
+    broken[[100, 5000, 9000]] = [np.nan, np.inf, -np.inf]
+    cleaned = tone.copy()
+    cleaned[[100, 5000, 9000]] = 0.0
+    got = classic.encode(np.stack([broken, tone]))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[0], classic.encode(cleaned[None])[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], classic.encode(tone[None])[0], rtol=1e-6, atol=1e-6)
+
+
 def test_classic_features_of_a_segment_do_not_depend_on_its_neighbours(classic, shared_media):
     """A quiet second gets the same features alone, beside loud ones, in any batch: chunking cannot change
     them.  (librosa's power_to_db on a batch floors every segment 80 dB below the loudest one.)"""
