@@ -195,7 +195,7 @@ _CHUNKS: Any = None  # in a decode worker: the queue its chunks go to
 
 
 def _warm_worker(audio_spec: Any, rate_hz: int, chunks: Any = None) -> None:
-    """Pool initializer: keep the chunk queue; import and JIT-compile the CPU audio features before the clock."""
+    """Pool initializer: keep the chunk queue; build the CPU audio features (filterbanks, first FFTs) before the clock."""
     global _CHUNKS
     _CHUNKS = chunks
     if audio_spec is not None:

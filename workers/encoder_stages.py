@@ -56,15 +56,17 @@ class _Overlap:
     was encoded (a digest of its frames, or of its samples and valid count): a chunk can go out before
     its right context's audio has arrived (the audio lags), and the next chunk then has that audio.
     Memory is capped (least recently used videos go first); a video's entry goes when its last chunk
-    has passed.
+    has passed.  Disabled (on CUDA), it knows nothing and keeps nothing: every segment is encoded.
     """
 
-    def __init__(self, inputs: Callable[[Row], list[np.ndarray]], max_bytes: int = 64 << 20) -> None:
+    def __init__(self, inputs: Callable[[Row], list[np.ndarray]], *, enabled: bool = True,
+                 max_bytes: int = 64 << 20) -> None:
         self.inputs = inputs  # a row's per-segment input arrays (the same first dimension)
+        self.enabled = enabled
         self.max_bytes = max_bytes
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._bytes = 0
-        self.reused = 0  # segments not encoded again (for tests and metrics)
+        self.reused = 0  # segments not encoded again (the tests read it)
 
     def _digest(self, arrays: list[np.ndarray], i: int) -> bytes:
         h = hashlib.blake2b(digest_size=16)
@@ -78,7 +80,7 @@ class _Overlap:
         n = len(row["start_s"])
         first = int(row["first_segment"])
         mask = np.zeros(n, dtype=bool)
-        kept = self._kept.get(str(row["video_id"]))
+        kept = self._kept.get(str(row["video_id"])) if self.enabled else None
         if kept is not None:
             k_first, _, digests = kept
             lo, hi = max(first, k_first), min(first + n, k_first + len(digests))
@@ -86,6 +88,11 @@ class _Overlap:
             for seg in range(lo, hi):
                 mask[seg - first] = self._digest(arrays, seg - first) == digests[seg - k_first]
         return mask, kept
+
+    def unknown_inputs(self, row: Row, known: tuple[np.ndarray, _Kept | None]) -> list[np.ndarray]:
+        """``row``'s input arrays for the segments that must be encoded."""
+        mask = known[0]
+        return [a[~mask] for a in self.inputs(row)] if mask.any() else self.inputs(row)
 
     def merge(self, row: Row, known: tuple[np.ndarray, _Kept | None],
               fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,7 +113,7 @@ class _Overlap:
             self.reused += int(mask.sum())
         self._forget(video_id)
         core_start, core_end = int(row["core_start"]), int(row["core_end"])
-        if not bool(row["is_last"]) and first + n > core_end:  # no right context: no overlap to keep
+        if self.enabled and not bool(row["is_last"]) and first + n > core_end:  # no right context: no overlap to keep
             # The next chunk starts `context` segments before this core's end; a first chunk (no left
             # context to tell `context` by) keeps its whole core.
             next_first = core_end - (core_start - first) if core_start > first else core_start
@@ -146,7 +153,7 @@ class ImageEncoderStage(Stage):
         self._encoder = ImageEncoder(self.spec, device=self.device, batch_size=self.batch_size, threads=self.threads,
                                      precision=self.precision)  # type: ignore[arg-type]
         self._encoder.setup()
-        self._overlap = _Overlap(lambda r: [np.asarray(r["frames"])]) if torch_device_type(self.device) == "cpu" else None
+        self._overlap = _Overlap(_image_inputs, enabled=torch_device_type(self.device) == "cpu")
 
     def empty_outputs(self) -> Row:
         d = IMAGE_ENCODER_DIMS[self.spec.name]
@@ -162,12 +169,11 @@ class ImageEncoderStage(Stage):
             return []
         if self._encoder is None:
             self.setup()
-        encoder = self._encoder
-        if encoder is None:
+        encoder, overlap = self._encoder, self._overlap
+        if encoder is None or overlap is None:
             raise RuntimeError("image encoder did not set up")
-        overlap = self._overlap
-        known = [overlap.known(r) if overlap is not None else (np.zeros(len(r["frames"]), bool), None) for r in rows]
-        todo = [np.asarray(r["frames"])[~k] for r, (k, _) in zip(rows, known, strict=True)]
+        known = [overlap.known(r) for r in rows]
+        todo = [overlap.unknown_inputs(r, k)[0] for r, k in zip(rows, known, strict=True)]
         lengths = [len(t) for t in todo]
         feats = encoder.encode(np.concatenate(todo))
         pooled = _split(feats.pooled, lengths)
@@ -176,9 +182,13 @@ class ImageEncoderStage(Stage):
         for i, row in enumerate(rows):
             fresh = {"image_emb": pooled[i]} | ({"image_grid": grids[i]} if grids is not None else {})
             o = _passthrough(row, _DROP_AFTER_IMAGE)
-            o.update(overlap.merge(row, known[i], fresh) if overlap is not None else fresh)
+            o.update(overlap.merge(row, known[i], fresh))
             out.append(o)
         return out
+
+
+def _image_inputs(row: Row) -> list[np.ndarray]:
+    return [np.asarray(row["frames"])]
 
 
 def _audio_inputs(row: Row) -> list[np.ndarray]:
@@ -217,7 +227,7 @@ class AudioEncoderStage(Stage):
         encoder.encode(warm, np.array([self.sample_rate_hz], np.int32))
         self._encoder, self._dim = encoder, encoder.dim
         on_cpu = isinstance(encoder, ClassicAudioEncoder) or torch_device_type(self.device) == "cpu"
-        self._overlap = _Overlap(_audio_inputs) if on_cpu else None
+        self._overlap = _Overlap(_audio_inputs, enabled=on_cpu)
 
     def empty_outputs(self) -> Row:
         dim = self._dim or build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz).dim
@@ -233,20 +243,17 @@ class AudioEncoderStage(Stage):
             return []
         if self._encoder is None:
             self.setup()
-        encoder = self._encoder
-        if encoder is None:
+        encoder, overlap = self._encoder, self._overlap
+        if encoder is None or overlap is None:
             raise RuntimeError("audio encoder did not set up")
-        overlap = self._overlap
-        known = [overlap.known(r) if overlap is not None else (np.zeros(len(r["audio"]), bool), None) for r in rows]
-        audio = [np.asarray(r["audio"], np.float32)[~k] for r, (k, _) in zip(rows, known, strict=True)]
-        valid = [np.asarray(r["audio_valid_samples"], np.int32)[~k] for r, (k, _) in zip(rows, known, strict=True)]
+        known = [overlap.known(r) for r in rows]
+        audio, valid = zip(*(overlap.unknown_inputs(r, k) for r, k in zip(rows, known, strict=True)), strict=True)
         lengths = [len(a) for a in audio]
         emb = encoder.encode(np.concatenate(audio), np.concatenate(valid))
         parts = _split(np.asarray(emb, np.float32), lengths)
         out = []
         for i, row in enumerate(rows):
             o = _passthrough(row, _DROP_AFTER_AUDIO)
-            fresh = {"audio_emb": parts[i]}
-            o.update(overlap.merge(row, known[i], fresh) if overlap is not None else fresh)
+            o.update(overlap.merge(row, known[i], {"audio_emb": parts[i]}))
             out.append(o)
         return out
