@@ -31,16 +31,25 @@ def plan_for(cpus: float, gpus: float, *, device: str = "auto") -> PipelinePlan:
                            threads=1),
         )
     # CPU only: the model stages share one pool (one process and torch import per worker, no hand-offs).
-    # Each worker gets as many threads as cores it holds, never more: decode and models already run at
-    # once, and oversubscribed cores cost more than the threads bring (measured on 2 cores with the
-    # default bundle: 2 + 2 threads 23.1 s, 1 + 1 threads 16.1 s for a 10-minute film).
+    # A model worker gets as many threads as cores it holds, never more: torch's OpenMP threads spin,
+    # and oversubscribed cores cost more than the threads bring (measured on 2 cores with the default
+    # bundle: models and decoder on 2 threads each 23.1 s, 1 + 1 threads 16.1 s for a 10-minute film).
+    # Decoding is the critical path, though, and the models leave most of their cores idle (on 2 cores
+    # 17.6 ms of decoding against ~6 ms of models per segment), so the decoders' FFmpeg frame threads
+    # add up to all the cores: one long video uses the models' idle time.  Frame threads block while
+    # they wait (no spinning) and cost ~5 % more CPU than one thread (the film decoded alone: 15.3 ->
+    # 16.0-16.4 CPU-ms per segment, 1.43x faster).  Through the pipeline on 2 cores, three alternating
+    # pairs each: the 12-minute film 12.9-13.4 s instead of 14.0-14.4 s, the 10-minute film 11.7-12.0 s
+    # instead of 12.2-13.4 s, four 150 s cuts 12.5-12.8 s instead of 13.0-13.2 s (two pairs); 40 short
+    # 320x180 clips unchanged (11.3 / 11.7 s against 10.9 / 12.0 s).
     n_decode = max(1, int(cpus // 2))
     decode_cpus = cpus / 2 / n_decode
+    decode_threads = max(1, int(cpus) // n_decode)
     n_models = max(1, int(cpus // 8))
     models_cpus = cpus / 2 / n_models
     models = StagePlan(Resources(num_cpus=models_cpus), pool_size=n_models, threads=max(1, round(models_cpus)))
     return PipelinePlan(
-        decode=StagePlan(Resources(num_cpus=decode_cpus), pool_size=n_decode, threads=max(1, round(decode_cpus))),
+        decode=StagePlan(Resources(num_cpus=decode_cpus), pool_size=n_decode, threads=decode_threads),
         image=models, audio=models, head=models, models=models,
     )
 

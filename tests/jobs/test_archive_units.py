@@ -12,7 +12,7 @@ import pytest
 from jobs.discover import VideoRef, discover
 from jobs.idset import IdSet
 from jobs.manifest import _Base
-from jobs.plan import plan_for_cluster
+from jobs.plan import plan_for, plan_for_cluster
 from jobs.progress import Progress
 from jobs.runner import JobRunner, WaveFeeder
 from jobs.spec import JobSpec
@@ -82,6 +82,18 @@ def test_cluster_plan_fits_every_actor_on_one_node():
     mixed = plan_for_cluster([(4.0, 0.0), (1.0, 0.0)])
     assert all(sp.resources.num_cpus <= 1.0 for sp in (mixed.decode, mixed.image))
     assert plan_for_cluster([(2.0, 0.0), (0.0, 0.0)]) == plan_for_cluster([(2.0, 0.0)])  # a CPU-less head
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 16])
+def test_cpu_plan_gives_the_decoders_every_core_and_the_models_their_share(cpus):
+    plan = plan_for(float(cpus), 0.0)
+    # decoding is the critical path: the decoders' frame threads add up to the cores ...
+    assert plan.decode.threads * plan.decode.pool_size == cpus - cpus % plan.decode.pool_size
+    # ... while Ray's accounting gives them half, and torch never gets more threads than cores held
+    assert plan.decode.resources.num_cpus * plan.decode.pool_size == pytest.approx(cpus / 2)
+    assert plan.models is not None and plan.models.threads <= max(1, round(plan.models.resources.num_cpus))
+    gpu = plan_for(float(cpus), 1.0)
+    assert gpu.decode.threads == 1  # on a GPU node every core already has its own decoder
 
 
 def test_submit_builds_the_run_command_with_absolute_paths(tmp_path, monkeypatch):
