@@ -1,19 +1,28 @@
-"""Skip decoding frames that no segment samples and no other frame references.
+"""Skip decoding frames that no segment samples and that no sampled frame depends on.
 
-In H.264, a coded picture whose slices all have ``nal_ref_idc == 0`` is *disposable*: no other
-picture is predicted from it, so not decoding it changes no other frame.  If, in addition, no
-sampling target time falls while it would be on screen, the decoder's result is exactly the same
-without it.  About half the frames of a typical x264 encode (non-reference B-frames) qualify, and
-the pipeline samples one frame a second, so this removes a large share of the decoding work — the
-pipeline's ceiling — without changing a single output pixel (tests compare with and without).
+Two kinds of H.264 frames can go undecoded without changing a single output pixel (tests compare
+with and without):
+
+* A coded picture whose slices all have ``nal_ref_idc == 0`` is *disposable*: no other picture is
+  predicted from it.  If no sampling target time falls while it would be on screen, nothing needs
+  it.  About half the frames of a typical x264 encode (non-reference B-frames) qualify.
+* An IDR picture starts afresh: no picture after it in decode order refers to one before it.  So in
+  the run of pictures from one IDR to the next (a closed GOP), every picture after the last one
+  that a target needs (in decode order) is needed by nobody: the reference frames of a GOP's tail,
+  and whole GOPs that no target falls in (short-GOP streaming and broadcast encodes sample one
+  GOP in two at one frame a second).
 
 To know when a packet's frame would leave the screen we need the next presentation time, which in
-decode order can arrive a few packets later (B-frame reordering): packets wait in a short
-look-ahead queue.  At the end of the stream everything still queued is decoded.
+decode order can arrive a few packets later (B-frame reordering); to know a GOP's tail we need the
+next IDR.  So packets wait in a look-ahead queue until the next IDR (at most ``MAX_GOP_PACKETS``
+packets and ``MAX_GOP_BYTES``; past that, or in open-GOP streams without IDRs, only disposable
+frames are skipped).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +30,8 @@ from collections.abc import Callable
 import av
 
 LOOKAHEAD_PACKETS = 32  # more than any real reorder depth (H.264 allows at most 16)
+MAX_GOP_PACKETS = 300  # a GOP held whole: x264's default longest is 250 frames
+MAX_GOP_BYTES = 32 << 20
 _MARGIN_S = 1e-4  # a frame within this of a target counts as possibly shown at it
 
 
@@ -48,14 +59,32 @@ def _nal_headers(data: bytes, nal_length_size: int | None) -> list[int]:
     return heads
 
 
+# NAL unit types a skipped access unit may hold: a non-IDR slice, SEI, access unit delimiter, filler.
+# Parameter sets (SPS/PPS), end-of-sequence and the rest must reach the decoder.
+_SKIPPABLE_NAL_TYPES = frozenset({1, 6, 9, 12})
+
+IDR, REFERENCE, DISPOSABLE, OTHER = "idr", "reference", "disposable", "other"
+
+
+def h264_access_unit_kind(data: bytes, nal_length_size: int | None) -> str:
+    """``IDR`` (holds an IDR slice), ``DISPOSABLE`` (non-reference slices only), ``REFERENCE`` (non-IDR
+    slices, one of them a reference), or ``OTHER``: no slice, or a NAL unit that must not be dropped."""
+    heads = _nal_headers(data, nal_length_size)
+    types = [h & 0x1F for h in heads]
+    if 5 in types:
+        return IDR
+    if 1 not in types or any(t not in _SKIPPABLE_NAL_TYPES for t in types):
+        return OTHER
+    return REFERENCE if any((h >> 5) & 3 for h in heads if h & 0x1F == 1) else DISPOSABLE
+
+
 def h264_is_disposable(data: bytes, nal_length_size: int | None) -> bool:
-    """True if the access unit holds picture slices and none of them is a reference."""
-    slices = [h for h in _nal_headers(data, nal_length_size) if (h & 0x1F) in (1, 5)]
-    return bool(slices) and all((h >> 5) & 3 == 0 and (h & 0x1F) == 1 for h in slices)
+    """True if the access unit holds picture slices, none of them a reference, and nothing else that counts."""
+    return h264_access_unit_kind(data, nal_length_size) == DISPOSABLE
 
 
 class DisposableFrameGate:
-    """Passes video packets on to the decoder, holding each briefly, and drops the skippable ones.
+    """Passes video packets on to the decoder, holding each until the next IDR, and drops the skippable ones.
 
     Args:
         nal_length_size: from :func:`h264_nal_length_size`.
@@ -70,8 +99,9 @@ class DisposableFrameGate:
         self.packet_time_s = packet_time_s
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
-        self.queue: deque[tuple[av.Packet, float | None]] = deque()
-        self.recent: deque[float] = deque(maxlen=3 * LOOKAHEAD_PACKETS)  # times around the queue's head
+        self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
+        self.queued_bytes = 0
+        self.released: deque[float] = deque(maxlen=2 * LOOKAHEAD_PACKETS)  # times of packets passed on
         self.skipped = 0
 
     def push(self, packet: av.Packet) -> list[av.Packet]:
@@ -79,29 +109,67 @@ class DisposableFrameGate:
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
-        self.queue.append((packet, t))
-        if t is not None:
-            self.recent.append(t)
-        out = []
-        while len(self.queue) > LOOKAHEAD_PACKETS:
-            p, pt = self.queue.popleft()
-            if self._skippable(p, pt):
-                self.skipped += 1
-            else:
-                out.append(p)
+        kind = h264_access_unit_kind(bytes(packet), self.nal_length_size)
+        out = self._release_gop(t) if kind == IDR and self.queue else []
+        self.queue.append((packet, t, kind))
+        self.queued_bytes += packet.size
+        while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
+            out += self._release_oldest()
         return out
 
     def flush(self) -> list[av.Packet]:
-        out = [p for p, _ in self.queue]
+        """The stream has ended: what is held is the last GOP (the frames near the end are always kept)."""
+        return self._release_gop(None)
+
+    def _needed(self, t: float | None, later_s: float | None) -> bool:
+        """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``)."""
+        if t is None or not math.isfinite(t) or t >= self.keep_from_s or later_s is None:
+            return True
+        return self.needed_between(t - _MARGIN_S, later_s + _MARGIN_S)
+
+    def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
+        """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of
+        the stream has come: skip what no target needs."""
+        known = [u for _, u, _ in self.queue if u is not None and math.isfinite(u)] + list(self.released)
+        if idr_t is not None and math.isfinite(idr_t):
+            known.append(idr_t)
+        times = sorted(set(known))
+
+        def later(t: float | None) -> float | None:
+            if t is None or not math.isfinite(t):
+                return None
+            i = bisect.bisect_right(times, t)
+            return times[i] if i < len(times) else None
+
+        # An OTHER access unit (parameter sets, perhaps with a slice) always reaches the decoder; counting
+        # it as needed also keeps the references of any slice it carries intact.
+        needed = [kind == OTHER or self._needed(t, later(t)) for _, t, kind in self.queue]
+        last_needed = max((i for i, n in enumerate(needed) if n), default=-1)
+        out = []
+        for i, (packet, t, kind) in enumerate(self.queue):
+            if kind != OTHER and not needed[i] and (kind == DISPOSABLE or i > last_needed):
+                self.skipped += 1
+            else:
+                out.append(packet)
+            if t is not None:
+                self.released.append(t)
         self.queue.clear()
+        self.queued_bytes = 0
         return out
 
-    def _skippable(self, packet: av.Packet, t: float | None) -> bool:
-        if t is None or not math.isfinite(t) or t >= self.keep_from_s:
-            return False
-        if not h264_is_disposable(bytes(packet), self.nal_length_size):
-            return False
-        later = [u for u in self.recent if u > t]
-        if not later:
-            return False
-        return not self.needed_between(t - _MARGIN_S, min(later) + _MARGIN_S)
+    def _release_oldest(self) -> list[av.Packet]:
+        """The GOP is too long to hold whole: pass its oldest packet on, skipping it only if disposable."""
+        packet, t, kind = self.queue.popleft()
+        self.queued_bytes -= packet.size
+        skip = False
+        if kind == DISPOSABLE and t is not None:
+            # B-frame reordering is at most 16 deep: the next shown frame is among these
+            ahead = (u for _, u, _ in itertools.islice(self.queue, LOOKAHEAD_PACKETS))
+            later = [u for u in itertools.chain(self.released, ahead) if u is not None and u > t]
+            skip = not self._needed(t, min(later) if later else None)
+        if t is not None:
+            self.released.append(t)
+        if skip:
+            self.skipped += 1
+            return []
+        return [packet]

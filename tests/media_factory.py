@@ -270,6 +270,7 @@ def make_video(
     rotation_deg: int = 0,
     interleave: bool = True,
     seed: int = 0,
+    video_options: dict[str, str] | None = None,
 ) -> Path:
     """Write a test video and return its path.
 
@@ -290,6 +291,7 @@ def make_video(
             stored rotated the other way, so a player that honours the rotation shows it upright.
         interleave: False hands the muxer all video before any audio, so audio lags the video by
             up to the muxer's interleaving window (10 s): a badly interleaved file.
+        video_options: encoder options over the defaults, e.g. ``{"x264-params": "keyint=12"}``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -319,7 +321,7 @@ def make_video(
     with av.open(str(path), "w") as container:
         vstream = cast(
             av.video.stream.VideoStream,
-            container.add_stream(codec, rate=fps, options=dict(_VIDEO_OPTIONS.get(codec, {}))),
+            container.add_stream(codec, rate=fps, options=dict(_VIDEO_OPTIONS.get(codec, {})) | (video_options or {})),
         )
         vstream.width, vstream.height = width, height
         odd = width % 2 or height % 2

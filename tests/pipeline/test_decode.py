@@ -417,7 +417,9 @@ class _ReadTracker(io.BytesIO):
 
 
 def test_chunks_stream_with_memory_bounded_by_the_chunk(media_dir: Path, monkeypatch) -> None:
-    path = mf.make_video(media_dir / "stream.mkv", duration_s=30.0, fps=10, size=(128, 96), audio="noise")
+    # IDR every 2 s: the frame-skip gate holds a GOP's packets until the next IDR
+    path = mf.make_video(media_dir / "stream.mkv", duration_s=30.0, fps=10, size=(128, 96), audio="noise",
+                         video_options={"x264-params": "keyint=20:min-keyint=20:scenecut=0"})
     stores: list[decode_mod._SegmentStore] = []
 
     class RecordingStore(decode_mod._SegmentStore):
@@ -438,8 +440,8 @@ def test_chunks_stream_with_memory_bounded_by_the_chunk(media_dir: Path, monkeyp
         assert len(read_at_chunk) == math.ceil(30 / core)
         # Chunk j is handed out once about (j + 1) * core + context seconds are read, not at the end
         # (+5 s: FFmpeg reads the file in blocks of a few seconds of this video; + the frame-skip
-        # gate's look-ahead of LOOKAHEAD_PACKETS packets at 10 fps).
-        slack_s = 5 + LOOKAHEAD_PACKETS / 10
+        # gate's look-ahead to the next IDR, 2 s, and B-frame reordering).
+        slack_s = 5 + 2 + LOOKAHEAD_PACKETS / 10
         for j, fraction in enumerate(read_at_chunk[:-2]):
             assert fraction < ((j + 1) * core + context + slack_s) / 30, (j, read_at_chunk)
         # Segments held at once: the core and its context on both sides, never the whole video.

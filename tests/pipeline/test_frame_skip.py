@@ -1,15 +1,25 @@
-"""Skipping unsampled disposable frames must not change a single output value."""
+"""Skipping unsampled frames (disposable ones, and the tails of closed GOPs) must not change a single output value."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
+import pipeline.frame_skip as frame_skip
 import tests.media_factory as mf
 from pipeline.decode import VideoDecoder
-from pipeline.frame_skip import h264_is_disposable, h264_nal_length_size
+from pipeline.frame_skip import (
+    DISPOSABLE,
+    IDR,
+    OTHER,
+    REFERENCE,
+    h264_access_unit_kind,
+    h264_is_disposable,
+    h264_nal_length_size,
+)
 from pipeline.media import ChunkingSpec, SamplingSpec
 
 
@@ -43,6 +53,58 @@ def test_generated_h264_with_b_frames_is_identical(tmp_path, k, segment_s):
         assert skipped > 0  # x264's non-reference B-frames between the sampled ones
 
 
+def _kinds(path: Path) -> dict[str, int]:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        nls = h264_nal_length_size(bytes(s.codec_context.extradata) if s.codec_context.extradata else None)
+        kinds = [h264_access_unit_kind(bytes(p), nls) for p in c.demux(s) if p.size]
+    return {k: kinds.count(k) for k in (IDR, REFERENCE, DISPOSABLE, OTHER)}
+
+
+_GOPS = {
+    "short_gop": {"x264-params": "keyint=12:min-keyint=12:scenecut=0"},  # 0.48 s: most GOPs hold no target
+    "no_b_frames": {"x264-params": "keyint=20:min-keyint=20:scenecut=0:bframes=0"},
+    "b_pyramid": {"x264-params": "keyint=50:min-keyint=50:scenecut=0:bframes=3:b-pyramid=normal"},
+    "open_gop": {"x264-params": "keyint=25:min-keyint=25:scenecut=0:open-gop=1"},  # I-frames but one IDR
+}
+
+
+@pytest.mark.parametrize("gop", sorted(_GOPS))
+@pytest.mark.parametrize("k,segment_s", [(1, 1.0), (3, 1.0), (2, 0.4), (1, 2.0)])
+def test_gop_structures_are_identical(tmp_path, gop, k, segment_s):
+    path = mf.make_video(tmp_path / f"{gop}.mp4", duration_s=24.0, fps=25, size=(160, 120), audio="tone",
+                         video_options=_GOPS[gop])
+    skipped = _assert_same(path, SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=64))
+    kinds = _kinds(path)
+    if gop == "short_gop" and k == 1:
+        # whole GOPs and GOP tails go undecoded, reference frames included (the last 4-6 s are always
+        # decoded whole: the short last segment is sampled from the true end)
+        assert skipped > kinds[DISPOSABLE]
+    if gop == "open_gop":
+        assert kinds[IDR] == 1 and skipped <= kinds[DISPOSABLE]  # no closed GOP to cut: disposable frames only
+
+
+def test_annex_b_stream_with_repeated_headers_is_identical(tmp_path):
+    # MPEG-TS carries SPS/PPS in-band before every IDR; they must reach the decoder
+    path = mf.make_video(tmp_path / "short.ts", codec="libx264", duration_s=24.0, fps=25, size=(160, 120),
+                         audio="tone", audio_codec="aac",
+                         video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:repeat-headers=1"})
+    skipped = _assert_same(path, SamplingSpec(segment_seconds=2.0, image_size=64))
+    assert skipped > _kinds(path)[DISPOSABLE]
+
+
+def test_gops_too_long_to_hold_fall_back_to_disposable_frames(tmp_path, monkeypatch):
+    path = mf.make_video(tmp_path / "long_gop.mp4", duration_s=10.0, fps=25, size=(160, 120), audio=None,
+                         video_options=_GOPS["b_pyramid"])
+    monkeypatch.setattr(frame_skip, "MAX_GOP_PACKETS", 20)  # GOPs of 50 frames
+    skipped = _assert_same(path, SamplingSpec(image_size=64))
+    assert 0 < skipped <= _kinds(path)[DISPOSABLE]
+    monkeypatch.setattr(frame_skip, "MAX_GOP_PACKETS", 300)
+    monkeypatch.setattr(frame_skip, "MAX_GOP_BYTES", 10_000)  # or GOPs too large in bytes
+    skipped = _assert_same(path, SamplingSpec(image_size=64))
+    assert 0 < skipped <= _kinds(path)[DISPOSABLE]
+
+
 def test_variable_frame_rate_is_identical(tmp_path):
     times = mf.vfr_frame_times(8.0)
     path = mf.make_video(tmp_path / "vfr.mp4", duration_s=8.0, size=(96, 96), frame_times_s=times, audio=None)
@@ -52,7 +114,7 @@ def test_variable_frame_rate_is_identical(tmp_path):
 @pytest.mark.slow
 def test_real_film_clip_is_identical_and_skips_many_frames(shared_media):
     skipped = _assert_same(shared_media / "bbb_clip_720p.mp4", SamplingSpec())
-    assert skipped > 400  # of 1441 frames, about 45 % are unsampled disposable B-frames
+    assert skipped > 600  # of 1441 frames: 558 unsampled disposable B-frames, 78 more in the 5.3 s GOPs' tails
 
 
 def test_nal_parsing_avcc_and_annex_b():
@@ -71,3 +133,8 @@ def test_nal_parsing_avcc_and_annex_b():
     annex_b = lambda *nals: b"".join(b"\x00\x00\x00\x01" + n for n in nals)  # noqa: E731
     assert h264_is_disposable(annex_b(non_ref_b), None)
     assert not h264_is_disposable(annex_b(non_ref_b, ref_p), None)
+    sps, pps = bytes([0x67, 0x4D]), bytes([0x68, 0xEE])
+    assert h264_access_unit_kind(avcc(pps, non_ref_b), 4) == OTHER  # a parameter set must reach the decoder
+    assert h264_access_unit_kind(annex_b(sps, pps, idr), None) == IDR
+    assert h264_access_unit_kind(avcc(sei, ref_p), 4) == REFERENCE
+    assert h264_access_unit_kind(avcc(sei), 4) == OTHER
