@@ -102,6 +102,7 @@ class DisposableFrameGate:
         self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
         self.queued_bytes = 0
         self.released: deque[float] = deque(maxlen=2 * LOOKAHEAD_PACKETS)  # times of packets passed on
+        self.first_s = math.inf  # the earliest presentation time seen so far
         self.skipped = 0
 
     def push(self, packet: av.Packet) -> list[av.Packet]:
@@ -109,6 +110,8 @@ class DisposableFrameGate:
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
+        if t is not None and t < self.first_s:
+            self.first_s = t
         kind = h264_access_unit_kind(bytes(packet), self.nal_length_size)
         out = self._release_gop(t) if kind == IDR and self.queue else []
         self.queue.append((packet, t, kind))
@@ -125,7 +128,9 @@ class DisposableFrameGate:
         """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``)."""
         if t is None or not math.isfinite(t) or t >= self.keep_from_s or later_s is None:
             return True
-        return self.needed_between(t - _MARGIN_S, later_s + _MARGIN_S)
+        # The video's first frame also stands in for any target before it (targets start at 0).
+        lo_s = min(t - _MARGIN_S, -1.0) if t <= self.first_s else t - _MARGIN_S
+        return self.needed_between(lo_s, later_s + _MARGIN_S)
 
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
         """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of

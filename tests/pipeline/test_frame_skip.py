@@ -117,6 +117,46 @@ def test_real_film_clip_is_identical_and_skips_many_frames(shared_media):
     assert skipped > 600  # of 1441 frames: 558 unsampled disposable B-frames, 78 more in the 5.3 s GOPs' tails
 
 
+def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0) -> list[float]:
+    """Feed (kind, pts seconds) access units in decode order through the gate; the times it passes on."""
+    units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A]), "b": bytes([0x01, 0x9E])}
+
+    def needed_between(lo: float, hi: float) -> bool:
+        return any(lo <= (n + 0.5) * segment_s <= hi for n in range(100))
+
+    gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, needed_between, keep_from_s=50.0)
+    passed = []
+    for kind, t in frames + [("end", 0.0)]:
+        packet = av.Packet(b"" if kind == "end" else len(units[kind]).to_bytes(4, "big") + units[kind])
+        packet.pts = round(t * 1000)
+        passed += [p.pts / 1000 for p in gate.push(packet) if p.size]
+    return passed
+
+
+def test_gate_skips_gop_tails_and_gops_without_targets():
+    # IDR every 0.4 s, a P-frame every 0.1 s; targets at 0.5, 1.5, ...
+    frames = [("I" if n % 4 == 0 else "P", n / 10) for n in range(24)]
+    passed = _gate_passes(frames)
+    # GOP 0.0-0.3: no target; 0.4-0.7: up to the frame shown at 0.5; 0.8-1.1: none; 1.2-1.5: up to
+    # 1.5; 1.6-1.9: none; 2.0-2.3: the end of the stream, its last frame always kept
+    assert passed == [0.4, 0.5, 1.2, 1.3, 1.4, 1.5, 2.0, 2.1, 2.2, 2.3]
+
+
+def test_gate_keeps_references_of_needed_b_frames_and_skips_the_rest():
+    # display 0.0 I, 0.1 b, 0.2 b, 0.3 P, ... in decode order I P b b; targets at 0.5
+    frames = [("I", 0.0), ("P", 0.3), ("b", 0.1), ("b", 0.2), ("P", 0.6), ("b", 0.4), ("b", 0.48),
+              ("P", 0.9), ("b", 0.7), ("b", 0.8), ("I", 1.0), ("P", 1.1)]
+    # b 0.48 is shown at 0.5: it and its references (I 0.0, P 0.3, P 0.6) are decoded; b 0.1/0.2/0.4 are
+    # disposable and unneeded; P 0.9 and its b-frames come after the last needed frame of the GOP
+    assert _gate_passes(frames) == [0.0, 0.3, 0.6, 0.48, 1.0, 1.1]
+
+
+def test_gate_keeps_the_first_frame_when_it_stands_in_for_earlier_targets():
+    # the first frame at 0.6 is on screen for the target at 0.5 too (nothing earlier exists)
+    frames = [("I", 0.6), ("P", 0.7), ("P", 0.8), ("I", 1.0), ("P", 1.1), ("I", 2.0)]
+    assert _gate_passes(frames)[:1] == [0.6]
+
+
 def test_nal_parsing_avcc_and_annex_b():
     assert h264_nal_length_size(bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1])) is None  # too short to be avcC
     assert h264_nal_length_size(bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1, 0x00])) == 4
