@@ -515,6 +515,7 @@ class _VideoRun:
         self.threads = decoder.threads
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
+        self.gate: DisposableFrameGate | None = None
         self.container = container
         self.uri = uri
         self.video_id = video_id
@@ -524,7 +525,7 @@ class _VideoRun:
     def chunks(self) -> Iterator[Chunk]:
         self._select_streams()
         self._setup()
-        gate = self._frame_gate()
+        gate = self.gate = self._frame_gate()
         for packet in self._demux():
             if packet.stream is self.vstream:
                 for p in gate.push(packet) if gate is not None else (packet,):
@@ -548,12 +549,16 @@ class _VideoRun:
                 for frame in self.vstream.codec_context.decode(None):
                     self._on_video_frame(frame)
             self.frames_skipped = gate.skipped
+            # a skipped frame may be the one shown last (a packet duration reaching past the others)
+            self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
         yield from self._finish()
 
     def _frame_gate(self) -> DisposableFrameGate | None:
         """A gate that skips unsampled disposable frames, where that is provably safe (H.264, known end)."""
         if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.origin_pts is None:
             return None
+        if "avi" in self.container.format.name.split(","):
+            return None  # AVI's packet times are in decode order, not presentation times
         end_s = self._estimated_end_s()
         if end_s is None or not math.isfinite(end_s):
             return None
@@ -566,6 +571,12 @@ class _VideoRun:
                 return None
             return (pts - self.origin_pts) * tb_num / tb_den  # = float((pts - origin) * time_base)
 
+        def packet_end_s(packet: av.Packet) -> float | None:
+            pts, duration = packet.pts, packet.duration
+            if pts is None or not duration or self.origin_pts is None:
+                return None
+            return (pts + duration - self.origin_pts) * tb_num / tb_den
+
         def needed_between(lo_s: float, hi_s: float) -> bool:
             for segment in range(max(0, math.floor(lo_s / seg_s)), math.floor(hi_s / seg_s) + 1):
                 for slot in range(k):
@@ -577,7 +588,7 @@ class _VideoRun:
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
         return DisposableFrameGate(h264_nal_length_size(bytes(extradata) if extradata else None),
-                                   packet_time_s, needed_between, keep_from_s)
+                                   packet_time_s, needed_between, keep_from_s, packet_end_s)
 
     def _select_streams(self) -> None:
         video = [
@@ -614,7 +625,7 @@ class _VideoRun:
         self.converter: _Converter | None = None
         self.n_frames = 0
         self.last_t_s = -math.inf
-        self.video_end_s = -math.inf  # end of the latest frame (pts + duration)
+        self.video_end_s: float = -math.inf  # end of the latest frame (pts + duration)
         self.quarter_turns = 0
         self.width = self.height = 0
         self.bad_packets = 0
@@ -694,6 +705,8 @@ class _VideoRun:
         return (frame.pts - self.origin_pts) * self.tb_num / self.tb_den  # = float((pts - origin) * time_base)
 
     def _on_video_frame(self, frame: av.VideoFrame) -> None:
+        if self.gate is not None:
+            self.gate.started = True
         if self.origin_pts is None and frame.pts is None:
             self.origin_pts = 0
             self._flush_pending_audio()

@@ -14,9 +14,20 @@ with and without):
 
 To know when a packet's frame would leave the screen we need the next presentation time, which in
 decode order can arrive a few packets later (B-frame reordering); to know a GOP's tail we need the
-next IDR.  So packets wait in a look-ahead queue until the next IDR (at most ``MAX_GOP_PACKETS``
-packets and ``MAX_GOP_BYTES``; past that, or in open-GOP streams without IDRs, only disposable
-frames are skipped).
+next IDR.  So packets wait in a queue until the next IDR, at most ``MAX_GOP_PACKETS`` packets and
+``MAX_GOP_BYTES``; past that (long GOPs, open-GOP streams without IDRs) the oldest packets are passed
+on, skipping only disposable ones, and the GOP-tail rule applies to what is still held when an IDR
+comes.  Never skipped: anything before the decoder's first frame (that frame stands in for every
+target before it, and which one it is depends on what FFmpeg drops at the start of a cut stream),
+access units with parameter sets or other units the decoder must see (even IDRs), and the frames
+near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
+decoder turns the gate off for AVI, whose packet times are in decode order.
+
+Known limits (the output may then differ from a full decode): H.264 without the SPS's
+``bitstream_restriction`` (FFmpeg then guesses the reorder depth from the frames it sees, so what is
+skipped changes what it drops), PAFF-interlaced streams that carry the two fields of a frame in
+separate packets with different times, and audio more than 30 s behind the video in file order (how
+much of it is dropped depends on how far video decoding has got).
 """
 
 from __future__ import annotations
@@ -59,21 +70,24 @@ def _nal_headers(data: bytes, nal_length_size: int | None) -> list[int]:
     return heads
 
 
-# NAL unit types a skipped access unit may hold: a non-IDR slice, SEI, access unit delimiter, filler.
-# Parameter sets (SPS/PPS), end-of-sequence and the rest must reach the decoder.
-_SKIPPABLE_NAL_TYPES = frozenset({1, 6, 9, 12})
+# NAL unit types a skipped access unit may hold: slices (non-IDR and IDR), SEI, access unit delimiter,
+# filler.  Parameter sets (SPS/PPS), end-of-sequence and the rest must reach the decoder.
+_SKIPPABLE_NAL_TYPES = frozenset({1, 5, 6, 9, 12})
 
 IDR, REFERENCE, DISPOSABLE, OTHER = "idr", "reference", "disposable", "other"
+IDR_KEPT = "idr+other"  # an IDR access unit that also carries NAL units that must reach the decoder
 
 
 def h264_access_unit_kind(data: bytes, nal_length_size: int | None) -> str:
-    """``IDR`` (holds an IDR slice), ``DISPOSABLE`` (non-reference slices only), ``REFERENCE`` (non-IDR
-    slices, one of them a reference), or ``OTHER``: no slice, or a NAL unit that must not be dropped."""
+    """``IDR`` (an IDR picture), ``DISPOSABLE`` (non-reference slices only), ``REFERENCE`` (non-IDR
+    slices, one of them a reference), ``IDR_KEPT`` (an IDR picture with parameter sets or other units
+    that must reach the decoder) or ``OTHER`` (no slice, or such units)."""
     heads = _nal_headers(data, nal_length_size)
     types = [h & 0x1F for h in heads]
+    droppable = all(t in _SKIPPABLE_NAL_TYPES for t in types)
     if 5 in types:
-        return IDR
-    if 1 not in types or any(t not in _SKIPPABLE_NAL_TYPES for t in types):
+        return IDR if droppable else IDR_KEPT
+    if 1 not in types or not droppable:
         return OTHER
     return REFERENCE if any((h >> 5) & 3 for h in heads if h & 0x1F == 1) else DISPOSABLE
 
@@ -94,26 +108,34 @@ class DisposableFrameGate:
     """
 
     def __init__(self, nal_length_size: int | None, packet_time_s: Callable[[av.Packet], float | None],
-                 needed_between: Callable[[float, float], bool], keep_from_s: float) -> None:
+                 needed_between: Callable[[float, float], bool], keep_from_s: float,
+                 packet_end_s: Callable[[av.Packet], float | None] = lambda p: None) -> None:
         self.nal_length_size = nal_length_size
         self.packet_time_s = packet_time_s
+        self.packet_end_s = packet_end_s
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
         self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
         self.queued_bytes = 0
         self.released: deque[float] = deque(maxlen=2 * LOOKAHEAD_PACKETS)  # times of packets passed on
-        self.first_s = math.inf  # the earliest presentation time seen so far
+        # Nothing is skipped until the decoder has put out its first frame: that frame stands in for
+        # every target before it, and which one it is depends on what FFmpeg drops at the start (a
+        # stream cut mid-GOP shows nothing before its first IDR).
+        self.started = False
         self.skipped = 0
+        self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
 
     def push(self, packet: av.Packet) -> list[av.Packet]:
         """Take the next video packet (decode order); return the packets to decode now, in order."""
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
-        if t is not None and t < self.first_s:
-            self.first_s = t
+        if not self.started:  # until the decoder's first frame, everything passes at once
+            if t is not None:
+                self.released.append(t)
+            return [packet]
         kind = h264_access_unit_kind(bytes(packet), self.nal_length_size)
-        out = self._release_gop(t) if kind == IDR and self.queue else []
+        out = self._release_gop(t) if kind in (IDR, IDR_KEPT) and self.queue else []
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
@@ -128,9 +150,7 @@ class DisposableFrameGate:
         """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``)."""
         if t is None or not math.isfinite(t) or t >= self.keep_from_s or later_s is None:
             return True
-        # The video's first frame also stands in for any target before it (targets start at 0).
-        lo_s = min(t - _MARGIN_S, -1.0) if t <= self.first_s else t - _MARGIN_S
-        return self.needed_between(lo_s, later_s + _MARGIN_S)
+        return self.needed_between(t - _MARGIN_S, later_s + _MARGIN_S)
 
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
         """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of
@@ -148,12 +168,12 @@ class DisposableFrameGate:
 
         # An OTHER access unit (parameter sets, perhaps with a slice) always reaches the decoder; counting
         # it as needed also keeps the references of any slice it carries intact.
-        needed = [kind == OTHER or self._needed(t, later(t)) for _, t, kind in self.queue]
+        needed = [kind in (OTHER, IDR_KEPT) or self._needed(t, later(t)) for _, t, kind in self.queue]
         last_needed = max((i for i, n in enumerate(needed) if n), default=-1)
         out = []
         for i, (packet, t, kind) in enumerate(self.queue):
-            if kind != OTHER and not needed[i] and (kind == DISPOSABLE or i > last_needed):
-                self.skipped += 1
+            if not needed[i] and (kind == DISPOSABLE or i > last_needed):
+                self._skip(packet)
             else:
                 out.append(packet)
             if t is not None:
@@ -175,6 +195,12 @@ class DisposableFrameGate:
         if t is not None:
             self.released.append(t)
         if skip:
-            self.skipped += 1
+            self._skip(packet)
             return []
         return [packet]
+
+    def _skip(self, packet: av.Packet) -> None:
+        self.skipped += 1
+        end = self.packet_end_s(packet)
+        if end is not None and end > self.skipped_end_s:
+            self.skipped_end_s = end

@@ -14,6 +14,7 @@ from pipeline.decode import VideoDecoder
 from pipeline.frame_skip import (
     DISPOSABLE,
     IDR,
+    IDR_KEPT,
     OTHER,
     REFERENCE,
     h264_access_unit_kind,
@@ -58,7 +59,7 @@ def _kinds(path: Path) -> dict[str, int]:
         s = c.streams.video[0]
         nls = h264_nal_length_size(bytes(s.codec_context.extradata) if s.codec_context.extradata else None)
         kinds = [h264_access_unit_kind(bytes(p), nls) for p in c.demux(s) if p.size]
-    return {k: kinds.count(k) for k in (IDR, REFERENCE, DISPOSABLE, OTHER)}
+    return {k: kinds.count(k) for k in (IDR, IDR_KEPT, REFERENCE, DISPOSABLE, OTHER)}
 
 
 _GOPS = {
@@ -80,8 +81,6 @@ def test_gop_structures_are_identical(tmp_path, gop, k, segment_s):
         # whole GOPs and GOP tails go undecoded, reference frames included (the last 4-6 s are always
         # decoded whole: the short last segment is sampled from the true end)
         assert skipped > kinds[DISPOSABLE]
-    if gop == "open_gop":
-        assert kinds[IDR] == 1 and skipped <= kinds[DISPOSABLE]  # no closed GOP to cut: disposable frames only
 
 
 def test_annex_b_stream_with_repeated_headers_is_identical(tmp_path):
@@ -93,16 +92,14 @@ def test_annex_b_stream_with_repeated_headers_is_identical(tmp_path):
     assert skipped > _kinds(path)[DISPOSABLE]
 
 
-def test_gops_too_long_to_hold_fall_back_to_disposable_frames(tmp_path, monkeypatch):
+def test_gops_too_long_to_hold_are_identical(tmp_path, monkeypatch):
     path = mf.make_video(tmp_path / "long_gop.mp4", duration_s=10.0, fps=25, size=(160, 120), audio=None,
                          video_options=_GOPS["b_pyramid"])
     monkeypatch.setattr(frame_skip, "MAX_GOP_PACKETS", 20)  # GOPs of 50 frames
-    skipped = _assert_same(path, SamplingSpec(image_size=64))
-    assert 0 < skipped <= _kinds(path)[DISPOSABLE]
+    assert _assert_same(path, SamplingSpec(image_size=64)) > 0
     monkeypatch.setattr(frame_skip, "MAX_GOP_PACKETS", 300)
     monkeypatch.setattr(frame_skip, "MAX_GOP_BYTES", 10_000)  # or GOPs too large in bytes
-    skipped = _assert_same(path, SamplingSpec(image_size=64))
-    assert 0 < skipped <= _kinds(path)[DISPOSABLE]
+    assert _assert_same(path, SamplingSpec(image_size=64)) > 0
 
 
 def test_variable_frame_rate_is_identical(tmp_path):
@@ -117,7 +114,7 @@ def test_real_film_clip_is_identical_and_skips_many_frames(shared_media):
     assert skipped > 600  # of 1441 frames: 558 unsampled disposable B-frames, 78 more in the 5.3 s GOPs' tails
 
 
-def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0) -> list[float]:
+def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0, started: bool = True) -> list[float]:
     """Feed (kind, pts seconds) access units in decode order through the gate; the times it passes on."""
     units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A]), "b": bytes([0x01, 0x9E])}
 
@@ -125,6 +122,7 @@ def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0) -> lis
         return any(lo <= (n + 0.5) * segment_s <= hi for n in range(100))
 
     gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, needed_between, keep_from_s=50.0)
+    gate.started = started
     passed = []
     for kind, t in frames + [("end", 0.0)]:
         packet = av.Packet(b"" if kind == "end" else len(units[kind]).to_bytes(4, "big") + units[kind])
@@ -151,10 +149,107 @@ def test_gate_keeps_references_of_needed_b_frames_and_skips_the_rest():
     assert _gate_passes(frames) == [0.0, 0.3, 0.6, 0.48, 1.0, 1.1]
 
 
-def test_gate_keeps_the_first_frame_when_it_stands_in_for_earlier_targets():
-    # the first frame at 0.6 is on screen for the target at 0.5 too (nothing earlier exists)
+def test_gate_skips_nothing_before_the_decoder_puts_out_its_first_frame():
+    # the first frame shown stands in for every target before it, and which one it is depends on what
+    # FFmpeg drops at the start: nothing is skipped until it is known
     frames = [("I", 0.6), ("P", 0.7), ("P", 0.8), ("I", 1.0), ("P", 1.1), ("I", 2.0)]
-    assert _gate_passes(frames)[:1] == [0.6]
+    assert _gate_passes(frames, started=False) == [0.6, 0.7, 0.8, 1.0, 1.1, 2.0]
+
+
+def test_gate_holds_at_most_max_gop_packets(monkeypatch):
+    monkeypatch.setattr(frame_skip, "MAX_GOP_PACKETS", 20)
+    gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, lambda lo, hi: False, keep_from_s=50.0)
+    gate.started = True
+    released = 0
+    for n in range(60):  # one IDR, then 59 P-frames: a GOP too long to hold
+        unit = bytes([0x65, 0x88]) if n == 0 else bytes([0x41, 0x9A])
+        packet = av.Packet(len(unit).to_bytes(4, "big") + unit)
+        packet.pts = n * 40
+        released += len(gate.push(packet))
+        assert len(gate.queue) <= 20
+    assert released == 40 and gate.skipped == 0  # reference frames passed on: no IDR came to end the GOP
+
+
+def _remux(src: Path, out: Path, edit) -> Path:
+    """Copy ``src``'s video packets into ``out``, ``edit(index, packet, time_s)`` changing them on the way."""
+    with av.open(str(src)) as i, av.open(str(out), "w") as o:
+        vs = o.add_stream_from_template(i.streams.video[0])
+        tb = i.streams.video[0].time_base
+        for n, p in enumerate(q for q in i.demux(i.streams.video[0]) if q.size):
+            p = edit(n, p, float(p.pts * tb))
+            p.stream = vs
+            o.mux(p)
+    return out
+
+
+def test_stream_cut_mid_gop_is_identical(tmp_path):
+    # A recording cut mid-GOP: FFmpeg shows nothing before the first IDR, which then stands in for the
+    # targets before it.  (The gate used to skip that IDR's GOP, which held no target itself.)
+    src = mf.make_video(tmp_path / "src.ts", codec="libx264", audio_codec="aac", duration_s=14.0, fps=25,
+                        size=(160, 120), audio="tone", video_options={"x264-params": "keyint=50:min-keyint=50:scenecut=0"})
+    with av.open(str(src)) as c:
+        idr_pos = [p.pos for p in c.demux(c.streams.video[0]) if p.size and p.is_keyframe]
+    start = idr_pos[1] + (idr_pos[2] - idr_pos[1]) // 4
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(src.read_bytes()[start // 188 * 188:])
+    _assert_same(cut, SamplingSpec(segment_seconds=2.5, image_size=64))
+
+
+def test_parameter_sets_in_a_skipped_gop_still_reach_the_decoder(tmp_path):
+    # At 4 s the stream switches encoder settings (a new PPS, CAVLC instead of CABAC), sent in-band once
+    # with the first IDR after the switch, whose GOP holds no target: the IDR must be decoded anyway.
+    opts = "keyint=12:min-keyint=12:scenecut=0:bframes=0"
+    a = mf.make_video(tmp_path / "a.mkv", duration_s=4.0, fps=25, size=(160, 120), audio=None,
+                      video_options={"x264-params": opts})
+    b = mf.make_video(tmp_path / "b.mkv", duration_s=12.0, fps=25, size=(160, 120), audio=None, seed=3,
+                      video_options={"x264-params": opts + ":cabac=0:qp=30"})
+    with av.open(str(b)) as bi:
+        ex = bytes(bi.streams.video[0].codec_context.extradata)  # avcC: its SPS and PPS
+        b_packets = [(p.pts, p.dts, bytes(p), p.is_keyframe) for p in bi.demux(bi.streams.video[0]) if p.size]
+        tb = bi.streams.video[0].time_base
+    params, i = b"", 6
+    for count in (ex[5] & 0x1F, None):
+        if count is None:
+            count, i = ex[i], i + 1
+        for _ in range(count):
+            length = int.from_bytes(ex[i:i + 2], "big")
+            params += length.to_bytes(4, "big") + ex[i + 2:i + 2 + length]
+            i += 2 + length
+    out = tmp_path / "switch.mkv"
+    with av.open(str(a)) as ai, av.open(str(out), "w") as o:
+        vs = o.add_stream_from_template(ai.streams.video[0])
+        for p in ai.demux(ai.streams.video[0]):
+            if p.size:
+                p.stream = vs
+                o.mux(p)
+        offset = int(round(4.0 / tb))
+        for n, (pts, dts, data, key) in enumerate(b_packets):
+            q = av.Packet((params if n == 0 else b"") + data)
+            q.pts, q.dts, q.time_base, q.is_keyframe, q.stream = pts + offset, dts + offset, tb, key, vs
+            o.mux(q)
+    assert _kinds(out)[IDR_KEPT] == 1
+    for segment_s in (1.0, 2.0, 3.0):
+        _assert_same(out, SamplingSpec(segment_seconds=segment_s, image_size=64))
+
+
+def test_a_skipped_frame_with_a_long_duration_still_ends_the_video(tmp_path):
+    src = mf.make_video(tmp_path / "src.mkv", duration_s=12.0, fps=25, size=(160, 120), audio=None,
+                        video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=0"})
+
+    def long_frame(n: int, p: av.Packet, t: float) -> av.Packet:
+        if abs(t - 3.2) < 1e-6:  # in a GOP tail no target needs; shown for 20 s
+            p.duration = int(round(20 / p.time_base))
+        return p
+
+    out = _remux(src, tmp_path / "long.mkv", long_frame)
+    assert _assert_same(out, SamplingSpec(segment_seconds=2.0, image_size=64)) > 0
+
+
+def test_avi_with_b_frames_is_identical(tmp_path):
+    # AVI's packet times are in decode order: the gate cannot tell which frames are shown when
+    path = mf.make_video(tmp_path / "b.avi", codec="libx264", audio=None, duration_s=12.0, fps=25, size=(160, 120),
+                         video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0"})
+    _assert_same(path, SamplingSpec(segment_seconds=2.0, image_size=64))
 
 
 def test_nal_parsing_avcc_and_annex_b():
@@ -175,6 +270,7 @@ def test_nal_parsing_avcc_and_annex_b():
     assert not h264_is_disposable(annex_b(non_ref_b, ref_p), None)
     sps, pps = bytes([0x67, 0x4D]), bytes([0x68, 0xEE])
     assert h264_access_unit_kind(avcc(pps, non_ref_b), 4) == OTHER  # a parameter set must reach the decoder
-    assert h264_access_unit_kind(annex_b(sps, pps, idr), None) == IDR
+    assert h264_access_unit_kind(annex_b(idr), None) == IDR
+    assert h264_access_unit_kind(annex_b(sps, pps, idr), None) == IDR_KEPT  # may not be skipped
     assert h264_access_unit_kind(avcc(sei, ref_p), 4) == REFERENCE
     assert h264_access_unit_kind(avcc(sei), 4) == OTHER
