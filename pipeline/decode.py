@@ -516,6 +516,7 @@ class _VideoRun:
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
         self.gate: DisposableFrameGate | None = None
+        self.video_end_s: float = -math.inf
         self.container = container
         self.uri = uri
         self.video_id = video_id
@@ -625,7 +626,7 @@ class _VideoRun:
         self.converter: _Converter | None = None
         self.n_frames = 0
         self.last_t_s = -math.inf
-        self.video_end_s: float = -math.inf  # end of the latest frame (pts + duration)
+        self.video_end_s = -math.inf  # end of the latest frame (pts + duration)
         self.quarter_turns = 0
         self.width = self.height = 0
         self.bad_packets = 0
