@@ -34,6 +34,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline import h264_sps
 from pipeline.errors import ConfigError, MediaError
 from pipeline.frame_skip import DisposableFrameGate, h264_nal_length_size
 from pipeline.media import Chunk, ChunkingSpec, SamplingSpec, VideoInfo
@@ -560,6 +561,9 @@ class _VideoRun:
             return None
         if "avi" in self.container.format.name.split(","):
             return None  # AVI's packet times are in decode order, not presentation times
+        extradata = self.vstream.codec_context.extradata
+        if not h264_sps.frames_skippable(bytes(extradata) if extradata else None):
+            return None  # reorder depth unknown, interlaced coding, or no SPS to read
         end_s = self._estimated_end_s()
         if end_s is None or not math.isfinite(end_s):
             return None
@@ -585,7 +589,6 @@ class _VideoRun:
                         return True
             return False
 
-        extradata = self.vstream.codec_context.extradata
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
         return DisposableFrameGate(h264_nal_length_size(bytes(extradata) if extradata else None),

@@ -21,13 +21,11 @@ comes.  Never skipped: anything before the decoder's first frame (that frame sta
 target before it, and which one it is depends on what FFmpeg drops at the start of a cut stream),
 access units with parameter sets or other units the decoder must see (even IDRs), and the frames
 near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
-decoder turns the gate off for AVI, whose packet times are in decode order.
+decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
+SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``).
 
-Known limits (the output may then differ from a full decode): H.264 without the SPS's
-``bitstream_restriction`` (FFmpeg then guesses the reorder depth from the frames it sees, so what is
-skipped changes what it drops), PAFF-interlaced streams that carry the two fields of a frame in
-separate packets with different times, and audio more than 30 s behind the video in file order (how
-much of it is dropped depends on how far video decoding has got).
+Known limit (the output may then differ from a full decode): audio more than 30 s behind the video
+in file order, of which how much is dropped depends on how far video decoding has got.
 """
 
 from __future__ import annotations
