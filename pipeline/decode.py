@@ -562,7 +562,8 @@ class _VideoRun:
         if "avi" in self.container.format.name.split(","):
             return None  # AVI's packet times are in decode order, not presentation times
         extradata = self.vstream.codec_context.extradata
-        if not h264_sps.frames_skippable(bytes(extradata) if extradata else None):
+        extradata_bytes = bytes(extradata) if extradata else None
+        if not h264_sps.frames_skippable(extradata_bytes):
             return None  # reorder depth unknown, interlaced coding, or no SPS to read
         end_s = self._estimated_end_s()
         if end_s is None or not math.isfinite(end_s):
@@ -577,10 +578,10 @@ class _VideoRun:
             return (pts - self.origin_pts) * tb_num / tb_den  # = float((pts - origin) * time_base)
 
         def packet_end_s(packet: av.Packet) -> float | None:
-            pts, duration = packet.pts, packet.duration
-            if pts is None or not duration or self.origin_pts is None:
+            t, duration = packet_time_s(packet), packet.duration
+            if t is None or not duration:
                 return None
-            return (pts + duration - self.origin_pts) * tb_num / tb_den
+            return t + duration * tb_num / tb_den  # as _on_video_frame adds a frame's time and duration
 
         def needed_between(lo_s: float, hi_s: float) -> bool:
             for segment in range(max(0, math.floor(lo_s / seg_s)), math.floor(hi_s / seg_s) + 1):
@@ -591,8 +592,9 @@ class _VideoRun:
 
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
-        return DisposableFrameGate(h264_nal_length_size(bytes(extradata) if extradata else None),
-                                   packet_time_s, needed_between, keep_from_s, packet_end_s)
+        may_reorder = any(h264_sps.parse_sps(u).may_reorder for u in h264_sps.sps_from_extradata(extradata_bytes))
+        return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
+                                   packet_end_s, may_reorder)
 
     def _select_streams(self) -> None:
         video = [

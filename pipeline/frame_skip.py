@@ -22,10 +22,14 @@ target before it, and which one it is depends on what FFmpeg drops at the start 
 access units with parameter sets or other units the decoder must see (even IDRs), and the frames
 near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
-SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``).
+SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
+itself stops skipping for good at an in-band SPS of that kind, and where a held GOP shows B-frames in
+decode order although the SPS allows reordering (packet times that are decode times: an MP4 without
+composition offsets, a remuxed AVI).
 
-Known limit (the output may then differ from a full decode): audio more than 30 s behind the video
-in file order, of which how much is dropped depends on how far video decoding has got.
+Known limits (the output may then differ from a full decode): audio more than 30 s behind the video
+in file order, of which how much is dropped depends on how far video decoding has got; a single
+frame whose timestamp is out of order (the decoder moves it, the gate cannot know).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from collections.abc import Callable
 
 import av
 
+from pipeline import h264_sps
+
 LOOKAHEAD_PACKETS = 32  # more than any real reorder depth (H.264 allows at most 16)
 MAX_GOP_PACKETS = 300  # a GOP held whole: x264's default longest is 250 frames
 MAX_GOP_BYTES = 32 << 20
@@ -49,6 +55,19 @@ def h264_nal_length_size(extradata: bytes | None) -> int | None:
     if extradata and len(extradata) >= 7 and extradata[0] == 1:
         return (extradata[4] & 3) + 1
     return None
+
+
+def _nal_units(data: bytes, nal_length_size: int | None) -> list[bytes]:
+    """The NAL units of an access unit (header byte first)."""
+    units = []
+    if nal_length_size is not None:
+        i = 0
+        while i + nal_length_size < len(data):
+            length = int.from_bytes(data[i : i + nal_length_size], "big")
+            units.append(data[i + nal_length_size : i + nal_length_size + length])
+            i += nal_length_size + length
+        return units
+    return [u.rstrip(b"\x00") for u in data.split(b"\x00\x00\x01")[1:] if u]
 
 
 def _nal_headers(data: bytes, nal_length_size: int | None) -> list[int]:
@@ -107,10 +126,11 @@ class DisposableFrameGate:
 
     def __init__(self, nal_length_size: int | None, packet_time_s: Callable[[av.Packet], float | None],
                  needed_between: Callable[[float, float], bool], keep_from_s: float,
-                 packet_end_s: Callable[[av.Packet], float | None] = lambda p: None) -> None:
+                 packet_end_s: Callable[[av.Packet], float | None] = lambda p: None, may_reorder: bool = True) -> None:
         self.nal_length_size = nal_length_size
         self.packet_time_s = packet_time_s
         self.packet_end_s = packet_end_s
+        self.may_reorder = may_reorder  # the SPS allows B-frame reordering
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
         self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
@@ -120,6 +140,9 @@ class DisposableFrameGate:
         # every target before it, and which one it is depends on what FFmpeg drops at the start (a
         # stream cut mid-GOP shows nothing before its first IDR).
         self.started = False
+        # Skipping stops for good where the stream turns out unsafe: an in-band SPS that
+        # h264_sps.frames_skippable refuses, or packet times that are not presentation times.
+        self.off = False
         self.skipped = 0
         self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
 
@@ -128,17 +151,41 @@ class DisposableFrameGate:
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
-        if not self.started:  # until the decoder's first frame, everything passes at once
+        data = bytes(packet)
+        kind = h264_access_unit_kind(data, self.nal_length_size)
+        if kind in (OTHER, IDR_KEPT) and not self.off and not self._parameters_allow_skipping(data):
+            self.off = True
+        if self.off or not self.started:  # until the decoder's first frame, everything passes at once
             if t is not None:
                 self.released.append(t)
-            return [packet]
-        kind = h264_access_unit_kind(bytes(packet), self.nal_length_size)
+            out = [p for p, _, _ in self.queue] + [packet]
+            self.queue.clear()
+            self.queued_bytes = 0
+            return out
         out = self._release_gop(t) if kind in (IDR, IDR_KEPT) and self.queue else []
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
             out += self._release_oldest()
         return out
+
+    def _parameters_allow_skipping(self, data: bytes) -> bool:
+        """False if the access unit carries an SPS under which skipping is not safe (see h264_sps)."""
+        units = [u for u in _nal_units(data, self.nal_length_size) if u and u[0] & 0x1F == 7]
+        try:
+            return all(h264_sps.parse_sps(u).frames_skippable for u in units)
+        except (ValueError, IndexError):
+            return False
+
+    def _in_decode_order(self, idr_t: float | None) -> bool:
+        """Whether the held GOP's times look like decode-order times (an MP4 without composition
+        offsets, a remuxed AVI): B-frames shown in the order they are decoded, where the SPS allows
+        reordering.  Low-delay B-frames look the same; skipping then merely stops."""
+        if not any(kind == DISPOSABLE for _, _, kind in self.queue):
+            return False
+        times = [t for _, t, _ in self.queue] + ([idr_t] if idr_t is not None else [])
+        known = [t for t in times if t is not None]
+        return len(known) == len(times) and all(a < b for a, b in itertools.pairwise(known))
 
     def flush(self) -> list[av.Packet]:
         """The stream has ended: what is held is the last GOP (the frames near the end are always kept)."""
@@ -153,6 +200,12 @@ class DisposableFrameGate:
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
         """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of
         the stream has come: skip what no target needs."""
+        if self.may_reorder and self._in_decode_order(idr_t):
+            self.off = True
+            out = [p for p, _, _ in self.queue]
+            self.queue.clear()
+            self.queued_bytes = 0
+            return out
         known = [u for _, u, _ in self.queue if u is not None and math.isfinite(u)] + list(self.released)
         if idr_t is not None and math.isfinite(idr_t):
             known.append(idr_t)

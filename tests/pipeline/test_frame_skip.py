@@ -237,12 +237,29 @@ def test_a_skipped_frame_with_a_long_duration_still_ends_the_video(tmp_path):
                         video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=0"})
 
     def long_frame(n: int, p: av.Packet, t: float) -> av.Packet:
-        if abs(t - 3.2) < 1e-6:  # in a GOP tail no target needs; shown for 20 s
+        if abs(t - 3.24) < 1e-6:  # in a GOP tail no target needs; shown for 20 s (3.24 + 20 rounds up)
             p.duration = int(round(20 / p.time_base))
         return p
 
     out = _remux(src, tmp_path / "long.mkv", long_frame)
     assert _assert_same(out, SamplingSpec(segment_seconds=2.0, image_size=64)) > 0
+
+
+def test_decode_order_times_turn_skipping_off(tmp_path):
+    # An MKV whose packet times are decode-order times (pts = dts, as after remuxing an AVI with
+    # B-frames): the frames come out of the decoder with times out of order, so the gate cannot tell
+    # which frame is on screen when.  It sees B-frames in decode order and stops skipping.
+    src = mf.make_video(tmp_path / "src.mkv", duration_s=12.0, fps=25, size=(160, 120), audio=None,
+                        video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=2:b-pyramid=none"})
+
+    def pts_is_dts(n: int, p: av.Packet, t: float) -> av.Packet:
+        p.pts = p.dts = (p.dts if p.dts is not None else -40) + 40
+        return p
+
+    out = _remux(src, tmp_path / "pts_is_dts.mkv", pts_is_dts)
+    for segment_s, k in ((1.0, 1), (2.0, 1), (0.4, 2)):
+        assert _assert_same(out, SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=64)) == 0
+    assert _assert_same(src, SamplingSpec(image_size=64)) > 0  # the same stream with its real times
 
 
 def test_avi_with_b_frames_is_identical(tmp_path):

@@ -45,15 +45,24 @@ def _escape(payload: bytes) -> bytes:
 
 
 def _sps(*, profile: int = 66, poc_type: int = 0, frame_mbs_only: int = 1, restriction: bool | None = True,
-         reorder: int = 2, scaling: bool = False, hrd: bool = True) -> bytes:
+         reorder: int = 2, scaling: bool = False, hrd: bool = True, chroma_format: int = 1,
+         everything: bool = False) -> bytes:
+    """A hand-made SPS; ``everything`` also sets the optional VUI fields and a VCL HRD."""
     w = _BitWriter().u(8, 0x67).u(8, profile).u(8, 0).u(8, 30).ue(0)
-    if profile == 100:
-        w.ue(1).ue(0).ue(0).u(1, 0).u(1, int(scaling))
+    if profile in (100, 244):
+        w.ue(chroma_format)
+        if chroma_format == 3:
+            w.u(1, 0)  # separate_colour_plane_flag
+        w.ue(0).ue(0).u(1, 0).u(1, int(scaling))
         if scaling:
-            for i in range(8):
-                w.u(1, int(i == 0))
-                if i == 0:
-                    for d in (3, -2, 0, 5, -1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0):
+            for i in range(8 if chroma_format != 3 else 12):
+                w.u(1, 1)
+                size = 16 if i < 6 else 64
+                if i % 3 == 2:
+                    w.se(-8)  # next_scale 0 at once: the rest of the list is implied, not coded
+                else:
+                    deltas = [3, -2, 0, 5, -1] + [1] * (size - 5)
+                    for d in deltas:
                         w.se(d)
     w.ue(0).ue(poc_type)
     if poc_type == 0:
@@ -67,16 +76,28 @@ def _sps(*, profile: int = 66, poc_type: int = 0, frame_mbs_only: int = 1, restr
     if restriction is None:
         return w.u(1, 0).nal()  # no VUI
     w.u(1, 1).u(1, 1).u(8, 255).u(16, 1).u(16, 1)  # VUI; aspect ratio: extended SAR 1:1
-    w.u(1, 0).u(1, 1).u(4, 5).u(1, 1).u(24, 0x010101)  # no overscan; video signal, colour description
-    w.u(1, 0).u(1, 1).u(32, 1).u(32, 50).u(1, 1)  # timing: 1/50 s ticks (zeros: emulation prevention)
-    w.u(1, int(hrd))
-    if hrd:
+    w.u(1, int(everything))
+    if everything:
+        w.u(1, 1)  # overscan_appropriate_flag
+    w.u(1, 1).u(4, 5).u(1, 1).u(24, 0x010101)  # video signal, colour description
+    w.u(1, int(everything))
+    if everything:
+        w.ue(1).ue(2)  # chroma sample locations
+    w.u(1, 1).u(32, 1).u(32, 50).u(1, 1)  # timing: 1/50 s ticks (zeros: emulation prevention)
+
+    def hrd_parameters() -> None:
         w.ue(1).u(4, 0).u(4, 0)
         for _ in range(2):
             w.ue(1000).ue(2000).u(1, 0)
         w.u(20, 0)
-    w.u(1, 0)  # no VCL HRD
+
+    w.u(1, int(hrd))
     if hrd:
+        hrd_parameters()
+    w.u(1, int(everything))
+    if everything:
+        hrd_parameters()
+    if hrd or everything:
         w.u(1, 0)  # low_delay_hrd_flag
     w.u(1, 0).u(1, int(restriction))
     if restriction:
@@ -84,10 +105,15 @@ def _sps(*, profile: int = 66, poc_type: int = 0, frame_mbs_only: int = 1, restr
     return w.nal()
 
 
-@pytest.mark.parametrize("profile,scaling", [(66, False), (100, False), (100, True)])
+@pytest.mark.parametrize("profile,scaling,chroma_format,everything",
+                         [(66, False, 1, False), (100, False, 1, False), (100, True, 1, False), (244, True, 3, False),
+                          (100, True, 1, True), (244, True, 3, True), (66, False, 1, True)])
 @pytest.mark.parametrize("poc_type", [0, 1, 2])
-def test_hand_made_sps_fields(profile, scaling, poc_type):
-    sps = _sps(profile=profile, scaling=scaling, poc_type=poc_type, reorder=3)
+def test_hand_made_sps_fields(profile, scaling, chroma_format, everything, poc_type):
+    # the field after all the optional parts (max_num_reorder_frames) comes out right only if every
+    # part before it was read to the bit
+    sps = _sps(profile=profile, scaling=scaling, poc_type=poc_type, reorder=3, chroma_format=chroma_format,
+               everything=everything)
     assert b"\x00\x00\x03" in sps  # the reader must undo emulation prevention
     info = parse_sps(sps)
     assert (info.pic_order_cnt_type, info.frame_mbs_only, info.bitstream_restriction) == (poc_type, True, True)
@@ -95,6 +121,7 @@ def test_hand_made_sps_fields(profile, scaling, poc_type):
 
 
 def test_sps_that_make_skipping_unsafe():
+    assert parse_sps(_sps(hrd=False, everything=True, reorder=5)).max_num_reorder_frames == 5  # VCL HRD alone
     assert not parse_sps(_sps(restriction=False)).frames_skippable  # reordering, depth unknown
     assert not parse_sps(_sps(restriction=None, hrd=False)).frames_skippable  # no VUI at all
     assert parse_sps(_sps(restriction=False, poc_type=2)).frames_skippable  # output order = decode order
@@ -103,6 +130,15 @@ def test_sps_that_make_skipping_unsafe():
     assert not frames_skippable(b"\x00\x00\x00\x01" + _sps()[:6])  # cut short: unreadable
     annex_b = b"\x00\x00\x00\x01" + _sps() + b"\x00\x00\x00\x01\x68\xee\x3c\x80"
     assert sps_from_extradata(annex_b) == [_sps()] and frames_skippable(annex_b)
+    # avcC with two SPS: every one must allow skipping
+    good, bad = _sps(), _sps(restriction=False)
+
+    def avcc(*units: bytes) -> bytes:
+        return bytes([1, 66, 0, 30, 0xFF, 0xE0 | len(units)]) + b"".join(
+            len(u).to_bytes(2, "big") + u for u in units) + b"\x01\x00\x04\x68\xee\x3c\x80"
+
+    assert sps_from_extradata(avcc(good, bad)) == [good, bad]
+    assert frames_skippable(avcc(good, good)) and not frames_skippable(avcc(good, bad))
 
 
 def _extradata(path: Path) -> bytes:
@@ -157,3 +193,43 @@ def test_stream_without_reorder_depth_decodes_every_frame(tmp_path):
         for chunk in VideoDecoder(SamplingSpec(image_size=32), ChunkingSpec(core_segments=4)).chunks(path):
             info = chunk.info or info
         assert info is not None and (info.n_frames_skipped > 0) == skips
+
+
+def test_an_unsafe_sps_arriving_mid_stream_turns_skipping_off(tmp_path):
+    # stitched recordings: the first 4 s without B-frames (their SPS in the extradata allows skipping),
+    # then a B-pyramid whose in-band SPS does not state the reorder depth
+    a = mf.make_video(tmp_path / "a.ts", codec="libx264", audio=None, duration_s=4.0, fps=25, size=(160, 120),
+                      video_options={"x264-params": "keyint=24:min-keyint=24:scenecut=0:bframes=0"})
+    b = mf.make_video(tmp_path / "b.ts", codec="libx264", audio=None, duration_s=10.0, fps=25, size=(160, 120), seed=2,
+                      video_options={"x264-params": "keyint=24:min-keyint=24:scenecut=0:bframes=3:b-pyramid=normal"})
+    out = tmp_path / "stitched.ts"
+    with av.open(str(a)) as ai, av.open(str(b)) as bi, av.open(str(out), "w") as o:
+        vs = o.add_stream_from_template(ai.streams.video[0])
+        tb = ai.streams.video[0].time_base
+        last = 0
+        for p in ai.demux(ai.streams.video[0]):
+            if p.size:
+                last = max(last, p.pts, p.dts)
+                p.stream = vs
+                o.mux(p)
+        b_packets = [p for p in bi.demux(bi.streams.video[0]) if p.size]
+        offset = last + round(0.04 / tb) - min(min(p.dts for p in b_packets), bi.streams.video[0].start_time)
+        for p in b_packets:
+            q = av.Packet(_without_restriction(bytes(p)))
+            q.pts, q.dts, q.time_base, q.is_keyframe, q.stream = p.pts + offset, p.dts + offset, p.time_base, p.is_keyframe, vs
+            o.mux(q)
+    assert frames_skippable(_extradata(out))
+    for segment_s, k in ((1.0, 1), (2.0, 1), (0.4, 2), (1.0, 3)):
+        skipped = 0
+        for path, skip in ((out, False), (out, True)):
+            frames, pts = [], []
+            for chunk in VideoDecoder(SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=32),
+                                      ChunkingSpec(core_segments=4), skip_unsampled=skip).chunks(path):
+                frames.append(chunk.frames[chunk.core_slice])
+                pts.append(chunk.frame_pts_s[chunk.core_slice])
+                skipped = chunk.info.n_frames_skipped if chunk.info else skipped
+            if not skip:
+                reference = (frames, pts)
+        assert all((x == y).all() for x, y in zip(frames, reference[0], strict=True))
+        assert all((x == y).all() for x, y in zip(pts, reference[1], strict=True))
+        assert skipped > 0  # still skipped in the first part
