@@ -594,7 +594,7 @@ class _VideoRun:
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
         may_reorder = any(h264_sps.parse_sps(u).may_reorder for u in h264_sps.sps_from_extradata(extradata_bytes))
         return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
-                                   packet_end_s, may_reorder)
+                                   packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes))
 
     def _select_streams(self) -> None:
         video = [

@@ -19,7 +19,8 @@ next IDR.  So packets wait in a queue until the next IDR, at most ``MAX_GOP_PACK
 on, skipping only disposable ones, and the GOP-tail rule applies to what is still held when an IDR
 comes.  Never skipped: anything before the decoder's first frame (that frame stands in for every
 target before it, and which one it is depends on what FFmpeg drops at the start of a cut stream),
-access units with parameter sets or other units the decoder must see (even IDRs), and the frames
+access units with parameter sets or other units the decoder must see (even IDRs, unless the
+parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with every IDR), and the frames
 near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
@@ -38,7 +39,7 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import av
 
@@ -126,11 +127,17 @@ class DisposableFrameGate:
 
     def __init__(self, nal_length_size: int | None, packet_time_s: Callable[[av.Packet], float | None],
                  needed_between: Callable[[float, float], bool], keep_from_s: float,
-                 packet_end_s: Callable[[av.Packet], float | None] = lambda p: None, may_reorder: bool = True) -> None:
+                 packet_end_s: Callable[[av.Packet], float | None] = lambda p: None, may_reorder: bool = True,
+                 parameter_sets: Sequence[bytes] = ()) -> None:
         self.nal_length_size = nal_length_size
         self.packet_time_s = packet_time_s
         self.packet_end_s = packet_end_s
         self.may_reorder = may_reorder  # the SPS allows B-frame reordering
+        # The SPS/PPS the decoder holds (from the extradata, then from the stream), by kind and id: an
+        # IDR access unit that repeats them unchanged (MPEG-TS sends them with every IDR) may be skipped.
+        self.parameter_sets: dict[tuple[int, int], bytes] = {}
+        for unit in parameter_sets:
+            self._hold_parameter_set(unit)
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
         self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
@@ -153,8 +160,10 @@ class DisposableFrameGate:
         t = self.packet_time_s(packet)
         data = bytes(packet)
         kind = h264_access_unit_kind(data, self.nal_length_size)
-        if kind in (OTHER, IDR_KEPT) and not self.off and not self._parameters_allow_skipping(data):
-            self.off = True
+        if kind in (OTHER, IDR_KEPT):
+            if not self.off and not self._parameters_allow_skipping(data):
+                self.off = True
+            kind = self._with_parameter_sets(data, kind)
         if self.off or not self.started:  # until the decoder's first frame, everything passes at once
             if t is not None:
                 self.released.append(t)
@@ -168,6 +177,24 @@ class DisposableFrameGate:
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
             out += self._release_oldest()
         return out
+
+    def _hold_parameter_set(self, unit: bytes) -> bool:
+        """Record an SPS/PPS the decoder receives; whether the decoder held it already, unchanged."""
+        key = h264_sps.parameter_set_key(unit)
+        if key is None:
+            return False
+        same = self.parameter_sets.get(key) == unit
+        self.parameter_sets[key] = unit
+        return same
+
+    def _with_parameter_sets(self, data: bytes, kind: str) -> str:
+        """``IDR`` for an ``IDR_KEPT`` unit whose only extra units are SPS/PPS the decoder already holds
+        unchanged (skipping it changes nothing the decoder knows); records every SPS/PPS it carries."""
+        units = _nal_units(data, self.nal_length_size)
+        extra = [u for u in units if u and u[0] & 0x1F not in _SKIPPABLE_NAL_TYPES]
+        # evaluated for every unit, so that the decoder's parameter sets are always up to date
+        unchanged = [u[0] & 0x1F in (7, 8) and self._hold_parameter_set(u) for u in extra]
+        return IDR if kind == IDR_KEPT and extra and all(unchanged) else kind
 
     def _parameters_allow_skipping(self, data: bytes) -> bool:
         """False if the access unit carries an SPS under which skipping is not safe (see h264_sps)."""

@@ -182,6 +182,41 @@ def parse_sps(nal: bytes) -> SpsInfo:
     return SpsInfo(poc_type, frame_mbs_only, restriction, reorder, flag_bit)
 
 
+def parameter_set_key(nal: bytes) -> tuple[int, int] | None:
+    """``(7, seq_parameter_set_id)`` of an SPS, ``(8, pic_parameter_set_id)`` of a PPS, else None."""
+    if not nal or nal[0] & 0x1F not in (7, 8):
+        return None
+    try:
+        r = _Bits(rbsp(nal))
+        nal_type = r.u(8) & 0x1F
+        if nal_type == 7:
+            r.u(24)  # profile_idc, constraint flags, level_idc
+        return nal_type, r.ue()
+    except ValueError:
+        return None
+
+
+def parameter_sets_from_extradata(extradata: bytes | None) -> list[bytes]:
+    """The SPS and PPS NAL units of an ``avcC`` record or of Annex B extradata."""
+    if not extradata:
+        return []
+    if extradata[0] == 1 and len(extradata) >= 7:  # avcC: SPS count and list, then PPS count and list
+        out, i = [], 6
+        for count_at in (5, None):
+            if count_at is None:
+                if i >= len(extradata):
+                    break
+                count, i = extradata[i], i + 1
+            else:
+                count = extradata[count_at] & 0x1F
+            for _ in range(count):
+                length = int.from_bytes(extradata[i : i + 2], "big")
+                out.append(extradata[i + 2 : i + 2 + length])
+                i += 2 + length
+        return [n for n in out if n and n[0] & 0x1F in (7, 8)]
+    return [u.rstrip(b"\x00") for u in extradata.split(b"\x00\x00\x01") if u and u[0] & 0x1F in (7, 8)]
+
+
 def sps_from_extradata(extradata: bytes | None) -> list[bytes]:
     """The SPS NAL units of an ``avcC`` record or of Annex B extradata."""
     if not extradata:

@@ -84,12 +84,19 @@ def test_gop_structures_are_identical(tmp_path, gop, k, segment_s):
 
 
 def test_annex_b_stream_with_repeated_headers_is_identical(tmp_path):
-    # MPEG-TS carries SPS/PPS in-band before every IDR; they must reach the decoder
-    path = mf.make_video(tmp_path / "short.ts", codec="libx264", duration_s=24.0, fps=25, size=(160, 120),
-                         audio="tone", audio_codec="aac",
-                         video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0:repeat-headers=1"})
-    skipped = _assert_same(path, SamplingSpec(segment_seconds=2.0, image_size=64))
-    assert skipped > _kinds(path)[DISPOSABLE]
+    # MPEG-TS carries SPS/PPS in-band with every IDR.  Repeated unchanged, they tell the decoder nothing
+    # new, so a target-less GOP's IDR is skipped as in MP4 (where they live in the extradata).
+    options = {"x264-params": "keyint=12:min-keyint=12:scenecut=0:repeat-headers=1"}
+    ts = mf.make_video(tmp_path / "short.ts", codec="libx264", duration_s=24.0, fps=25, size=(160, 120),
+                       audio="tone", audio_codec="aac", video_options=options)
+    mp4 = mf.make_video(tmp_path / "short.mp4", duration_s=24.0, fps=25, size=(160, 120), audio="tone",
+                        video_options={"x264-params": "keyint=12:min-keyint=12:scenecut=0"})
+    assert _kinds(mp4)[IDR_KEPT] == 0
+    sampling = SamplingSpec(segment_seconds=2.0, image_size=64)
+    kinds = _kinds(ts)
+    assert kinds[IDR_KEPT] == kinds[IDR] + kinds[IDR_KEPT] > 0  # every IDR carries its SPS/PPS
+    skipped = _assert_same(ts, sampling)
+    assert skipped == _assert_same(mp4, sampling) > kinds[DISPOSABLE]
 
 
 def test_gops_too_long_to_hold_are_identical(tmp_path, monkeypatch):

@@ -9,7 +9,14 @@ import pytest
 
 import tests.media_factory as mf
 from pipeline.decode import VideoDecoder
-from pipeline.h264_sps import frames_skippable, parse_sps, rbsp, sps_from_extradata
+from pipeline.h264_sps import (
+    frames_skippable,
+    parameter_set_key,
+    parameter_sets_from_extradata,
+    parse_sps,
+    rbsp,
+    sps_from_extradata,
+)
 from pipeline.media import ChunkingSpec, SamplingSpec
 
 
@@ -138,6 +145,11 @@ def test_sps_that_make_skipping_unsafe():
             len(u).to_bytes(2, "big") + u for u in units) + b"\x01\x00\x04\x68\xee\x3c\x80"
 
     assert sps_from_extradata(avcc(good, bad)) == [good, bad]
+    pps = b"\x68\xee\x3c\x80"
+    assert parameter_sets_from_extradata(avcc(good, bad)) == [good, bad, pps]
+    assert parameter_sets_from_extradata(annex_b) == [_sps(), pps]
+    assert parameter_set_key(good) == (7, 0) and parameter_set_key(pps) == (8, 0)
+    assert parameter_set_key(b"\x68\x7c") == (8, 2) and parameter_set_key(b"\x65\x88") is None
     assert frames_skippable(avcc(good, good)) and not frames_skippable(avcc(good, bad))
 
 
