@@ -68,24 +68,13 @@ def _nal_units(data: bytes, nal_length_size: int | None) -> list[bytes]:
             units.append(data[i + nal_length_size : i + nal_length_size + length])
             i += nal_length_size + length
         return units
+    # Annex B: a 4-byte start code leaves a zero byte at the end of the unit before it
     return [u.rstrip(b"\x00") for u in data.split(b"\x00\x00\x01")[1:] if u]
 
 
 def _nal_headers(data: bytes, nal_length_size: int | None) -> list[int]:
     """First byte of each NAL unit in an access unit."""
-    heads = []
-    if nal_length_size is not None:
-        i = 0
-        while i + nal_length_size < len(data):
-            length = int.from_bytes(data[i : i + nal_length_size], "big")
-            heads.append(data[i + nal_length_size])
-            i += nal_length_size + length
-        return heads
-    i = data.find(b"\x00\x00\x01")
-    while 0 <= i < len(data) - 3:
-        heads.append(data[i + 3])
-        i = data.find(b"\x00\x00\x01", i + 3)
-    return heads
+    return [unit[0] for unit in _nal_units(data, nal_length_size) if unit]
 
 
 # NAL unit types a skipped access unit may hold: slices (non-IDR and IDR), SEI, access unit delimiter,

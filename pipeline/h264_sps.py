@@ -214,23 +214,14 @@ def parameter_sets_from_extradata(extradata: bytes | None) -> list[bytes]:
                 out.append(extradata[i + 2 : i + 2 + length])
                 i += 2 + length
         return [n for n in out if n and n[0] & 0x1F in (7, 8)]
+    # Annex B: a 4-byte start code leaves a zero at the end of the unit before it (a parameter set ends
+    # in its stop bit, never in a zero byte)
     return [u.rstrip(b"\x00") for u in extradata.split(b"\x00\x00\x01") if u and u[0] & 0x1F in (7, 8)]
 
 
 def sps_from_extradata(extradata: bytes | None) -> list[bytes]:
     """The SPS NAL units of an ``avcC`` record or of Annex B extradata."""
-    if not extradata:
-        return []
-    if extradata[0] == 1 and len(extradata) >= 7:  # avcC
-        out, i = [], 6
-        for _ in range(extradata[5] & 0x1F):
-            length = int.from_bytes(extradata[i : i + 2], "big")
-            out.append(extradata[i + 2 : i + 2 + length])
-            i += 2 + length
-        return [n for n in out if n and n[0] & 0x1F == 7]
-    # Annex B: a 4-byte start code leaves a zero at the end of the unit before it (an SPS ends in its
-    # stop bit, never in a zero byte)
-    return [u.rstrip(b"\x00") for u in extradata.split(b"\x00\x00\x01") if u and u[0] & 0x1F == 7]
+    return [u for u in parameter_sets_from_extradata(extradata) if u[0] & 0x1F == 7]
 
 
 def frames_skippable(extradata: bytes | None) -> bool:
