@@ -563,7 +563,8 @@ class _VideoRun:
             return None  # AVI's packet times are in decode order, not presentation times
         extradata = self.vstream.codec_context.extradata
         extradata_bytes = bytes(extradata) if extradata else None
-        if not h264_sps.frames_skippable(extradata_bytes):
+        sps = h264_sps.read_sps(h264_sps.sps_from_extradata(extradata_bytes))
+        if not sps or not all(info.frames_skippable for info in sps):
             return None  # reorder depth unknown, interlaced coding, or no SPS to read
         end_s = self._estimated_end_s()
         if end_s is None or not math.isfinite(end_s):
@@ -592,7 +593,7 @@ class _VideoRun:
 
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
-        may_reorder = any(h264_sps.parse_sps(u).may_reorder for u in h264_sps.sps_from_extradata(extradata_bytes))
+        may_reorder = any(info.may_reorder for info in sps)
         return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
                                    packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes))
 

@@ -99,11 +99,6 @@ def h264_access_unit_kind(data: bytes, nal_length_size: int | None) -> str:
     return REFERENCE if any((h >> 5) & 3 for h in heads if h & 0x1F == 1) else DISPOSABLE
 
 
-def h264_is_disposable(data: bytes, nal_length_size: int | None) -> bool:
-    """True if the access unit holds picture slices, none of them a reference, and nothing else that counts."""
-    return h264_access_unit_kind(data, nal_length_size) == DISPOSABLE
-
-
 class DisposableFrameGate:
     """Passes video packets on to the decoder, holding each until the next IDR, and drops the skippable ones.
 
@@ -150,16 +145,11 @@ class DisposableFrameGate:
         data = bytes(packet)
         kind = h264_access_unit_kind(data, self.nal_length_size)
         if kind in (OTHER, IDR_KEPT):
-            if not self.off and not self._parameters_allow_skipping(data):
-                self.off = True
-            kind = self._with_parameter_sets(data, kind)
+            kind = self._take_parameter_sets(data, kind)
         if self.off or not self.started:  # until the decoder's first frame, everything passes at once
             if t is not None:
                 self.released.append(t)
-            out = [p for p, _, _ in self.queue] + [packet]
-            self.queue.clear()
-            self.queued_bytes = 0
-            return out
+            return self._take_queue() + [packet]
         out = self._release_gop(t) if kind in (IDR, IDR_KEPT) and self.queue else []
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
@@ -176,22 +166,24 @@ class DisposableFrameGate:
         self.parameter_sets[key] = unit
         return same
 
-    def _with_parameter_sets(self, data: bytes, kind: str) -> str:
-        """``IDR`` for an ``IDR_KEPT`` unit whose only extra units are SPS/PPS the decoder already holds
-        unchanged (skipping it changes nothing the decoder knows); records every SPS/PPS it carries."""
-        units = _nal_units(data, self.nal_length_size)
-        extra = [u for u in units if u and u[0] & 0x1F not in _SKIPPABLE_NAL_TYPES]
+    def _take_parameter_sets(self, data: bytes, kind: str) -> str:
+        """Record the SPS/PPS an access unit carries; stop skipping for good at an SPS under which it is
+        not safe (see h264_sps).  Returns ``IDR`` for an ``IDR_KEPT`` unit whose only extra units are
+        SPS/PPS the decoder already holds unchanged (skipping it changes nothing the decoder knows)."""
+        extra = [u for u in _nal_units(data, self.nal_length_size) if u and u[0] & 0x1F not in _SKIPPABLE_NAL_TYPES]
+        sps = h264_sps.read_sps([u for u in extra if u[0] & 0x1F == 7])
+        if sps is None or not all(info.frames_skippable for info in sps):
+            self.off = True
         # evaluated for every unit, so that the decoder's parameter sets are always up to date
         unchanged = [u[0] & 0x1F in (7, 8) and self._hold_parameter_set(u) for u in extra]
         return IDR if kind == IDR_KEPT and extra and all(unchanged) else kind
 
-    def _parameters_allow_skipping(self, data: bytes) -> bool:
-        """False if the access unit carries an SPS under which skipping is not safe (see h264_sps)."""
-        units = [u for u in _nal_units(data, self.nal_length_size) if u and u[0] & 0x1F == 7]
-        try:
-            return all(h264_sps.parse_sps(u).frames_skippable for u in units)
-        except (ValueError, IndexError):
-            return False
+    def _take_queue(self) -> list[av.Packet]:
+        """Everything held, in order, for the decoder; the queue is then empty."""
+        out = [p for p, _, _ in self.queue]
+        self.queue.clear()
+        self.queued_bytes = 0
+        return out
 
     def _in_decode_order(self, idr_t: float | None) -> bool:
         """Whether the held GOP's times look like decode-order times (an MP4 without composition
@@ -218,10 +210,7 @@ class DisposableFrameGate:
         the stream has come: skip what no target needs."""
         if self.may_reorder and self._in_decode_order(idr_t):
             self.off = True
-            out = [p for p, _, _ in self.queue]
-            self.queue.clear()
-            self.queued_bytes = 0
-            return out
+            return self._take_queue()
         known = [u for _, u, _ in self.queue if u is not None and math.isfinite(u)] + list(self.released)
         if idr_t is not None and math.isfinite(idr_t):
             known.append(idr_t)
@@ -245,8 +234,7 @@ class DisposableFrameGate:
                 out.append(packet)
             if t is not None:
                 self.released.append(t)
-        self.queue.clear()
-        self.queued_bytes = 0
+        self._take_queue()
         return out
 
     def _release_oldest(self) -> list[av.Packet]:

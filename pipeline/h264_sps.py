@@ -224,13 +224,16 @@ def sps_from_extradata(extradata: bytes | None) -> list[bytes]:
     return [u for u in parameter_sets_from_extradata(extradata) if u[0] & 0x1F == 7]
 
 
+def read_sps(units: list[bytes]) -> list[SpsInfo] | None:
+    """The fields of each SPS NAL unit; None if one of them cannot be read."""
+    try:
+        return [parse_sps(u) for u in units]
+    except (ValueError, IndexError):
+        return None
+
+
 def frames_skippable(extradata: bytes | None) -> bool:
     """Whether the stream's SPS (all of them) allow skipping frames; False when there is none or it
     cannot be read (the decoder then decodes every frame, which is always right)."""
-    units = sps_from_extradata(extradata)
-    if not units:
-        return False
-    try:
-        return all(parse_sps(u).frames_skippable for u in units)
-    except (ValueError, IndexError):
-        return False
+    infos = read_sps(sps_from_extradata(extradata))
+    return bool(infos) and all(info.frames_skippable for info in infos or ())

@@ -18,7 +18,6 @@ from pipeline.frame_skip import (
     OTHER,
     REFERENCE,
     h264_access_unit_kind,
-    h264_is_disposable,
     h264_nal_length_size,
 )
 from pipeline.media import ChunkingSpec, SamplingSpec
@@ -285,13 +284,13 @@ def test_nal_parsing_avcc_and_annex_b():
     idr = bytes([0x65, 0x88])  # nal_ref_idc 3, type 5
     sei = bytes([0x06, 0x05])
     avcc = lambda *nals: b"".join(len(n).to_bytes(4, "big") + n for n in nals)  # noqa: E731
-    assert h264_is_disposable(avcc(sei, non_ref_b), 4)
-    assert not h264_is_disposable(avcc(ref_p), 4)
-    assert not h264_is_disposable(avcc(idr), 4)
-    assert not h264_is_disposable(avcc(sei), 4)  # no picture slice: keep
+    assert h264_access_unit_kind(avcc(sei, non_ref_b), 4) == DISPOSABLE
+    assert h264_access_unit_kind(avcc(ref_p), 4) != DISPOSABLE
+    assert h264_access_unit_kind(avcc(idr), 4) != DISPOSABLE
+    assert h264_access_unit_kind(avcc(sei), 4) != DISPOSABLE  # no picture slice: keep
     annex_b = lambda *nals: b"".join(b"\x00\x00\x00\x01" + n for n in nals)  # noqa: E731
-    assert h264_is_disposable(annex_b(non_ref_b), None)
-    assert not h264_is_disposable(annex_b(non_ref_b, ref_p), None)
+    assert h264_access_unit_kind(annex_b(non_ref_b), None) == DISPOSABLE
+    assert h264_access_unit_kind(annex_b(non_ref_b, ref_p), None) != DISPOSABLE
     sps, pps = bytes([0x67, 0x4D]), bytes([0x68, 0xEE])
     assert h264_access_unit_kind(avcc(pps, non_ref_b), 4) == OTHER  # a parameter set must reach the decoder
     assert h264_access_unit_kind(annex_b(idr), None) == IDR
