@@ -94,6 +94,32 @@ def init_ray(address: str | None) -> None:
                  configure_logging=False)
 
 
+def shutdown_ray() -> None:
+    """Stop this process's Ray: disconnect from a cluster, or stop the embedded one ``init_ray`` started.
+
+    Ray's autoscaler monitor answers SIGTERM by reporting its own end through the GCS, which
+    ``ray.shutdown`` has stopped just before, so it always sat out the whole 1-s grace period before
+    being killed (Ray 2.60: 1.0 of the 1.4 s a shutdown took).  An embedded node's monitor has nothing
+    to save, so it is killed first; should Ray's internals differ, the plain shutdown still runs.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray._private import worker as ray_worker
+
+        node: Any = ray_worker._global_node
+        monitors = [info.process for info in node.all_processes.get("monitor", [])] if node.head else []
+    except (AttributeError, ImportError):
+        monitors = []
+    for proc in monitors:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    ray.shutdown()
+
+
 def _quiet_ray_data() -> None:
     import ray.data
 

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import av
@@ -143,3 +145,44 @@ def test_console_script_against_the_session_cluster(first_run, shared_media, tmp
     assert pq.read_table(files[0]).num_rows == 6
     proc = subprocess.run([str(exe), "query", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "segments" in proc.stdout
+
+
+def test_console_script_on_its_own_embedded_ray_stops_every_ray_process(shared_media, tmp_path):
+    """``vidpipe run`` without --address starts a Ray of its own; when it returns, its output is complete
+    (the summary line included: the command leaves without the interpreter's teardown) and none of
+    that Ray's processes are left."""
+    import psutil
+
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vpray", dir="/tmp"))  # short: Ray's Unix sockets live under it
+    try:
+        def session_processes() -> list[psutil.Process]:
+            found = []
+            for p in psutil.process_iter(["cmdline"]):
+                if str(ray_tmp) in " ".join(p.info["cmdline"] or []):
+                    found.append(p)
+            return found
+
+        out = tmp_path / "o"
+        env = vidpipe_env(RAY_TMPDIR=str(ray_tmp))
+        env.pop("PYTHONUNBUFFERED", None)  # as most users run it: stdout to a pipe is block-buffered
+        proc = subprocess.Popen([str(VIDPIPE), "run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(out),
+                                 "--no-progress"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = 0
+        while proc.poll() is None:
+            seen = max(seen, len(session_processes()))
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert seen >= 3  # GCS, raylet and the workers were there, found by the session's directory
+        assert stdout.startswith("done: 1 videos ok, 0 failed") and stdout.endswith(f"output {out}\n")
+        # a command without Ray takes the same way out, its output intact
+        query = subprocess.run([str(VIDPIPE), "query", str(out), "SELECT count(*) AS n FROM segments", "--format",
+                                "csv"], env=env, capture_output=True, text=True, timeout=120)
+        assert query.returncode == 0 and query.stdout == "n\n6\n", query.stderr
+        left = session_processes()
+        assert not left, [p.info["cmdline"][:3] for p in left]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
