@@ -23,7 +23,7 @@ import numpy as np
 from jobs.discover import discover
 from jobs.models import resolve_bundle, with_sampling
 from pipeline.bundle import ModelBundle
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MediaError
 from pipeline.inputs import local_path
 from pipeline.media import ChunkingSpec, SamplingSpec
 
@@ -66,6 +66,32 @@ def decode_ceiling(paths: list[str], sampling: SamplingSpec, chunking: ChunkingS
     segments = int(sum(r["segments"] for r in results))
     return {"wall_s": wall, "video_s": video_s, "segments": segments, "video_s_per_s": video_s / wall,
             "processes": n_proc, "threads_per_process": threads}
+
+
+def _check_decodable(paths: list[str], sampling: SamplingSpec) -> None:
+    """Refuse, before any measurement, the files the pipeline cannot open or decode the first segment of."""
+    from pipeline.decode import VideoDecoder
+
+    first_segment = VideoDecoder(sampling, ChunkingSpec(core_segments=1, context_segments=0), threads=1)
+    bad = []
+    for path in paths:
+        chunks = first_segment.chunks(path)
+        try:
+            next(chunks, None)
+        except MediaError as e:
+            bad.append(e)
+        finally:
+            chunks.close()
+    if bad:
+        raise _not_measurable(bad)
+
+
+def _not_measurable(errors: list[MediaError]) -> ConfigError:
+    # vidpipe run records such a file as a failure row; a bench would measure less than it was given.
+    what = "; ".join(f"{e.uri} ({e.error_kind}: {e.message})" for e in errors)
+    return ConfigError(f"bench input{'s' if len(errors) > 1 else ''} cannot be decoded: {what}; remove "
+                       f"{'them' if len(errors) > 1 else 'it'} from the bench inputs (bench measures readable "
+                       "videos only)")
 
 
 def _timed(fn: Any, repeat: int = 2) -> float:
@@ -242,7 +268,11 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
     report: dict[str, Any] = {"files": len(paths), "cpus": cpus, "model_id": bundle.model_id,
                               "image_encoder": bundle.image.name, "audio_encoder": bundle.audio.kind,
                               "sampling": bundle.sampling.to_dict()}
-    report["decode_only"] = decode_ceiling(paths, bundle.sampling, chunking, cpus)
+    _check_decodable(paths, bundle.sampling)
+    try:
+        report["decode_only"] = decode_ceiling(paths, bundle.sampling, chunking, cpus)
+    except MediaError as e:  # damage past the first segment shows only in the full decode
+        raise _not_measurable([e]) from e
     costs = isolated_costs(paths[0], bundle, cpus, precision=precision)
     report["precision"] = precision
     report["fp32_label_agreement"] = costs["fp32_label_agreement"]
@@ -279,10 +309,15 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     rows = [("(a) decode only, same sampling", r["decode_only"]), ("(b) pipeline (Ray, audio + video)", r["pipeline"])]
     if "naive" in r:
         rows.append(("(c) naive baseline (video only)", r["naive"]))
-    rows.append(("    ideal from isolated stage costs", {"video_s": float("nan"), "wall_s": float("nan"),
-                                                          "video_s_per_s": r["ideal_video_s_per_s"], "segments": ""}))
+    # the ideal is a rate computed from per-segment costs: it has no run, so no video-s, wall time or segments
+    rows.append(("    ideal from isolated stage costs", {"video_s_per_s": r["ideal_video_s_per_s"]}))
+
+    def cell(d: dict[str, Any], key: str, fmt: str) -> str:
+        return format(d[key], fmt) if d.get(key) is not None else "-"
+
     for name, d in rows:
-        line(f"{name:<34} {d['video_s']:>9.1f} {d['wall_s']:>8.2f} {d['video_s_per_s']:>10.2f} {d['segments']!s:>9}")
+        line(f"{name:<34} {cell(d, 'video_s', '.1f'):>9} {cell(d, 'wall_s', '.2f'):>8} "
+             f"{cell(d, 'video_s_per_s', '.2f'):>10} {cell(d, 'segments', ''):>9}")
     line()
     ratios = r["ratios"]
     line(f"pipeline / decode-only     = {ratios['pipeline_over_decode']:.2f}")

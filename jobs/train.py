@@ -46,6 +46,7 @@ from jobs.annotations import (
 )
 from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.spec import MIN_SEGMENT_S
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
@@ -114,6 +115,9 @@ class TrainSpec:
         choice("--image-encoder", self.image_encoder, IMAGE_ENCODER_NAMES)
         choice("--audio-encoder", self.audio_encoder, AUDIO_ENCODER_KINDS)
         choice("--device", self.device, ("auto", "cpu", "cuda"))
+        if not MIN_SEGMENT_S <= self.segment_seconds < math.inf:
+            raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, "
+                              f"got {self.segment_seconds}")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -457,8 +461,11 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         all_t = np.concatenate([d.target.numpy() for d in train_data])
         n_per = np.bincount(all_t[all_t >= 0], minlength=len(labels)).astype(np.float64)
         counts = {name: int(c) for name, c in zip(labels, n_per, strict=True)}
-        # sqrt-inverse frequency: rare labels count more without letting one rare clip dominate
-        w = np.where(n_per > 0, np.sqrt(n_per.sum() / (len(labels) * np.maximum(n_per, 1))), 0.0)
+        # sqrt-inverse frequency: rare labels count more without letting one rare clip dominate.  A label
+        # without training segments weighs like one with a single segment, not 0: training never sees it,
+        # but the validation loss (a weighted mean) must count its segments, or a validation split holding
+        # only such labels divides 0 by 0.  Labels with training segments keep the same weights as before.
+        w = np.sqrt(max(n_per.sum(), 1.0) / (len(labels) * np.maximum(n_per, 1)))
         class_weight = torch.tensor(w, dtype=torch.float32)
     else:
         all_t = np.concatenate([d.target.numpy() for d in train_data])
@@ -535,8 +542,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         "epochs_run": len(history),
         "best_epoch": best_epoch,
         "train_seconds": round(seconds, 1),
-        "history": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in h.items()}
-                    for h in history],
+        "history": [{k: _json_number(v) for k, v in h.items()} for h in history],
         "hyperparameters": {k: getattr(spec, k) for k in ("epochs", "val_fraction", "patience", "lr", "weight_decay",
                                                           "batch_windows", "modality_dropout", "proj_dim",
                                                           "lstm_hidden", "dropout")},
@@ -545,7 +551,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if val_metrics is not None:
         meta["val_accuracy"] = round(val_metrics.accuracy, 4)
         meta["val_macro_f1"] = round(val_metrics.macro_f1, 4)
-        meta["val_loss"] = round(val_loss, 5)
+        meta["val_loss"] = _json_number(val_loss)
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
     path = bundle.save(out, overwrite=True, keep=_KEPT)
@@ -554,6 +560,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         + f"; {seconds:.0f} s)")
     return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
                        feature_cache_hits=fres.cache_hits, seconds=seconds)
+
+
+def _json_number(value: float) -> float | None:
+    """A metric for the bundle's JSON meta: rounded, or None where it does not exist (NaN, e.g. no scored segment)."""
+    if isinstance(value, float):
+        return round(value, 5) if math.isfinite(value) else None
+    return value
 
 
 def features_for(bundle: ModelBundle) -> FeatureSpec:

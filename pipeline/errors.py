@@ -27,3 +27,8 @@ class MediaError(VidpipeError):
         self.uri = uri
         self.error_kind = error_kind
         self.message = message
+
+    def __reduce__(self) -> tuple[type[MediaError], tuple[str, str, str], dict[str, object]]:
+        # Exception pickles as ``cls(*self.args)``, and ``args`` holds only the formatted text: without
+        # this, a MediaError raised in a worker process cannot be rebuilt in the parent.
+        return type(self), (self.uri, self.error_kind, self.message), self.__dict__

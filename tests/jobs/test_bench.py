@@ -9,13 +9,14 @@ import pytest
 from jobs.cli import main
 from jobs.spec import EXIT_USAGE
 from tests.conftest import SAMPLES
+from tests.media_factory import make_corrupt
 
 pytestmark = pytest.mark.slow
 
 
 def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
     assert main(["bench", str(SAMPLES), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    r = json.loads(capsys.readouterr().out, parse_constant=_not_json)  # strict JSON: no NaN or Infinity
     decode, pipeline, naive = r["decode_only"], r["pipeline"], r["naive"]
     assert r["files"] == 2 and r["model_id"] == "1434b10b7b367cd4"
     # the same files, the same sampling: the same video-seconds and segments in every measurement
@@ -47,8 +48,31 @@ def test_bench_text_report_names_what_it_excludes(ray_session, capsys):
     out = capsys.readouterr().out
     assert "(b) pipeline" in out and "(c) naive" not in out
     assert "excludes starting Ray and Ray Data" in out and "orchestration efficiency" in out
+    assert "nan" not in out.lower()
+    ideal = next(row for row in out.splitlines() if row.strip().startswith("ideal from isolated stage costs"))
+    video_s, wall_s, rate, segments = ideal.split()[-4:]
+    assert video_s == wall_s == segments == "-" and float(rate) > 0  # a rate from costs: no run of its own
 
 
 def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == EXIT_USAGE
     assert "at least one video file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "bad_packets"])
+def test_bench_refuses_an_undecodable_file_with_a_usage_error(tmp_path, capsys, damage):
+    """Garbage fails the up-front check; bad packets past the first segment fail in the decode-only pool."""
+    clip = SAMPLES / "bbb_5s_51.mp4"
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / clip.name).write_bytes(clip.read_bytes())
+    bad = make_corrupt(folder / "bad.mp4", kind=damage, source=clip, bad_packets=range(60, 150))
+    assert main(["bench", str(folder), "--skip-naive"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    kind = "invalid_data" if damage == "garbage" else "decode_error"
+    assert f"bench input cannot be decoded: {bad} ({kind}: " in err
+    assert "remove it from the bench inputs" in err and "Traceback" not in err
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"bench --json wrote {constant}, which is not JSON")

@@ -264,3 +264,28 @@ def test_cache_key_depends_on_encoders():
                           audio_weights="abc")]
     assert len({base.key, *(o.key for o in others)}) == 5
     assert FeatureCache("/x", base).dir.name == base.key
+
+
+def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, ray_session):
+    """Two videos, one label each: the by-video split leaves the validation video a label no training segment has."""
+    rng = np.random.default_rng(3)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour, sound in (("a.mp4", "red", "tone"), ("b.mp4", "blue", "noise")):
+        write_clip(videos / name, [COLOURS[colour]] * 4, _sound(sound, 4, rng))
+    ann = tmp_path / "whole.csv"
+    ann.write_text("video,start_s,end_s,label\na.mp4,0,4,bunny\nb.mp4,0,4,bike\n")
+    lines: list[str] = []
+    spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "model"),
+                     **{**SMALL, "epochs": 2, "val_fraction": 0.5})  # type: ignore[arg-type]
+    result = train(spec, say=lines.append)
+    assert any(line.startswith("warning: no training segment has the labels") for line in lines)
+    meta = json.loads((result.path / "bundle.json").read_text(), parse_constant=_not_json)["meta"]
+    assert meta["train_videos"] == meta["val_videos"] == 1 and meta["val_segments"] == 4
+    losses = [h["val_loss"] for h in meta["history"]] + [meta["val_loss"]]
+    assert all(np.isfinite(loss) and loss > 0 for loss in losses), losses
+    assert ModelBundle.load(result.path).model_id == result.bundle.model_id
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"the bundle's meta holds {constant}, which is not JSON")
