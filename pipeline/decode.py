@@ -516,6 +516,7 @@ class _VideoRun:
         self.threads = decoder.threads
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
+        self.video_packets = 0  # demuxed, with data (skipped or decoded)
         self.gate: DisposableFrameGate | None = None
         self.video_end_s: float = -math.inf
         self.container = container
@@ -530,6 +531,7 @@ class _VideoRun:
         gate = self.gate = self._frame_gate()
         for packet in self._demux():
             if packet.stream is self.vstream:
+                self.video_packets += packet.size > 0
                 for p in gate.push(packet) if gate is not None else (packet,):
                     for frame in self._decode(p):
                         self._on_video_frame(frame)
@@ -831,6 +833,7 @@ class _VideoRun:
                 "no_frames",
                 f"the video stream has no decodable frames{detail}; the file may be damaged",
             )
+        self._check_complete()
         if self.audio is not None and self.audio.n_late:
             log.warning(
                 "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",
@@ -854,6 +857,30 @@ class _VideoRun:
                 duration_s=duration_s,
                 info=info if last else None,
             )
+
+    def _check_complete(self) -> None:
+        """Fail a file that ends before what its header promises: cut short by an interrupted download or
+        copy, which FFmpeg reads up to the cut without an error (its labels would cover part of the video).
+
+        Only where the header is exact: an MP4/MOV index lists every frame (so does Matroska when it
+        carries frame counts); Matroska and WebM state the duration their muxer wrote.  Estimated
+        durations (MPEG-TS, AVI, raw streams) are not trusted.
+        """
+        listed = self.vstream.frames
+        if listed > 0:
+            if self.video_packets < listed - 1:  # one frame of slack for muxers' off-by-one counts
+                raise MediaError(self.uri, "truncated", f"the file holds {self.video_packets} of the {listed} video "
+                                 f"frames its index lists (it breaks off at {max(self.last_t_s, 0.0):.1f} s): it "
+                                 "is incomplete, e.g. an interrupted download or copy; fetch the file again")
+            return
+        if not {"matroska", "webm"} & set(self.container.format.name.split(",")):
+            return
+        end_s = self._estimated_end_s()
+        got_s = max(self.video_end_s, self.audio.frontier_s if self.audio is not None else -math.inf)
+        if end_s is not None and math.isfinite(end_s) and got_s < end_s - max(1.0, 0.01 * end_s):
+            raise MediaError(self.uri, "truncated", f"the file breaks off at {max(got_s, 0.0):.1f} s of the "
+                             f"{end_s:.1f} s its header states: it is incomplete, e.g. an interrupted download or "
+                             "copy; fetch the file again")
 
     def _info(self, duration_s: float, n: int) -> VideoInfo:
         acc = self.astream.codec_context if self.astream is not None else None

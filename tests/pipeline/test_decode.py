@@ -611,3 +611,37 @@ def test_count_segments_tolerance() -> None:
     assert count_segments(3.002, 1.0) == 4
     assert count_segments(0.04, 1.0) == 1
     assert count_segments(0.0, 1.0) == 0
+
+
+def _remux(src: Path, dst: Path, **options: str) -> Path:
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options=options) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("suffix, options, why", [
+    (".mp4", {"movflags": "faststart"}, "video frames its index lists"),  # the index before the data
+    (".mkv", {}, "its header states"),
+])
+def test_a_file_cut_short_is_a_truncated_failure_not_a_shorter_video(media_dir: Path, suffix: str,
+                                                                        options: dict[str, str], why: str) -> None:
+    """An interrupted download: FFmpeg reads up to the cut without an error, the header still tells."""
+    src = mf.make_video(media_dir / f"whole{suffix}.mp4", duration_s=8.0, fps=10, size=(96, 64), audio="tone")
+    whole = _remux(src, media_dir / f"whole{suffix}", **options)
+    assert core_rows(decode(whole))["start_s"].size == 8
+    data = whole.read_bytes()
+    cut = media_dir / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError) as err:
+        decode(cut)
+    assert err.value.error_kind == "truncated" and why in err.value.message and "fetch the file again" in err.value.message
+    # audio that runs past the video's end is not a cut (the header's duration is the audio's)
+    longer = mf.make_video(media_dir / f"longer_audio{suffix}.mp4", duration_s=4.0, fps=10, size=(96, 64),
+                           audio="tone", audio_duration_s=7.0)
+    assert core_rows(decode(_remux(longer, media_dir / f"longer_audio{suffix}", **options)))["start_s"].size >= 4
