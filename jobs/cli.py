@@ -179,10 +179,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vidpipe")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidpipe", description="Batch audio-visual video analysis on Ray.",
                                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"vidpipe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
     _add_submit(sub)
@@ -207,8 +217,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    commit_seconds=args.commit_seconds)
     _stop_on_sigterm()
     result = JobRunner(spec).run()
+    earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
     print(f"done: {result.videos_done} videos ok, {result.videos_failed} failed, {result.videos_skipped} skipped "
-          f"(already finished); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
+          f"(already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
           f"{result.wall_s:,.1f} s ({result.video_seconds / max(result.wall_s, 1e-9):,.2f} video-s/s); "
           f"model {result.model_id}; output {args.out}")
     if result.model_id == "untrained":
@@ -216,6 +227,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.videos_failed:
         print(f"{result.videos_failed} inputs failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
               file=sys.stderr)
+    if result.videos_failed_before:
+        print(f"{result.videos_failed_before} inputs failed in an earlier run and were not tried again; "
+              "add --retry-failed to try them again", file=sys.stderr)
     return result.exit_code
 
 

@@ -83,6 +83,11 @@ def check_inputs(inputs: list[str]) -> None:
         elif glob.has_magic(item) and not Path(item).expanduser().exists():
             if next(glob.iglob(os.path.expanduser(item), recursive=True), None) is None:
                 raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
+        else:
+            path = _local_path(item)
+            if path.is_dir() and next(_walk(path), None) is None:  # stops at the first video found
+                raise ConfigError(f"input folder {item!r} holds no video files (none with the extensions "
+                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders); check the path")
 
 
 def is_manifest(item: str) -> bool:
@@ -96,6 +101,10 @@ def is_manifest(item: str) -> bool:
     return path.is_file()
 
 
+def _local_path(item: str) -> Path:
+    return Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+
+
 def _discover_one(item: str) -> Iterator[VideoRef]:
     if is_manifest(item):
         from jobs.manifest import read_manifest
@@ -107,7 +116,7 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
 
         yield from discover_s3(item)
         return
-    path = Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+    path = _local_path(item)
     if path.is_dir():
         for p in _walk(path):
             uri = _canonical(p)

@@ -258,6 +258,16 @@ class OutputDir:
                 uris.update(t.column("uri").to_pylist())
         return uris
 
+    def failed_uris(self) -> IdSet:
+        """URIs whose video is failed now: a committed failure and no committed ``videos`` row."""
+        done = IdSet()
+        for t in self.read_committed("videos", ["uri"]):
+            done.update(t.column("uri").to_pylist())
+        failed = IdSet()
+        for t in self.read_committed("failures", ["uri"]):
+            failed.update(u for u in t.column("uri").to_pylist() if u not in done)
+        return failed
+
     def finished_video_ids(self, *, include_failed: bool = True) -> set[str]:
         """Video ids that a committed flush holds, as plain strings (small outputs and tests)."""
         ids: set[str] = set()

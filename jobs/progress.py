@@ -44,6 +44,7 @@ class Progress:
 
     def __init__(self, total_videos: int | None, stream: TextIO, *, enabled: bool = True) -> None:
         self.total = total_videos
+        self.skipped = 0  # of the total, videos an earlier run finished (set by the runner)
         self.stream = stream
         self.enabled = enabled
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
@@ -55,8 +56,9 @@ class Progress:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = c.video_seconds_done / elapsed
         total = "?" if self.total is None else str(self.total)
-        return (f"[vidpipe] {c.videos_done + c.videos_failed}/{total} videos "
-                f"({c.videos_done} ok, {c.videos_failed} failed, {c.pending_videos} in flight) | "
+        earlier = f", {self.skipped} finished earlier" if self.skipped else ""
+        return (f"[vidpipe] {self.skipped + c.videos_done + c.videos_failed}/{total} videos "
+                f"({c.videos_done} ok, {c.videos_failed} failed, {c.pending_videos} in flight{earlier}) | "
                 f"{c.video_seconds_done:,.1f} video-s | {rate:,.2f} video-s/s | {elapsed:,.0f} s")
 
     def update(self, c: _Counts) -> None:

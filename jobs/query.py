@@ -1,4 +1,9 @@
-"""SQL over a job's output with DuckDB: views ``segments``, ``videos``, ``failures`` of committed files."""
+"""SQL over a job's output with DuckDB: views ``segments``, ``videos``, ``failures`` of committed files.
+
+``failures`` holds one row per video that is failed now: its latest recorded failure, and none for a
+video that a later run (``--retry-failed``) finished.  ``failures_log`` keeps every failure ever
+recorded, retries included.
+"""
 
 from __future__ import annotations
 
@@ -48,19 +53,24 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     commits = out.commits()
     for table, schema in _EMPTY.items():
+        view = "failures_log" if table == "failures" else table
         rels = out.committed_rel(table, commits)
         if rels and out.local:
             files = [out.store.full(r) for r in rels]
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
         elif rels:
             import pyarrow.dataset as pads
 
             data = pads.dataset([out.store.full(r) for r in rels], filesystem=out.store.fs, format="parquet")
             con.register(f"_arrow_{table}", data)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _arrow_{table}")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _arrow_{table}")
         else:
             con.register(f"_empty_{table}", schema.empty_table())
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _empty_{table}")
+    # By URI, as the done-set is: a rerun may name the same file through another input (another video_id).
+    con.execute("CREATE VIEW failures AS SELECT * EXCLUDE (_latest) FROM ("
+                "SELECT *, row_number() OVER (PARTITION BY uri ORDER BY failed_at DESC) AS _latest "
+                "FROM failures_log WHERE uri NOT IN (SELECT uri FROM videos)) WHERE _latest = 1")
     return con
 
 

@@ -73,10 +73,11 @@ class JobResult:
     wall_s: float
     model_id: str
     stage_metrics: dict | None = None  # per-stage busy seconds / peak RSS (see workers.metrics)
+    videos_failed_before: int = 0  # of the skipped inputs, those an earlier run recorded as failed
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.videos_failed else EXIT_OK
+        return EXIT_SOME_FAILED if self.videos_failed or self.videos_failed_before else EXIT_OK
 
 
 def init_ray(address: str | None) -> None:
@@ -169,20 +170,26 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
 def _open_output(uri: str) -> OutputDir:
     try:
         out = OutputDir(uri)
+        if out.local:
+            out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot use --out {uri}: {exc}") from None
+        why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)
+        raise ConfigError(f"cannot use --out {uri}: {why}; pass a directory that can be created "
+                          "(or an earlier run's --out to resume it)") from None
     return out
 
 
 class WaveFeeder:
     """Pulls videos lazily from discovery, skips the finished ones, hands out waves of a given size."""
 
-    def __init__(self, refs: Iterator[VideoRef], done: IdSet) -> None:
+    def __init__(self, refs: Iterator[VideoRef], done: IdSet, failed: IdSet | None = None) -> None:
         self._refs = refs
         self.done = done
+        self.failed = failed if failed is not None else IdSet()  # of ``done``, the failed ones
         self.discovered = 0
         self.skipped = 0
+        self.skipped_failed = 0
         self.exhausted = False
 
     def next_wave(self, size: int) -> list[VideoRef]:
@@ -195,6 +202,7 @@ class WaveFeeder:
             self.discovered += 1
             if ref.uri in self.done:
                 self.skipped += 1
+                self.skipped_failed += ref.uri in self.failed
             else:
                 wave.append(ref)
         return wave
@@ -245,6 +253,7 @@ class JobRunner:
             check_job_identity(out, bundle, spec)
             out.recover()
             done = out.finished_uris(include_failed=not spec.retry_failed)
+            failed_before = IdSet() if spec.retry_failed else out.failed_uris()
             if is_untrained(bundle):
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
                           "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
@@ -254,7 +263,7 @@ class JobRunner:
             writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),
                                   embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)
             status = RunStatus(run_id=run_id)
-            feeder = WaveFeeder(discover(spec.inputs), done)
+            feeder = WaveFeeder(discover(spec.inputs), done, failed_before)
             self._count_inputs(status)
             with ProgressFile(out, status) as progress_file:
                 try:
@@ -270,6 +279,7 @@ class JobRunner:
                     self._sync(status, writer, feeder)
         wall = time.monotonic() - started
         return JobResult(videos_total=feeder.discovered, videos_skipped=feeder.skipped,
+                         videos_failed_before=feeder.skipped_failed,
                          videos_done=writer.videos_done, videos_failed=writer.videos_failed,
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
@@ -301,7 +311,7 @@ class JobRunner:
                 if fresh and len(group) < wave_size and not feeder.exhausted:
                     group += feeder.next_wave(wave_size - len(group))
             status.wave_size = wave_size
-            progress.total = status.inputs_total
+            progress.total, progress.skipped = status.inputs_total, feeder.skipped
             t0 = time.monotonic()
             lost = self._run_group(bundle, plan, group, writer, status, feeder, progress)
             status.waves += 1
@@ -312,7 +322,7 @@ class JobRunner:
             self._requeue(group, lost, writer, retry)
             self._sync(status, writer, feeder)
             progress_file.write()
-        progress.total = status.inputs_total or feeder.discovered
+        progress.total, progress.skipped = status.inputs_total or feeder.discovered, feeder.skipped
         progress.finish(writer)
 
     def _run_group(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef], writer: ResultWriter,
@@ -338,7 +348,7 @@ class JobRunner:
                 writer.add_row(row)
             status.in_flight = len(group) - (writer.videos_done + writer.videos_failed - finished_before)
             self._sync(status, writer, feeder)
-            progress.total = status.inputs_total
+            progress.total, progress.skipped = status.inputs_total, feeder.skipped
             progress.update(writer)
         del batches
         writer.discard_incomplete()

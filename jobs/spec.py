@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +15,10 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+
+# Shorter segments than this are not a labelling of video any more (and would sample each frame many
+# times); the audio encoders' log-mel windows are 25 ms.
+MIN_SEGMENT_S = 0.1
 
 
 @dataclass
@@ -47,12 +52,13 @@ class JobSpec:
             raise ConfigError("no INPUT given; name video files, folders, globs or manifests")
         if not self.out:
             raise ConfigError("no output directory given; pass --out OUT")
-        if self.segment_seconds is not None and not self.segment_seconds > 0:
-            raise ConfigError(f"--segment-seconds must be > 0, got {self.segment_seconds}")
+        if self.segment_seconds is not None and not MIN_SEGMENT_S <= self.segment_seconds < math.inf:
+            raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, "
+                              f"got {self.segment_seconds}")
         if self.frames_per_segment is not None and self.frames_per_segment < 1:
             raise ConfigError(f"--frames-per-segment must be >= 1, got {self.frames_per_segment}")
-        if not self.chunk_seconds > 0:
-            raise ConfigError(f"--chunk-seconds must be > 0, got {self.chunk_seconds}")
+        if not 0 < self.chunk_seconds < math.inf:
+            raise ConfigError(f"--chunk-seconds must be a number of seconds > 0, got {self.chunk_seconds}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.decode_device not in ("cpu", "cuda"):

@@ -45,14 +45,13 @@ def read_status(out_uri: str) -> JobStatus:
     try:
         done, seconds = con.execute("SELECT count(DISTINCT video_id), coalesce(sum(duration_s), 0) "
                                     "FROM videos").fetchall()[0]
-        (failed,) = con.execute("SELECT count(DISTINCT video_id) FROM failures "
-                                "WHERE video_id NOT IN (SELECT video_id FROM videos)").fetchall()[0]
+        (failed,) = con.execute("SELECT count(*) FROM failures").fetchall()[0]  # failed now (see jobs.query)
     finally:
         con.close()
     progress = out.read_json(PROGRESS_FILE) or {}
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
-    alive = state == "running" and time.time() - heartbeat < _ALIVE_S
+    alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)
     if state == "running" and not alive:
         state = "dead"  # killed without a word: rerun the same command to resume
     total = progress.get("inputs_total")
@@ -62,8 +61,26 @@ def read_status(out_uri: str) -> JobStatus:
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
-                     videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") if alive else None,
+                     videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") or None,
                      eta_s=eta)
+
+
+def _gone(progress: dict[str, Any]) -> bool:
+    """Whether the run's driver process is known to have ended: it ran on this host and its pid is gone
+    (a SIGKILL leaves progress.json saying "running"; another host can only wait for the heartbeat to age)."""
+    import os
+    import socket
+
+    pid = progress.get("pid")
+    if progress.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def ray_job_info(address: str, job_id: str) -> dict[str, Any]:
@@ -96,7 +113,8 @@ def format_status(s: JobStatus) -> str:
         run = "stopped without finishing (driver killed?); rerun the same command to resume"
     lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))
     if s.video_seconds_per_s is not None:
-        lines.append(f"rate: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s")
+        which = "rate" if s.run_state == "running" else "rate of the last run"
+        lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s")
     if s.eta_s is not None:
         lines.append(f"ETA: {_duration(s.eta_s)}")
     return "\n".join(lines) + "\n"

@@ -13,10 +13,17 @@ from workers.stage import ChainStage, PipelinePlan, Stage, StagePlan
 __all__ = ["PipelinePlan", "StagePlan", "build_stages", "chunking_for"]
 
 
+# A chunk's sampled frames are what bounds a worker's memory (224x224 RGB: 150 KB each); short segments
+# must not turn --chunk-seconds into an unbounded number of them.
+MAX_CHUNK_FRAMES = 512
+
+
 def chunking_for(bundle: ModelBundle, chunk_seconds: float) -> ChunkingSpec:
-    """Chunks hold a whole number of head windows, about ``chunk_seconds`` long, plus head context."""
+    """Chunks hold a whole number of head windows, about ``chunk_seconds`` long (at most
+    :data:`MAX_CHUNK_FRAMES` frames unless one window is more), plus head context."""
     window = bundle.head.window_segments
     per_chunk = max(1, int(chunk_seconds / bundle.sampling.segment_seconds + 1e-9))
+    per_chunk = min(per_chunk, MAX_CHUNK_FRAMES // bundle.sampling.frames_per_segment)
     core = max(window, (per_chunk // window) * window)
     return ChunkingSpec(core_segments=core, context_segments=bundle.head.context_segments)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections import deque
@@ -127,6 +128,9 @@ def test_progress_line_without_a_known_total():
         videos_done, videos_failed, video_seconds_done, pending_videos = 3, 1, 12.0, 2
 
     assert "4/? videos" in Progress(None, open("/dev/null", "w")).line(C())
+    resumed = Progress(30, open("/dev/null", "w"))
+    resumed.skipped = 26  # finished by an earlier run: counted as done, said apart
+    assert resumed.line(C()).startswith("[vidpipe] 30/30 videos (3 ok, 1 failed, 2 in flight, 26 finished earlier)")
 
 
 def _stage(**kw) -> DecodeStage:  # noqa: ANN003
@@ -214,3 +218,39 @@ list(stage.decode_video({str(clip)!r}, "v"))  # hangs: no time limit
     while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{child}"), "the orphaned decoder process is still running"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"segment_seconds": float("inf")}, "--segment-seconds must be a number of seconds >= 0.1, got inf"),
+    ({"segment_seconds": 1e-6}, "--segment-seconds must be a number of seconds >= 0.1"),
+    ({"segment_seconds": float("nan")}, "--segment-seconds"),
+    ({"chunk_seconds": float("inf")}, "--chunk-seconds must be a number of seconds > 0, got inf"),
+    ({"chunk_seconds": 0.0}, "--chunk-seconds"),
+])
+def test_job_flags_out_of_range_are_usage_errors(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        JobSpec(inputs=["x.mp4"], out="o", **flags)
+
+
+def test_short_segments_do_not_make_chunks_unbounded():
+    from jobs.models import untrained_bundle
+    from workers.build import MAX_CHUNK_FRAMES, chunking_for
+
+    default = chunking_for(untrained_bundle(SamplingSpec()), 60.0)
+    assert default.core_segments == 48  # whole head windows of 16
+    short = chunking_for(untrained_bundle(SamplingSpec(segment_seconds=0.1, frames_per_segment=4)), 60.0)
+    assert short.core_segments * 4 <= MAX_CHUNK_FRAMES and short.core_segments % 16 == 0
+
+
+def test_an_out_that_cannot_be_a_directory_is_a_usage_error(tmp_path, shared_media, capsys):
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    clip = str(shared_media / "bbb_5s_51.mp4")
+    for out, why in ((afile, "it is a file, not a directory"), (afile / "sub", "Not a directory")):
+        assert main(["run", clip, "--out", str(out), "--allow-untrained"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"cannot use --out {out}: " in err and why in err and "Traceback" not in err
+    assert afile.read_text() == "x"

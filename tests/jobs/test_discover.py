@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.discover import discover, make_video_id
+from jobs.discover import check_inputs, discover, make_video_id
 from pipeline.errors import ConfigError
 
 
@@ -64,3 +64,13 @@ def test_video_id_is_sanitised_and_distinct():
     b = make_video_id("/y/a b/c.mp4", "a b/c.mp4")
     assert a != b and a.startswith("a_b__c.mp4-")
     assert ".." not in make_video_id("/x/../../etc", "../../etc")
+
+
+def test_a_folder_without_videos_is_refused_before_any_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _touch(tmp_path / "docs" / "sub" / "notes.txt")
+    for folder in ("empty", "docs"):
+        with pytest.raises(ConfigError, match=f"input folder '.*{folder}' holds no video files"):
+            check_inputs([str(tmp_path / "ok.mp4"), str(tmp_path / folder)])
+    _touch(tmp_path / "docs" / "sub" / "deep" / "clip.webm")
+    check_inputs([str(tmp_path / "docs"), f"file://{tmp_path / 'docs'}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -53,3 +54,19 @@ def test_crash_hang_and_read_errors_fail_only_their_video(tmp_path, ray_session,
     monkeypatch.delenv("VIDPIPE_TEST_FAULTS")
     again = JobRunner(spec).run()
     assert again.videos_skipped == 9 and again.videos_done == 0
+    # ... and still says that some inputs are failed
+    assert again.videos_failed_before == 3 and again.exit_code == EXIT_SOME_FAILED
+    # --retry-failed, the faults gone but one file now damaged: `failures` holds what is failed now,
+    # one row per video; `failures_log` keeps every failure recorded
+    (archive / "hangme.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x01" * 4000)
+    retried = JobRunner(dataclasses.replace(spec, retry_failed=True)).run()
+    assert (retried.videos_done, retried.videos_failed, retried.videos_skipped) == (2, 1, 6)
+    now = run_query(out, "SELECT uri, error_kind FROM failures").to_pylist()
+    assert [(r["uri"].rsplit("/", 1)[1], r["error_kind"]) for r in now] == [("hangme.mp4", "invalid_data")]
+    log = run_query(out, "SELECT uri, error_kind FROM failures_log ORDER BY failed_at").to_pylist()
+    assert sorted(r["uri"].rsplit("/", 1)[1] for r in log) == ["crashme.mp4", "flaky_always.mp4", "hangme.mp4",
+                                                                 "hangme.mp4"]
+    assert run_query(out, "SELECT count(*) n FROM videos").column("n")[0].as_py() == 8
+    assert duplicate_keys(out) == 0
+    final = JobRunner(spec).run()
+    assert (final.videos_skipped, final.videos_failed_before, final.exit_code) == (9, 1, EXIT_SOME_FAILED)

@@ -15,6 +15,7 @@ from jobs.output import OutputDir
 from jobs.query import run_query
 from jobs.runner import JobRunner
 from jobs.spec import JobSpec
+from jobs.status import read_status
 from tests.jobs.clusters import session_workers
 from tests.jobs.conftest import (
     RUN_FLAGS,
@@ -61,6 +62,8 @@ def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_arc
         killed_at.append(_commits(out))
         # a reader between crashes sees whole videos only, never one twice
         assert duplicate_keys(out) == 0
+        # status knows at once that the run is over (same host: its pid is gone), not after the heartbeat ages
+        assert read_status(str(out)).run_state == "dead"
     assert killed_at[0] >= 1
     by_key = {(r["video_id"], r["segment_index"]): r for r in baseline}
     assert all(by_key[(r["video_id"], r["segment_index"])] == r for r in segment_rows(out))
