@@ -34,7 +34,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline import h264_sps
+from pipeline import h264_sps, truncation
 from pipeline.errors import ConfigError, MediaError
 from pipeline.frame_skip import DisposableFrameGate, h264_nal_length_size
 from pipeline.media import Chunk, ChunkingSpec, SamplingSpec, VideoInfo
@@ -127,14 +127,42 @@ class VideoDecoder:
                     size_bytes = os.path.getsize(path)
                 except OSError:
                     size_bytes = None  # av.open below reports the real problem
+            _refuse_cut_file(path, uri)
             container = _open(path, uri, self.hwaccel)
         else:
             name = getattr(source, "name", None)
             uri = uri if uri is not None else (name if isinstance(name, str) else "<file object>")
+            if getattr(source, "seekable", lambda: False)():
+                _refuse_cut_file(source, uri)
             container = _open(source, uri, self.hwaccel)
         with container:
             run = _VideoRun(self, container, uri, video_id, size_bytes)
             yield from run.chunks()
+
+
+def _refuse_cut_file(source: str | BinaryIO, uri: str) -> None:
+    """A ``truncated`` failure for a file whose container claims more bytes than it has (see
+    :mod:`pipeline.truncation`); a file object is left at its start."""
+    def read_at(f: BinaryIO) -> truncation.ReadAt:
+        def read(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
+        return read
+
+    try:
+        if isinstance(source, str):
+            with open(source, "rb") as f:
+                cut = truncation.cut_short(read_at(f), os.fstat(f.fileno()).st_size)
+        else:
+            try:
+                cut = truncation.cut_short(read_at(source), source.seek(0, os.SEEK_END))
+            finally:
+                source.seek(0)
+    except OSError:
+        return  # opening the file reports what is wrong with it
+    if cut is not None:
+        raise MediaError(uri, "truncated", cut)
 
 
 def _hwaccel(device: str | None) -> Any:
@@ -516,7 +544,6 @@ class _VideoRun:
         self.threads = decoder.threads
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
-        self.video_packets = 0  # demuxed, with data (skipped or decoded)
         self.gate: DisposableFrameGate | None = None
         self.video_end_s: float = -math.inf
         self.container = container
@@ -531,7 +558,6 @@ class _VideoRun:
         gate = self.gate = self._frame_gate()
         for packet in self._demux():
             if packet.stream is self.vstream:
-                self.video_packets += packet.size > 0
                 for p in gate.push(packet) if gate is not None else (packet,):
                     for frame in self._decode(p):
                         self._on_video_frame(frame)
@@ -833,7 +859,6 @@ class _VideoRun:
                 "no_frames",
                 f"the video stream has no decodable frames{detail}; the file may be damaged",
             )
-        self._check_complete()
         if self.audio is not None and self.audio.n_late:
             log.warning(
                 "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",
@@ -857,30 +882,6 @@ class _VideoRun:
                 duration_s=duration_s,
                 info=info if last else None,
             )
-
-    def _check_complete(self) -> None:
-        """Fail a file that ends before what its header promises: cut short by an interrupted download or
-        copy, which FFmpeg reads up to the cut without an error (its labels would cover part of the video).
-
-        Only where the header is exact: an MP4/MOV index lists every frame (so does Matroska when it
-        carries frame counts); Matroska and WebM state the duration their muxer wrote.  Estimated
-        durations (MPEG-TS, AVI, raw streams) are not trusted.
-        """
-        listed = self.vstream.frames
-        if listed > 0:
-            if self.video_packets < listed - 1:  # one frame of slack for muxers' off-by-one counts
-                raise MediaError(self.uri, "truncated", f"the file holds {self.video_packets} of the {listed} video "
-                                 f"frames its index lists (it breaks off at {max(self.last_t_s, 0.0):.1f} s): it "
-                                 "is incomplete, e.g. an interrupted download or copy; fetch the file again")
-            return
-        if not {"matroska", "webm"} & set(self.container.format.name.split(",")):
-            return
-        end_s = self._estimated_end_s()
-        got_s = max(self.video_end_s, self.audio.frontier_s if self.audio is not None else -math.inf)
-        if end_s is not None and math.isfinite(end_s) and got_s < end_s - max(1.0, 0.01 * end_s):
-            raise MediaError(self.uri, "truncated", f"the file breaks off at {max(got_s, 0.0):.1f} s of the "
-                             f"{end_s:.1f} s its header states: it is incomplete, e.g. an interrupted download or "
-                             "copy; fetch the file again")
 
     def _info(self, duration_s: float, n: int) -> VideoInfo:
         acc = self.astream.codec_context if self.astream is not None else None

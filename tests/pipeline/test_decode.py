@@ -549,11 +549,12 @@ def test_permission_error_is_unreadable(monkeypatch) -> None:
     assert "permission" in err.message
 
 
-@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated"])
-def test_not_a_media_file(media_dir: Path, tmp_path: Path, kind: mf.CorruptKind) -> None:
+@pytest.mark.parametrize("kind, error_kind", [("garbage", "invalid_data"), ("empty", "invalid_data"),
+                                              ("truncated", "truncated")])
+def test_not_a_media_file(media_dir: Path, tmp_path: Path, kind: mf.CorruptKind, error_kind: str) -> None:
     source = mf.make_video(media_dir / "to_truncate.mp4", duration_s=1.0, size=(96, 96), audio="tone")
     path = mf.make_corrupt(tmp_path / f"{kind}.mp4", kind=kind, source=source)
-    expect_error(path, "invalid_data")
+    expect_error(path, error_kind)
 
 
 @pytest.mark.parametrize("suffix", ["m4a", "mp3"])
@@ -625,23 +626,99 @@ def _remux(src: Path, dst: Path, **options: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("suffix, options, why", [
-    (".mp4", {"movflags": "faststart"}, "video frames its index lists"),  # the index before the data
-    (".mkv", {}, "its header states"),
+def _trim_video_edit_list(path: Path, keep_s: float) -> Path:
+    """Shorten the first track's edit list to ``keep_s`` (a trim without re-encoding, as editors do)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+
+    def boxes(start: int, end: int):  # noqa: ANN202
+        while start + 8 <= end:
+            size, kind = struct.unpack(">I4s", data[start:start + 8])
+            yield kind, start, size
+            if kind in (b"moov", b"trak", b"edts"):
+                yield from boxes(start + 8, start + size)
+            start += size
+
+    found: dict[bytes, int] = {}
+    for kind, off, _ in boxes(0, len(data)):
+        found.setdefault(kind, off)  # the first: the movie header, the first (video) track's edit list
+    timescale = struct.unpack(">I", data[found[b"mvhd"] + 20:found[b"mvhd"] + 24])[0]
+    elst = found[b"elst"]
+    entries = struct.unpack(">I", data[elst + 12:elst + 16])[0]
+    struct.pack_into(">I", data, elst + 16 + 12 * (entries - 1), int(keep_s * timescale))  # the last edit's length
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("suffix, options, box", [
+    (".mp4", {"movflags": "faststart"}, "mdat"),  # the index first: FFmpeg reads up to the cut
+    (".mkv", {}, "Segment"),
 ])
 def test_a_file_cut_short_is_a_truncated_failure_not_a_shorter_video(media_dir: Path, suffix: str,
-                                                                        options: dict[str, str], why: str) -> None:
-    """An interrupted download: FFmpeg reads up to the cut without an error, the header still tells."""
+                                                                        options: dict[str, str], box: str) -> None:
+    """An interrupted download: FFmpeg reads up to the cut without an error; the container's sizes tell."""
     src = mf.make_video(media_dir / f"whole{suffix}.mp4", duration_s=8.0, fps=10, size=(96, 64), audio="tone")
     whole = _remux(src, media_dir / f"whole{suffix}", **options)
     assert core_rows(decode(whole))["start_s"].size == 8
     data = whole.read_bytes()
     cut = media_dir / f"cut{suffix}"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(MediaError) as err:
-        decode(cut)
-    assert err.value.error_kind == "truncated" and why in err.value.message and "fetch the file again" in err.value.message
-    # audio that runs past the video's end is not a cut (the header's duration is the audio's)
-    longer = mf.make_video(media_dir / f"longer_audio{suffix}.mp4", duration_s=4.0, fps=10, size=(96, 64),
-                           audio="tone", audio_duration_s=7.0)
-    assert core_rows(decode(_remux(longer, media_dir / f"longer_audio{suffix}", **options)))["start_s"].size >= 4
+    for source in (cut, io.BytesIO(cut.read_bytes())):
+        with pytest.raises(MediaError) as err:
+            decode(source)
+        assert err.value.error_kind == "truncated"
+        assert f"its {box} ends at byte {len(data):,} but the file has {len(data) // 2:,} bytes" in err.value.message
+
+
+def test_edited_files_whose_headers_promise_more_are_not_truncated(media_dir: Path) -> None:
+    """Legitimate files that a check of frame counts or durations took for cut ones (a review found them)."""
+    src = mf.make_video(media_dir / "edit_src.mp4", duration_s=8.0, fps=10, size=(96, 64), audio="tone",
+                        video_options={"g": "10"})
+    # an edit list that trims the last 3 s: the index still lists all 80 frames, FFmpeg returns 50
+    trimmed = _trim_video_edit_list(_remux(src, media_dir / "trimmed.mp4"), 5.0)
+    assert core_rows(decode(trimmed))["start_s"].size == 5
+    # Matroska whose timestamps start at 3 s (a piece of a split recording): its duration counts from 0
+    import av
+
+    late = media_dir / "late_start.mkv"
+    with av.open(str(src)) as inp, av.open(str(late), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.dts is not None:
+                shift = int(3 / packet.time_base)
+                packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    assert core_rows(decode(late))["start_s"].size == 8
+    # audio that runs past the video's end
+    longer = mf.make_video(media_dir / "longer_audio.mkv", duration_s=4.0, fps=10, size=(96, 64), audio="tone",
+                           audio_duration_s=7.0)
+    assert core_rows(decode(longer))["start_s"].size >= 4
+
+
+def test_container_sizes_are_read_only_where_they_are_known() -> None:
+    from pipeline.truncation import cut_short
+
+    def reader(data: bytes):  # noqa: ANN202
+        return lambda offset, n: data[offset:offset + n]
+
+    def box(kind: bytes, payload: int, size: int | None = None) -> bytes:
+        return (size if size is not None else 8 + payload).to_bytes(4, "big") + kind + b"\0" * payload
+
+    whole = box(b"ftyp", 8) + box(b"moov", 40) + box(b"mdat", 100)
+    assert cut_short(reader(whole), len(whole)) is None
+    assert "its mdat ends at byte 172" in (cut_short(reader(whole[:120]), 120) or "")
+    to_end = box(b"ftyp", 8) + box(b"mdat", 100, size=0)  # size 0: the box runs to the end of the file
+    assert cut_short(reader(to_end), len(to_end)) is None
+    large = box(b"ftyp", 8) + (1).to_bytes(4, "big") + b"mdat" + (16 + 50).to_bytes(8, "big") + b"\0" * 50
+    assert cut_short(reader(large), len(large)) is None and cut_short(reader(large[:60]), 60) is not None
+    trailing = whole + b"\xff\xff\xff\xffjunk-appended-by-a-tool"  # not a box: not judged
+    assert cut_short(reader(trailing), len(trailing)) is None
+    assert cut_short(reader(b"\x47" * 400), 400) is None  # MPEG-TS: sizes unknown, not judged
+    ebml = b"\x1a\x45\xdf\xa3" + b"\x84" + b"\0" * 4  # EBML header, 4 bytes of payload
+    segment = b"\x18\x53\x80\x67" + b"\x82" + b"\0" * 2  # Segment of 2 bytes
+    mkv = ebml + segment
+    assert cut_short(reader(mkv), len(mkv)) is None and cut_short(reader(mkv[:-1]), len(mkv) - 1) is not None
+    live = ebml + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff"  # unknown size: written live
+    assert cut_short(reader(live), len(live)) is None
