@@ -384,11 +384,11 @@ def entry() -> None:
 
         shutdown_ray()
     logging.shutdown()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
+            pass
     os._exit(code)
 
 

@@ -39,9 +39,13 @@ def _canonical(path: Path) -> str:
     return str(path.resolve())
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, errors: list[str] | None = None) -> Iterator[Path]:
     # sorted walk: the same folder gives the same order every time (reproducible jobs)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    def unreadable(e: OSError) -> None:
+        if errors is not None:
+            errors.append(f"{e.filename} ({e.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             if Path(name).suffix.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
@@ -85,9 +89,12 @@ def check_inputs(inputs: list[str]) -> None:
                 raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
         else:
             path = _local_path(item)
-            if path.is_dir() and next(_walk(path), None) is None:  # stops at the first video found
+            unreadable: list[str] = []
+            if path.is_dir() and next(_walk(path, unreadable), None) is None:  # stops at the first video found
+                why = f"; could not read {unreadable[0]}" if unreadable else ""
                 raise ConfigError(f"input folder {item!r} holds no video files (none with the extensions "
-                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders); check the path")
+                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders; links to "
+                                  f"folders are not followed{why}); check the path")
 
 
 def is_manifest(item: str) -> bool:

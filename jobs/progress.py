@@ -32,6 +32,25 @@ class _Counts(Protocol):
     def pending_videos(self) -> int: ...
 
 
+def pid_namespace() -> int | None:
+    """This process's pid namespace (Linux), or None."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), or None if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -88,6 +107,10 @@ class RunStatus:
     heartbeat: float = field(default_factory=time.time)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    # what tells this process from another with the same host name and pid (a container's pid namespace,
+    # a pid reused later); None where /proc does not say
+    pid_ns: int | None = field(default_factory=lambda: pid_namespace())
+    pid_started: int | None = field(default_factory=lambda: process_start(os.getpid()))
     inputs_total: int | None = None  # every video the inputs name (finished ones included), once counted
     discovered: int = 0  # videos handed out by discovery so far
     skipped: int = 0  # of those, finished by an earlier run

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -88,11 +89,17 @@ def init_ray(address: str | None) -> None:
         return
     show_logs = os.environ.get("VIDPIPE_RAY_LOGS") == "1"
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the process's SIGTERM handler with one that exits at once (status 15, the run
+    # "failed"); the CLI's own handler stops like Ctrl-C, committing what is finished, so it is put back
+    in_main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
     if address:
         ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
     else:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                  configure_logging=False)
+    if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def shutdown_ray() -> None:
@@ -119,6 +126,9 @@ def shutdown_ray() -> None:
             proc.kill()
             proc.wait(timeout=10)
     ray.shutdown()
+    # Worker processes end on their own within a second or two (the model worker's teardown) and free
+    # their memory, GPU memory included, long before another command loads its models; waiting for them
+    # here cost 2-3 s per command.
 
 
 def _quiet_ray_data() -> None:

@@ -66,21 +66,22 @@ def read_status(out_uri: str) -> JobStatus:
 
 
 def _gone(progress: dict[str, Any]) -> bool:
-    """Whether the run's driver process is known to have ended: it ran on this host and its pid is gone
-    (a SIGKILL leaves progress.json saying "running"; another host can only wait for the heartbeat to age)."""
-    import os
+    """Whether the run's driver is known to have ended: a SIGKILL leaves progress.json saying "running".
+
+    Only a process seen from the same pid namespace on the same host can be looked up (a container with
+    the host's name has pids of its own), and only as the same process (its start time: pids are
+    reused); otherwise the heartbeat has to age.
+    """
     import socket
 
-    pid = progress.get("pid")
+    from jobs.progress import pid_namespace, process_start
+
+    pid, ns, started = progress.get("pid"), progress.get("pid_ns"), progress.get("pid_started")
     if progress.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
+    if ns is None or started is None or ns != pid_namespace():
         return False
-    return False
+    return process_start(pid) != started
 
 
 def ray_job_info(address: str, job_id: str) -> dict[str, Any]:

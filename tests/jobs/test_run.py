@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -153,7 +154,7 @@ def test_console_script_on_its_own_embedded_ray_stops_every_ray_process(shared_m
     that Ray's processes are left."""
     import psutil
 
-    from tests.jobs.conftest import VIDPIPE, vidpipe_env
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env, wait_for
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="vpray", dir="/tmp"))  # short: Ray's Unix sockets live under it
     try:
@@ -182,7 +183,39 @@ def test_console_script_on_its_own_embedded_ray_stops_every_ray_process(shared_m
         query = subprocess.run([str(VIDPIPE), "query", str(out), "SELECT count(*) AS n FROM segments", "--format",
                                 "csv"], env=env, capture_output=True, text=True, timeout=120)
         assert query.returncode == 0 and query.stdout == "n\n6\n", query.stderr
-        left = session_processes()
-        assert not left, [p.info["cmdline"][:3] for p in left]
+        # workers end on their own just after the command returns (it does not wait for them)
+        wait_for(lambda: not session_processes(), 20, "the session's processes to end")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(shared_media, tmp_path):
+    """A scheduler's SIGTERM (SLURM, Kubernetes, systemd): the run stops as interrupted, exit 130 (starting
+    its own Ray, ray.init had replaced the CLI's handler with one that exited 15, the run "failed")."""
+    import signal
+
+    from jobs.status import read_status
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env, wait_for
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(10):  # ten minutes of video: still running when the signal comes
+        (inputs / f"clip{i}.mp4").symlink_to(shared_media / "bbb_clip_720p.mp4")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(VIDPIPE), "run", str(inputs), "--out", str(out), "--no-progress"],
+                            env=vidpipe_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def working() -> bool:  # Ray started and a wave handed out (progress.json is rewritten every 5 s)
+            progress = out / "_job" / "progress.json"
+            return progress.exists() and json.loads(progress.read_text()).get("wave_size", 0) > 0
+
+        wait_for(lambda: working() or proc.poll() is not None, 120, "the run to start its first wave")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted; rerun the same command to resume" in stderr
+    assert read_status(str(out)).run_state == "interrupted"
