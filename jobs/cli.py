@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.spec import EXIT_OK, EXIT_USAGE
+from jobs.spec import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from pipeline.errors import ConfigError
 
 _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failures table),
@@ -217,7 +217,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
                    commit_seconds=args.commit_seconds)
     _stop_on_sigterm()
-    result = JobRunner(spec).run()
+    try:
+        result = JobRunner(spec).run()
+    except OSError as exc:  # the output's storage gone mid-run (an S3 endpoint, a network file system)
+        print(f"vidpipe run: error: {exc}\nthe videos committed before it are kept; rerun the same command to "
+              "resume", file=sys.stderr)
+        return EXIT_INTERNAL
     earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
     print(f"done: {result.videos_done} videos ok, {result.videos_failed} failed, {result.videos_skipped} skipped "
           f"(already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "

@@ -35,6 +35,8 @@ class _Base:
 
     def resolve(self, entry: str) -> str:
         entry = entry.strip()
+        if entry.startswith("file://"):  # the same file as a plain path names: one URI (the done-set's key)
+            return str(Path(entry[len("file://"):]).expanduser().resolve())
         if "://" in entry:
             return entry
         if self.local is None:  # s3://bucket/dir/ + entry, with ./ and ../ resolved within the bucket
@@ -79,7 +81,8 @@ def _open_binary(manifest: str) -> Iterator[Any]:
 
 
 def _text(binary: Any) -> IO[str]:
-    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write one) is not part of the first entry
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
 
 
 def _csv_column(header: list[str] | None, manifest: str) -> int | None:

@@ -48,7 +48,7 @@ from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_s
 from jobs.output import OutputDir, ResultWriter, new_run_id
 from jobs.plan import plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
-from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec
+from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.media import Failure
@@ -94,12 +94,28 @@ def init_ray(address: str | None) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
     else:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                  configure_logging=False)
     if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, naming the address, where ray.init would retry connecting for minutes."""
+    import socket
+
+    where = check_address(address)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check the address "
+                          "('ray start --head' prints it) and that the cluster is up, or leave --address out to "
+                          "run on this machine") from None
 
 
 def shutdown_ray() -> None:
@@ -182,6 +198,16 @@ def _open_output(uri: str) -> OutputDir:
         out = OutputDir(uri)
         if out.local:
             out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named
+        else:
+            bucket = out.store.root.split("/", 1)[0]
+            from pyarrow import fs as pafs
+
+            try:
+                missing = out.store.fs.get_file_info(bucket).type == pafs.FileType.NotFound
+            except OSError:  # not allowed to look at the bucket itself: the writes below will tell
+                missing = False
+            if missing:
+                raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except (OSError, ValueError) as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)

@@ -21,6 +21,23 @@ EXIT_SOME_FAILED = 3
 MIN_SEGMENT_S = 0.1
 
 
+def check_address(address: str) -> tuple[str, int] | None:
+    """``--address`` as ``(host, port)`` (None for ``auto``); a ConfigError for what Ray cannot join."""
+    if address == "auto":
+        return None
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: run joins a cluster by its GCS address HOST:PORT (what "
+                          "'ray start --head' prints, port 6379 by default); http://HEAD:8265 is the job "
+                          "server's, for 'vidpipe submit' and 'vidpipe status --job'")
+    if address.startswith("ray://"):
+        raise ConfigError(f"--address {address}: Ray Client (ray://) is not supported; give the GCS address "
+                          "HOST:PORT from a machine of the cluster, or use 'vidpipe submit'")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379)")
+    return host.strip("[]"), int(port)
+
+
 @dataclass
 class JobSpec:
     """A job: inputs, output, model and sampling.  Validated on construction (bad config fails fast)."""
@@ -75,6 +92,8 @@ class JobSpec:
             raise ConfigError(f"--wave-size must be >= 1, got {self.wave_size}")
         if not self.commit_seconds > 0:
             raise ConfigError(f"--commit-seconds must be > 0, got {self.commit_seconds}")
+        if self.address is not None:
+            check_address(self.address)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

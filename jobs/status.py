@@ -86,9 +86,9 @@ def _gone(progress: dict[str, Any]) -> bool:
 
 def ray_job_info(address: str, job_id: str) -> dict[str, Any]:
     """The Ray job's state, message and the OUT it was submitted with."""
-    from jobs.submit import _client, job_exit_code
+    from jobs.submit import _client, job_exit_code, job_info
 
-    info = _client(address).get_job_info(job_id)
+    info = job_info(_client(address), address, job_id)
     status = str(getattr(info.status, "value", info.status))
     d: dict[str, Any] = {"job_id": job_id, "status": status, "message": info.message or "",
                          "out": (info.metadata or {}).get("vidpipe_out")}

@@ -96,7 +96,7 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
         return job_id, 0
     last = None
     while True:
-        info = client.get_job_info(job_id)
+        info = job_info(client, options.address, job_id)
         status = str(getattr(info.status, "value", info.status))
         if status != last:
             say(f"job {job_id}: {status}")
@@ -104,11 +104,27 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
         if status in _TERMINAL:
             break
         time.sleep(2.0)
-    logs = client.get_job_logs(job_id)
+    try:
+        logs = client.get_job_logs(job_id)
+    except Exception:  # noqa: BLE001 - the status is known; the log tail is a courtesy
+        logs = ""
     tail = "\n".join(logs.rstrip().splitlines()[-20:])
     if tail:
         say(tail)
     return job_id, job_exit_code(status, info.message or "")
+
+
+def job_info(client: Any, address: str, job_id: str) -> Any:
+    """The job server's record of ``job_id``; a ConfigError that says what to do when it cannot be had."""
+    try:
+        return client.get_job_info(job_id)
+    except Exception as exc:  # noqa: BLE001 - requests' and Ray's errors alike: the server cannot answer
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "404" in text:
+            raise ConfigError(f"the job server at {address} has no job {job_id!r}; check the id "
+                              "(vidpipe submit printed it; 'ray job list' lists them)") from None
+        raise ConfigError(f"lost contact with the job server at {address} ({text}); the job may still be "
+                          f"running: vidpipe status --job {job_id} --address {address}") from None
 
 
 def job_exit_code(status: str, message: str) -> int:

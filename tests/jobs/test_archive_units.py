@@ -254,3 +254,43 @@ def test_an_out_that_cannot_be_a_directory_is_a_usage_error(tmp_path, shared_med
         err = capsys.readouterr().err
         assert f"cannot use --out {out}: " in err and why in err and "Traceback" not in err
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "is the job server's, for 'vidpipe submit'"),
+    ("ray://head:10001", "Ray Client (ray://) is not supported"),
+    ("bogus::", "is not HOST:PORT"),
+])
+def test_addresses_ray_cannot_join_are_usage_errors(address, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        JobSpec(inputs=["x.mp4"], out="o", address=address)
+
+
+def test_an_unreachable_cluster_fails_in_seconds_naming_the_address():
+    import socket
+
+    from jobs.runner import _check_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+
+
+def test_job_server_errors_say_what_to_do():
+    from jobs.submit import job_info
+
+    class Server:  # what Ray's JobSubmissionClient raises: an unknown id, then a server gone away
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def get_job_info(self, job_id: str) -> None:
+            raise self.error
+
+    url = "http://127.0.0.1:8265"
+    with pytest.raises(ConfigError, match="has no job 'nosuchjob'"):
+        job_info(Server(RuntimeError("Request failed with status code 404: Job nosuchjob does not exist.")), url,
+                 "nosuchjob")
+    with pytest.raises(ConfigError, match="lost contact with the job server .* vidpipe status --job j1"):
+        job_info(Server(ConnectionError("Connection refused")), url, "j1")

@@ -74,3 +74,20 @@ def test_a_folder_without_videos_is_refused_before_any_work(tmp_path):
             check_inputs([str(tmp_path / "ok.mp4"), str(tmp_path / folder)])
     _touch(tmp_path / "docs" / "sub" / "deep" / "clip.webm")
     check_inputs([str(tmp_path / "docs"), f"file://{tmp_path / 'docs'}"])
+
+
+def test_manifests_with_a_byte_order_mark(tmp_path):
+    """Spreadsheet programs start UTF-8 files with a BOM; it is not part of the first entry or column."""
+    clip = _touch(tmp_path / "v" / "a.mp4")
+    (tmp_path / "list.txt").write_text("v/a.mp4\n", encoding="utf-8-sig")
+    (tmp_path / "list.csv").write_text("uri,note\nv/a.mp4,x\n", encoding="utf-8-sig")
+    for manifest in ("list.txt", "list.csv"):
+        refs = list(discover([str(tmp_path / manifest)]))
+        assert [r.uri for r in refs] == [str(clip.resolve())]
+
+
+def test_a_file_uri_in_a_manifest_is_the_same_video_as_its_path(tmp_path):
+    clip = _touch(tmp_path / "v" / "a.mp4")
+    (tmp_path / "list.txt").write_text(f"file://{clip}\n{tmp_path}/v/../v/a.mp4\n")
+    refs = list(discover([str(tmp_path / "list.txt"), str(clip)]))
+    assert [r.uri for r in refs] == [str(clip.resolve())]

@@ -147,3 +147,10 @@ def test_commit_protocol_on_s3_every_crash_state(s3):
     assert "part-orphan.parquet" not in store.list_names("videos")
     assert all(store.is_file(f"{t}/{n}") for t, n in commit.files.items())
     assert run_query(out.uri, "SELECT count(*) n FROM videos").column("n")[0].as_py() == 2
+
+
+def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shared_media):
+    r = run_vidpipe(["run", str(shared_media / "bbb_5s_51.mp4"), "--out", "s3://no-such-bucket/x", *RUN_FLAGS],
+                    env=vidpipe_env(**s3_server))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "cannot use --out s3://no-such-bucket/x: there is no bucket 'no-such-bucket'" in r.stderr
