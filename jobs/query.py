@@ -57,7 +57,18 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
         rels = out.committed_rel(table, commits)
         if rels and out.local:
             files = [out.store.full(r) for r in rels]
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+            columns = "*"
+            if table == "segments":
+                # DuckDB's Parquet reader makes a fixed-size list a variable one: say the size again, so
+                # that array functions (array_cosine_similarity, ...) work as on an s3:// OUT
+                import pyarrow.parquet as pq
+
+                schema = pq.read_schema(files[0])
+                kind = schema.field("embedding").type if "embedding" in schema.names else None
+                if kind is not None and pa.types.is_fixed_size_list(kind):
+                    columns = f"* REPLACE (CAST(embedding AS FLOAT[{kind.list_size}]) AS embedding)"
+            con.execute(f"CREATE VIEW {view} AS SELECT {columns} FROM read_parquet({_sql_list(files)}, "
+                        "union_by_name=true)")
         elif rels:
             import pyarrow.dataset as pads
 

@@ -120,3 +120,17 @@ def test_format_table_csv_json():
     assert "label" in text.splitlines()[0] and "(2 rows)" in text
     assert format_table(t, "csv").splitlines()[0] == "label,score,topk"
     assert json.loads(format_table(t, "json").splitlines()[1])["label"] == "b"
+
+
+def test_embeddings_are_fixed_size_arrays_in_queries(tmp_path):
+    """As on an s3:// OUT (Arrow), so array functions work on a local one too (DuckDB's Parquet reader
+    alone gives a variable-size list)."""
+    out, w = writer_for(tmp_path, embedding_dim=4)
+    row = head_row("v1", 0, 0, 3, is_last=True, n_total=3)
+    row["embedding"] = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    w.add_row(row)
+    w.flush()
+    sims = run_query(out.root, "SELECT array_cosine_similarity(embedding, embedding) AS s, typeof(embedding) AS t "
+                               "FROM segments").to_pylist()
+    assert [r["t"] for r in sims] == ["FLOAT[4]"] * 3
+    assert [r["s"] for r in sims] == pytest.approx([1.0] * 3)
