@@ -20,7 +20,17 @@ def check_s3(uri: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot reach {uri}: {exc}; check AWS credentials, region and AWS_ENDPOINT_URL") from None
     if info.type == pafs.FileType.NotFound:
+        bucket = path.split("/", 1)[0]
+        if _names_an_object(uri) and filesystem.get_file_info(bucket).type != pafs.FileType.NotFound:
+            return  # a named video that is not there: a not_found failure row, as for a local file
         raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
+
+
+def _names_an_object(uri: str) -> bool:
+    """Whether ``uri`` names one video (a key with a video extension), not a prefix."""
+    from jobs.discover import VIDEO_EXTENSIONS
+
+    return not uri.endswith("/") and PurePosixPath(uri).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def discover_s3(uri: str) -> Iterator[VideoRef]:
@@ -34,7 +44,7 @@ def discover_s3(uri: str) -> Iterator[VideoRef]:
     check_s3(uri)
     filesystem, path = s3_filesystem(uri)
     info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.File:
+    if info.type == pafs.FileType.File or (info.type == pafs.FileType.NotFound and _names_an_object(uri)):
         yield VideoRef(uri, make_video_id(uri, PurePosixPath(path).name))
         return
     prefix = path.rstrip("/")

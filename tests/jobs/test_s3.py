@@ -154,3 +154,20 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shar
                     env=vidpipe_env(**s3_server))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "cannot use --out s3://no-such-bucket/x: there is no bucket 'no-such-bucket'" in r.stderr
+
+
+def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_usage_error(s3, s3_archive):
+    """As locally: a named video that does not exist becomes a not_found row; the job goes on."""
+    from jobs.discover import check_inputs, discover
+    from pipeline.errors import ConfigError, MediaError
+    from pipeline.inputs import open_input
+
+    named = "s3://vidpipe-in/videos/nope.mp4"
+    check_inputs([named, "s3://vidpipe-in/videos/"])
+    assert [r.uri for r in discover([named])] == [named]
+    with pytest.raises(MediaError) as err, open_input(named):
+        pass
+    assert err.value.error_kind == "not_found"
+    for missing in ("s3://vidpipe-in/no/such/prefix/", "s3://no-such-bucket/videos/a.mp4"):
+        with pytest.raises(ConfigError, match=f"input {missing} does not exist"):
+            check_inputs([missing])
