@@ -109,6 +109,11 @@ class Commit:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def _damaged(where: str, why: object) -> str:
+    return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
+            "backup, or run the job again into a new --out")
+
+
 class OutputDir:
     """An output directory or ``s3://`` prefix: its paths, commit records, recovery and lock.
 
@@ -143,9 +148,23 @@ class OutputDir:
     # -- small job files (identity, progress) ------------------------------------------------------
     def read_json(self, rel: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.read_text(rel))
+            text = self.store.read_text(rel)
         except FileNotFoundError:
             return None
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(_damaged(self.store.uri_of(rel), exc)) from None
+        if not isinstance(obj, dict):
+            raise ConfigError(_damaged(self.store.uri_of(rel), "not a JSON object"))
+        return obj
+
+    def _heartbeat(self) -> dict[str, Any]:
+        """The last run's progress.json; empty when there is none or it is damaged (the run rewrites it)."""
+        try:
+            return self.read_json(f"{JOB}/progress.json") or {}
+        except ConfigError:
+            return {}
 
     def write_json(self, rel: str, obj: dict[str, Any]) -> None:
         self.store.write_atomic(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
@@ -161,9 +180,13 @@ class OutputDir:
                 continue  # a run folded records into a checkpoint meanwhile: list again
             found: dict[str, Commit] = {}
             for name, text in zip(names, texts, strict=True):
-                d = json.loads(text)
-                for c in d["commits"] if name.startswith(CHECKPOINT_PREFIX) else [d]:
-                    found[c["name"]] = Commit.from_dict(c)
+                try:
+                    d = json.loads(text)
+                    for c in d["commits"] if name.startswith(CHECKPOINT_PREFIX) else [d]:
+                        found[c["name"]] = Commit.from_dict(c)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ConfigError(_damaged(self.store.uri_of(f"{COMMITS}/{name}"), exc) + " (a commit record "
+                                      "names the files of one flush: without it they cannot be read safely)") from None
             return [found[k] for k in sorted(found)]
         raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
 
@@ -289,7 +312,7 @@ class OutputDir:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.close()
-                holder = self.read_json(f"{JOB}/progress.json") or {}
+                holder = self._heartbeat()
                 raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')}, "
                                   f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to finish "
                                   "or stop it, then rerun to resume") from None
@@ -303,7 +326,7 @@ class OutputDir:
         deadline = time.time() + wait_s
         lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
         while True:
-            lease = self.read_json(f"{JOB}/progress.json") or {}
+            lease = self._heartbeat()
             age = time.time() - float(lease.get("heartbeat", 0) or 0)
             if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s:
                 break

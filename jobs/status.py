@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobs.progress import PROGRESS_FILE
+from pipeline.errors import ConfigError
 
 _ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
 
@@ -48,7 +49,10 @@ def read_status(out_uri: str) -> JobStatus:
         (failed,) = con.execute("SELECT count(*) FROM failures").fetchall()[0]  # failed now (see jobs.query)
     finally:
         con.close()
-    progress = out.read_json(PROGRESS_FILE) or {}
+    try:
+        progress = out.read_json(PROGRESS_FILE) or {}
+    except ConfigError:  # only the run's heartbeat and rates: the counts above come from the tables
+        progress = {}
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
     alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)

@@ -134,3 +134,24 @@ def test_embeddings_are_fixed_size_arrays_in_queries(tmp_path):
                                "FROM segments").to_pylist()
     assert [r["t"] for r in sims] == ["FLOAT[4]"] * 3
     assert [r["s"] for r in sims] == pytest.approx([1.0] * 3)
+
+
+def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path):
+    """A commit record or job.json changed by something else: query and run say which file; a damaged
+    heartbeat (progress.json) only loses the run's rates."""
+    from jobs.status import read_status
+    from pipeline.errors import ConfigError
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    out.write_json("_job/job.json", {"model_id": "m1"})
+    (out.job_dir / "progress.json").write_text("{not json")
+    assert read_status(str(out.root)).done == 1
+    (out.job_dir / "job.json").write_text("")
+    with pytest.raises(ConfigError, match=r"job\.json is damaged"):
+        out.read_json("_job/job.json")
+    record = sorted(out.commits_dir.glob("*.json"))[0]
+    record.write_text("")
+    with pytest.raises(ConfigError, match=f"{record.name} is damaged .*a commit record names the files"):
+        run_query(out.root, "SELECT count(*) FROM segments")
