@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable
@@ -128,9 +129,14 @@ def job_info(client: Any, address: str, job_id: str) -> Any:
 
 
 def job_exit_code(status: str, message: str) -> int:
-    """The ``vidpipe run`` exit status behind a finished Ray job (3: some inputs failed)."""
+    """The ``vidpipe run`` exit status behind a finished Ray job, as the command would have given it.
+
+    Ray reports a failed entrypoint as "... failed with exit code N ..."; a stopped job (``ray job
+    stop``: SIGTERM, which the run takes like Ctrl-C) is 130; anything else unexplained is 1.
+    """
     if status == "SUCCEEDED":
         return 0
-    if "exit code 3" in message:
-        return 3
-    return 1
+    if status == "STOPPED":
+        return 130
+    found = re.search(r"exit code (\d+)", message)
+    return int(found.group(1)) if found and int(found.group(1)) != 0 else 1

@@ -294,3 +294,13 @@ def test_job_server_errors_say_what_to_do():
                  "nosuchjob")
     with pytest.raises(ConfigError, match="lost contact with the job server .* vidpipe status --job j1"):
         job_info(Server(ConnectionError("Connection refused")), url, "j1")
+
+
+def test_a_finished_ray_jobs_exit_status_is_the_commands():
+    from jobs.submit import job_exit_code
+
+    failed = "Job entrypoint command failed with exit code {}, last available logs (truncated to 20,000 chars):"
+    assert job_exit_code("SUCCEEDED", "") == 0
+    assert [job_exit_code("FAILED", failed.format(n)) for n in (3, 2, 1)] == [3, 2, 1]
+    assert job_exit_code("STOPPED", "Job was intentionally stopped.") == 130  # ray job stop: interrupted
+    assert job_exit_code("FAILED", "the driver's node died") == 1
