@@ -591,8 +591,8 @@ class _VideoRun:
             return None  # AVI's packet times are in decode order, not presentation times
         extradata = self.vstream.codec_context.extradata
         extradata_bytes = bytes(extradata) if extradata else None
-        sps = h264_sps.read_sps(h264_sps.sps_from_extradata(extradata_bytes))
-        if not sps or not all(info.frames_skippable for info in sps):
+        sps = h264_sps.skippable_sps(h264_sps.sps_from_extradata(extradata_bytes))
+        if not sps:
             return None  # reorder depth unknown, interlaced coding, or no SPS to read
         end_s = self._estimated_end_s()
         if end_s is None or not math.isfinite(end_s):

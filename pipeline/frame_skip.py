@@ -68,8 +68,7 @@ def _nal_units(data: bytes, nal_length_size: int | None) -> list[bytes]:
             units.append(data[i + nal_length_size : i + nal_length_size + length])
             i += nal_length_size + length
         return units
-    # Annex B: a 4-byte start code leaves a zero byte at the end of the unit before it
-    return [u.rstrip(b"\x00") for u in data.split(b"\x00\x00\x01")[1:] if u]
+    return h264_sps.annexb_units(data)
 
 
 def _nal_headers(data: bytes, nal_length_size: int | None) -> list[int]:
@@ -171,8 +170,7 @@ class DisposableFrameGate:
         not safe (see h264_sps).  Returns ``IDR`` for an ``IDR_KEPT`` unit whose only extra units are
         SPS/PPS the decoder already holds unchanged (skipping it changes nothing the decoder knows)."""
         extra = [u for u in _nal_units(data, self.nal_length_size) if u and u[0] & 0x1F not in _SKIPPABLE_NAL_TYPES]
-        sps = h264_sps.read_sps([u for u in extra if u[0] & 0x1F == 7])
-        if sps is None or not all(info.frames_skippable for info in sps):
+        if h264_sps.skippable_sps([u for u in extra if u[0] & 0x1F == 7]) is None:
             self.off = True
         # evaluated for every unit, so that the decoder's parameter sets are always up to date
         unchanged = [u[0] & 0x1F in (7, 8) and self._hold_parameter_set(u) for u in extra]

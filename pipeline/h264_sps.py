@@ -214,9 +214,14 @@ def parameter_sets_from_extradata(extradata: bytes | None) -> list[bytes]:
                 out.append(extradata[i + 2 : i + 2 + length])
                 i += 2 + length
         return [n for n in out if n and n[0] & 0x1F in (7, 8)]
-    # Annex B: a 4-byte start code leaves a zero at the end of the unit before it (a parameter set ends
-    # in its stop bit, never in a zero byte)
-    return [u.rstrip(b"\x00") for u in extradata.split(b"\x00\x00\x01") if u and u[0] & 0x1F in (7, 8)]
+    return [u for u in annexb_units(extradata) if u[0] & 0x1F in (7, 8)]
+
+
+def annexb_units(data: bytes) -> list[bytes]:
+    """The NAL units of Annex B bytes (start-code separated), header byte first."""
+    # A 4-byte start code leaves a zero byte at the end of the unit before it (a unit ends in its stop
+    # bit, never in a zero byte, except for trailing cabac_zero_words, which no reader here looks at).
+    return [unit for u in data.split(b"\x00\x00\x01")[1:] if (unit := u.rstrip(b"\x00"))]
 
 
 def sps_from_extradata(extradata: bytes | None) -> list[bytes]:
@@ -232,8 +237,14 @@ def read_sps(units: list[bytes]) -> list[SpsInfo] | None:
         return None
 
 
+def skippable_sps(units: list[bytes]) -> list[SpsInfo] | None:
+    """The fields of each SPS NAL unit when every one allows skipping frames; None when one does not or
+    cannot be read (an empty list: no SPS among ``units``)."""
+    infos = read_sps(units)
+    return infos if infos is not None and all(info.frames_skippable for info in infos) else None
+
+
 def frames_skippable(extradata: bytes | None) -> bool:
     """Whether the stream's SPS (all of them) allow skipping frames; False when there is none or it
     cannot be read (the decoder then decodes every frame, which is always right)."""
-    infos = read_sps(sps_from_extradata(extradata))
-    return bool(infos) and all(info.frames_skippable for info in infos or ())
+    return bool(skippable_sps(sps_from_extradata(extradata)))
