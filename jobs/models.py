@@ -6,11 +6,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import MIN_SEGMENT_S
+from jobs.spec import check_segment_seconds
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import UNTRAINED_MODEL_ID, ModelBundle
 from pipeline.errors import ConfigError
@@ -62,8 +61,8 @@ def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
 
 def with_sampling(bundle: ModelBundle, segment_seconds: float | None, frames_per_segment: int | None) -> ModelBundle:
     """The bundle with the job's sampling overrides; a trained bundle only accepts its own sampling."""
-    if segment_seconds is not None and not MIN_SEGMENT_S <= segment_seconds < math.inf:
-        raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, got {segment_seconds}")
+    if segment_seconds is not None:
+        check_segment_seconds(segment_seconds)
     if frames_per_segment is not None and frames_per_segment < 1:
         raise ConfigError(f"--frames-per-segment must be >= 1, got {frames_per_segment}")
     sampling = bundle.sampling

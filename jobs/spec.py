@@ -21,6 +21,13 @@ EXIT_SOME_FAILED = 3
 MIN_SEGMENT_S = 0.1
 
 
+def check_segment_seconds(value: float) -> None:
+    """``--segment-seconds`` (of run, bench, eval and train): a finite number of seconds, at least
+    :data:`MIN_SEGMENT_S`."""
+    if not MIN_SEGMENT_S <= value < math.inf:
+        raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, got {value}")
+
+
 def check_address(address: str) -> tuple[str, int] | None:
     """``--address`` as ``(host, port)`` (None for ``auto``); a ConfigError for what Ray cannot join."""
     if address == "auto":
@@ -69,9 +76,8 @@ class JobSpec:
             raise ConfigError("no INPUT given; name video files, folders, globs or manifests")
         if not self.out:
             raise ConfigError("no output directory given; pass --out OUT")
-        if self.segment_seconds is not None and not MIN_SEGMENT_S <= self.segment_seconds < math.inf:
-            raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, "
-                              f"got {self.segment_seconds}")
+        if self.segment_seconds is not None:
+            check_segment_seconds(self.segment_seconds)
         if self.frames_per_segment is not None and self.frames_per_segment < 1:
             raise ConfigError(f"--frames-per-segment must be >= 1, got {self.frames_per_segment}")
         if not 0 < self.chunk_seconds < math.inf:

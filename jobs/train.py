@@ -46,7 +46,7 @@ from jobs.annotations import (
 )
 from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
-from jobs.spec import MIN_SEGMENT_S
+from jobs.spec import check_segment_seconds
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
@@ -115,9 +115,7 @@ class TrainSpec:
         choice("--image-encoder", self.image_encoder, IMAGE_ENCODER_NAMES)
         choice("--audio-encoder", self.audio_encoder, AUDIO_ENCODER_KINDS)
         choice("--device", self.device, ("auto", "cpu", "cuda"))
-        if not MIN_SEGMENT_S <= self.segment_seconds < math.inf:
-            raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, "
-                              f"got {self.segment_seconds}")
+        check_segment_seconds(self.segment_seconds)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.val_fraction < 1.0:
