@@ -269,27 +269,24 @@ class OutputDir:
                 self.store.delete(f"{COMMITS}/{n}")
 
     # -- what is finished ------------------------------------------------------------------------------
-    def finished_uris(self, *, include_failed: bool = True) -> IdSet:
-        """URIs of committed videos (done, and by default failed too) as a compact :class:`IdSet`.
+    def finished_uris(self, *, include_failed: bool = True) -> tuple[IdSet, IdSet]:
+        """URIs of committed videos — done, and by default failed too — and, of those, the ones failed
+        now (a committed failure, no ``videos`` row; empty without ``include_failed``), as compact
+        :class:`IdSet` s, each committed file read once.
 
         Keyed by URI, as discovery de-duplicates: a video's id also depends on the input that named it
         (folder, manifest, ...), and a rerun that names the same file another way must still skip it.
         """
-        uris = IdSet()
-        for table in ("videos", "failures") if include_failed else ("videos",):
-            for t in self.read_committed(table, ["uri"]):
-                uris.update(t.column("uri").to_pylist())
-        return uris
-
-    def failed_uris(self) -> IdSet:
-        """URIs whose video is failed now: a committed failure and no committed ``videos`` row."""
-        done = IdSet()
+        uris, failed = IdSet(), IdSet()
         for t in self.read_committed("videos", ["uri"]):
-            done.update(t.column("uri").to_pylist())
-        failed = IdSet()
-        for t in self.read_committed("failures", ["uri"]):
-            failed.update(u for u in t.column("uri").to_pylist() if u not in done)
-        return failed
+            uris.update(t.column("uri").to_pylist())
+        if include_failed:
+            for t in self.read_committed("failures", ["uri"]):
+                for uri in t.column("uri").to_pylist():
+                    if uri not in uris:  # not finished (a later failure row of it is already counted)
+                        failed.add(uri)
+                        uris.add(uri)
+        return uris, failed
 
     def finished_video_ids(self, *, include_failed: bool = True) -> set[str]:
         """Video ids that a committed flush holds, as plain strings (small outputs and tests)."""

@@ -288,8 +288,7 @@ class JobRunner:
             out.create()
             check_job_identity(out, bundle, spec)
             out.recover()
-            done = out.finished_uris(include_failed=not spec.retry_failed)
-            failed_before = IdSet() if spec.retry_failed else out.failed_uris()
+            done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
                           "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
