@@ -36,7 +36,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, folders (searched recursively), glob patterns (quote them), "
-                        "manifests (.txt/.csv/.parquet) or s3:// URIs")
+                        "manifests (.txt/.csv/.tsv/.parquet) or s3:// URIs")
     p.add_argument("--out", required=True, metavar="OUT", help="output directory")
     _add_pipeline_flags(p)
     p.add_argument("--allow-untrained", action="store_true",

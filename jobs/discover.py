@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
 )
-MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".parquet"})
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -57,7 +57,7 @@ def discover(inputs: list[str]) -> Iterator[VideoRef]:
 
     A named file is taken whatever its extension (a missing one becomes a ``not_found`` failure
     later, so the job goes on); folders are searched recursively for video extensions; a glob
-    pattern is expanded; ``*.txt``/``*.csv``/``*.parquet`` files (local or ``s3://``) are manifests of
+    pattern is expanded; ``*.txt``/``*.csv``/``*.tsv``/``*.parquet`` files (local or ``s3://``) are manifests of
     URIs.  Nothing is listed ahead of need, and the URIs already seen are kept as 16-byte digests
     (:class:`~jobs.idset.IdSet`), so a manifest of millions of entries streams in bounded memory.
     """
@@ -98,7 +98,7 @@ def check_inputs(inputs: list[str]) -> None:
 
 
 def is_manifest(item: str) -> bool:
-    """Whether ``item`` names a manifest: an existing local .txt/.csv/.parquet file, or such an s3:// object."""
+    """Whether ``item`` names a manifest: an existing local .txt/.csv/.tsv/.parquet file, or such an s3:// object."""
     suffix = Path(item.split("://", 1)[-1]).suffix.lower()
     if suffix not in MANIFEST_EXTENSIONS:
         return False

@@ -1,8 +1,9 @@
-"""Manifests: text (one URI a line), CSV or Parquet (a ``uri``/``path``/``video`` column), read lazily.
+"""Manifests: text (one URI a line), CSV, TSV or Parquet (a ``uri``/``path``/``video`` column), read lazily.
 
 A manifest may be a local file or an ``s3://`` object.  Entries are absolute paths, URIs, or paths
-relative to the manifest's own folder (or S3 prefix).  Reading streams: one line (text, CSV) or one
-8192-row batch (Parquet) at a time, whatever the manifest's size.
+relative to the manifest's own folder (or S3 prefix).  Reading streams: one line (text, CSV, TSV) or one
+8192-row batch (Parquet) at a time, whatever the manifest's size.  A TSV is a CSV with tabs between the
+fields: the same header row, the same column rules.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from jobs.discover import VideoRef, make_video_id
 from pipeline.errors import ConfigError
 
 URI_COLUMNS = ("uri", "path", "video", "url", "file")
+# the field separator of each delimited (header row + one entry a line) manifest type
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+MANIFEST_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet")
 _BATCH_ROWS = 8192
 
 
@@ -107,8 +111,9 @@ def _parquet_column(names: list[str], manifest: str) -> str:
 
 def _suffix(manifest: str) -> str:
     suffix = PurePosixPath(manifest.split("://", 1)[-1]).suffix.lower()
-    if suffix not in (".txt", ".csv", ".parquet"):
-        raise ConfigError(f"manifest {manifest}: unknown manifest type {suffix!r}; use .txt, .csv or .parquet")
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ConfigError(f"manifest {manifest}: unknown manifest type {suffix!r}; use "
+                          f"{', '.join(MANIFEST_SUFFIXES[:-1])} or {MANIFEST_SUFFIXES[-1]}")
     return suffix
 
 
@@ -117,8 +122,8 @@ def check_manifest(manifest: str | Path) -> None:
     name = _name(manifest)
     suffix = _suffix(name)
     with _open_binary(name) as binary:
-        if suffix == ".csv":
-            _csv_column(next(csv.reader(_text(binary)), None), name)
+        if suffix in DELIMITERS:
+            _csv_column(next(csv.reader(_text(binary), delimiter=DELIMITERS[suffix]), None), name)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -139,8 +144,8 @@ def read_manifest(manifest: str | Path) -> Iterator[VideoRef]:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     yield _ref(line, base)
-        elif suffix == ".csv":
-            reader = csv.reader(_text(binary))
+        elif suffix in DELIMITERS:
+            reader = csv.reader(_text(binary), delimiter=DELIMITERS[suffix])
             header = next(reader, None)
             col = _csv_column(header, name)
             if header is None or col is None:
