@@ -12,7 +12,9 @@ The labelling rule (:func:`segment_targets`): a segment ``[a, b)`` takes an anno
 annotation covers at least half of it (``overlap >= (b - a) / 2``).  A segment that no annotation covers
 that much gets ``background`` (as in AVE) or, with ``unlabeled="ignore"``, no target (it is left out of
 training and evaluation).  In ``multiclass`` mode overlapping annotations of one video with different labels
-are an error; in ``multilabel`` mode every label that covers half a segment is active on it.
+are an error; in ``multilabel`` mode every label that covers half a segment is active on it.  A multilabel
+vocabulary without ``background`` (a bundle trained on annotations that cover every segment) gives such a
+segment no active label: that is how a multilabel head says "none of these".
 """
 
 from __future__ import annotations
@@ -194,7 +196,9 @@ def read_annotations(
     Args:
         videos: the folder that relative ``video`` entries (and AVE video ids) are relative to.
         labels: a fixed vocabulary (evaluation: the bundle's labels); an annotation with another label is an
-            error.  None: the sorted labels found, plus ``background`` unless ``unlabeled="ignore"``.
+            error, and so is a multiclass vocabulary without ``background`` unless ``unlabeled="ignore"``.
+            None: the sorted labels found, plus ``background`` unless ``unlabeled="ignore"`` (``train`` drops
+            it again for multilabel annotations that leave no segment uncovered).
     """
     if task not in ("multiclass", "multilabel"):
         raise ConfigError(f"unknown task {task!r}; choose one of: multiclass, multilabel")
@@ -241,7 +245,8 @@ def read_annotations(
         if unlabeled == "background" and BACKGROUND not in found:
             found.append(BACKGROUND)
         labels = found
-    elif unlabeled == "background" and BACKGROUND not in labels:
+    elif unlabeled == "background" and BACKGROUND not in labels and task == "multiclass":
+        # multilabel needs no such label: a segment no annotation covers is one with no label active
         raise ConfigError(f"the model has no {BACKGROUND!r} label, so unannotated segments cannot be scored; "
                           f"pass --unlabeled ignore")
     splits = _ave_splits(path, root) if ave else {}
@@ -290,8 +295,9 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
             target[~any_active] = bg
         return target
     multi = active.astype(np.float32)
-    if unlabeled == "background" and bg is not None:
-        multi[~any_active, bg] = 1.0
-    else:
+    if unlabeled == "ignore":
         multi[~any_active] = -1.0
+    elif bg is not None:
+        multi[~any_active, bg] = 1.0
+    # else: a vocabulary without background; the row stays all 0, no label active
     return multi

@@ -444,14 +444,31 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if not train_v:
         raise ConfigError("no training videos left (all failed to decode, or the split left none)")
 
-    def targets_of(v: AnnotatedVideo) -> np.ndarray:
+    def targets_of(v: AnnotatedVideo, names: list[str]) -> np.ndarray:
         f = fres.features[v.uri]
-        return segment_targets(v, f.start_s, f.end_s, labels, task=spec.task, unlabeled=spec.unlabeled)
+        return segment_targets(v, f.start_s, f.end_s, names, task=spec.task, unlabeled=spec.unlabeled)
+
+    train_t = [targets_of(v, labels) for v in train_v]
+    val_t = [targets_of(v, labels) for v in val_v]
+    # ``background`` added by read_annotations for the segments no annotation covers, not named by the file
+    implicit_bg = spec.unlabeled == "background" and BACKGROUND in labels and not any(
+        a.label == BACKGROUND for v in ann.videos for a in v.annotations)
+    if implicit_bg and spec.task == "multilabel" and _label_segments(train_t + val_t, labels.index(BACKGROUND)) == 0:
+        # Every segment has a label, so background would be an output no segment ever has.  A multilabel head
+        # says "nothing here" with no label active, so it needs none (eval scores such segments that way).
+        labels = [name for name in labels if name != BACKGROUND]
+        say(f"every segment of the annotated videos is annotated: no {BACKGROUND!r} label; labels "
+            f"{', '.join(labels)}")
+        if len(labels) < 2:
+            raise ConfigError(f"annotations {spec.annotations}: need at least 2 labels to train, found {labels} "
+                              f"(every segment is annotated, so there is no {BACKGROUND!r} either)")
+        train_t = [targets_of(v, labels) for v in train_v]
+        val_t = [targets_of(v, labels) for v in val_v]
 
     train_feats = [fres.features[v.uri] for v in train_v]
     norm = _Norm.fit(train_feats)
-    train_data = [norm.apply(fres.features[v.uri], targets_of(v)) for v in train_v]
-    val_data = [norm.apply(fres.features[v.uri], targets_of(v)) for v in val_v]
+    train_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(train_v, train_t, strict=True)]
+    val_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(val_v, val_t, strict=True)]
 
     class_weight = None
     counts: dict[str, int] = {}
@@ -469,9 +486,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         all_t = np.concatenate([d.target.numpy() for d in train_data])
         all_t = all_t[(all_t >= 0).all(axis=1)]
         counts = {name: int(c) for name, c in zip(labels, all_t.sum(axis=0), strict=True)}
-    missing = [name for name, c in counts.items() if c == 0 and name != BACKGROUND]
+    missing = [name for name, c in counts.items() if c == 0 and not (implicit_bg and name == BACKGROUND)]
     if missing:
         say(f"warning: no training segment has the labels {missing}; the model cannot learn them")
+    if implicit_bg and counts.get(BACKGROUND) == 0:
+        say(f"warning: the label {BACKGROUND!r} (for segments no annotation covers) has 0 training segments: every "
+            f"segment of the training videos is annotated, so the model cannot learn it; pass --unlabeled ignore "
+            f"to train without it")
 
     audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
     head_spec = HeadSpec(fusion=spec.fusion, image_dim=IMAGE_ENCODER_DIMS[image.name], audio_dim=audio_dim,
@@ -479,9 +500,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                          window_segments=spec.window_segments, context_segments=spec.context_segments,
                          dropout=spec.dropout, seed=spec.seed, task=spec.task)
     device = _pick_device(spec.device)
-    n_train_seg = sum(d.n for d in train_data)
-    say(f"training on {device.type}: {len(train_data)} train videos ({n_train_seg} segments), {len(val_data)} "
-        f"validation videos ({sum(d.n for d in val_data)} segments); fusion {spec.fusion}, up to {spec.epochs} epochs")
+    # the segments training and validation score: with --unlabeled ignore, not the ones no annotation covers
+    n_train_seg, n_val_seg = (sum(_scored(d.target) for d in data) for data in (train_data, val_data))
+    left_out = {"train": sum(d.n for d in train_data) - n_train_seg, "val": sum(d.n for d in val_data) - n_val_seg}
+    train_text, val_text = _segments_text(n_train_seg, left_out["train"]), _segments_text(n_val_seg, left_out["val"])
+    say(f"training on {device.type}: {len(train_data)} train videos ({train_text}), {len(val_data)} validation "
+        f"videos ({val_text}); fusion {spec.fusion}, up to {spec.epochs} epochs")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -535,7 +559,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         "train_videos": len(train_data),
         "train_segments": n_train_seg,
         "val_videos": len(val_data),
-        "val_segments": int(sum(d.n for d in val_data)),
+        "val_segments": n_val_seg,
+        "unlabeled_segments_left_out": left_out,
         "label_counts_train": counts,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
@@ -558,6 +583,24 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         + f"; {seconds:.0f} s)")
     return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
                        feature_cache_hits=fres.cache_hits, seconds=seconds)
+
+
+def _scored(target: torch.Tensor) -> int:
+    """How many segments of a target (multiclass ``[n]``, multilabel ``[n, L]``) have one (-1: none)."""
+    has = target >= 0
+    return int((has.all(dim=-1) if target.dim() == 2 else has).sum())
+
+
+def _label_segments(targets: list[np.ndarray], label: int) -> int:
+    """How many segments of these targets (multiclass ``[n]``, multilabel ``[n, L]``) have label ``label``."""
+    if not targets:
+        return 0
+    t = np.concatenate(targets)
+    return int((t == label).sum()) if t.ndim == 1 else int(((t >= 0).all(axis=1) & (t[:, label] > 0.5)).sum())
+
+
+def _segments_text(scored: int, left_out: int) -> str:
+    return f"{scored} segments" + (f", {left_out} unlabelled left out" if left_out else "")
 
 
 def _json_number(value: float) -> float | None:

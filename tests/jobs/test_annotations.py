@@ -89,6 +89,22 @@ def test_multilabel_targets_allow_overlap(tmp_path, videos):
     assert t[4].tolist() == [-1, -1, -1]
 
 
+def test_a_multilabel_vocabulary_without_background_scores_uncovered_segments_as_no_label(tmp_path, videos):
+    """What eval does with a multilabel bundle trained on annotations that covered every segment."""
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,2,music\na.mp4,1,3,speech\n")
+    s = read_annotations(ann, videos, task="multilabel", labels=["music", "speech"])
+    assert s.labels == ["music", "speech"] and s.unlabeled == "background"
+    start, end = _segments(4)
+    t = segment_targets(s.videos[0], start, end, s.labels, task="multilabel", unlabeled="background")
+    assert t.tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]  # [3, 4): nothing active, scored as such
+    t = segment_targets(s.videos[0], start, end, s.labels, task="multilabel", unlabeled="ignore")
+    assert t[3].tolist() == [-1, -1]
+    # multiclass has to pick a class for such a segment: without background it cannot be scored
+    with pytest.raises(ConfigError, match="no 'background' label.*--unlabeled ignore"):
+        read_annotations(_csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,2,music\n", "mc.csv"), videos,
+                         labels=["music", "speech"])
+
+
 def test_same_label_may_overlap_in_multiclass(tmp_path, videos):
     ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,4,music\na.mp4,1,3,music\na.mp4,4,5,x\n")
     assert len(read_annotations(ann, videos).videos[0].annotations) == 3

@@ -201,7 +201,8 @@ def test_cli_train_eval_and_run_with_the_bundle(corpus, trained, tmp_path, capsy
     assert (bundle_dir / "work" / "features").is_dir()  # the cache lives in the bundle's work dir
     bundle = ModelBundle.load(bundle_dir)
     assert bundle.head.task == "multilabel" and len(bundle.head.thresholds) == len(bundle.labels)
-    assert bundle.labels == ["blue", "red", "background"]
+    # the annotations cover every segment: a multilabel head gets no background label no segment has
+    assert bundle.labels == ["blue", "red"]
 
     # retraining into the same directory keeps (and hits) its feature cache, and keeps a README
     (bundle_dir / "README.md").write_text("my notes")
@@ -239,7 +240,7 @@ def test_multilabel_bundle_writes_active_labels(corpus, trained, tmp_path, ray_s
     spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "ml"), task="multilabel",
                      cache=str(cache), **{**SMALL, "epochs": 25})  # type: ignore[arg-type]
     result = train(spec, say=lambda _: None)
-    assert result.bundle.labels == ["blue", "clip", "red", "background"]
+    assert result.bundle.labels == ["blue", "clip", "red"]  # every segment annotated: no background
 
     out = tmp_path / "run"
     clip = sorted(videos.glob("visual_test_*.mp4"))[0]
