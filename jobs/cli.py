@@ -244,8 +244,14 @@ def _stop_on_sigterm() -> None:
     import signal
     import threading
 
+    stopping: list[int] = []
+
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        # once: a process group's SIGTERM can come twice (directly and through the supervisor), and a
+        # second KeyboardInterrupt would break off the stop that commits the finished videos
+        if not stopping:
+            stopping.append(signum)
+            raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
@@ -380,9 +386,19 @@ def entry() -> None:
 
     By the end of a command every file it wrote is closed; what is left is Ray's processes (stopped
     here) and the teardown of an interpreter holding torch, Ray and Ray Data, which took 1.0 s of a
-    10-s ``vidpipe run`` on the sample clip (2-core machine).  Errors that escape ``main`` take the
-    normal way out, traceback included.
+    10-s ``vidpipe run`` on the sample clip (2-core machine).  ``vidpipe run`` runs in a child process
+    watched by this one (:mod:`jobs.supervise`), which explains an end that Ray or the kernel forces.
+    Elsewhere errors that escape ``main`` take the normal way out, traceback included.
     """
+    from jobs import supervise
+
+    argv = sys.argv[1:]
+    if supervise.wanted(argv):
+        os._exit(supervise.supervise(argv, _command))
+    os._exit(_command())
+
+
+def _command() -> int:
     code = main()
     if "ray" in sys.modules:
         from jobs.runner import shutdown_ray
@@ -394,7 +410,7 @@ def entry() -> None:
             stream.flush()
         except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
             pass
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

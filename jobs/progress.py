@@ -51,6 +51,12 @@ def process_start(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
+def _supervisor() -> int | None:
+    from jobs import supervise
+
+    return supervise.SUPERVISOR_PID
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -111,6 +117,10 @@ class RunStatus:
     # a pid reused later); None where /proc does not say
     pid_ns: int | None = field(default_factory=lambda: pid_namespace())
     pid_started: int | None = field(default_factory=lambda: process_start(os.getpid()))
+    # ``vidpipe run``'s own process when the run is its supervised child (see jobs.supervise): killing it
+    # ends the run too
+    supervisor_pid: int | None = field(default_factory=lambda: _supervisor())
+    supervisor_started: int | None = field(default_factory=lambda: process_start(_supervisor() or -1))
     inputs_total: int | None = None  # every video the inputs name (finished ones included), once counted
     discovered: int = 0  # videos handed out by discovery so far
     skipped: int = 0  # of those, finished by an earlier run

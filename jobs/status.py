@@ -32,6 +32,7 @@ class JobStatus:
     video_seconds_per_s: float | None
     eta_s: float | None
     ray_job: dict[str, Any] | None = None
+    message: str = ""  # why the last run failed or stopped, as it recorded it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +67,7 @@ def read_status(out_uri: str) -> JobStatus:
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
                      videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") or None,
-                     eta_s=eta)
+                     eta_s=eta, message=str(progress.get("message") or ""))
 
 
 def _gone(progress: dict[str, Any]) -> bool:
@@ -80,12 +81,15 @@ def _gone(progress: dict[str, Any]) -> bool:
 
     from jobs.progress import pid_namespace, process_start
 
-    pid, ns, started = progress.get("pid"), progress.get("pid_ns"), progress.get("pid_started")
-    if progress.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+    ns = progress.get("pid_ns")
+    if progress.get("host") != socket.gethostname() or ns is None or ns != pid_namespace():
         return False
-    if ns is None or started is None or ns != pid_namespace():
-        return False
-    return process_start(pid) != started
+    for pid, started in ((progress.get("pid"), progress.get("pid_started")),
+                         (progress.get("supervisor_pid"), progress.get("supervisor_started"))):
+        # the driver, or the 'vidpipe run' process it runs under (its end kills the driver)
+        if isinstance(pid, int) and pid > 0 and started is not None and process_start(pid) != started:
+            return True
+    return False
 
 
 def ray_job_info(address: str, job_id: str) -> dict[str, Any]:
@@ -116,6 +120,8 @@ def format_status(s: JobStatus) -> str:
     run = s.run_state or "no run recorded"
     if s.run_state == "dead":
         run = "stopped without finishing (driver killed?); rerun the same command to resume"
+    if s.run_state == "failed" and s.message:
+        run = f"{run} ({s.message})"
     lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))
     if s.video_seconds_per_s is not None:
         which = "rate" if s.run_state == "running" else "rate of the last run"

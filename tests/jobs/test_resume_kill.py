@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
 from jobs.output import OutputDir
@@ -33,6 +35,13 @@ pytestmark = pytest.mark.slow
 def _commits(out) -> int:  # noqa: ANN001
     d = out / "_job" / "commits"
     return len(list(d.glob("*.json"))) if d.is_dir() else 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_archive, baseline, tmp_path,
@@ -62,8 +71,16 @@ def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_arc
         killed_at.append(_commits(out))
         # a reader between crashes sees whole videos only, never one twice
         assert duplicate_keys(out) == 0
-        # status knows at once that the run is over (same host: its pid is gone), not after the heartbeat ages
-        assert read_status(str(out)).run_state == "dead"
+        # status knows at once that the run is over, not after the heartbeat ages
+        status = read_status(str(out))
+        if crash_at:  # the driver itself was killed: 'vidpipe run' (its supervisor) said so and recorded it
+            assert status.run_state == "failed" and "killed by SIGKILL" in status.message, status
+            assert "killed by SIGKILL" in (proc.stderr.read() if proc.stderr else ""), status
+        else:  # 'vidpipe run' was killed, its driver with it: nothing recorded, but its pid is gone
+            assert status.run_state == "dead", status
+            driver = json.loads((out / "_job" / "progress.json").read_text())["pid"]
+            assert driver != proc.pid  # the driver is the supervised child ...
+            wait_for(lambda: not _running(driver), 30, "the driver to end with 'vidpipe run'")  # noqa: B023
     assert killed_at[0] >= 1
     by_key = {(r["video_id"], r["segment_index"]): r for r in baseline}
     assert all(by_key[(r["video_id"], r["segment_index"])] == r for r in segment_rows(out))

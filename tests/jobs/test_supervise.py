@@ -1,0 +1,180 @@
+"""``vidpipe run`` watches its driver (jobs.supervise): an end forced by Ray or the kernel is explained,
+recorded in progress.json, and loses nothing committed; signals still stop the run as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs.status import format_status, read_status
+from tests.jobs.clusters import LocalCluster
+from tests.jobs.conftest import (
+    RUN_FLAGS,
+    VIDPIPE,
+    duplicate_keys,
+    run_vidpipe,
+    segment_rows,
+    vidpipe_env,
+    wait_for,
+)
+
+# A stand-in driver: each MODE does what a real driver can do to its process.  It records itself in
+# OUT/_job/progress.json as a run does, then touches OUT/ready.
+_DRIVER = """
+import json, os, signal, sys, time
+from jobs import supervise
+
+out, mode = sys.argv[1], sys.argv[2]
+
+def command():
+    if mode == "ok":
+        print("the driver's own output")
+        return 3
+    os.makedirs(out + "/_job", exist_ok=True)
+    pid = os.getpid() if mode != "other-run" else 1
+    with open(out + "/_job/progress.json", "w") as f:
+        json.dump({"state": "running", "pid": pid, "run_id": "r1", "heartbeat": time.time()}, f)
+    if mode in ("exit", "other-run"):
+        os._exit(1)  # as Ray's core worker leaves when it loses the cluster
+    if mode == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    open(out + "/ready", "w").close()
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        print("stopped cleanly", flush=True)
+        return 130
+    return 0
+
+sys.exit(supervise.supervise(["run", "in.mp4", "--out", out], command))
+"""
+
+
+def _driver(out: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, str(out), mode], cwd=Path(__file__).parents[2],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _progress(out: Path) -> dict:
+    return json.loads((out / "_job" / "progress.json").read_text())
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_driver_that_returns_passes_its_status_and_output_through(tmp_path):
+    p = _driver(tmp_path / "o", "ok")
+    stdout, stderr = p.communicate(timeout=60)
+    assert (p.returncode, stdout, stderr) == (3, "the driver's own output\n", "")
+
+
+def test_a_driver_that_ray_exits_is_explained_and_recorded_as_failed(tmp_path):
+    out = tmp_path / "o"
+    p = _driver(out, "exit")
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "the run ended abruptly with exit status 1" in stderr and "loses the Ray cluster" in stderr, stderr
+    assert "committed before are kept; rerun the same command" in stderr
+    progress = _progress(out)
+    assert progress["state"] == "failed" and "loses the Ray cluster" in progress["message"]
+
+
+def test_a_driver_killed_by_sigkill_is_explained_and_its_supervisor_dies_the_same_way(tmp_path):
+    out = tmp_path / "o"
+    p = _driver(out, "sigkill")
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL  # callers see what they saw without the supervisor
+    assert "the run was killed by SIGKILL" in stderr and "out-of-memory killer" in stderr, stderr
+    assert _progress(out)["state"] == "failed" and "SIGKILL" in _progress(out)["message"]
+
+
+def test_another_runs_progress_is_left_alone(tmp_path):
+    out = tmp_path / "o"
+    p = _driver(out, "other-run")  # progress.json names another pid: a later run's, not this driver's
+    p.communicate(timeout=60)
+    assert p.returncode == 1 and _progress(out)["state"] == "running"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to vidpipe", "Ctrl-C to the process group"])
+def test_signals_stop_the_driver_as_before(tmp_path, how):
+    out = tmp_path / "o"
+    p = _driver(out, "wait")
+    wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+    if how == "SIGTERM to vidpipe":
+        p.send_signal(signal.SIGTERM)  # passed on to the driver
+    else:
+        os.killpg(p.pid, signal.SIGINT)  # reaches both; the supervisor ignores it
+    stdout, stderr = p.communicate(timeout=60)
+    assert (p.returncode, stdout, stderr) == (130, "stopped cleanly\n", "")
+
+
+def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
+    out = tmp_path / "o"
+    p = _driver(out, "wait")
+    wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+    driver = _progress(out)["pid"]
+    assert driver != p.pid and _running(driver)
+    p.kill()
+    p.communicate(timeout=60)
+    wait_for(lambda: not _running(driver), 30, "the driver to end with its supervisor")
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, tmp_path):
+    """The head node stops mid-job: Ray ends the driver (status 1, no Python runs); 'vidpipe run' says
+    why, status reports the run failed with that reason, the committed videos stay, and a rerun on the
+    local machine finishes the job without redoing them."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(10):  # ten minutes of video: still running when the cluster goes (copies: links count once)
+        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    out = tmp_path / "o"
+    root = Path(tempfile.mkdtemp(prefix="vpl-", dir="/tmp"))  # short: Ray's socket paths are limited
+    cluster = LocalCluster(root, head_cpus=2)
+    try:
+        cluster.start()
+        args = ["run", str(inputs), "--out", str(out), *RUN_FLAGS, "--commit-seconds", "0.3"]
+        proc = subprocess.Popen([str(VIDPIPE), *args, "--address", cluster.address], env=cluster.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            commits = out / "_job" / "commits"
+            wait_for(lambda: (commits.is_dir() and any(commits.glob("*.json"))) or proc.poll() is not None, 300,
+                     "a first committed video")
+            assert proc.poll() is None
+            cluster.stop()
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert proc.returncode == 1, stdout + stderr[-3000:]
+    assert "vidpipe run: error: the run ended abruptly" in stderr and "loses the Ray cluster" in stderr, stderr[-3000:]
+    status = read_status(str(out))
+    assert status.run_state == "failed" and "loses the Ray cluster" in status.message
+    assert "failed (the run ended abruptly" in format_status(status)
+    kept = {r["video_id"] for r in segment_rows(out)}
+    assert 1 <= status.done < 10 and len(kept) == status.done and duplicate_keys(out) == 0
+
+    again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{10 - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
+    assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
