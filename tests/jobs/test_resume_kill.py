@@ -10,7 +10,6 @@ import subprocess
 import threading
 import time
 
-import psutil
 import pytest
 
 from jobs.output import OutputDir
@@ -23,6 +22,7 @@ from tests.jobs.conftest import (
     RUN_FLAGS,
     VIDPIPE,
     duplicate_keys,
+    process_running,
     run_vidpipe,
     segment_rows,
     vidpipe_env,
@@ -35,13 +35,6 @@ pytestmark = pytest.mark.slow
 def _commits(out) -> int:  # noqa: ANN001
     d = out / "_job" / "commits"
     return len(list(d.glob("*.json"))) if d.is_dir() else 0
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_archive, baseline, tmp_path,
@@ -80,7 +73,7 @@ def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_arc
             assert status.run_state == "dead", status
             driver = json.loads((out / "_job" / "progress.json").read_text())["pid"]
             assert driver != proc.pid  # the driver is the supervised child ...
-            wait_for(lambda: not _running(driver), 30, "the driver to end with 'vidpipe run'")  # noqa: B023
+            wait_for(lambda: not process_running(driver), 30, "the driver to end with 'vidpipe run'")  # noqa: B023
     assert killed_at[0] >= 1
     by_key = {(r["video_id"], r["segment_index"]): r for r in baseline}
     assert all(by_key[(r["video_id"], r["segment_index"])] == r for r in segment_rows(out))

@@ -12,7 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 from jobs.status import format_status, read_status
@@ -21,6 +20,7 @@ from tests.jobs.conftest import (
     RUN_FLAGS,
     VIDPIPE,
     duplicate_keys,
+    process_running,
     run_vidpipe,
     segment_rows,
     vidpipe_env,
@@ -69,13 +69,6 @@ def _driver(out: Path, mode: str) -> subprocess.Popen:
 
 def _progress(out: Path) -> dict:
     return json.loads((out / "_job" / "progress.json").read_text())
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_driver_that_returns_passes_its_status_and_output_through(tmp_path):
@@ -129,10 +122,10 @@ def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
     p = _driver(out, "wait")
     wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
     driver = _progress(out)["pid"]
-    assert driver != p.pid and _running(driver)
+    assert driver != p.pid and process_running(driver)
     p.kill()
     p.communicate(timeout=60)
-    wait_for(lambda: not _running(driver), 30, "the driver to end with its supervisor")
+    wait_for(lambda: not process_running(driver), 30, "the driver to end with its supervisor")
 
 
 @pytest.mark.slow
