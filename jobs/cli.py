@@ -216,7 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    decode_device=args.decode_device, precision=args.precision,
                    video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
                    commit_seconds=args.commit_seconds)
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         result = JobRunner(spec).run()
     except OSError as exc:  # the output's storage gone mid-run (an S3 endpoint, a network file system)
@@ -239,22 +239,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
     # 'ray job stop', a scheduler or systemd send SIGTERM: stop like Ctrl-C, committing finished videos
     import signal
     import threading
+    import time
 
-    stopping: list[int] = []
+    stops: list[float] = []
 
     def stop(signum: int, frame: object) -> None:
-        # once: a process group's SIGTERM can come twice (directly and through the supervisor), and a
-        # second KeyboardInterrupt would break off the stop that commits the finished videos
-        if not stopping:
-            stopping.append(signum)
-            raise KeyboardInterrupt
+        # A process group's signal can come twice (directly and through the supervisor, jobs.supervise),
+        # and a second KeyboardInterrupt would break off the stop that commits the finished videos: SIGTERM
+        # stops once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks.
+        now = time.monotonic()
+        if stops and (signum == signal.SIGTERM or now - stops[0] < 1.0):
+            return
+        stops.append(now)
+        raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -388,7 +393,7 @@ def entry() -> None:
     here) and the teardown of an interpreter holding torch, Ray and Ray Data, which took 1.0 s of a
     10-s ``vidpipe run`` on the sample clip (2-core machine).  ``vidpipe run`` runs in a child process
     watched by this one (:mod:`jobs.supervise`), which explains an end that Ray or the kernel forces.
-    Elsewhere errors that escape ``main`` take the normal way out, traceback included.
+    An error that escapes ``main`` stops Ray and prints its traceback (status 1).
     """
     from jobs import supervise
 
@@ -399,18 +404,19 @@ def entry() -> None:
 
 
 def _command() -> int:
-    code = main()
-    if "ray" in sys.modules:
-        from jobs.runner import shutdown_ray
+    try:
+        return main()
+    finally:  # also after an error that escapes main (its traceback follows)
+        if "ray" in sys.modules:
+            from jobs.runner import shutdown_ray
 
-        shutdown_ray()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
-            pass
-    return code
+            shutdown_ray()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
+                pass
 
 
 if __name__ == "__main__":

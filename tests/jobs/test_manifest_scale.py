@@ -96,12 +96,13 @@ def end_to_end(manifest: Path, out: Path) -> dict:
 
 
 def _sample_rss(proc: subprocess.Popen, peak: list[int]) -> None:
+    """The peak RSS of the driver: 'vidpipe run' itself, or the child it runs the driver in (jobs.supervise)."""
     p = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            peak[0] = max(peak[0], p.memory_info().rss)
+            peak[0] = max([peak[0], p.memory_info().rss, *(c.memory_info().rss for c in p.children())])
         except psutil.Error:
-            return
+            pass
         time.sleep(0.2)
 
 

@@ -3,6 +3,7 @@ recorded in progress.json, and loses nothing committed; signals still stop the r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import termios
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,8 @@ from tests.jobs.conftest import (
 _DRIVER = """
 import json, os, signal, sys, time
 from jobs import supervise
+from jobs.cli import _stop_on_signals
+from jobs.progress import RunStatus
 
 out, mode = sys.argv[1], sys.argv[2]
 
@@ -40,24 +44,36 @@ def command():
         print("the driver's own output")
         return 3
     os.makedirs(out + "/_job", exist_ok=True)
-    pid = os.getpid() if mode != "other-run" else 1
+    status = RunStatus(run_id="r1").to_dict()
+    if mode == "other-run":
+        status["pid_started"] = 1  # the same pid, another process: a later run's
     with open(out + "/_job/progress.json", "w") as f:
-        json.dump({"state": "running", "pid": pid, "run_id": "r1", "heartbeat": time.time()}, f)
+        json.dump(status, f)
     if mode in ("exit", "other-run"):
         os._exit(1)  # as Ray's core worker leaves when it loses the cluster
     if mode == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    seen = []
+    if mode == "count":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
+    else:
+        _stop_on_signals()  # the run's own handlers
     open(out + "/ready", "w").close()
     try:
-        time.sleep(120)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (seen_at and time.time() > seen_at[0] + 1.5):
+            if seen and not seen_at:
+                seen_at.append(time.time())  # then wait for copies of the signal
+            time.sleep(0.05)
+        print(" ".join(seen), flush=True)
+        return 130
     except KeyboardInterrupt:
+        time.sleep(0.5)  # committing what is finished: a second stop signal must not break this off
         print("stopped cleanly", flush=True)
         return 130
-    return 0
 
+seen_at = []
 sys.exit(supervise.supervise(["run", "in.mp4", "--out", out], command))
 """
 
@@ -82,10 +98,10 @@ def test_a_driver_that_ray_exits_is_explained_and_recorded_as_failed(tmp_path):
     p = _driver(out, "exit")
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 1
-    assert "the run ended abruptly with exit status 1" in stderr and "loses the Ray cluster" in stderr, stderr
+    assert "the run ended abruptly with exit status 1" in stderr and "losing the Ray cluster" in stderr, stderr
     assert "committed before are kept; rerun the same command" in stderr
     progress = _progress(out)
-    assert progress["state"] == "failed" and "loses the Ray cluster" in progress["message"]
+    assert progress["state"] == "failed" and "losing the Ray cluster" in progress["message"]
 
 
 def test_a_driver_killed_by_sigkill_is_explained_and_its_supervisor_dies_the_same_way(tmp_path):
@@ -104,17 +120,64 @@ def test_another_runs_progress_is_left_alone(tmp_path):
     assert p.returncode == 1 and _progress(out)["state"] == "running"
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to vidpipe", "Ctrl-C to the process group"])
-def test_signals_stop_the_driver_as_before(tmp_path, how):
-    out = tmp_path / "o"
-    p = _driver(out, "wait")
-    wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
-    if how == "SIGTERM to vidpipe":
-        p.send_signal(signal.SIGTERM)  # passed on to the driver
+def _on_a_terminal(out: Path, mode: str) -> tuple[subprocess.Popen, int]:
+    """The stand-in driver as a session leader with a pseudo-terminal of its own; the terminal's master fd."""
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen([sys.executable, "-c", _DRIVER, str(out), mode], cwd=Path(__file__).parents[2],
+                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=controlling_terminal)
+    os.close(slave)
+    return p, master
+
+
+_STOPS = ["SIGTERM to vidpipe", "SIGINT to vidpipe", "SIGTERM to the process group", "SIGINT to the process group",
+          "Ctrl-C on its terminal"]
+
+
+def _stop(p: subprocess.Popen, master: int, how: str) -> None:
+    if how == "Ctrl-C on its terminal":
+        os.write(master, b"\x03")  # the kernel signals the terminal's foreground process group
+    elif how.endswith("to vidpipe"):
+        p.send_signal(signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
     else:
-        os.killpg(p.pid, signal.SIGINT)  # reaches both; the supervisor ignores it
-    stdout, stderr = p.communicate(timeout=60)
+        os.killpg(p.pid, signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
+
+
+@pytest.mark.parametrize("how", _STOPS)
+def test_signals_stop_the_driver_as_before(tmp_path, how):
+    """However the stop comes, the driver stops once and cleanly (its commit is not broken off by a copy
+    of the signal) and 'vidpipe run' exits 130 without a word of its own."""
+    out = tmp_path / "o"
+    p, master = _on_a_terminal(out, "wait")
+    try:
+        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+        _stop(p, master, how)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        os.close(master)
     assert (p.returncode, stdout, stderr) == (130, "stopped cleanly\n", "")
+
+
+@pytest.mark.parametrize(("how", "seen"), [("SIGINT to vidpipe", "SIGINT"), ("Ctrl-C on its terminal", "SIGINT"),
+                                           ("SIGTERM to vidpipe", "SIGTERM"),
+                                           ("SIGTERM to the process group", "SIGTERM SIGTERM")])
+def test_what_the_driver_receives(tmp_path, how, seen):
+    """A signal for vidpipe's pid is passed on; the terminal's Ctrl-C is not sent twice (the driver has it);
+    a process group's SIGTERM comes twice (directly and passed on: the run's handler stops once)."""
+    out = tmp_path / "o"
+    p, master = _on_a_terminal(out, "count")
+    try:
+        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+        _stop(p, master, how)
+        stdout, _ = p.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert (p.returncode, stdout) == (130, seen + "\n")
 
 
 def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
@@ -160,10 +223,10 @@ def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, t
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     assert proc.returncode == 1, stdout + stderr[-3000:]
-    assert "vidpipe run: error: the run ended abruptly" in stderr and "loses the Ray cluster" in stderr, stderr[-3000:]
+    assert "vidpipe run: error: the run ended abruptly" in stderr and "losing the Ray cluster" in stderr, stderr[-3000:]
     status = read_status(str(out))
-    assert status.run_state == "failed" and "loses the Ray cluster" in status.message
-    assert "failed (the run ended abruptly" in format_status(status)
+    assert status.run_state == "failed" and "losing the Ray cluster" in status.message
+    assert "failed: the run ended abruptly" in format_status(status)
     kept = {r["video_id"] for r in segment_rows(out)}
     assert 1 <= status.done < 10 and len(kept) == status.done and duplicate_keys(out) == 0
 
