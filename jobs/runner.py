@@ -8,7 +8,7 @@ How a job over an archive runs (see also ``jobs/output.py`` for the commit proto
   videos are Python objects on the driver at a time.  A second thread counts the inputs (an
   independent pass) so that progress and ``vidpipe status`` know the total.
 - **One Ray Data execution per wave.**  Waves start at ``8 x`` the decode pool (so the first
-  results commit early) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
+  results commit early; a job of up to three such waves runs as one) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
   videos: the cost of starting a wave's actor pools (2.5 s to the first decoded chunk and 3.7 s to
   a ready model worker on a 2-core machine: Ray Data's start, imports, models) and of its tail (the
   last videos finishing while workers idle) stays a small fraction.  ``--wave-size`` fixes the size.
@@ -221,19 +221,27 @@ class WaveFeeder:
 
     def __init__(self, refs: Iterator[VideoRef], done: IdSet, failed: IdSet | None = None) -> None:
         self._refs = refs
+        self._back: deque[VideoRef] = deque()  # handed out, then given back (unread): they come first
+        self._end = False
         self.done = done
         self.failed = failed if failed is not None else IdSet()  # of ``done``, the failed ones
         self.discovered = 0
         self.skipped = 0
         self.skipped_failed = 0
-        self.exhausted = False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every video has been handed out (and none given back since)."""
+        return self._end and not self._back
 
     def next_wave(self, size: int) -> list[VideoRef]:
         wave: list[VideoRef] = []
-        while len(wave) < size and not self.exhausted:
+        while self._back and len(wave) < size:
+            wave.append(self._back.popleft())
+        while len(wave) < size and not self._end:
             ref = next(self._refs, None)
             if ref is None:
-                self.exhausted = True
+                self._end = True
                 break
             self.discovered += 1
             if ref.uri in self.done:
@@ -242,6 +250,16 @@ class WaveFeeder:
             else:
                 wave.append(ref)
         return wave
+
+    def at_end(self) -> bool:
+        """Whether no video is left to hand out (discovery is read one video ahead to know)."""
+        if not self._back and not self._end:
+            self._back.extend(self.next_wave(1))
+        return self.exhausted
+
+    def unread(self, refs: list[VideoRef]) -> None:
+        """Give back videos handed out but not run: the next wave starts with them."""
+        self._back.extendleft(reversed(refs))
 
 
 def _infrastructure_error(exc: BaseException) -> bool:
@@ -345,6 +363,15 @@ class JobRunner:
                 wave_size = max(16, 8 * plan.decode.pool_size)
                 if fresh and len(group) < wave_size and not feeder.exhausted:
                     group += feeder.next_wave(wave_size - len(group))
+                if fresh and not feeder.at_end():
+                    # a job of up to three first waves runs as one: a second wave would cost more in its
+                    # actor pools' start than the early first commit is worth (48 clips of 15 s on 2 cores:
+                    # 18.0-18.5 s in one wave, 21.7-22.8 s in two)
+                    more = feeder.next_wave(2 * wave_size)
+                    if feeder.at_end():
+                        group += more
+                    else:
+                        feeder.unread(more)
             status.wave_size = wave_size
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
             t0 = time.monotonic()

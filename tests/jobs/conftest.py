@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,8 @@ def baseline(small_archive, tmp_path_factory, ray_session) -> list[dict]:
                    chunk_seconds=16, progress=False)
     result = JobRunner(spec).run()
     assert result.videos_done == 20 and result.videos_failed == 0
+    # a job of up to three first waves (16 videos or more each) runs as one wave
+    assert json.loads((out / "_job" / "progress.json").read_text())["waves"] == 1
     return segment_rows(out)
 
 

@@ -46,6 +46,25 @@ def test_feeder_streams_waves_and_skips_by_uri(tmp_path):
     assert feeder.exhausted and (feeder.discovered, feeder.skipped) == (7, 2)
 
 
+def test_feeder_takes_back_videos_and_hands_them_out_first(tmp_path):
+    for i in range(7):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"x")
+    feeder = WaveFeeder(discover([str(tmp_path)]), IdSet())
+    first, peeked = feeder.next_wave(2), feeder.next_wave(10)
+    assert feeder.exhausted and len(peeked) == 5
+    feeder.unread(peeked[1:])  # the runner peeks ahead, keeps what it runs now, gives back the rest
+    assert not feeder.exhausted
+    assert feeder.next_wave(3) == peeked[1:4] and feeder.next_wave(3) == peeked[4:] and feeder.next_wave(3) == []
+    assert feeder.exhausted and feeder.discovered == 7 and len({r.uri for r in first + peeked}) == 7
+    # at_end looks one video ahead: a wave that takes exactly what is left knows it is the last
+    feeder = WaveFeeder(discover([str(tmp_path)]), IdSet([str(tmp_path / "v6.mp4")]))
+    wave = feeder.next_wave(6)
+    assert len(wave) == 6 and not feeder.exhausted and feeder.at_end() and feeder.next_wave(6) == []
+    feeder = WaveFeeder(discover([str(tmp_path)]), IdSet())
+    wave = feeder.next_wave(6)
+    assert not feeder.at_end() and feeder.next_wave(6) != [] and feeder.at_end()
+
+
 class _Writer:
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}
