@@ -221,9 +221,10 @@ def run_pipeline(inputs: list[str], bundle_args: dict[str, Any], cpus: int) -> d
         spec = JobSpec(inputs=inputs, out=out, progress=False, **{k: v for k, v in bundle_args.items()
                                                                    if k != "address"})
         with open(os.devnull, "w") as quiet:
-            result = JobRunner(spec, stream=quiet).run()
+            runner = JobRunner(spec, stream=quiet)
+            result = runner.run()
         res = ray.cluster_resources()
-        plan = plan_for(res.get("CPU", cpus), res.get("GPU", 0.0), device=spec.device)
+        plan = runner.plan or plan_for(res.get("CPU", cpus), res.get("GPU", 0.0), device=spec.device)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     pools = {"decode": plan.decode.pool_size, "image_encoder": plan.image.pool_size,

@@ -254,7 +254,7 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
     init_ray(address)
     _quiet_ray_data()
     resources = ray.cluster_resources()
-    plan = plan_for(resources.get("CPU", 1.0), resources.get("GPU", 0.0), device=device)
+    plan = plan_for(resources.get("CPU", 1.0), resources.get("GPU", 0.0), device=device, videos=len(todo))
     # fp32 encoders: cached features are the reference numbers, the same on every CPU
     stages: list[tuple[Stage, StagePlan]] = [
         (DecodeStage(spec.sampling, _FEATURE_CHUNKING, threads=plan.decode.threads or 0), plan.decode),

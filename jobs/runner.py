@@ -293,6 +293,7 @@ class JobRunner:
     def __init__(self, spec: JobSpec, *, stream: TextIO | None = None) -> None:
         self.spec = spec
         self.stream = stream or sys.stderr
+        self.plan: PipelinePlan | None = None  # the last wave's (bench reports its pool sizes)
 
     def run(self) -> JobResult:
         spec = self.spec
@@ -372,6 +373,7 @@ class JobRunner:
                         group += more
                     else:
                         feeder.unread(more)
+            plan = self.plan = self._plan(videos=len(group))  # how the decoders split the cores depends on it
             status.wave_size = wave_size
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
             t0 = time.monotonic()
@@ -449,12 +451,12 @@ class JobRunner:
         retry.appendleft(lost[:half])
 
     # -- Ray Data --------------------------------------------------------------------------------------
-    def _plan(self) -> PipelinePlan:
+    def _plan(self, videos: int | None = None) -> PipelinePlan:
         import ray
 
         nodes = [(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
                  for n in ray.nodes() if n.get("Alive")]
-        return plan_for_cluster(nodes, device=self.spec.device)
+        return plan_for_cluster(nodes, device=self.spec.device, videos=videos)
 
     def _dataset(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef]) -> Any:
         import ray.data

@@ -114,6 +114,19 @@ def test_cpu_plan_gives_the_decoders_every_core_and_the_models_their_share(cpus)
     assert plan.models is not None and plan.models.threads <= max(1, round(plan.models.resources.num_cpus))
     gpu = plan_for(float(cpus), 1.0)
     assert gpu.decode.threads == 1  # on a GPU node every core already has its own decoder
+    # a wave of many videos: one decoder per core, one thread each, still half the cores in Ray's accounting
+    many = plan_for(float(cpus), 0.0, videos=4 * cpus)
+    assert (many.decode.pool_size, many.decode.threads) == (cpus, 1)
+    assert many.decode.resources.num_cpus * many.decode.pool_size == pytest.approx(cpus / 2)
+    assert many.models == plan.models
+    assert plan_for(float(cpus), 0.0, videos=4 * cpus - 1) == plan  # fewer: frame threads, as without a count
+    assert plan_for(float(cpus), 1.0, videos=1000) == gpu
+
+
+def test_cluster_plan_counts_the_waves_videos_per_node():
+    two = plan_for_cluster([(2.0, 0.0)] * 2, videos=16)  # 8 per 2-core node: one thread per decoder
+    assert (two.decode.pool_size, two.decode.threads) == (4, 1)
+    assert plan_for_cluster([(2.0, 0.0)] * 2, videos=15).decode.threads == 2
 
 
 def test_submit_builds_the_run_command_with_absolute_paths(tmp_path, monkeypatch):
