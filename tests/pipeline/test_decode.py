@@ -595,6 +595,26 @@ def test_a_few_corrupt_packets_are_tolerated_many_fail(media_dir: Path, tmp_path
     assert "corrupt packets" in err.message
 
 
+@needs_media
+@pytest.mark.parametrize("name", [p.values[0] for p in SHARED],
+                         ids=["bbb_5s_51", "bikes_noaudio", "bbb_clip_720p"])
+def test_frame_threads_change_nothing_in_the_output(name) -> None:
+    """A wave's plan decodes with one thread or two FFmpeg frame threads (jobs/plan.py): the same chunks,
+    byte for byte (only the count of frames decoded before the decoder's first output may differ)."""
+    chunking = ChunkingSpec(core_segments=16, context_segments=2)
+    one, two = (list(VideoDecoder(SamplingSpec(), chunking, threads=t).chunks(MEDIA / name)) for t in (1, 2))
+    assert len(one) == len(two)
+    for a, b in zip(one, two, strict=True):
+        for field in ("frames", "frame_pts_s", "audio", "audio_valid_samples", "start_s", "end_s"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert (a.chunk_index, a.first_segment, a.core_start, a.core_end, a.is_last, a.has_audio) == \
+            (b.chunk_index, b.first_segment, b.core_start, b.core_end, b.is_last, b.has_audio)
+    info_one, info_two = (dict(c[-1].info.to_dict()) for c in (one, two))
+    for counts in (info_one, info_two):
+        counts.pop("n_frames_decoded"), counts.pop("n_frames_skipped")
+    assert info_one == info_two
+
+
 # --- configuration -----------------------------------------------------------------------------------
 
 
