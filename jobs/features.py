@@ -242,7 +242,7 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
     import ray
     import ray.data
 
-    from jobs.plan import plan_for
+    from jobs.plan import cluster_nodes, plan_for_cluster
     from jobs.runner import _quiet_ray_data, init_ray
     from pipeline.image_encoder import IMAGE_ENCODER_DIMS
     from workers.decode_stage import DecodeStage
@@ -253,8 +253,8 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
 
     init_ray(address)
     _quiet_ray_data()
-    resources = ray.cluster_resources()
-    plan = plan_for(resources.get("CPU", 1.0), resources.get("GPU", 0.0), device=device, videos=len(todo))
+    # sized per node like `vidpipe run`'s waves: a plan from the cluster's total could ask for actors no node fits
+    plan = plan_for_cluster(cluster_nodes(), device=device, videos=len(todo))
     # fp32 encoders: cached features are the reference numbers, the same on every CPU
     stages: list[tuple[Stage, StagePlan]] = [
         (DecodeStage(spec.sampling, _FEATURE_CHUNKING, threads=plan.decode.threads or 0), plan.decode),

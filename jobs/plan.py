@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from workers.stage import PipelinePlan, Resources, StagePlan
 
 # CPU only: a wave with at least this many videos per core decodes them one thread per video, one
 # decoder per core; with fewer (one long film), FFmpeg's frame threads split each video over two cores.
 VIDEOS_PER_CORE_FOR_ONE_THREAD = 4
+# ... where the node has this much of Ray's memory per core: a decode worker and its decoder process
+# peak at ~430-530 MiB here, and one decoder per core doubles their number
+MEMORY_PER_CORE_FOR_ONE_THREAD = 1 << 30
+
+Node = tuple[float, float, float]  # an alive node's CPUs, GPUs and Ray memory (bytes)
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected Ray cluster: (CPUs, GPUs, memory bytes) each."""
+    import ray
+
+    return [(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)),
+             float(n["Resources"].get("memory", 0.0))) for n in ray.nodes() if n.get("Alive")]
 
 
 def plan_for(cpus: float, gpus: float, *, device: str = "auto", videos: int | None = None) -> PipelinePlan:
@@ -68,26 +81,31 @@ def plan_for(cpus: float, gpus: float, *, device: str = "auto", videos: int | No
     )
 
 
-def plan_for_cluster(nodes: list[tuple[float, float]], *, device: str = "auto", videos: int | None = None
+def plan_for_cluster(nodes: Sequence[tuple[float, ...]], *, device: str = "auto", videos: int | None = None
                      ) -> PipelinePlan:
-    """A plan for a cluster of ``nodes`` (CPUs, GPUs of each alive node), where every actor fits on one node,
-    for a wave of ``videos`` videos (None: unknown).
+    """A plan for a cluster of ``nodes`` (CPUs, GPUs and optionally Ray memory of each alive node), where every
+    actor fits on one node, for a wave of ``videos`` videos (None: unknown).
 
     Sizing by the cluster's total alone can ask for actors larger than any node (1.5 CPUs on a cluster
     of 1-CPU nodes), which Ray never places: the job would wait forever.  Identical nodes get the
     single-node plan once per node; mixed nodes get the total's plan with each actor cut down to the
     smallest node (more actors, the same total).
     """
-    nodes = [(c, g) for c, g in nodes if c > 0]
-    if len(nodes) <= 1:
-        cpus, gpus = nodes[0] if nodes else (1.0, 0.0)
+    alive = [n for n in nodes if n[0] > 0]
+    if any(len(n) > 2 and n[2] < MEMORY_PER_CORE_FOR_ONE_THREAD * n[0] for n in alive):
+        videos = None  # too little memory for a decoder per core: frame threads
+    sizes = [(n[0], n[1]) for n in alive]
+    if len(sizes) <= 1:
+        cpus, gpus = sizes[0] if sizes else (1.0, 0.0)
         return plan_for(cpus, gpus, device=device, videos=videos)
-    if len(set(nodes)) == 1:
-        per_node = None if videos is None else videos // len(nodes)
-        base = plan_for(*nodes[0], device=device, videos=per_node)
-        return _map_stages(base, lambda sp: dataclasses.replace(sp, pool_size=sp.pool_size * len(nodes)))
-    base = plan_for(sum(c for c, _ in nodes), sum(g for _, g in nodes), device=device, videos=videos)
-    smallest = min(c for c, _ in nodes)
+    if len(set(sizes)) == 1:
+        per_node = None if videos is None else videos // len(sizes)
+        base = plan_for(*sizes[0], device=device, videos=per_node)
+        return _map_stages(base, lambda sp: dataclasses.replace(sp, pool_size=sp.pool_size * len(sizes)))
+    # mixed nodes: Ray Data spreads actors over the nodes, so small decoders everywhere could leave no node
+    # room for a model worker cut to the smallest node; they keep the frame-thread plan
+    base = plan_for(sum(c for c, _ in sizes), sum(g for _, g in sizes), device=device)
+    smallest = min(c for c, _ in sizes)
     return _map_stages(base, lambda sp: _cap(sp, smallest))
 
 

@@ -122,7 +122,7 @@ class RunStatus:
     supervisor_pid: int | None = field(default_factory=lambda: _supervisor())
     supervisor_started: int | None = field(default_factory=lambda: process_start(_supervisor() or -1))
     inputs_total: int | None = None  # every video the inputs name (finished ones included), once counted
-    discovered: int = 0  # videos handed out by discovery so far
+    discovered: int = 0  # videos read from discovery so far (a wave may read a few ahead)
     skipped: int = 0  # of those, finished by an earlier run
     done: int = 0  # finished by this run (committed or about to be)
     failed: int = 0

@@ -8,7 +8,8 @@ How a job over an archive runs (see also ``jobs/output.py`` for the commit proto
   videos are Python objects on the driver at a time.  A second thread counts the inputs (an
   independent pass) so that progress and ``vidpipe status`` know the total.
 - **One Ray Data execution per wave.**  Waves start at ``8 x`` the decode pool (so the first
-  results commit early; a job of up to three such waves runs as one) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
+  results commit early; at least 4 videos per core, see ``jobs/plan.py``; a job of up to three such
+  waves runs as one) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
   videos: the cost of starting a wave's actor pools (2.5 s to the first decoded chunk and 3.7 s to
   a ready model worker on a 2-core machine: Ray Data's start, imports, models) and of its tail (the
   last videos finishing while workers idle) stays a small fraction.  ``--wave-size`` fixes the size.
@@ -46,7 +47,7 @@ from jobs.discover import VideoRef, check_inputs, count_videos, discover
 from jobs.idset import IdSet
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
 from jobs.output import OutputDir, ResultWriter, new_run_id
-from jobs.plan import plan_for_cluster
+from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
 from pipeline.bundle import ModelBundle
@@ -293,7 +294,8 @@ class JobRunner:
     def __init__(self, spec: JobSpec, *, stream: TextIO | None = None) -> None:
         self.spec = spec
         self.stream = stream or sys.stderr
-        self.plan: PipelinePlan | None = None  # the last wave's (bench reports its pool sizes)
+        self.plan: PipelinePlan | None = None  # the largest wave's (bench reports its pool sizes)
+        self._plan_videos = 0
 
     def run(self) -> JobResult:
         spec = self.spec
@@ -359,9 +361,11 @@ class JobRunner:
                 init_ray(spec.address)
                 _quiet_ray_data()
                 ray_started = True
-            plan = self._plan()  # per wave: nodes come and go
+            nodes = cluster_nodes()  # per wave: nodes come and go
             if not wave_size:
-                wave_size = max(16, 8 * plan.decode.pool_size)
+                # enough videos for a decoder per core (jobs/plan.py) on every core count
+                wave_size = max(16, 8 * plan_for_cluster(nodes, device=spec.device).decode.pool_size,
+                                VIDEOS_PER_CORE_FOR_ONE_THREAD * int(sum(n[0] for n in nodes)))
                 if fresh and len(group) < wave_size and not feeder.exhausted:
                     group += feeder.next_wave(wave_size - len(group))
                 if fresh and not feeder.at_end():
@@ -373,8 +377,10 @@ class JobRunner:
                         group += more
                     else:
                         feeder.unread(more)
-            plan = self.plan = self._plan(videos=len(group))  # how the decoders split the cores depends on it
-            status.wave_size = wave_size
+            plan = plan_for_cluster(nodes, device=spec.device, videos=len(group))  # decoders split cores by it
+            if self.plan is None or len(group) >= self._plan_videos:
+                self.plan, self._plan_videos = plan, len(group)
+            status.wave_size = max(wave_size, len(group))
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
             t0 = time.monotonic()
             lost = self._run_group(bundle, plan, group, writer, status, feeder, progress)
@@ -451,13 +457,6 @@ class JobRunner:
         retry.appendleft(lost[:half])
 
     # -- Ray Data --------------------------------------------------------------------------------------
-    def _plan(self, videos: int | None = None) -> PipelinePlan:
-        import ray
-
-        nodes = [(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
-                 for n in ray.nodes() if n.get("Alive")]
-        return plan_for_cluster(nodes, device=self.spec.device, videos=videos)
-
     def _dataset(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef]) -> Any:
         import ray.data
 

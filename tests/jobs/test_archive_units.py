@@ -124,9 +124,16 @@ def test_cpu_plan_gives_the_decoders_every_core_and_the_models_their_share(cpus)
 
 
 def test_cluster_plan_counts_the_waves_videos_per_node():
-    two = plan_for_cluster([(2.0, 0.0)] * 2, videos=16)  # 8 per 2-core node: one thread per decoder
+    gib = float(1 << 30)
+    two = plan_for_cluster([(2.0, 0.0, 8 * gib)] * 2, videos=16)  # 8 per 2-core node: one thread per decoder
     assert (two.decode.pool_size, two.decode.threads) == (4, 1)
-    assert plan_for_cluster([(2.0, 0.0)] * 2, videos=15).decode.threads == 2
+    assert plan_for_cluster([(2.0, 0.0, 8 * gib)] * 2, videos=15).decode.threads == 2
+    # a node short of memory for a decoder per core keeps frame threads
+    assert plan_for_cluster([(2.0, 0.0, 1.5 * gib)], videos=100) == plan_for_cluster([(2.0, 0.0)])
+    # mixed nodes keep frame threads: one small decoder per core on every node could leave no node room
+    # for a model worker cut to the smallest node (Ray Data spreads actors over the nodes)
+    mixed = [(2.0, 0.0, 8 * gib), (3.0, 0.0, 8 * gib)]
+    assert plan_for_cluster(mixed, videos=1000) == plan_for_cluster(mixed)
 
 
 def test_submit_builds_the_run_command_with_absolute_paths(tmp_path, monkeypatch):
