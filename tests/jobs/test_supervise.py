@@ -139,28 +139,29 @@ _STOPS = ["SIGTERM to vidpipe", "SIGINT to vidpipe", "SIGTERM to the process gro
           "Ctrl-C on its terminal"]
 
 
-def _stop(p: subprocess.Popen, master: int, how: str) -> None:
-    if how == "Ctrl-C on its terminal":
-        os.write(master, b"\x03")  # the kernel signals the terminal's foreground process group
-    elif how.endswith("to vidpipe"):
-        p.send_signal(signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
-    else:
-        os.killpg(p.pid, signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
+def _stopped(out: Path, mode: str, how: str) -> tuple[int, str, str]:
+    """Start the stand-in driver on a terminal, stop it ``how``; its exit status, stdout and stderr."""
+    p, master = _on_a_terminal(out, mode)
+    try:
+        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+        stop = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+        if how == "Ctrl-C on its terminal":
+            os.write(master, b"\x03")  # the kernel signals the terminal's foreground process group
+        elif how.endswith("to vidpipe"):
+            p.send_signal(stop)
+        else:
+            os.killpg(p.pid, stop)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        os.close(master)
+    return p.returncode, stdout, stderr
 
 
 @pytest.mark.parametrize("how", _STOPS)
 def test_signals_stop_the_driver_as_before(tmp_path, how):
     """However the stop comes, the driver stops once and cleanly (its commit is not broken off by a copy
     of the signal) and 'vidpipe run' exits 130 without a word of its own."""
-    out = tmp_path / "o"
-    p, master = _on_a_terminal(out, "wait")
-    try:
-        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
-        _stop(p, master, how)
-        stdout, stderr = p.communicate(timeout=60)
-    finally:
-        os.close(master)
-    assert (p.returncode, stdout, stderr) == (130, "stopped cleanly\n", "")
+    assert _stopped(tmp_path / "o", "wait", how) == (130, "stopped cleanly\n", "")
 
 
 @pytest.mark.parametrize(("how", "seen"), [("SIGINT to vidpipe", "SIGINT"), ("Ctrl-C on its terminal", "SIGINT"),
@@ -169,15 +170,8 @@ def test_signals_stop_the_driver_as_before(tmp_path, how):
 def test_what_the_driver_receives(tmp_path, how, seen):
     """A signal for vidpipe's pid is passed on; the terminal's Ctrl-C is not sent twice (the driver has it);
     a process group's SIGTERM comes twice (directly and passed on: the run's handler stops once)."""
-    out = tmp_path / "o"
-    p, master = _on_a_terminal(out, "count")
-    try:
-        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
-        _stop(p, master, how)
-        stdout, _ = p.communicate(timeout=60)
-    finally:
-        os.close(master)
-    assert (p.returncode, stdout) == (130, seen + "\n")
+    code, stdout, _ = _stopped(tmp_path / "o", "count", how)
+    assert (code, stdout) == (130, seen + "\n")
 
 
 def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
