@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from jobs.spec import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from pipeline.errors import ConfigError
@@ -217,6 +219,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
                    commit_seconds=args.commit_seconds)
     _stop_on_signals()
+    _outlive_readers()
     try:
         result = JobRunner(spec).run()
     except OSError as exc:  # the output's storage gone mid-run (an S3 endpoint, a network file system)
@@ -237,6 +240,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{result.videos_failed_before} inputs failed in an earlier run and were not tried again; "
               "add --retry-failed to try them again", file=sys.stderr)
     return result.exit_code
+
+
+class _Outliving(io.TextIOBase):
+    """A text stream that outlives its reader: once the pipe is closed (``| head``), writes are dropped."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                self._inner.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self.closed_by_reader = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self._inner.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.closed_by_reader = True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._inner.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._inner.errors
+
+    def isatty(self) -> bool:
+        return self._inner.isatty()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+
+def _outlive_readers() -> None:
+    # A run must not fail because whoever read its progress went away (`vidpipe run ... 2>&1 | head`): the
+    # videos go on, the lines are dropped, the exit status is the run's.
+    sys.stdout = _Outliving(sys.stdout)  # type: ignore[assignment]
+    sys.stderr = _Outliving(sys.stderr)  # type: ignore[assignment]
 
 
 def _stop_on_signals() -> None:

@@ -94,14 +94,21 @@ def init_ray(address: str | None) -> None:
     # "failed"); the CLI's own handler stops like Ctrl-C, committing what is finished, so it is put back
     in_main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
-    if address:
-        _check_reachable(address)
-        ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
-                 configure_logging=False)
-    if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
-        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
+                     configure_logging=False)
+    except SystemExit as exc:
+        # a SIGTERM while Ray starts meets Ray's handler (sys.exit(15)): stop as the CLI's own handler would
+        if callable(on_sigterm) and exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _check_reachable(address: str) -> None:

@@ -219,3 +219,52 @@ def test_sigterm_stops_a_run_like_ctrl_c(shared_media, tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted; rerun the same command to resume" in stderr
     assert read_status(str(out)).run_state == "interrupted"
+
+
+_SIGTERM_WHILE_RAY_STARTS = """
+import os, signal, sys
+import ray._private.node as node
+from jobs.cli import _stop_on_signals
+from jobs.runner import init_ray
+
+_stop_on_signals()
+start = node.Node.start_ray_processes
+
+def signalled(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # inside ray.init, where Ray's own handler would sys.exit(15)
+    return start(self, *args, **kwargs)
+
+node.Node.start_ray_processes = signalled
+try:
+    init_ray(None)
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(130)
+print("ray started")
+"""
+
+
+def test_sigterm_while_ray_starts_stops_like_ctrl_c():
+    """A scheduler's SIGTERM in the first seconds, while ray.init runs with Ray's handler (sys.exit(15)):
+    the run stops as interrupted (exit 130), not 'failed: SystemExit: 15'."""
+    from tests.jobs.conftest import vidpipe_env
+
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_RAY_STARTS], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300)
+    assert (r.returncode, r.stdout) == (130, "interrupted\n"), r.stderr[-3000:]
+
+
+def test_a_reader_that_goes_away_does_not_fail_the_run(shared_media, tmp_path):
+    """`vidpipe run ... 2>&1 | head -1`: the pipe closes, the run goes on and exits with its own status."""
+    from jobs.status import read_status
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(VIDPIPE), "run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(out)],
+                            env=vidpipe_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the first line, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    status = read_status(str(out))
+    assert (status.run_state, status.done, status.failed) == ("finished", 1, 0)

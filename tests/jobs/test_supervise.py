@@ -164,14 +164,15 @@ def test_signals_stop_the_driver_as_before(tmp_path, how):
     assert _stopped(tmp_path / "o", "wait", how) == (130, "stopped cleanly\n", "")
 
 
-@pytest.mark.parametrize(("how", "seen"), [("SIGINT to vidpipe", "SIGINT"), ("Ctrl-C on its terminal", "SIGINT"),
-                                           ("SIGTERM to vidpipe", "SIGTERM"),
-                                           ("SIGTERM to the process group", "SIGTERM SIGTERM")])
+@pytest.mark.parametrize(("how", "seen"), [("SIGINT to vidpipe", {"SIGINT"}), ("Ctrl-C on its terminal", {"SIGINT"}),
+                                           ("SIGTERM to vidpipe", {"SIGTERM"}),
+                                           ("SIGTERM to the process group", {"SIGTERM", "SIGTERM SIGTERM"})])
 def test_what_the_driver_receives(tmp_path, how, seen):
     """A signal for vidpipe's pid is passed on; the terminal's Ctrl-C is not sent twice (the driver has it);
-    a process group's SIGTERM comes twice (directly and passed on: the run's handler stops once)."""
+    a process group's SIGTERM can come twice (directly and passed on, unless the kernel merges the two while
+    the first is pending: the run's handler stops once either way)."""
     code, stdout, _ = _stopped(tmp_path / "o", "count", how)
-    assert (code, stdout) == (130, seen + "\n")
+    assert code == 130 and stdout.strip() in seen, stdout
 
 
 def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
