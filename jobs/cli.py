@@ -454,16 +454,14 @@ def _command() -> int:
     try:
         return main()
     finally:  # also after an error that escapes main (its traceback follows)
+        from jobs.supervise import flush_std_streams
+
         if "ray" in sys.modules:
             from jobs.runner import shutdown_ray
 
             shutdown_ray()
         logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (BrokenPipeError, ValueError):  # a reader that has gone (``| head``) or a closed stream
-                pass
+        flush_std_streams()
 
 
 if __name__ == "__main__":

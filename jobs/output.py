@@ -159,7 +159,7 @@ class OutputDir:
             raise ConfigError(_damaged(self.store.uri_of(rel), "not a JSON object"))
         return obj
 
-    def _heartbeat(self) -> dict[str, Any]:
+    def last_progress(self) -> dict[str, Any]:
         """The last run's progress.json; empty when there is none or it is damaged (the run rewrites it)."""
         try:
             return self.read_json(f"{JOB}/progress.json") or {}
@@ -309,7 +309,7 @@ class OutputDir:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.close()
-                holder = self._heartbeat()
+                holder = self.last_progress()
                 raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')}, "
                                   f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to finish "
                                   "or stop it, then rerun to resume") from None
@@ -323,7 +323,7 @@ class OutputDir:
         deadline = time.time() + wait_s
         lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
         while True:
-            lease = self._heartbeat()
+            lease = self.last_progress()
             age = time.time() - float(lease.get("heartbeat", 0) or 0)
             if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s:
                 break

@@ -57,7 +57,14 @@ def _supervisor() -> int | None:
     return supervise.SUPERVISOR_PID
 
 
-def _iso(ts: float) -> str:
+def recorded_here(progress: dict[str, object]) -> bool:
+    """Whether a progress.json was written on this host, in this pid namespace: only then do its pids
+    name processes this one can look up (a container with the host's name has pids of its own)."""
+    ns = progress.get("pid_ns")
+    return progress.get("host") == socket.gethostname() and ns is not None and ns == pid_namespace()
+
+
+def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -136,7 +143,7 @@ class RunStatus:
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         elapsed = max(self.heartbeat - self.started, 1e-9)
-        d |= {"started_at": _iso(self.started), "updated_at": _iso(self.heartbeat), "elapsed_s": round(elapsed, 1),
+        d |= {"started_at": iso_utc(self.started), "updated_at": iso_utc(self.heartbeat), "elapsed_s": round(elapsed, 1),
               "video_seconds_per_s": round(self.video_seconds / elapsed, 3),
               "videos_per_s": round((self.done + self.failed) / elapsed, 4)}
         return d

@@ -11,9 +11,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.progress import PROGRESS_FILE
-from pipeline.errors import ConfigError
-
 _ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
 
 
@@ -50,10 +47,7 @@ def read_status(out_uri: str) -> JobStatus:
         (failed,) = con.execute("SELECT count(*) FROM failures").fetchall()[0]  # failed now (see jobs.query)
     finally:
         con.close()
-    try:
-        progress = out.read_json(PROGRESS_FILE) or {}
-    except ConfigError:  # only the run's heartbeat and rates: the counts above come from the tables
-        progress = {}
+    progress = out.last_progress()  # only the run's heartbeat and rates: the counts above come from the tables
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
     alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)
@@ -77,12 +71,9 @@ def _gone(progress: dict[str, Any]) -> bool:
     the host's name has pids of its own), and only as the same process (its start time: pids are
     reused); otherwise the heartbeat has to age.
     """
-    import socket
+    from jobs.progress import process_start, recorded_here
 
-    from jobs.progress import pid_namespace, process_start
-
-    ns = progress.get("pid_ns")
-    if progress.get("host") != socket.gethostname() or ns is None or ns != pid_namespace():
+    if not recorded_here(progress):
         return False
     for pid, started in ((progress.get("pid"), progress.get("pid_started")),
                          (progress.get("supervisor_pid"), progress.get("supervisor_started"))):

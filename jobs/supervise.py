@@ -73,7 +73,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
 
             traceback.print_exc()
         finally:
-            _flush()
+            flush_std_streams()
             os.write(w, _DONE)
             os._exit(code)
     os.close(w)
@@ -142,25 +142,23 @@ def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None
     recorded as running there by that very process (host, pid namespace, pid and start time: a later run
     elsewhere may have taken OUT over); a child that ended before opening OUT has left nothing to mark."""
     import logging
-    import socket
     import time
 
     from jobs.cli import build_parser
     from jobs.output import OutputDir
-    from jobs.progress import PROGRESS_FILE, pid_namespace
+    from jobs.progress import PROGRESS_FILE, iso_utc, recorded_here
     from pipeline.errors import ConfigError
 
     try:
         out_uri = build_parser().parse_args(list(argv)).out
         out = OutputDir(out_uri)
         progress = out.read_json(PROGRESS_FILE) if out.is_output() else None
-        ours = {"state": "running", "pid": child, "pid_started": child_started, "host": socket.gethostname(),
-                "pid_ns": pid_namespace()}
-        if child_started is None or not progress or any(progress.get(k) != v for k, v in ours.items()):
+        ours = {"state": "running", "pid": child, "pid_started": child_started}
+        if child_started is None or not progress or not recorded_here(progress) or \
+                any(progress.get(k) != v for k, v in ours.items()):
             return
         now = time.time()
-        progress |= {"state": "failed", "message": message, "heartbeat": now,
-                     "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+        progress |= {"state": "failed", "message": message, "heartbeat": now, "updated_at": iso_utc(now)}
         out.write_json(PROGRESS_FILE, progress)
     except (SystemExit, ConfigError, OSError, ValueError) as exc:
         logging.getLogger(__name__).warning("could not record the run's end in its progress.json: %s", exc)
@@ -188,7 +186,8 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def _flush() -> None:
+def flush_std_streams() -> None:
+    """Flush stdout and stderr before ``os._exit``, whatever became of their readers."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
