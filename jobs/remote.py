@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from jobs.discover import VIDEO_EXTENSIONS, VideoRef, make_video_id
 from pipeline.errors import ConfigError
 from pipeline.s3 import s3_filesystem
+
+if TYPE_CHECKING:
+    from pyarrow import fs as pafs
 
 
 def check_s3(uri: str) -> None:
@@ -20,10 +24,20 @@ def check_s3(uri: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot reach {uri}: {exc}; check AWS credentials, region and AWS_ENDPOINT_URL") from None
     if info.type == pafs.FileType.NotFound:
-        bucket = path.split("/", 1)[0]
-        if _names_an_object(uri) and filesystem.get_file_info(bucket).type != pafs.FileType.NotFound:
+        if _names_an_object(uri) and not bucket_missing(filesystem, path):
             return  # a named video that is not there: a not_found failure row, as for a local file
         raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
+
+
+def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether the bucket of ``path`` (``bucket/key...``) is known not to exist; False when the store will
+    not say (no right to look at the bucket itself: the reads and writes that follow will tell)."""
+    from pyarrow import fs as pafs
+
+    try:
+        return filesystem.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 def _names_an_object(uri: str) -> bool:

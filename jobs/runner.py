@@ -49,6 +49,7 @@ from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_s
 from jobs.output import OutputDir, ResultWriter, new_run_id
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
+from jobs.remote import bucket_missing
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
@@ -206,16 +207,9 @@ def _open_output(uri: str) -> OutputDir:
         out = OutputDir(uri)
         if out.local:
             out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named
-        else:
+        elif bucket_missing(out.store.fs, out.store.root):
             bucket = out.store.root.split("/", 1)[0]
-            from pyarrow import fs as pafs
-
-            try:
-                missing = out.store.fs.get_file_info(bucket).type == pafs.FileType.NotFound
-            except OSError:  # not allowed to look at the bucket itself: the writes below will tell
-                missing = False
-            if missing:
-                raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
+            raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except (OSError, ValueError) as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)
