@@ -453,7 +453,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     # ``background`` added by read_annotations for the segments no annotation covers, not named by the file
     implicit_bg = spec.unlabeled == "background" and BACKGROUND in labels and not any(
         a.label == BACKGROUND for v in ann.videos for a in v.annotations)
-    if implicit_bg and spec.task == "multilabel" and _label_segments(train_t + val_t, labels.index(BACKGROUND)) == 0:
+    if implicit_bg and spec.task == "multilabel" and \
+            _label_counts(train_t + val_t, len(labels))[labels.index(BACKGROUND)] == 0:
         # Every segment has a label, so background would be an output no segment ever has.  A multilabel head
         # says "nothing here" with no label active, so it needs none (eval scores such segments that way).
         labels = [name for name in labels if name != BACKGROUND]
@@ -471,21 +472,15 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     val_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(val_v, val_t, strict=True)]
 
     class_weight = None
-    counts: dict[str, int] = {}
+    n_per = _label_counts(train_t, len(labels))
+    counts = {name: int(c) for name, c in zip(labels, n_per, strict=True)}
     if spec.task == "multiclass":
-        all_t = np.concatenate([d.target.numpy() for d in train_data])
-        n_per = np.bincount(all_t[all_t >= 0], minlength=len(labels)).astype(np.float64)
-        counts = {name: int(c) for name, c in zip(labels, n_per, strict=True)}
         # sqrt-inverse frequency: rare labels count more without letting one rare clip dominate.  A label
         # without training segments weighs like one with a single segment, not 0: training never sees it,
         # but the validation loss (a weighted mean) must count its segments, or a validation split holding
         # only such labels divides 0 by 0.  Labels with training segments keep the same weights as before.
         w = np.sqrt(max(n_per.sum(), 1.0) / (len(labels) * np.maximum(n_per, 1)))
         class_weight = torch.tensor(w, dtype=torch.float32)
-    else:
-        all_t = np.concatenate([d.target.numpy() for d in train_data])
-        all_t = all_t[(all_t >= 0).all(axis=1)]
-        counts = {name: int(c) for name, c in zip(labels, all_t.sum(axis=0), strict=True)}
     missing = [name for name, c in counts.items() if c == 0 and not (implicit_bg and name == BACKGROUND)]
     if missing:
         say(f"warning: no training segment has the labels {missing}; the model cannot learn them")
@@ -591,12 +586,13 @@ def _scored(target: torch.Tensor) -> int:
     return int((has.all(dim=-1) if target.dim() == 2 else has).sum())
 
 
-def _label_segments(targets: list[np.ndarray], label: int) -> int:
-    """How many segments of these targets (multiclass ``[n]``, multilabel ``[n, L]``) have label ``label``."""
-    if not targets:
-        return 0
+def _label_counts(targets: list[np.ndarray], n_labels: int) -> np.ndarray:
+    """How many scored segments of these targets (multiclass ``[n]``, multilabel ``[n, L]`` of 0/1; -1: not
+    scored) have each label, as float64 ``[n_labels]``."""
     t = np.concatenate(targets)
-    return int((t == label).sum()) if t.ndim == 1 else int(((t >= 0).all(axis=1) & (t[:, label] > 0.5)).sum())
+    if t.ndim == 1:
+        return np.bincount(t[t >= 0], minlength=n_labels).astype(np.float64)
+    return (t[(t >= 0).all(axis=1)] > 0.5).sum(axis=0).astype(np.float64)
 
 
 def _segments_text(scored: int, left_out: int) -> str:
