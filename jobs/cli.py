@@ -454,7 +454,14 @@ def _command() -> int:
     try:
         return main()
     finally:  # also after an error that escapes main (its traceback follows)
+        import signal
+
         from jobs.supervise import flush_std_streams
+
+        # the command is over: a stop that comes now (a 'ray job stop' as the run finishes) has nothing left
+        # to stop, and a KeyboardInterrupt raised inside Ray's shutdown would turn a finished run into an error
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
 
         if "ray" in sys.modules:
             from jobs.runner import shutdown_ray

@@ -254,6 +254,34 @@ def test_sigterm_while_ray_starts_stops_like_ctrl_c():
     assert (r.returncode, r.stdout) == (130, "interrupted\n"), r.stderr[-3000:]
 
 
+_STOP_AFTER_THE_RUN = """
+import os, signal, sys, time
+from jobs import cli, runner
+
+def main():
+    cli._stop_on_signals()  # as 'vidpipe run' does
+    print("run finished", flush=True)
+    return 0
+
+def shutdown_ray():  # the stop arrives while Ray shuts down ('ray job stop' as the run ends)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+    print("ray stopped", flush=True)
+
+cli.main, runner.shutdown_ray = main, shutdown_ray
+sys.modules.setdefault("ray", type(sys)("ray"))  # _command stops Ray only where it was imported
+sys.exit(cli._command())
+"""
+
+
+def test_a_stop_after_the_run_has_finished_does_not_break_off_its_end():
+    """A SIGTERM that comes once the command is over (during Ray's shutdown) has nothing left to stop: the
+    command ends with the run's own status, not a KeyboardInterrupt traceback and status 1."""
+    r = subprocess.run([sys.executable, "-c", _STOP_AFTER_THE_RUN], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[2], timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "run finished\nray stopped\n", "")
+
+
 def test_a_reader_that_goes_away_does_not_fail_the_run(shared_media, tmp_path):
     """`vidpipe run ... 2>&1 | head -1`: the pipe closes, the run goes on and exits with its own status."""
     from jobs.status import read_status
