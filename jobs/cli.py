@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from jobs.spec import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.errors import ConfigError
 
 _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failures table),
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("vidpipe: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def entry() -> None:

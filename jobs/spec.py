@@ -15,6 +15,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM: stopped, the finished videos committed (as a shell's 128 + SIGINT)
 
 # Shorter segments than this are not a labelling of video any more (and would sample each frame many
 # times); the audio encoders' log-mel windows are 25 ms.

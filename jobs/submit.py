@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.spec import EXIT_INTERRUPTED
 from pipeline.errors import ConfigError
 
 # Settings forwarded to the job (never AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN).
@@ -137,6 +138,6 @@ def job_exit_code(status: str, message: str) -> int:
     if status == "SUCCEEDED":
         return 0
     if status == "STOPPED":
-        return 130
+        return EXIT_INTERRUPTED
     found = re.search(r"exit code (\d+)", message)
     return int(found.group(1)) if found and int(found.group(1)) != 0 else 1

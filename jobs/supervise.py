@@ -7,12 +7,16 @@ out-of-memory killer sends SIGKILL.  The user then saw Ray's log lines, or nothi
 and when the child ends without its "done" byte it records the run as failed with what happened
 (``vidpipe status`` shows it; on S3 the lease is released at once), says so, and ends the same way.
 
-Signals: SIGINT and SIGTERM are blocked here from before the fork and taken with ``sigtimedwait``.
-SIGTERM (``ray job stop``, a scheduler, ``kill``) and a SIGINT sent to this pid are passed on to the
-child, which stops like Ctrl-C; a terminal's Ctrl-C (``SI_KERNEL``) already reached the child, which
-is in the same process group, and is not sent twice.  The child dies with this process
-(``PR_SET_PDEATHSIG``): SIGKILL on ``vidpipe run``'s pid still stops the run at once.  Linux only
-(elsewhere the command runs in-process, as before).
+Signals: the child runs in a process group of its own, with the local Ray processes it starts.  A signal
+to ``vidpipe run``'s process group (a terminal's Ctrl-C, ``timeout``, ``kill -TERM -PGID``, ``ray job
+stop``) reaches this process only, not Ray's raylet and GCS, which used to end on it and take the driver
+down (Ray's core worker exits its process on losing them) before it had committed its finished videos.
+SIGINT and SIGTERM are blocked here from before the fork, taken with ``sigtimedwait`` and passed on to
+the child, which stops like Ctrl-C; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
+process, and ``fg``/``bg`` continue both.  The child dies with this process (``PR_SET_PDEATHSIG``):
+SIGKILL on ``vidpipe run``'s pid still stops the run at once.  After an abrupt end, what is left of the
+child's process group (Ray's agents and workers) is killed.  Linux only (elsewhere the command runs
+in-process, as before).
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from jobs.spec import EXIT_INTERNAL
+from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 _PR_SET_PDEATHSIG = 1
-_SI_KERNEL = 0x80  # si_code of a signal the kernel sends for a terminal's Ctrl-C, to the whole process group
 _DONE = b"d"
-_WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+_WATCHED = _STOPS | {signal.SIGCHLD, signal.SIGTSTP}
 # signals whose default action dumps core: the child's core file is the one to keep
 _CORE_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGQUIT, signal.SIGILL,
                  signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ}
@@ -59,6 +63,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
     pid = os.fork()
     if pid == 0:  # the child: the command, then the "done" byte
+        _own_process_group()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(r)
         _die_with_parent(parent)
@@ -77,10 +82,14 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
             os.write(w, _DONE)
             os._exit(code)
     os.close(w)
+    try:
+        os.setpgid(pid, pid)  # as the child does: whichever runs first, no signal finds it in this group
+    except OSError:  # the child has set it already (and may have exec'd or ended)
+        pass
     from jobs.progress import process_start
 
     child_started = process_start(pid)
-    status = _wait(pid)
+    status, stopped_by = _wait(pid)
     # from here a signal acts on this process alone (the child is gone): Ctrl-C ends a slow record
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_DFL)
@@ -93,6 +102,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     os.close(r)
     if done and os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
+    _end_process_group(pid)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         what = f"was killed by {_signal_name(sig)}"
@@ -103,8 +113,14 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
         what = f"ended abruptly with exit status {os.WEXITSTATUS(status)}"
         cause = ("most likely Ray ending its driver on losing the Ray cluster: the head node, the local Ray "
                  "processes or the object store stopped")
+        if stopped_by:
+            # a stop that reached Ray's local processes too (systemd and batch schedulers signal every
+            # process of a job): the raylet ended before the driver had finished stopping
+            what = f"was stopped by {_signal_name(stopped_by)} and {what}"
+            cause = ("Ray's local processes had the signal too and Ray ended its driver before it had "
+                     "committed the videos it had finished")
     message = f"the run {what}" + (f" ({cause})" if cause else "")
-    record_abrupt_end(argv, pid, child_started, message)
+    record_abrupt_end(argv, pid, child_started, message, "interrupted" if stopped_by and not sig else "failed")
     try:
         lead = "\n" if sys.stderr.isatty() else ""  # after a progress line that a terminal shows in place
         print(f"{lead}vidpipe run: error: {message}. The videos committed before are kept; rerun the same "
@@ -117,28 +133,56 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
         if sig != signal.SIGKILL:
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    return EXIT_INTERNAL
+    return EXIT_INTERRUPTED if stopped_by else EXIT_INTERNAL
 
 
-def _wait(pid: int) -> int:
-    """Wait for the child, passing SIGTERM and a SIGINT sent to this pid on to it; its wait status."""
+def _end_process_group(pgid: int) -> None:
+    """SIGKILL what is left of a run that ended abruptly: its process group holds the local Ray processes the
+    driver started, and their workers and decoder processes (Ray's raylet and GCS die with the driver, but
+    its dashboard and runtime-env agents outlived it by 30-60 s)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (or the child never made its group)
+        pass
+
+
+def _own_process_group() -> None:
+    """Put this process (the child) in a process group of its own: see the module's docstring."""
+    try:
+        os.setpgid(0, 0)
+    except OSError as exc:  # not expected (a forked child is no session leader): signals then reach it twice
+        print(f"vidpipe run: warning: the driver stays in vidpipe's process group ({exc})", file=sys.stderr)
+    # a background process group that writes to its terminal is stopped (SIGTTOU) where the terminal says
+    # 'tostop'; the driver's progress line and messages must not be
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+
+
+def _wait(pid: int) -> tuple[int, int]:
+    """Wait for the child, passing SIGINT and SIGTERM on to it and stopping it with this process on
+    SIGTSTP; its wait status, and the first stop signal passed on (0: none)."""
+    stopped_by = 0
     while True:
         info = signal.sigtimedwait(_WATCHED, 5.0)
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return status
+            return status, stopped_by
         if info is None or info.si_signo == signal.SIGCHLD:
             continue
-        if info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL:
-            continue  # a terminal's Ctrl-C: the child has it already
         try:
+            if info.si_signo == signal.SIGTSTP:  # Ctrl-Z: the driver's group (Ray's processes too), then this one
+                os.killpg(pid, signal.SIGSTOP)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os.killpg(pid, signal.SIGCONT)  # continued by 'fg' or 'bg'
+                continue
             os.kill(pid, info.si_signo)
         except ProcessLookupError:
-            pass
+            continue
+        stopped_by = stopped_by or info.si_signo
 
 
-def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None, message: str) -> None:
-    """Mark the child's run in ``OUT/_job/progress.json`` as failed with ``message``, if it is still
+def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None, message: str,
+                      state: str = "failed") -> None:
+    """Mark the child's run in ``OUT/_job/progress.json`` as ``state`` with ``message``, if it is still
     recorded as running there by that very process (host, pid namespace, pid and start time: a later run
     elsewhere may have taken OUT over); a child that ended before opening OUT has left nothing to mark."""
     import logging
@@ -158,7 +202,7 @@ def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None
                 any(progress.get(k) != v for k, v in ours.items()):
             return
         now = time.time()
-        progress |= {"state": "failed", "message": message, "heartbeat": now, "updated_at": iso_utc(now)}
+        progress |= {"state": state, "message": message, "heartbeat": now, "updated_at": iso_utc(now)}
         out.write_json(PROGRESS_FILE, progress)
     except (SystemExit, ConfigError, OSError, ValueError) as exc:
         logging.getLogger(__name__).warning("could not record the run's end in its progress.json: %s", exc)
