@@ -84,6 +84,15 @@ def _client(address: str) -> Any:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Ray job server at {address}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "AuthenticationError":  # ray.exceptions.AuthenticationError (Ray >= 2.50)
+            raise
+        if str(exc).startswith("Authentication failed"):  # HTTP 403: a token, not the cluster's
+            what = "refused this machine's authentication token: put the cluster's token"
+        else:  # HTTP 401: none sent
+            what = "wants an authentication token: set RAY_AUTH_MODE=token here, with the cluster's token"
+        raise ConfigError(f"the Ray job server at {address} {what} in RAY_AUTH_TOKEN or in ~/.ray/auth_token "
+                          "('ray start' wrote it there on the head node)") from None
 
 
 def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str], None] = print) -> tuple[str, int]:

@@ -335,6 +335,37 @@ def test_job_server_errors_say_what_to_do():
         job_info(Server(ConnectionError("Connection refused")), url, "j1")
 
 
+@pytest.mark.parametrize(("status", "message"), [
+    (401, "wants an authentication token: set RAY_AUTH_MODE=token here"),
+    (403, "refused this machine's authentication token: put the cluster's token in RAY_AUTH_TOKEN")])
+def test_a_job_server_that_wants_a_token_is_a_usage_error_saying_so(status, message):
+    """A cluster started by 'ray start' (Ray 2.60) asks for its token; without it, or with another, the
+    Jobs client raised a traceback.  A real HTTP server on loopback answers as Ray's dashboard does."""
+    import http.server
+    import threading
+
+    from jobs.submit import _client
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"Unauthorized: Missing authentication token")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError, match=f"job server at {url} {message}"):
+            _client(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_finished_ray_jobs_exit_status_is_the_commands():
     from jobs.submit import job_exit_code
 

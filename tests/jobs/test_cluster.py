@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs.clusters import LocalCluster
+from tests.jobs.clusters import LocalCluster, cluster_env
 from tests.jobs.conftest import RUN_FLAGS, VIDPIPE, duplicate_keys, segment_rows, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -76,3 +76,33 @@ def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_pat
     rows = segment_rows(out)
     assert duplicate_keys(out) == 0
     _same_results(rows, baseline)
+
+
+def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refused_without(shared_media, tmp_path):
+    """Ray 2.60 protects a cluster with a token where ~/.ray/auth_token exists when 'ray start' runs (any
+    embedded run writes that file, 'vidpipe run' included), and a client must then say RAY_AUTH_MODE=token.
+    Without it a run is a usage error that says so (it was an internal error, "failed to connect"); with it
+    the run joins and finishes."""
+    home = tmp_path / "home"  # the token file is $HOME/.ray/auth_token: the test's own
+    home.mkdir()
+    env = cluster_env(HOME=str(home))
+    del env["RAY_AUTH_MODE"]  # Ray's defaults
+    subprocess.run([str(VIDPIPE.with_name("ray")), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    root = Path(tempfile.mkdtemp(prefix="vpt-", dir="/tmp"))
+    c = LocalCluster(root, head_cpus=1, env=env)
+    try:
+        c.start()
+        args = ["run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(tmp_path / "o"), *RUN_FLAGS,
+                "--address", c.address]
+        refused = subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"cannot join the Ray cluster at {c.address}" in refused.stderr
+        assert "set RAY_AUTH_MODE=token here" in refused.stderr
+        joined = subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True,
+                                env=env | {"RAY_AUTH_MODE": "token"}, timeout=300)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert "1 videos ok" in joined.stdout
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
