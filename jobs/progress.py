@@ -90,7 +90,7 @@ class Progress:
         total = "?" if self.total is None else str(self.total)
         earlier = f", {self.skipped} finished earlier" if self.skipped else ""
         return (f"[vidpipe] {self.skipped + c.videos_done + c.videos_failed}/{total} videos "
-                f"({c.videos_done} ok, {c.videos_failed} failed, {c.pending_videos} in flight{earlier}) | "
+                f"({c.videos_done} ok, {c.videos_failed} failed, {c.pending_videos} partly done{earlier}) | "
                 f"{c.video_seconds_done:,.1f} video-s | {rate:,.2f} video-s/s | {elapsed:,.0f} s")
 
     def update(self, c: _Counts) -> None:

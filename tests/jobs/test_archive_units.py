@@ -169,7 +169,7 @@ def test_progress_line_without_a_known_total():
     assert "4/? videos" in Progress(None, open("/dev/null", "w")).line(C())
     resumed = Progress(30, open("/dev/null", "w"))
     resumed.skipped = 26  # finished by an earlier run: counted as done, said apart
-    assert resumed.line(C()).startswith("[vidpipe] 30/30 videos (3 ok, 1 failed, 2 in flight, 26 finished earlier)")
+    assert resumed.line(C()).startswith("[vidpipe] 30/30 videos (3 ok, 1 failed, 2 partly done, 26 finished earlier)")
 
 
 def _stage(**kw) -> DecodeStage:  # noqa: ANN003
