@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import pickle
@@ -507,6 +508,27 @@ def test_stopping_early_closes_the_container(long_video: Path, monkeypatch) -> N
     assert first.chunk_index == 0 and not first.is_last and not opened[0].closed
     gen.close()
     assert opened[0].closed
+
+
+def test_gpu_decoding_where_no_gpu_decoder_can_open_falls_back_to_the_same_chunks(shared_media, caplog) -> None:
+    """``--decode-device cuda`` on a machine whose FFmpeg has CUDA but no usable GPU (this one): each file is
+    decoded in software, with a warning naming it, into the very chunks a CPU decode gives."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a usable GPU decodes with NVDEC: compared with software decoding by jobs.gpu_check")
+    path = shared_media / "bbb_5s_51.mp4"
+    sampling, chunking = SamplingSpec(), ChunkingSpec(core_segments=4, context_segments=1)
+    cpu = list(VideoDecoder(sampling, chunking).chunks(path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.decode"):
+        cuda = list(VideoDecoder(sampling, chunking, hwaccel="cuda").chunks(path))
+    assert len(cuda) == len(cpu) == 2
+    for a, b in zip(cpu, cuda, strict=True):
+        for name in ("start_s", "end_s", "frames", "frame_pts_s", "audio", "audio_valid_samples"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert (a.first_segment, a.core_start, a.core_end, a.is_last) == (b.first_segment, b.core_start, b.core_end,
+                                                                        b.is_last)
+    assert any("decoding in software" in r.getMessage() for r in caplog.records), caplog.text
 
 
 # --- errors ------------------------------------------------------------------------------------------
