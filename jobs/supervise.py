@@ -14,8 +14,8 @@ down (Ray's core worker exits its process on losing them) before it had committe
 SIGINT and SIGTERM are blocked here from before the fork, taken with ``sigtimedwait`` and passed on to
 the child, which stops like Ctrl-C; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
 process, and ``fg``/``bg`` continue both.  The child dies with this process (``PR_SET_PDEATHSIG``):
-SIGKILL on ``vidpipe run``'s pid still stops the run at once.  After an abrupt end, what is left of the
-child's process group (Ray's agents and workers) is killed.  Linux only (elsewhere the command runs
+SIGKILL on ``vidpipe run``'s pid still stops the run at once.  When the child has ended, what is left of
+its process group (Ray's dashboard and runtime-env agents) is killed.  Linux only (elsewhere the command runs
 in-process, as before).
 """
 
@@ -100,9 +100,9 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     except BlockingIOError:
         done = False
     os.close(r)
+    _end_process_group(pid)  # Ray's agents of an embedded node outlived even some clean ends by ~60 s
     if done and os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
-    _end_process_group(pid)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         what = f"was killed by {_signal_name(sig)}"
@@ -137,9 +137,9 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
 
 
 def _end_process_group(pgid: int) -> None:
-    """SIGKILL what is left of a run that ended abruptly: its process group holds the local Ray processes the
-    driver started, and their workers and decoder processes (Ray's raylet and GCS die with the driver, but
-    its dashboard and runtime-env agents outlived it by 30-60 s)."""
+    """SIGKILL what is left of a run's process group: the local Ray processes the driver started (Ray's raylet
+    and GCS die with the driver, but its dashboard and runtime-env agents outlived it by 30-60 s; Ray's
+    workers and their decoders are in groups of their own and end with the raylet)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):  # nothing left (or the child never made its group)
@@ -163,6 +163,8 @@ def _wait(pid: int) -> tuple[int, int]:
     stopped_by = 0
     while True:
         info = signal.sigtimedwait(_WATCHED, 5.0)
+        if info is not None and info.si_signo in _STOPS:
+            stopped_by = stopped_by or info.si_signo  # also when the child has ended meanwhile
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status, stopped_by
@@ -177,7 +179,6 @@ def _wait(pid: int) -> tuple[int, int]:
             os.kill(pid, info.si_signo)
         except ProcessLookupError:
             continue
-        stopped_by = stopped_by or info.si_signo
 
 
 def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None, message: str,
