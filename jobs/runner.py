@@ -154,8 +154,9 @@ def shutdown_ray() -> None:
     if not ray.is_initialized():
         return
     node = _embedded_node_processes()
-    if any(proc.poll() is not None for procs in node.values() for proc in procs):
-        _kill_all([proc for procs in node.values() for proc in procs])
+    every = [proc for procs in node.values() for proc in procs]
+    if any(proc.poll() is not None for proc in every):
+        _kill_all(every)
         return  # no ray.shutdown: Ray stays "initialized" in a process that is about to exit
     _kill_all(node.get("monitor", []))
     ray.shutdown()

@@ -8,8 +8,8 @@ and when the child ends without its "done" byte it records the run as failed wit
 (``vidpipe status`` shows it; on S3 the lease is released at once), says so, and ends the same way.
 
 Signals: the child runs in a process group of its own, with the local Ray processes it starts.  A signal
-to ``vidpipe run``'s process group (a terminal's Ctrl-C, ``timeout``, ``kill -TERM -PGID``, ``ray job
-stop``) reaches this process only, not Ray's raylet and GCS, which used to end on it and take the driver
+to ``vidpipe run``'s process group (a terminal's Ctrl-C, ``timeout``, ``kill -TERM -PGID``) reaches this
+process only (``ray job stop`` signals every pid of the job's tree: the run stops once), not Ray's raylet and GCS, which used to end on it and take the driver
 down (Ray's core worker exits its process on losing them) before it had committed its finished videos.
 SIGINT and SIGTERM are blocked here from before the fork, taken with ``sigtimedwait`` and passed on to
 the child, which stops like Ctrl-C; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
@@ -91,7 +91,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     child_started = process_start(pid)
     status, stopped_by = _wait(pid)
     # from here a signal acts on this process alone (the child is gone): Ctrl-C ends a slow record
-    for stop in (signal.SIGINT, signal.SIGTERM):
+    for stop in _STOPS:
         signal.signal(stop, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.set_blocking(r, False)
