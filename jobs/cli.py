@@ -243,7 +243,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 class _Outliving(io.TextIOBase):
-    """A text stream that outlives its reader: once the pipe is closed (``| head``), writes are dropped."""
+    """A text stream that outlives its reader: once the pipe is closed (``| head``) or the terminal has hung
+    up, writes are dropped."""
 
     def __init__(self, inner: TextIO) -> None:
         self._inner = inner
@@ -253,7 +254,7 @@ class _Outliving(io.TextIOBase):
         if not self.closed_by_reader:
             try:
                 self._inner.write(text)
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:  # a closed pipe (EPIPE), a hung-up terminal (EIO)
                 self.closed_by_reader = True
         return len(text)
 
@@ -261,7 +262,7 @@ class _Outliving(io.TextIOBase):
         if not self.closed_by_reader:
             try:
                 self._inner.flush()
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:
                 self.closed_by_reader = True
 
     @property
@@ -280,33 +281,38 @@ class _Outliving(io.TextIOBase):
 
 
 def _outlive_readers() -> None:
-    # A run must not fail because whoever read its progress went away (`vidpipe run ... 2>&1 | head`): the
-    # videos go on, the lines are dropped, the exit status is the run's.
+    # A run must not fail because whoever read its progress went away (`vidpipe run ... 2>&1 | head`, a closed
+    # terminal): the videos go on (or, on SIGHUP, the finished ones are committed), the lines are dropped.
     sys.stdout = _Outliving(sys.stdout)  # type: ignore[assignment]
     sys.stderr = _Outliving(sys.stderr)  # type: ignore[assignment]
 
 
 def _stop_on_signals() -> None:
-    # 'ray job stop', a scheduler or systemd send SIGTERM: stop like Ctrl-C, committing finished videos
+    # Ctrl-C; 'ray job stop', a scheduler or systemd (SIGTERM); a terminal that closed, an ssh connection
+    # lost (SIGHUP, unless nohup ignores it): stop like Ctrl-C, committing the finished videos
     import signal
     import threading
     import time
 
+    from jobs.supervise import stop_signals
+
     stops: list[float] = []
+    why = {signal.SIGINT: "stopped by Ctrl-C (SIGINT)", signal.SIGTERM: "stopped by SIGTERM",
+           signal.SIGHUP: "stopped by SIGHUP (its terminal closed)"}
 
     def stop(signum: int, frame: object) -> None:
         # A process group's signal can come twice (directly and through the supervisor, jobs.supervise),
         # and a second KeyboardInterrupt would break off the stop that commits the finished videos: SIGTERM
-        # stops once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks.
+        # and SIGHUP stop once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks.
         now = time.monotonic()
-        if stops and (signum == signal.SIGTERM or now - stops[0] < 1.0):
+        if stops and (signum != signal.SIGINT or now - stops[0] < 1.0):
             return
         stops.append(now)
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(why.get(signal.Signals(signum), f"stopped by signal {signum}"))
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for sig in stop_signals():
+            signal.signal(sig, stop)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -428,8 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vidpipe {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("vidpipe: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = f" ({exc})" if str(exc) else ""
+        print(f"vidpipe: interrupted{why}; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -113,7 +113,7 @@ def init_ray(address: str | None) -> None:
     except SystemExit as exc:
         # a SIGTERM while Ray starts meets Ray's handler (sys.exit(15)): stop as the CLI's own handler would
         if callable(on_sigterm) and exc.code == signal.SIGTERM:
-            raise KeyboardInterrupt from None
+            raise KeyboardInterrupt("stopped by SIGTERM") from None
         raise
     finally:
         if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
@@ -359,8 +359,9 @@ class JobRunner:
                     writer.flush()
                     status.state = "finished"
                 except BaseException as exc:
-                    status.state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                    status.message = f"{type(exc).__name__}: {exc}"[:500]
+                    stopped = isinstance(exc, KeyboardInterrupt)
+                    status.state = "interrupted" if stopped else "failed"
+                    status.message = (str(exc) or "stopped" if stopped else f"{type(exc).__name__}: {exc}")[:500]
                     self._flush_what_is_complete(writer)
                     raise
                 finally:

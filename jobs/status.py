@@ -111,7 +111,7 @@ def format_status(s: JobStatus) -> str:
     run = s.run_state or "no run recorded"
     if s.run_state == "dead":
         run = "stopped without finishing (driver killed?); rerun the same command to resume"
-    if s.run_state == "failed" and s.message:
+    if s.run_state in ("failed", "interrupted") and s.message:
         run = f"{run}: {s.message}"
     lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))
     if s.video_seconds_per_s is not None:

@@ -11,8 +11,9 @@ Signals: the child runs in a process group of its own, with the local Ray proces
 to ``vidpipe run``'s process group (a terminal's Ctrl-C, ``timeout``, ``kill -TERM -PGID``) reaches this
 process only (``ray job stop`` signals every pid of the job's tree: the run stops once), not Ray's raylet and GCS, which used to end on it and take the driver
 down (Ray's core worker exits its process on losing them) before it had committed its finished videos.
-SIGINT and SIGTERM are blocked here from before the fork, taken with ``sigtimedwait`` and passed on to
-the child, which stops like Ctrl-C; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
+SIGINT, SIGTERM and SIGHUP (a closed terminal, a lost ssh connection; not under ``nohup``) are blocked
+here from before the fork, taken with ``sigtimedwait`` and passed on to the child, which stops like
+Ctrl-C, committing the videos it has finished; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
 process, and ``fg``/``bg`` continue both.  The child dies with this process (``PR_SET_PDEATHSIG``):
 SIGKILL on ``vidpipe run``'s pid still stops the run at once.  When the child has ended, what is left of
 its process group (Ray's dashboard and runtime-env agents) is killed.  Linux only (elsewhere the command runs
@@ -32,8 +33,9 @@ from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 _PR_SET_PDEATHSIG = 1
 _DONE = b"d"
-_STOPS = {signal.SIGINT, signal.SIGTERM}
-_WATCHED = _STOPS | {signal.SIGCHLD, signal.SIGTSTP}
+# stop signals passed on to the child; SIGHUP (a terminal that closed: an ssh connection lost) too, unless
+# ignored (``nohup``), when the child inherits that
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # signals whose default action dumps core: the child's core file is the one to keep
 _CORE_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGQUIT, signal.SIGILL,
                  signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ}
@@ -60,7 +62,9 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     global SUPERVISOR_PID
     parent = os.getpid()
     r, w = os.pipe()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+    stops = stop_signals()
+    watched = {*stops, signal.SIGCHLD, signal.SIGTSTP}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     pid = os.fork()
     if pid == 0:  # the child: the command, then the "done" byte
         _own_process_group()
@@ -89,9 +93,9 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     from jobs.progress import process_start
 
     child_started = process_start(pid)
-    status, stopped_by = _wait(pid)
+    status, stopped_by = _wait(pid, watched, stops)
     # from here a signal acts on this process alone (the child is gone): Ctrl-C ends a slow record
-    for stop in _STOPS:
+    for stop in stops:
         signal.signal(stop, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.set_blocking(r, False)
@@ -157,13 +161,19 @@ def _own_process_group() -> None:
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
 
 
-def _wait(pid: int) -> tuple[int, int]:
-    """Wait for the child, passing SIGINT and SIGTERM on to it and stopping it with this process on
-    SIGTSTP; its wait status, and the first stop signal passed on (0: none)."""
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a run like Ctrl-C: SIGINT, SIGTERM and SIGHUP, less those this process was
+    started ignoring (``nohup`` ignores SIGHUP: the run then goes on when its terminal closes)."""
+    return tuple(s for s in _STOPS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+def _wait(pid: int, watched: set[signal.Signals], stops: tuple[signal.Signals, ...]) -> tuple[int, int]:
+    """Wait for the child, passing stop signals on to it and stopping it with this process on SIGTSTP;
+    its wait status, and the first stop signal passed on (0: none)."""
     stopped_by = 0
     while True:
-        info = signal.sigtimedwait(_WATCHED, 5.0)
-        if info is not None and info.si_signo in _STOPS:
+        info = signal.sigtimedwait(watched, 5.0)
+        if info is not None and info.si_signo in stops:
             stopped_by = stopped_by or info.si_signo  # also when the child has ended meanwhile
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:

@@ -217,8 +217,9 @@ def test_sigterm_stops_a_run_like_ctrl_c(shared_media, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, stderr[-3000:]
-    assert "interrupted; rerun the same command to resume" in stderr
-    assert read_status(str(out)).run_state == "interrupted"
+    assert "vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume" in stderr
+    status = read_status(str(out))
+    assert (status.run_state, status.message) == ("interrupted", "stopped by SIGTERM")
 
 
 _SIGTERM_WHILE_RAY_STARTS = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,7 @@ def command():
     if mode == "ray-exits-on-stop":  # Ray's processes had the signal too: the core worker ends the driver
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(1))
     elif mode == "count":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
     else:
         _stop_on_signals()  # the run's own handlers
@@ -123,13 +124,15 @@ def test_another_runs_progress_is_left_alone(tmp_path):
     assert p.returncode == 1 and _progress(out)["state"] == "running"
 
 
-def _on_a_terminal(out: Path, mode: str) -> tuple[subprocess.Popen, int]:
+def _on_a_terminal(out: Path, mode: str, nohup: bool = False) -> tuple[subprocess.Popen, int]:
     """The stand-in driver as a session leader with a pseudo-terminal of its own; the terminal's master fd."""
     master, slave = os.openpty()
 
     def controlling_terminal() -> None:
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        if nohup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a command
 
     p = subprocess.Popen([sys.executable, "-c", _DRIVER, str(out), mode], cwd=Path(__file__).parents[2],
                          stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -139,7 +142,7 @@ def _on_a_terminal(out: Path, mode: str) -> tuple[subprocess.Popen, int]:
 
 
 _STOPS = ["SIGTERM to vidpipe", "SIGINT to vidpipe", "SIGTERM to the process group", "SIGINT to the process group",
-          "Ctrl-C on its terminal"]
+          "Ctrl-C on its terminal", "SIGHUP to the process group", "its terminal hangs up"]
 
 
 def _stopped(out: Path, mode: str, how: str) -> tuple[int, str, str]:
@@ -147,16 +150,20 @@ def _stopped(out: Path, mode: str, how: str) -> tuple[int, str, str]:
     p, master = _on_a_terminal(out, mode)
     try:
         wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
-        stop = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+        stop = getattr(signal, how.split()[0]) if how.startswith("SIG") else signal.SIGINT
         if how == "Ctrl-C on its terminal":
             os.write(master, b"\x03")  # the kernel signals the terminal's foreground process group
+        elif how == "its terminal hangs up":
+            os.close(master)  # the kernel sends SIGHUP to the session's leader: 'vidpipe run' here
+            master = -1
         elif how.endswith("to vidpipe"):
             p.send_signal(stop)
         else:
             os.killpg(p.pid, stop)
         stdout, stderr = p.communicate(timeout=60)
     finally:
-        os.close(master)
+        if master >= 0:
+            os.close(master)
     return p.returncode, stdout, stderr
 
 
@@ -172,7 +179,31 @@ def test_what_the_driver_receives(tmp_path, how):
     """The driver has a process group of its own: every stop reaches it once, passed on by 'vidpipe run'
     (a process group's signal or a terminal's Ctrl-C used to reach it directly as well)."""
     code, stdout, _ = _stopped(tmp_path / "o", "count", how)
-    assert code == 130 and stdout.strip() == ("SIGTERM" if "SIGTERM" in how else "SIGINT"), stdout
+    expected = "SIGHUP" if "SIGHUP" in how or "hangs up" in how else "SIGTERM" if "SIGTERM" in how else "SIGINT"
+    assert code == 130 and stdout.strip() == expected, stdout
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path):
+    """``nohup vidpipe run ...``: SIGHUP is ignored from the start, so a closed terminal leaves the run going."""
+    out = tmp_path / "o"
+    p, master = _on_a_terminal(out, "wait", nohup=True)
+    try:
+        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+        driver = _progress(out)["pid"]
+        os.killpg(p.pid, signal.SIGHUP)
+        os.close(master)  # the terminal hangs up as well
+        master = -1
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=2)
+        assert process_running(driver)
+        p.terminate()
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if master >= 0:
+            os.close(master)
+    assert (p.returncode, stdout, stderr) == (130, "stopped cleanly\n", "")
 
 
 def _state(pid: int) -> str:
@@ -373,3 +404,118 @@ def _cmdline(p: psutil.Process) -> str:
         return " ".join(p.cmdline())
     except psutil.Error:
         return ""
+
+
+@pytest.mark.slow
+def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_completes(shared_media, tmp_path):
+    """A lost ssh connection or a closed terminal window: the shell passes SIGHUP on to 'vidpipe run', whose
+    progress lines then meet a hung-up terminal.  The run stops like Ctrl-C (its finished videos committed,
+    status "interrupted: stopped by SIGHUP"), its Ray processes end, and a rerun finishes the rest.  It used
+    to die with its terminal: the videos finished since the last commit lost, Ray's agents left for a minute,
+    progress.json saying "running"."""
+    import pty
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(6):
+        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    out = tmp_path / "o"
+    flags = [f for f in RUN_FLAGS if f != "--no-progress"]  # progress lines on the terminal, as a user sees them
+    args = ["run", str(inputs), "--out", str(out), *flags, "--commit-seconds", "0.3"]
+    bash, master = pty.fork()
+    if bash == 0:  # an interactive shell on the terminal, as a user has one
+        os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
+    supervisor = None
+    try:
+        os.write(master, (" ".join([str(VIDPIPE), *args]) + "\n").encode())
+
+        def read_the_terminal() -> None:  # unread, its output would block the run's writes
+            while select.select([master], [], [], 0)[0]:
+                try:
+                    if not os.read(master, 65536):
+                        return
+                except OSError:
+                    return
+
+        def committed() -> bool:
+            read_the_terminal()
+            commits = out / "_job" / "commits"
+            return commits.is_dir() and any(commits.glob("*.json"))
+
+        wait_for(committed, 300, "a first committed video", interval_s=0.1)
+        progress = _progress(out)
+        driver, supervisor = progress["pid"], progress["supervisor_pid"]
+        assert process_running(supervisor)
+        os.close(master)  # the terminal hangs up: the kernel signals the shell, which signals its jobs
+        master = -1
+        os.waitpid(bash, 0)
+        bash = 0  # reaped
+        wait_for(lambda: not process_running(supervisor), 120, "'vidpipe run' to end")
+    finally:
+        if master >= 0:
+            os.close(master)
+        for pid in (bash, supervisor):
+            try:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    status = read_status(str(out))
+    assert (status.run_state, status.message) == ("interrupted", "stopped by SIGHUP (its terminal closed)")
+    kept = {r["video_id"] for r in segment_rows(out)}
+    assert 1 <= status.done < 6 and len(kept) == status.done and duplicate_keys(out) == 0
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(driver, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(group_gone, 30, "the run's Ray processes to end")
+    again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{6 - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
+    assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
+
+
+@pytest.mark.slow
+def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path):
+    """``vidpipe run ... & disown``, then the terminal closes: the shell sends no SIGHUP to a disowned job, so
+    the run goes on, and its progress lines meet a hung-up terminal (EIO): they are dropped, the run finishes.
+    A write error used to escape the progress printer."""
+    import pty
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    out = tmp_path / "o"
+    flags = [f for f in RUN_FLAGS if f != "--no-progress"]
+    args = ["run", str(inputs), "--out", str(out), *flags]
+    bash, master = pty.fork()
+    if bash == 0:
+        os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
+    supervisor = None
+    try:
+        os.write(master, (" ".join([str(VIDPIPE), *args]) + " & disown\n").encode())
+        wait_for(lambda: (out / "_job" / "progress.json").exists(), 300, "the run to start", interval_s=0.1)
+        supervisor = _progress(out)["supervisor_pid"]
+        os.close(master)  # the terminal hangs up while the run is still at work
+        master = -1
+        os.waitpid(bash, 0)
+        bash = 0
+        assert process_running(supervisor)
+        wait_for(lambda: not process_running(supervisor), 300, "the run to end")
+    finally:
+        if master >= 0:
+            os.close(master)
+        for pid in (bash, supervisor):
+            try:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    status = read_status(str(out))
+    assert (status.run_state, status.done, status.failed) == ("finished", 2, 0), format_status(status)
+    assert duplicate_keys(out) == 0
