@@ -101,12 +101,17 @@ def init_ray(address: str | None) -> None:
             try:
                 ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
+                if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                    how = ("RAY_AUTH_MODE=token is set here, so the cluster may have refused this token: put the "
+                           "cluster's token (~/.ray/auth_token on its head node) in RAY_AUTH_TOKEN or in "
+                           "~/.ray/auth_token here")
+                else:
+                    how = ("A cluster started by 'ray start' asks for its authentication token: set "
+                           "RAY_AUTH_MODE=token here, with the cluster's token in RAY_AUTH_TOKEN or in "
+                           "~/.ray/auth_token (where 'ray start' wrote it on the head node)")
                 raise ConfigError(
-                    f"cannot join the Ray cluster at {address} ({exc}). A cluster started by 'ray start' asks for "
-                    "its authentication token: set RAY_AUTH_MODE=token here, with the cluster's token in "
-                    "RAY_AUTH_TOKEN or in ~/.ray/auth_token (where 'ray start' wrote it on the head node); "
-                    "otherwise check that the address is the cluster's GCS address ('ray start --head' prints "
-                    "it)") from None
+                    f"cannot join the Ray cluster at {address} ({exc}). {how}; otherwise check that "
+                    "the address is the cluster's GCS address ('ray start --head' prints it)") from None
         else:
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                      configure_logging=False)

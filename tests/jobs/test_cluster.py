@@ -81,8 +81,9 @@ def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_pat
 def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refused_without(shared_media, tmp_path):
     """Ray 2.60 protects a cluster with a token where ~/.ray/auth_token exists when 'ray start' runs (any
     embedded run writes that file, 'vidpipe run' included), and a client must then say RAY_AUTH_MODE=token.
-    Without it a run is a usage error that says so (it was an internal error, "failed to connect"); with it
-    the run joins and finishes."""
+    Without it a run is a usage error that says so (it was an internal error, "failed to connect"), with a
+    wrong token one that says the token may be refused (it said to set RAY_AUTH_MODE=token, already set);
+    with the cluster's token the run joins and finishes."""
     home = tmp_path / "home"  # the token file is $HOME/.ray/auth_token: the test's own
     home.mkdir()
     env = cluster_env(HOME=str(home))
@@ -99,6 +100,10 @@ def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refuse
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert f"cannot join the Ray cluster at {c.address}" in refused.stderr
         assert "set RAY_AUTH_MODE=token here" in refused.stderr
+        wrong = subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True, timeout=300,
+                               env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef"})
+        assert wrong.returncode == 2, wrong.stderr[-3000:]
+        assert "the cluster may have refused this token" in wrong.stderr, wrong.stderr[-3000:]
         joined = subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True,
                                 env=env | {"RAY_AUTH_MODE": "token"}, timeout=300)
         assert joined.returncode == 0, joined.stderr[-3000:]
