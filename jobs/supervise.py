@@ -28,6 +28,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED
 
@@ -192,7 +193,7 @@ def _wait(pid: int, watched: set[signal.Signals], stops: tuple[signal.Signals, .
 
 
 def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None, message: str,
-                      state: str = "failed") -> None:
+                      state: Literal["failed", "interrupted"] = "failed") -> None:
     """Mark the child's run in ``OUT/_job/progress.json`` as ``state`` with ``message``, if it is still
     recorded as running there by that very process (host, pid namespace, pid and start time: a later run
     elsewhere may have taken OUT over); a child that ended before opening OUT has left nothing to mark."""
