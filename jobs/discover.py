@@ -129,7 +129,8 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
             uri = _canonical(p)
             yield VideoRef(uri, make_video_id(uri, str(p.relative_to(path))))
         return
-    if glob.has_magic(item):
+    # a file that exists is itself, even where its name looks like a pattern ('Movie [1080p].mp4')
+    if glob.has_magic(item) and not path.is_file():
         matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))
         if not matches:
             raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")

@@ -91,3 +91,14 @@ def test_a_file_uri_in_a_manifest_is_the_same_video_as_its_path(tmp_path):
     (tmp_path / "list.txt").write_text(f"file://{clip}\n{tmp_path}/v/../v/a.mp4\n")
     refs = list(discover([str(tmp_path / "list.txt"), str(clip)]))
     assert [r.uri for r in refs] == [str(clip.resolve())]
+
+
+def test_an_existing_file_whose_name_looks_like_a_pattern_is_itself(tmp_path):
+    """'clip[1].mp4' is a file, not the pattern that matches 'clip1.mp4' beside it (QA found the other file
+    labelled instead)."""
+    from jobs.discover import discover
+
+    (tmp_path / "clip[1].mp4").write_bytes(b"x")
+    (tmp_path / "clip1.mp4").write_bytes(b"y")
+    refs = list(discover([str(tmp_path / "clip[1].mp4")]))
+    assert [Path(r.uri.removeprefix("file://")).name for r in refs] == ["clip[1].mp4"]
