@@ -111,6 +111,15 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _csv_cell(v: Any) -> Any:
+    # exact: floats at full precision (a terminal's table rounds them), lists as JSON (a label may hold a comma)
+    if isinstance(v, float):
+        return "NaN" if math.isnan(v) else repr(v)
+    if isinstance(v, list):
+        return json.dumps(v, default=str)
+    return v
+
+
 def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int = 100, max_width: int = 48) -> str:
     """Render query results for a terminal (aligned table), or as CSV / JSON lines."""
     rows = table.to_pylist()
@@ -122,7 +131,7 @@ def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int 
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(names)
         for r in rows:
-            w.writerow([_cell(r[n]) if isinstance(r[n], list | float) else r[n] for n in names])
+            w.writerow([_csv_cell(r[n]) for n in names])
         return buf.getvalue()
     shown = rows[:max_rows]
     cells = [[_cell(r[n]) for n in names] for r in shown]

@@ -155,3 +155,16 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path):
     record.write_text("")
     with pytest.raises(ConfigError, match=f"{record.name} is damaged .*a commit record names the files"):
         run_query(out.root, "SELECT count(*) FROM segments")
+
+
+def test_csv_keeps_floats_exact_and_lists_unambiguous():
+    """CSV is for export: 1234567.891 was written as 1.23457e+06, and a label with a comma could not be told
+    from two labels (found by QA)."""
+    import csv
+    import io
+
+    import pyarrow as pa
+
+    t = pa.table({"start_s": [1234567.891], "topk": [["rock, pop", 'say "hi"']]})
+    row = list(csv.reader(io.StringIO(format_table(t, "csv"))))[1]
+    assert float(row[0]) == 1234567.891 and json.loads(row[1]) == ["rock, pop", 'say "hi"']
