@@ -345,22 +345,7 @@ def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_comple
     assert said, stderr[-3000:]
     status = read_status(str(out))
     assert status.run_state == "interrupted", format_status(status)
-    kept = {r["video_id"] for r in segment_rows(out)}
-    assert 1 <= status.done < 6 and len(kept) == status.done and duplicate_keys(out) == 0
-
-    def group_gone() -> bool:
-        try:
-            os.killpg(driver, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_for(group_gone, 60, "the run's Ray processes to end")
-
-    again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{6 - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
-    assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
+    _kept_and_rerun_finishes(args, out, status, driver)
 
 
 @pytest.mark.slow
@@ -462,21 +447,7 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
                 pass
     status = read_status(str(out))
     assert (status.run_state, status.message) == ("interrupted", "stopped by SIGHUP (its terminal closed)")
-    kept = {r["video_id"] for r in segment_rows(out)}
-    assert 1 <= status.done < 6 and len(kept) == status.done and duplicate_keys(out) == 0
-
-    def group_gone() -> bool:
-        try:
-            os.killpg(driver, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-    wait_for(group_gone, 30, "the run's Ray processes to end")
-    again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{6 - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
-    assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
+    _kept_and_rerun_finishes(args, out, status, driver)
 
 
 @pytest.mark.slow
@@ -519,3 +490,23 @@ def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path)
     status = read_status(str(out))
     assert (status.run_state, status.done, status.failed) == ("finished", 2, 0), format_status(status)
     assert duplicate_keys(out) == 0
+
+
+def _kept_and_rerun_finishes(args: list[str], out: Path, status, driver: int, total: int = 6) -> None:  # noqa: ANN001
+    """A stopped run of ``total`` videos kept its committed ones without duplicates, its driver's process group
+    (the local Ray processes) ends, and a rerun finishes exactly the rest."""
+    kept = {r["video_id"] for r in segment_rows(out)}
+    assert 1 <= status.done < total and len(kept) == status.done and duplicate_keys(out) == 0
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(driver, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(group_gone, 60, "the run's Ray processes to end")
+    again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{total - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
+    assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
