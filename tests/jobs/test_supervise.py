@@ -391,6 +391,49 @@ def _cmdline(p: psutil.Process) -> str:
         return ""
 
 
+class _Terminal:
+    """An interactive bash on a pseudo-terminal, as a user has one.  On leaving, the terminal is closed and the
+    shell and ``supervisor`` (the 'vidpipe run' a test started there, once known) are killed if still there."""
+
+    def __enter__(self) -> _Terminal:
+        import pty
+
+        self.bash, self.master = pty.fork()
+        if self.bash == 0:
+            os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
+        self.supervisor: int | None = None
+        return self
+
+    def type(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    def read(self) -> None:
+        """Read what the terminal shows: unread, it would block the run's writes."""
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                if not os.read(self.master, 65536):
+                    return
+            except OSError:
+                return
+
+    def hang_up(self) -> None:
+        """Close the terminal: the kernel signals the shell (which signals its jobs, disowned ones not); it ends."""
+        os.close(self.master)
+        self.master = -1
+        os.waitpid(self.bash, 0)
+        self.bash = 0  # reaped
+
+    def __exit__(self, *exc: object) -> None:
+        if self.master >= 0:
+            os.close(self.master)
+        for pid in (self.bash, self.supervisor):
+            try:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_completes(shared_media, tmp_path):
     """A lost ssh connection or a closed terminal window: the shell passes SIGHUP on to 'vidpipe run', whose
@@ -398,8 +441,6 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
     status "interrupted: stopped by SIGHUP"), its Ray processes end, and a rerun finishes the rest.  It used
     to die with its terminal: the videos finished since the last commit lost, Ray's agents left for a minute,
     progress.json saying "running"."""
-    import pty
-
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(6):
@@ -407,44 +448,21 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
     out = tmp_path / "o"
     flags = [f for f in RUN_FLAGS if f != "--no-progress"]  # progress lines on the terminal, as a user sees them
     args = ["run", str(inputs), "--out", str(out), *flags, "--commit-seconds", "0.3"]
-    bash, master = pty.fork()
-    if bash == 0:  # an interactive shell on the terminal, as a user has one
-        os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
-    supervisor = None
-    try:
-        os.write(master, (" ".join([str(VIDPIPE), *args]) + "\n").encode())
-
-        def read_the_terminal() -> None:  # unread, its output would block the run's writes
-            while select.select([master], [], [], 0)[0]:
-                try:
-                    if not os.read(master, 65536):
-                        return
-                except OSError:
-                    return
+    with _Terminal() as terminal:
+        terminal.type(" ".join([str(VIDPIPE), *args]))
 
         def committed() -> bool:
-            read_the_terminal()
+            terminal.read()
             commits = out / "_job" / "commits"
             return commits.is_dir() and any(commits.glob("*.json"))
 
         wait_for(committed, 300, "a first committed video", interval_s=0.1)
         progress = _progress(out)
         driver, supervisor = progress["pid"], progress["supervisor_pid"]
+        terminal.supervisor = supervisor
         assert process_running(supervisor)
-        os.close(master)  # the terminal hangs up: the kernel signals the shell, which signals its jobs
-        master = -1
-        os.waitpid(bash, 0)
-        bash = 0  # reaped
+        terminal.hang_up()
         wait_for(lambda: not process_running(supervisor), 120, "'vidpipe run' to end")
-    finally:
-        if master >= 0:
-            os.close(master)
-        for pid in (bash, supervisor):
-            try:
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     status = read_status(str(out))
     assert (status.run_state, status.message) == ("interrupted", "stopped by SIGHUP (its terminal closed)")
     _kept_and_rerun_finishes(args, out, status, driver)
@@ -455,8 +473,6 @@ def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path)
     """``vidpipe run ... & disown``, then the terminal closes: the shell sends no SIGHUP to a disowned job, so
     the run goes on, and its progress lines meet a hung-up terminal (EIO): they are dropped, the run finishes.
     A write error used to escape the progress printer."""
-    import pty
-
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
@@ -464,29 +480,13 @@ def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path)
     out = tmp_path / "o"
     flags = [f for f in RUN_FLAGS if f != "--no-progress"]
     args = ["run", str(inputs), "--out", str(out), *flags]
-    bash, master = pty.fork()
-    if bash == 0:
-        os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
-    supervisor = None
-    try:
-        os.write(master, (" ".join([str(VIDPIPE), *args]) + " & disown\n").encode())
+    with _Terminal() as terminal:
+        terminal.type(" ".join([str(VIDPIPE), *args]) + " & disown")
         wait_for(lambda: (out / "_job" / "progress.json").exists(), 300, "the run to start", interval_s=0.1)
-        supervisor = _progress(out)["supervisor_pid"]
-        os.close(master)  # the terminal hangs up while the run is still at work
-        master = -1
-        os.waitpid(bash, 0)
-        bash = 0
+        supervisor = terminal.supervisor = _progress(out)["supervisor_pid"]
+        terminal.hang_up()  # while the run is still at work
         assert process_running(supervisor)
         wait_for(lambda: not process_running(supervisor), 300, "the run to end")
-    finally:
-        if master >= 0:
-            os.close(master)
-        for pid in (bash, supervisor):
-            try:
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     status = read_status(str(out))
     assert (status.run_state, status.done, status.failed) == ("finished", 2, 0), format_status(status)
     assert duplicate_keys(out) == 0
