@@ -294,11 +294,9 @@ def _stop_on_signals() -> None:
     import threading
     import time
 
-    from jobs.supervise import stop_signals
+    from jobs.supervise import stop_reason, stop_signals
 
     stops: list[float] = []
-    why = {signal.SIGINT: "stopped by Ctrl-C (SIGINT)", signal.SIGTERM: "stopped by SIGTERM",
-           signal.SIGHUP: "stopped by SIGHUP (its terminal closed)"}
 
     def stop(signum: int, frame: object) -> None:
         # A process group's signal can come twice (directly and through the supervisor, jobs.supervise),
@@ -308,7 +306,7 @@ def _stop_on_signals() -> None:
         if stops and (signum != signal.SIGINT or now - stops[0] < 1.0):
             return
         stops.append(now)
-        raise KeyboardInterrupt(why.get(signal.Signals(signum), f"stopped by signal {signum}"))
+        raise KeyboardInterrupt(stop_reason(signum))
 
     if threading.current_thread() is threading.main_thread():
         for sig in stop_signals():

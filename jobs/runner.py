@@ -118,7 +118,9 @@ def init_ray(address: str | None) -> None:
     except SystemExit as exc:
         # a SIGTERM while Ray starts meets Ray's handler (sys.exit(15)): stop as the CLI's own handler would
         if callable(on_sigterm) and exc.code == signal.SIGTERM:
-            raise KeyboardInterrupt("stopped by SIGTERM") from None
+            from jobs.supervise import stop_reason
+
+            raise KeyboardInterrupt(stop_reason(signal.SIGTERM)) from None
         raise
     finally:
         if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
@@ -366,7 +368,7 @@ class JobRunner:
                 except BaseException as exc:
                     stopped = isinstance(exc, KeyboardInterrupt)
                     status.state = "interrupted" if stopped else "failed"
-                    status.message = (str(exc) or "stopped" if stopped else f"{type(exc).__name__}: {exc}")[:500]
+                    status.message = ((str(exc) or "stopped") if stopped else f"{type(exc).__name__}: {exc}")[:500]
                     self._flush_what_is_complete(writer)
                     raise
                 finally:

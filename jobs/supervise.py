@@ -168,6 +168,12 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return tuple(s for s in _STOPS if signal.getsignal(s) is not signal.SIG_IGN)
 
 
+def stop_reason(sig: int) -> str:
+    """How a run stopped by ``sig`` records and reports it (``vidpipe status``: "interrupted: stopped by ...")."""
+    what: dict[int, str] = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGHUP: "SIGHUP (its terminal closed)"}
+    return f"stopped by {what.get(sig, _signal_name(sig))}"
+
+
 def _wait(pid: int, watched: set[signal.Signals], stops: tuple[signal.Signals, ...]) -> tuple[int, int]:
     """Wait for the child, passing stop signals on to it and stopping it with this process on SIGTSTP;
     its wait status, and the first stop signal passed on (0: none)."""
