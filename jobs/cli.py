@@ -103,6 +103,17 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
 
 
+def _add_repair(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "repair", help="drop the results whose committed files were deleted, so that a rerun redoes those videos",
+        description="When a data file that a commit names has been deleted or moved by hand, 'run', 'query' and "
+                    "'status' refuse OUT (naming the file) rather than give results with holes in them. 'repair' "
+                    "drops each such commit whole (its other files too), so that rerunning the job does those "
+                    "videos again. It deletes nothing else: files that no commit names are listed, not touched.")
+    p.add_argument("out", metavar="OUT", help="the --out directory of a run")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train the fusion + BiLSTM head on annotated videos; write a model bundle",
@@ -201,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit(sub)
     _add_status(sub)
     _add_query(sub)
+    _add_repair(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_bench(sub)
@@ -363,6 +375,31 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from jobs.output import new_run_id
+    from jobs.query import open_output
+
+    out = open_output(args.out)
+    with out.lock(new_run_id()):
+        lost = out.missing_files() if args.dry_run else out.forget_missing()
+        unrecorded = out.unrecorded_parts()
+    verb = "would drop" if args.dry_run else "dropped"
+    for c, files in lost:
+        print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "
+              f"missing {', '.join(out.store.uri_of(f) for f in files)}")
+    if lost:
+        print(f"{verb} {len(lost)} commits; rerun the job's 'vidpipe run' command to do those videos again"
+              if not args.dry_run else f"{verb} {len(lost)} commits; run without --dry-run to drop them")
+    else:
+        print(f"{out.uri}: every committed file is in place; nothing to drop")
+    if unrecorded:
+        print(f"{len(unrecorded)} data files that no commit names were left as they are (move them out of "
+              f"{out.uri} before the next run): " + ", ".join(out.store.uri_of(r) for r in unrecorded),
+              file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import TrainSpec, train
 
@@ -426,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run_args = args.run_args[1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "query": _cmd_query, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
+    commands = {"run": _cmd_run, "submit": _cmd_submit, "status": _cmd_status, "query": _cmd_query, "repair": _cmd_repair, "train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

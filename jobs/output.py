@@ -109,6 +109,21 @@ class Commit:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+class MissingCommitted(ConfigError):
+    """A commit record names a data file that is in neither its table folder nor staging."""
+
+    def __init__(self, out: OutputDir, table: str, lost: list[tuple[Commit, str]]) -> None:
+        self.lost = lost
+        videos = sum(c.n_videos + c.n_failures for c, _ in lost)
+        names = ", ".join(out.store.uri_of(f"{table}/{n}") for _, n in lost[:3])
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        super().__init__(
+            f"{names}{more} {'is' if len(lost) == 1 else 'are'} missing: committed (with the results of {videos} "
+            f"videos) but in neither {table}/ nor _job/staging/ (deleted or moved by hand?). Put "
+            f"{'it' if len(lost) == 1 else 'them'} back; or run 'vidpipe repair {out.uri}' to drop those "
+            "videos' results, so that rerunning the job does them again.")
+
+
 def _damaged(where: str, why: object) -> str:
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
             "backup, or run the job again into a new --out")
@@ -197,15 +212,24 @@ class OutputDir:
             return list(pool.map(self.store.read_text, rels))
 
     def committed_rel(self, table: str, commits: list[Commit] | None = None) -> list[str]:
-        """Committed files of ``table`` relative to the root: in place, or still in staging."""
+        """Committed files of ``table`` relative to the root: in place, or still in staging.
+
+        A file that a commit names but that is in neither place (deleted or moved by hand) is a
+        :class:`MissingCommitted` error that names it: read without it, the output would silently lack
+        rows, and a rerun would skip its videos as finished.
+        """
         commits = self.commits() if commits is None else commits
+        named = [(c, c.files[table]) for c in commits if c.files.get(table)]
         in_place = set(self.store.list_names(table, ".parquet"))
-        out = []
-        for c in commits:
-            name = c.files.get(table)
-            if name:
-                out.append(f"{table}/{name}" if name in in_place else f"{STAGING}/{name}")
-        return out
+        if any(name not in in_place for _, name in named):
+            staged = set(self.store.list_names(STAGING))
+            if any(name not in in_place and name not in staged for _, name in named):
+                # a running writer may have moved it out of staging between the two listings: list again
+                in_place |= set(self.store.list_names(table, ".parquet"))
+                lost = [(c, n) for c, n in named if n not in in_place and n not in staged]
+                if lost:
+                    raise MissingCommitted(self, table, lost)
+        return [f"{table}/{name}" if name in in_place else f"{STAGING}/{name}" for _, name in named]
 
     def committed_files(self, table: str) -> list[Any]:
         """Every committed file of ``table`` where it is now: local ``Path`` s, or ``bucket/key`` strings."""
@@ -226,32 +250,92 @@ class OutputDir:
                 yield self.store.read_table(f"{table}/{rel.rsplit('/', 1)[1]}", columns=columns)
 
     # -- recovery --------------------------------------------------------------------------------------
+    def unrecorded_parts(self, commits: list[Commit] | None = None) -> list[str]:
+        """Data files in the table folders that no commit record names (relative paths).
+
+        A run never leaves such a file (it writes into ``_job/staging/`` and moves a file into place only
+        after its commit record): another tool wrote it, or its record (or all of ``_job/``) was deleted.
+        Either way it is not vidpipe's to delete, and its rows cannot be trusted to be whole.
+        """
+        commits = self.commits() if commits is None else commits
+        named = {name for c in commits for name in c.files.values()}
+        return [f"{t}/{n}" for t in TABLES for n in self.store.list_names(t, ".parquet") if n not in named]
+
+    def refuse_unrecorded(self, commits: list[Commit] | None = None) -> None:
+        """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any."""
+        parts = self.unrecorded_parts(commits)
+        if not parts:
+            return
+        shown = ", ".join(self.store.uri_of(r) for r in parts[:3]) + (f" and {len(parts) - 3} more"
+                                                                     if len(parts) > 3 else "")
+        whose = ("it has no _job/ folder: it is not a vidpipe output, or its _job/ was removed"
+                 if not self.is_output() else "no commit record in _job/commits names them: they were not "
+                 "written by a run of this output, or their records were removed")
+        raise ConfigError(f"--out {self.uri} holds data files that vidpipe cannot account for ({shown}); {whose}. "
+                          "Nothing was deleted. Use a new --out directory, or move those files out of it and "
+                          "rerun.")
+
     def recover(self) -> None:
-        """Roll committed flushes forward, delete what no commit names, fold old records into a checkpoint.
+        """Roll committed flushes forward, delete staged files no commit names, fold old records into a
+        checkpoint; refuse (a ConfigError, nothing changed) when a committed file is missing or a table
+        folder holds a data file no commit names.
 
         Call only while holding the lock (:meth:`lock`): it deletes other runs' staging files.
         """
         commits = self.commits()
-        committed: dict[str, set[str]] = {t: set() for t in TABLES}
+        self.refuse_unrecorded(commits)
+        for table in TABLES:
+            self.committed_rel(table, commits)  # every committed file is there (MissingCommitted if not)
+        staged = set(self.store.list_names(STAGING))
         for c in commits:
             for table, name in c.files.items():
-                committed[table].add(name)
-        staged = set(self.store.list_names(STAGING))
-        for table in TABLES:
-            in_place = set(self.store.list_names(table, ".parquet"))
-            for name in sorted(committed[table] & staged):
-                if name in in_place:
-                    self.store.delete(f"{STAGING}/{name}")  # S3: copied before the crash, not yet deleted
-                else:
-                    self.store.move(f"{STAGING}/{name}", f"{table}/{name}")
-                staged.discard(name)
-            for name in sorted(in_place - committed[table]):
-                log.warning("removing uncommitted output file %s (left by an interrupted run)",
-                            self.store.uri_of(f"{table}/{name}"))
-                self.store.delete(f"{table}/{name}")
+                if name in staged:
+                    if self.store.is_file(f"{table}/{name}"):
+                        self.store.delete(f"{STAGING}/{name}")  # S3: copied before the crash, not yet deleted
+                    else:
+                        self.store.move(f"{STAGING}/{name}", f"{table}/{name}")
+                    staged.discard(name)
         for name in sorted(staged):
-            self.store.delete(f"{STAGING}/{name}")
+            self.store.delete(f"{STAGING}/{name}")  # written before a crash, never committed
         self._compact(commits)
+
+    def forget_missing(self) -> list[tuple[Commit, list[str]]]:
+        """Drop every commit one of whose files is missing, so that a rerun does its videos again.
+
+        Returns each dropped commit with its missing files (relative paths).  The commit's other files
+        go back to staging first (still readable through the record), then the record goes (rewritten
+        checkpoints, deleted record files), then :meth:`recover` deletes the staged files: a crash at
+        any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Call only
+        while holding the lock.
+        """
+        dropped = self.missing_files()
+        for c, missing in dropped:
+            for table, name in c.files.items():
+                if f"{table}/{name}" not in missing and self.store.is_file(f"{table}/{name}"):
+                    self.store.move(f"{table}/{name}", f"{STAGING}/{name}")
+        gone = {c.name for c, _ in dropped}
+        for n in self.store.list_names(COMMITS, ".json"):
+            if n.startswith(CHECKPOINT_PREFIX):
+                held = json.loads(self.store.read_text(f"{COMMITS}/{n}"))["commits"]
+                kept = [c for c in held if c["name"] not in gone]
+                if len(kept) != len(held):
+                    self.store.write_atomic(f"{COMMITS}/{n}", json.dumps({"commits": kept}).encode("utf-8"))
+            elif n[: -len(".json")] in gone:
+                self.store.delete(f"{COMMITS}/{n}")
+        self.recover()
+        return dropped
+
+    def missing_files(self) -> list[tuple[Commit, list[str]]]:
+        """The commits whose files are not all there, each with its missing files (relative paths)."""
+        commits = self.commits()
+        lost: dict[str, list[str]] = {}
+        for table in TABLES:
+            try:
+                self.committed_rel(table, commits)
+            except MissingCommitted as exc:
+                for c, name in exc.lost:
+                    lost.setdefault(c.name, []).append(f"{table}/{name}")
+        return [(c, lost[c.name]) for c in commits if c.name in lost]
 
     def _compact(self, commits: list[Commit]) -> None:
         # Thousands of tiny records make every start and query slow (one GET each on S3).  The
@@ -333,9 +417,18 @@ class OutputDir:
             log.warning("waiting for run %s to release %s (its lease was renewed %.0f s ago)",
                         lease.get("run_id"), self.uri, age)
             time.sleep(min(5.0, lease_s / 2))
-        self.write_json(f"{JOB}/progress.json", {"run_id": run_id, "state": "running", "heartbeat": time.time(),
-                                                  "host": socket.gethostname(), "pid": os.getpid()})
-        yield
+        placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), "host": socket.gethostname(),
+                       "pid": os.getpid()}
+        self.write_json(f"{JOB}/progress.json", placeholder)
+        try:
+            yield
+        finally:
+            if self.last_progress() == placeholder:
+                # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
+                if lease:
+                    self.write_json(f"{JOB}/progress.json", lease)
+                else:
+                    self.store.delete(f"{JOB}/progress.json")
 
 
 @dataclass

@@ -343,6 +343,8 @@ class JobRunner:
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
         out = _open_output(spec.out)
+        if not out.is_output():
+            out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/
         run_id = new_run_id()
         with out.lock(run_id):
             out.create()

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.output import OutputDir, ResultWriter
+from jobs.output import MissingCommitted, OutputDir, ResultWriter
 from jobs.query import connect, format_table, run_query
 from pipeline.errors import ConfigError
 from pipeline.media import VideoInfo
@@ -80,17 +80,101 @@ def test_recover_deletes_uncommitted_and_rolls_committed_forward(tmp_path):
     commit = w.flush()
     for table, name in commit.files.items():
         os.replace(out.table_dir(table) / name, out.staging_dir / name)
-    # A crash before the commit record: a data file no commit names.
-    (out.table_dir("segments") / "part-orphan.parquet").write_bytes(b"partial")
+    # A crash before the commit record: a staged file no commit names.
     (out.staging_dir / "part-orphan2.parquet").write_bytes(b"partial")
     # Readers already see exactly the committed rows (staged files of committed flushes included).
     assert run_query(out.root, "SELECT count(*) n FROM segments").column("n")[0].as_py() == 5
     out.recover()
-    assert not (out.table_dir("segments") / "part-orphan.parquet").exists()
     assert list(out.staging_dir.iterdir()) == []
     assert all((out.table_dir(t) / n).exists() for t, n in commit.files.items())
     rows = run_query(out.root, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1").to_pylist()
     assert rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
+
+
+def test_a_data_file_no_commit_names_is_refused_not_deleted(tmp_path):
+    """A run never leaves one in a table folder (it stages, records, then moves): someone else's file, or one
+    whose record was removed. Deleting it as 'uncommitted' lost data; now nothing is touched."""
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    commit = w.flush()
+    stray = out.table_dir("segments") / "part-mine.parquet"
+    stray.write_bytes(b"someone's data")
+    with pytest.raises(ConfigError, match=r"holds data files that vidpipe cannot account for \(.*part-mine.parquet\)"
+                                          r".*no commit record.*Nothing was deleted"):
+        out.recover()
+    assert stray.read_bytes() == b"someone's data"
+    # the same with the commit records gone: every part is then unaccounted for, and kept
+    for f in out.commits_dir.iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError, match="cannot account for") as e:
+        out.recover()
+    assert all(name in str(e.value) for name in commit.files.values())
+    assert all((out.table_dir(t) / n).exists() for t, n in commit.files.items()) and stray.exists()
+
+
+def test_run_into_a_folder_of_other_parquet_files_is_refused_before_anything(tmp_path, capsys):
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    folder = tmp_path / "mine"
+    (folder / "segments").mkdir(parents=True)
+    (folder / "segments" / "part-0.parquet").write_bytes(b"not vidpipe's")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    assert main(["run", str(clip), "--out", str(folder), "--allow-untrained"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{folder / 'segments' / 'part-0.parquet'}" in err and "it has no _job/ folder" in err
+    assert "Traceback" not in err and "Nothing was deleted" in err
+    assert sorted(p.name for p in folder.rglob("*")) == ["part-0.parquet", "segments"]  # no _job/ made
+
+
+def _two_commits(tmp_path):
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    first = w.flush()
+    w.add_row(head_row("v2", 0, 0, 2, is_last=True, n_total=2))
+    w.add_row({"video_id": "v3", "uri": "/v/v3.mp4", "error_stage": "decode", "error_kind": "decode_error",
+               "error_message": "broken", "chunk_index": -1, "is_last": True})
+    second = w.flush()
+    return out, first, second
+
+
+def test_a_deleted_committed_file_is_named_not_read_around(tmp_path):
+    """Reading around it gave a query with holes and a rerun that skipped the lost videos as finished."""
+    out, _, second = _two_commits(tmp_path)
+    lost = out.table_dir("segments") / second.files["segments"]
+    lost.unlink()
+    for read in (lambda: run_query(out.root, "SELECT count(*) FROM segments"), out.recover,
+                 lambda: out.committed_files("segments")):
+        with pytest.raises(MissingCommitted, match=rf"{lost} is missing: committed \(with the results of 2 videos\) "
+                                                   r"but in neither segments/ nor _job/staging/.*vidpipe repair"):
+            read()
+    assert out.finished_video_ids() == {"v1", "v2", "v3"}  # the other tables are whole: no error reading them
+    # a file of a committed flush still in staging (its move not done yet) is not missing
+    os.replace(out.table_dir("videos") / second.files["videos"], out.staging_dir / second.files["videos"])
+    assert len(out.committed_files("videos")) == 2
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_forget_missing_drops_the_whole_commit_and_nothing_else(tmp_path, monkeypatch, checkpointed):
+    import jobs.output
+
+    out, first, second = _two_commits(tmp_path)
+    if checkpointed:  # the records folded into a checkpoint, as a long job's are
+        monkeypatch.setattr(jobs.output, "COMPACT_AT", 1)
+        out.recover()
+        assert [f.name for f in out.commits_dir.iterdir()] == [f"checkpoint-{second.name}.json"]
+    (out.table_dir("videos") / second.files["videos"]).unlink()
+    assert [(c.name, m) for c, m in out.missing_files()] == [(second.name, [f"videos/{second.files['videos']}"])]
+    dropped = out.forget_missing()
+    assert [c.name for c, _ in dropped] == [second.name]
+    assert [c.name for c in out.commits()] == [first.name]
+    assert out.finished_video_ids() == {"v1"}  # v2 and v3 are done again by the next run
+    assert sorted(p.name for t in ("segments", "videos", "failures") for p in out.table_dir(t).iterdir()) == sorted(
+        first.files.values())
+    assert list(out.staging_dir.iterdir()) == []
+    assert run_query(out.root, "SELECT count(*) n FROM segments").column("n")[0].as_py() == 3
+    assert out.forget_missing() == []
 
 
 def test_flush_by_size_gives_few_files(tmp_path):

@@ -103,6 +103,39 @@ def test_other_sampling_on_same_out_is_refused(first_run, capsys):
     assert "already holds results of another job" in capsys.readouterr().err
 
 
+def test_a_deleted_committed_file_is_named_until_repair_and_the_rerun_redoes_its_videos(first_run, tmp_path,
+                                                                                        capsys):
+    """Before: the rerun said '0 ok, 4 skipped' over the lost segments, query and status failed with tracebacks."""
+    spec, out, _ = first_run
+    copy = tmp_path / "o"
+    shutil.copytree(out, copy)
+    keys = "SELECT video_id, segment_index, label, score FROM segments ORDER BY 1, 2"
+    before = run_query(copy, keys)
+    lost = OutputDir(copy).committed_files("segments")[0]
+    commit = next(c for c in OutputDir(copy).commits() if c.files.get("segments") == lost.name)
+    lost.unlink()
+    rerun = ["run", *spec.inputs, "--out", str(copy), "--allow-untrained", "--chunk-seconds", "4", "--no-progress"]
+    for argv in (rerun, ["query", str(copy), "SELECT 1"], ["status", str(copy)]):
+        assert main(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert f"{lost} is missing: committed" in err and f"vidpipe repair {copy}" in err, err
+        assert "Traceback" not in err
+    assert main(["repair", str(copy), "--dry-run"]) == 0 and lost.name in capsys.readouterr().out
+    assert OutputDir(copy).missing_files()  # the dry run changed nothing
+    assert main(["repair", str(copy)]) == 0
+    said = capsys.readouterr().out
+    assert f"dropped commit {commit.name}" in said and "rerun the job" in said
+    assert main(["repair", str(copy)]) == 0 and "nothing to drop" in capsys.readouterr().out
+    assert main(rerun) == EXIT_SOME_FAILED  # the two bad inputs fail again
+    said = capsys.readouterr().out
+    redone = commit.n_videos + commit.n_failures
+    assert f"{commit.n_videos} videos ok, {commit.n_failures} failed, {4 - redone} skipped" in said, said
+    after = run_query(copy, keys)
+    assert after.column("video_id").to_pylist() == before.column("video_id").to_pylist()
+    assert after.column("label").to_pylist() == before.column("label").to_pylist()
+    assert after.column("score").to_pylist() == pytest.approx(before.column("score").to_pylist(), abs=1e-5)
+
+
 @pytest.mark.parametrize("clip_name, bundle", [("bikes_noaudio.mp4", "untrained"), ("bbb_clip_720p.mp4", "default")])
 def test_chunked_and_whole_runs_give_identical_labels(shared_media, tmp_path, ray_session, clip_name, bundle):
     """One chunk or many: the same labels and scores (the default bundle's audio features included)."""

@@ -7,10 +7,11 @@ import signal
 
 import pytest
 
-from jobs.output import OutputDir, ResultWriter
+from jobs.output import MissingCommitted, OutputDir, ResultWriter
 from jobs.query import run_query
 from jobs.runner import JobRunner
 from jobs.spec import JobSpec
+from pipeline.errors import ConfigError
 from tests.jobs.conftest import (
     RUN_FLAGS,
     duplicate_keys,
@@ -136,17 +137,28 @@ def test_commit_protocol_on_s3_every_crash_state(s3):
     # crash between the copy and the delete of one file: it is in both places
     seg = commit.files["segments"]
     store.fs.copy_file(store.full(f"_job/staging/{seg}"), store.full(f"segments/{seg}"))
-    # crash before a record: orphans in staging and in place
+    # crash before a record: an orphan in staging
     store.write_atomic("_job/staging/part-orphan.parquet", b"partial")
-    store.write_atomic("videos/part-orphan.parquet", b"partial")
     rows = run_query(out.uri, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1").to_pylist()
     assert rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
     assert out.finished_video_ids() == {"v1", "v2"}
     out.recover()
     assert store.list_names("_job/staging") == []
-    assert "part-orphan.parquet" not in store.list_names("videos")
     assert all(store.is_file(f"{t}/{n}") for t, n in commit.files.items())
     assert run_query(out.uri, "SELECT count(*) n FROM videos").column("n")[0].as_py() == 2
+    # a data file no record names is not a run's (they stage first): named and kept, not deleted
+    store.write_atomic("videos/part-other.parquet", b"someone's")
+    with pytest.raises(ConfigError, match=r"cannot account for \(s3://.*/videos/part-other.parquet\)"):
+        out.recover()
+    assert store.is_file("videos/part-other.parquet")
+    store.delete("videos/part-other.parquet")
+    # a committed file deleted by hand: named (exit 2 in the CLI); 'repair' drops its commit whole
+    store.delete(f"segments/{seg}")
+    with pytest.raises(MissingCommitted, match=rf"s3://.*/segments/{seg} is missing"):
+        run_query(out.uri, "SELECT count(*) FROM segments")
+    assert [c.name for c, _ in out.forget_missing()] == [commit.name]
+    assert run_query(out.uri, "SELECT count(*) n FROM videos").column("n")[0].as_py() == 1
+    assert store.list_names("_job/staging") == [] and not store.is_file(f"videos/{commit.files['videos']}")
 
 
 def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shared_media):
@@ -159,7 +171,7 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shar
 def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_usage_error(s3, s3_archive):
     """As locally: a named video that does not exist becomes a not_found row; the job goes on."""
     from jobs.discover import check_inputs, discover
-    from pipeline.errors import ConfigError, MediaError
+    from pipeline.errors import MediaError
     from pipeline.inputs import open_input
 
     named = "s3://vidpipe-in/videos/nope.mp4"
