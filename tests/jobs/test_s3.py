@@ -183,3 +183,19 @@ def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_us
     for missing in ("s3://vidpipe-in/no/such/prefix/", "s3://no-such-bucket/videos/a.mp4"):
         with pytest.raises(ConfigError, match=f"input {missing} does not exist"):
             check_inputs([missing])
+
+
+def test_a_holder_that_keeps_no_progress_gives_the_last_runs_back(s3):
+    """'vidpipe repair' holds an S3 OUT's lease, but keeps no progress of its own: left as 'running', its
+    lease made 'status' report a live run and the next run wait it out."""
+    out = OutputDir("s3://vidpipe-out/lease")
+    out.create()
+    last = {"run_id": "r1", "state": "finished", "heartbeat": 1.0, "inputs_total": 3}
+    out.write_json("_job/progress.json", last)
+    with out.lock("repair-1"):
+        assert out.last_progress()["state"] == "running"
+    assert out.last_progress() == last
+    out.store.delete("_job/progress.json")
+    with out.lock("repair-2"):
+        pass
+    assert out.last_progress() == {}
