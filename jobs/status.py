@@ -54,7 +54,7 @@ def read_status(out_uri: str) -> JobStatus:
     if state == "running" and not alive:
         state = "dead"  # killed without a word: rerun the same command to resume
     total = progress.get("inputs_total")
-    pending = max(int(total) - done - failed, 0) if total is not None else None
+    pending = None if total is None else _pending(progress, int(total), int(done) + int(failed))
     per_s = progress.get("videos_per_s") or None
     eta = pending / per_s if alive and per_s and pending is not None else None
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),
@@ -62,6 +62,19 @@ def read_status(out_uri: str) -> JobStatus:
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
                      videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") or None,
                      eta_s=eta, message=str(progress.get("message") or ""))
+
+
+def _pending(progress: dict[str, Any], total: int, finished_in_out: int) -> int:
+    """Of the last run's ``total`` input videos, how many no run has finished.
+
+    Once the run has read all its inputs its own counts are exact (OUT may also hold videos that other
+    inputs named, so the tables' counts are not); before that, the videos it has not read yet may have
+    been finished earlier, and the tables give the estimate.
+    """
+    if int(progress.get("discovered") or 0) >= total:
+        ran = sum(int(progress.get(k) or 0) for k in ("skipped", "done", "failed"))
+        return max(total - ran, 0)
+    return max(total - finished_in_out, 0)
 
 
 def _gone(progress: dict[str, Any]) -> bool:
@@ -106,7 +119,8 @@ def format_status(s: JobStatus) -> str:
     total = "?" if s.total is None else f"{s.total:,}"
     pending = "?" if s.pending is None else f"{s.pending:,}"
     lines.append(f"output {s.out}")
-    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed, {pending} pending (of {total})")
+    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed; {pending} pending of the last run's {total} "
+                 "input videos")
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
     run = s.run_state or "no run recorded"
     if s.run_state == "dead":

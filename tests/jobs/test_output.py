@@ -252,3 +252,24 @@ def test_csv_keeps_floats_exact_and_lists_unambiguous():
     t = pa.table({"start_s": [1234567.891], "topk": [["rock, pop", 'say "hi"']]})
     row = list(csv.reader(io.StringIO(format_table(t, "csv"))))[1]
     assert float(row[0]) == 1234567.891 and json.loads(row[1]) == ["rock, pop", 'say "hi"']
+
+
+def test_status_pending_counts_the_last_runs_inputs_not_the_whole_output(tmp_path):
+    """OUT holds v1..v4, v3 and v4 named by other inputs; the last run named v1, v2, v5, v6 and was stopped
+    before v5 and v6: 2 pending, where the tables' count (4 done of 4) said 0."""
+    from jobs.status import format_status, read_status
+
+    out, w = writer_for(tmp_path)
+    for v in ("v1", "v2", "v3", "v4"):
+        w.add_row(head_row(v, 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    last = {"run_id": "r2", "state": "interrupted", "heartbeat": 1.0, "inputs_total": 4, "discovered": 4,
+            "skipped": 2, "done": 0, "failed": 0}
+    out.write_json("_job/progress.json", last)
+    s = read_status(str(out.root))
+    assert (s.done, s.total, s.pending) == (4, 4, 2)
+    assert "4 done, 0 failed; 2 pending of the last run's 4 input videos" in format_status(s)
+    # still reading its inputs: the unread ones may be finished already, so the tables give the estimate
+    out.write_json("_job/progress.json", last | {"state": "running", "inputs_total": 10, "discovered": 3,
+                                                 "skipped": 3})
+    assert read_status(str(out.root)).pending == 6
