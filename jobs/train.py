@@ -51,7 +51,7 @@ from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import FusionHead, build_head, window_plan
-from pipeline.image_encoder import IMAGE_ENCODER_DIMS
+from pipeline.image_encoder import IMAGE_ENCODER_DIMS, resolve_image_weights
 from pipeline.media import SamplingSpec
 from pipeline.specs import (
     AUDIO_ENCODER_KINDS,
@@ -122,8 +122,13 @@ class TrainSpec:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.modality_dropout < 0.5:
             raise ConfigError(f"modality_dropout must be in [0, 0.5), got {self.modality_dropout}")
-        if self.patience < 1 or self.batch_windows < 1 or not self.lr > 0:
-            raise ConfigError("patience and batch_windows must be >= 1 and lr > 0")
+        for flag, value, least in (("--patience", self.patience, 1), ("--window-segments", self.window_segments, 1),
+                                   ("--context-segments", self.context_segments, 0),
+                                   ("batch_windows", self.batch_windows, 1)):
+            if value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
 
     def sampling(self) -> SamplingSpec:
         try:
@@ -425,6 +430,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     started = time.monotonic()
     out = Path(spec.out).expanduser()
     _check_out(out)
+    sampling, image, audio = spec.sampling(), spec.image_spec(), spec.audio_spec()
+    if spec.address is None:  # the workers read the weights on this machine: a missing file is known now
+        try:
+            resolve_image_weights(image)
+        except ConfigError as exc:
+            raise ConfigError(f"--image-weights {spec.image_weights}: {exc}") from None
     ann = read_annotations(spec.annotations, spec.videos, task=spec.task, unlabeled=spec.unlabeled)
     labels = ann.labels
     if len(labels) < 2:
@@ -432,7 +443,6 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(labels)} labels ({', '.join(labels)}), "
         f"task {spec.task}")
 
-    sampling, image, audio = spec.sampling(), spec.image_spec(), spec.audio_spec()
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     fres = extract_features([(v.uri, v.video_id) for v in ann.videos], fspec, cache_root, address=spec.address,

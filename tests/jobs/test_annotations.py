@@ -171,3 +171,25 @@ def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
     assert len(val) == 2 and len(train) == 3 and not {v.uri for v in train} & {v.uri for v in val}
     assert split_videos(s.videos, s, 0.4, seed=3) == (train, val)
     assert split_videos(s.videos, s, 0.0, seed=3) == (sorted(s.videos, key=lambda v: v.uri), [])
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--image-encoder", "resnet18", "--image-weights", "file:/no/such.pth"],
+     "--image-weights file:/no/such.pth: image encoder 'resnet18': weights file '/no/such.pth' "),
+    (["--patience", "0"], "--patience must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--window-segments", "0"], "--window-segments must be >= 1, got 0"),
+    (["--context-segments", "-1"], "--context-segments must be >= 0, got -1"),
+])
+def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path, videos, capsys, flags, said):
+    """Before: missing weights failed after Ray started, as actor tracebacks (exit 1); --patience 0 named
+    'batch_windows', --window-segments 0 failed after feature extraction with the HeadSpec's repr."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,2,dog\nb.mp4,0,1,cat\n")
+    out = tmp_path / "bundle"
+    assert main(["train", "--annotations", str(ann), "--videos", str(videos), "--out", str(out), *flags]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert not out.exists()  # nothing extracted, nothing cached
