@@ -335,6 +335,7 @@ class JobRunner:
         self.stream = stream or sys.stderr
         self.plan: PipelinePlan | None = None  # the largest wave's (bench reports its pool sizes)
         self._plan_videos = 0
+        self._input_error: ConfigError | None = None  # a bad input that counting them found ahead of the waves
 
     def run(self) -> JobResult:
         spec = self.spec
@@ -391,6 +392,10 @@ class JobRunner:
         progress = Progress(None, self.stream, enabled=spec.progress)
         ray_started = False
         while True:
+            if self._input_error is not None:
+                raise ConfigError(f"{self._input_error} (found while counting the inputs, ahead of the videos "
+                                  "being run; the videos finished so far are committed: fix it and rerun the same "
+                                  "command to resume)")
             if retry:
                 group, fresh = retry.popleft(), False
                 status.retry_groups += 1
@@ -528,6 +533,8 @@ class JobRunner:
         def count() -> None:
             try:
                 status.inputs_total = count_videos(self.spec.inputs)
+            except ConfigError as exc:  # a bad manifest row, hours of waves ahead: stop at the next wave's start
+                self._input_error = exc
             except Exception as exc:  # noqa: BLE001 - only the progress display loses its total
                 log.warning("could not count the inputs: %s", exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -134,6 +135,26 @@ def test_a_deleted_committed_file_is_named_until_repair_and_the_rerun_redoes_its
     assert after.column("video_id").to_pylist() == before.column("video_id").to_pylist()
     assert after.column("label").to_pylist() == before.column("label").to_pylist()
     assert after.column("score").to_pylist() == pytest.approx(before.column("score").to_pylist(), abs=1e-5)
+
+
+def test_a_bad_manifest_row_far_ahead_stops_the_run_at_the_next_wave(shared_media, tmp_path, ray_session):
+    """Counting the inputs reads the whole manifest at the start; the bad row used to be only a warning
+    there, and an error when a wave reached it (hours later on a big manifest)."""
+    from pipeline.errors import ConfigError
+
+    rows = [str(shared_media / "bbb_5s_51.mp4")] + [str(tmp_path / f"missing{i}.mp4") for i in range(60)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("note,uri\n" + "".join(f"x,{r}\n" for r in rows) + "lonely\n")
+    out = tmp_path / "o"
+    spec = JobSpec(inputs=[str(manifest)], out=str(out), allow_untrained=True, progress=False, wave_size=2)
+    with pytest.raises(ConfigError, match=r"manifest .*m.csv line 63: missing the 'uri' column \(found while "
+                                          r"counting the inputs.*committed: fix it and rerun"):
+        JobRunner(spec).run()
+    finished = OutputDir(out).finished_video_ids()
+    assert len(finished) <= 2  # the first wave at most, not 30 waves up to the bad row
+    manifest.write_text(manifest.read_text().replace("lonely\n", "lonely,y\n"))
+    again = JobRunner(dataclasses.replace(spec, wave_size=None)).run()
+    assert again.videos_skipped == len(finished) and again.videos_done + again.videos_failed == 62 - len(finished)
 
 
 @pytest.mark.parametrize("clip_name, bundle", [("bikes_noaudio.mp4", "untrained"), ("bbb_clip_720p.mp4", "default")])
