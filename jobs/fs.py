@@ -87,6 +87,9 @@ class Store:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.full(rel), columns=columns, filesystem=self.fs)
 
+    def read_schema(self, rel: str) -> pa.Schema:
+        return pq.read_schema(self.full(rel), filesystem=self.fs)
+
     # -- changes -----------------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
         # S3 has no folders: a key's prefix exists as soon as the key does

@@ -226,18 +226,46 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
     identity = {"bundle_fingerprint": bundle_fingerprint(bundle), "model_id": bundle.model_id,
                 "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding}
     old = out.read_json("_job/job.json")
-    if old is not None:
+    if old is None:
+        _check_rows_identity(out, bundle, spec)
+    else:
         mismatch = [k for k in identity if old.get(k) != identity[k]]
         if mismatch:
             raise ConfigError(
                 f"{spec.out} already holds results of another job (differs in: {', '.join(mismatch)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
-                "Use a new --out directory, or rerun with the same model and sampling to resume.")
+                "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings) "
+                "to resume.")
         return
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle": bundle.meta.get("source", spec.model or "default"),
         "inputs": list(spec.inputs)})
+
+
+def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
+    """Without ``_job/job.json`` (removed by hand) but with committed results: refuse to mix in rows of
+    another model, segment length or embedding setting, as far as a committed segments file shows them."""
+    files = out.committed_rel("segments")
+    if not files:
+        return
+    has_embedding = "embedding" in out.store.read_schema(files[0]).names
+    rows = out.store.read_table(files[0], columns=["model_id", "segment_index", "start_s"])
+    found = {"model_id": rows.column("model_id")[0].as_py(), "embeddings": has_embedding}
+    wanted = {"model_id": bundle.model_id, "embeddings": spec.with_embedding}
+    later = [i for i, s in enumerate(rows.column("segment_index").to_pylist()) if s > 0]
+    if later:
+        i = later[0]
+        found["segment_seconds"] = round(rows.column("start_s")[i].as_py() / rows.column("segment_index")[i].as_py(), 6)
+        wanted["segment_seconds"] = round(bundle.sampling.segment_seconds, 6)
+    differ = [k for k in wanted if found[k] != wanted[k]]
+    if differ:
+        raise ConfigError(
+            f"{spec.out} holds results of another job ({', '.join(f'{k} {found[k]}' for k in differ)}; this run: "
+            f"{', '.join(f'{k} {wanted[k]}' for k in differ)}), and its _job/job.json, which records the job, is "
+            "gone. Use a new --out directory, or rerun with the settings of those results to resume.")
+    log.warning("%s had no _job/job.json (removed?): recorded this run's model and sampling again, which "
+                "match its committed rows", out.uri)
 
 
 def _open_output(uri: str) -> OutputDir:

@@ -157,6 +157,24 @@ def test_a_bad_manifest_row_far_ahead_stops_the_run_at_the_next_wave(shared_medi
     assert again.videos_skipped == len(finished) and again.videos_done + again.videos_failed == 62 - len(finished)
 
 
+def test_without_its_job_json_an_output_still_refuses_another_jobs_rows(first_run, tmp_path, capsys):
+    """Before: a removed _job/job.json skipped the identity check, and rows of two jobs mixed in one OUT."""
+    spec, out, _ = first_run
+    copy = tmp_path / "o"
+    shutil.copytree(out, copy)
+    (copy / "_job" / "job.json").unlink()
+    rerun = ["run", *spec.inputs, "--out", str(copy), "--allow-untrained", "--chunk-seconds", "4", "--no-progress"]
+    for extra, said in ((["--segment-seconds", "2"], "segment_seconds 1.0; this run: segment_seconds 2.0"),
+                        (["--embeddings"], "embeddings False; this run: embeddings True")):
+        assert main([*rerun, *extra]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"{copy} holds results of another job ({said}), and its _job/job.json" in err, err
+        assert not (copy / "_job" / "job.json").exists()
+    assert main(rerun) == EXIT_SOME_FAILED  # the same job: resumes, and records itself again
+    assert "0 videos ok, 0 failed, 4 skipped" in capsys.readouterr().out
+    assert json.loads((copy / "_job" / "job.json").read_text())["model_id"] == "untrained"
+
+
 @pytest.mark.parametrize("clip_name, bundle", [("bikes_noaudio.mp4", "untrained"), ("bbb_clip_720p.mp4", "default")])
 def test_chunked_and_whole_runs_give_identical_labels(shared_media, tmp_path, ray_session, clip_name, bundle):
     """One chunk or many: the same labels and scores (the default bundle's audio features included)."""
