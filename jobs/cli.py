@@ -370,6 +370,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     from jobs.query import format_table, run_query
 
+    if args.max_rows < 1:
+        raise ConfigError(f"--max-rows must be >= 1, got {args.max_rows} (for every row use --format csv or json)")
     table = run_query(args.out, args.sql)
     sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
     return EXIT_OK

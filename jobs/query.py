@@ -7,7 +7,9 @@ recorded, retries included.
 
 from __future__ import annotations
 
+import base64
 import csv
+import decimal
 import io
 import json
 import math
@@ -86,6 +88,8 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
 
 
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:
+    if not sql.strip():
+        raise ConfigError('the SQL is empty; pass a query, e.g. "SELECT label, count(*) FROM segments GROUP BY 1"')
     last: Exception | None = None
     for _ in range(3):
         con = connect(out_dir)
@@ -116,7 +120,23 @@ def _csv_cell(v: Any) -> Any:
     if isinstance(v, float):
         return "NaN" if math.isnan(v) else repr(v)
     if isinstance(v, list):
-        return json.dumps(v, default=str)
+        return json.dumps(_json_cell(v), default=str, allow_nan=False)
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode("ascii")
+    return v
+
+
+def _json_cell(v: Any) -> Any:
+    if isinstance(v, decimal.Decimal):  # DuckDB's type of a literal such as 0.1: a JSON number, not a string
+        v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode("ascii")
+    if isinstance(v, list):
+        return [_json_cell(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_cell(x) for k, x in v.items()}
     return v
 
 
@@ -124,8 +144,9 @@ def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int 
     """Render query results for a terminal (aligned table), or as CSV / JSON lines."""
     rows = table.to_pylist()
     names = table.column_names
-    if fmt == "json":
-        return "".join(json.dumps(r, default=str) + "\n" for r in rows)
+    if fmt == "json":  # strict JSON: NaN and infinities as null, bytes as base64
+        return "".join(json.dumps({k: _json_cell(v) for k, v in r.items()}, default=str, allow_nan=False) + "\n"
+                       for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

@@ -206,6 +206,28 @@ def test_format_table_csv_json():
     assert json.loads(format_table(t, "json").splitlines()[1])["label"] == "b"
 
 
+def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, capsys):
+    """NaN and infinities were written as NaN/Infinity (not JSON), bytes as b'...'; empty SQL printed nothing
+    with status 0 and --max-rows -1 was taken."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 1, is_last=True, n_total=1))
+    w.flush()
+    sql = ("SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, [1.5, '-inf'::DOUBLE] AS l, "
+           "'\\xAA\\x00'::BLOB AS b, 0.1 AS x FROM segments")
+    assert main(["query", str(out.root), sql, "--format", "json"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
+        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1}
+    assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1'
+    for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1")):
+        assert main(["query", str(out.root), *argv]) == EXIT_USAGE
+        assert said in capsys.readouterr().err
+
+
 def test_embeddings_are_fixed_size_arrays_in_queries(tmp_path):
     """As on an s3:// OUT (Arrow), so array functions work on a local one too (DuckDB's Parquet reader
     alone gives a variable-size list)."""
