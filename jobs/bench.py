@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from jobs.discover import discover
+from jobs.discover import check_inputs, discover
 from jobs.models import resolve_bundle, with_sampling
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, MediaError
@@ -254,14 +254,17 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
     """Measure (a) decode-only, (b) the pipeline and (c) the naive baseline on the same local files."""
     from workers.build import chunking_for
 
+    check_inputs(inputs)  # a folder without videos, a glob matching nothing: named
     paths = []
     for ref in discover(inputs):
         p = local_path(ref.uri)
-        if p is None or not Path(p).is_file():
-            raise ConfigError(f"bench input {ref.uri} is not a local video file; bench reads local files only")
+        if p is None:
+            raise ConfigError(f"bench input {ref.uri} is not a local file; bench reads local files only")
+        if not Path(p).is_file():
+            raise ConfigError(f"bench input {ref.uri} does not exist; check the path")
         paths.append(p)
     if not paths:
-        raise ConfigError("bench needs at least one video file")
+        raise ConfigError(f"bench inputs {' '.join(inputs)} name no video file; pass video files or folders of them")
     bundle = with_sampling(resolve_bundle(model, allow_untrained=allow_untrained), segment_seconds,
                            frames_per_segment)
     cpus = os.cpu_count() or 1

@@ -56,7 +56,13 @@ def test_bench_text_report_names_what_it_excludes(ray_session, capsys):
 
 def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == EXIT_USAGE
-    assert "at least one video file" in capsys.readouterr().err
+    assert f"input folder {str(tmp_path)!r} holds no video files" in capsys.readouterr().err
+    missing = tmp_path / "missing.mp4"
+    assert main(["bench", str(missing)]) == EXIT_USAGE
+    assert f"bench input {missing} does not exist; check the path" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["bench", str(tmp_path / "empty.txt")]) == EXIT_USAGE
+    assert "name no video file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "bad_packets"])
