@@ -36,7 +36,9 @@ def make_video_id(uri: str, relative: str) -> str:
 
 
 def _canonical(path: Path) -> str:
-    return str(path.resolve())
+    resolved = path.resolve()
+    # a dangling link is recorded as itself: its target's path would not tell which entry of the folder failed
+    return str(resolved) if resolved.exists() or not path.is_symlink() else str(path.absolute())
 
 
 def _walk(root: Path, errors: list[str] | None = None) -> Iterator[Path]:

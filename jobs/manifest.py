@@ -118,7 +118,7 @@ def _suffix(manifest: str) -> str:
 
 
 def check_manifest(manifest: str | Path) -> None:
-    """Open the manifest and check its header (fails fast with ConfigError); reads no entries."""
+    """Open the manifest, check its header and that it lists a video (fails fast with ConfigError)."""
     name = _name(manifest)
     suffix = _suffix(name)
     with _open_binary(name) as binary:
@@ -128,9 +128,13 @@ def check_manifest(manifest: str | Path) -> None:
             import pyarrow.parquet as pq
 
             try:
-                _parquet_column(pq.ParquetFile(binary).schema_arrow.names, name)
+                names = pq.ParquetFile(binary).schema_arrow.names
             except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError: not Parquet
                 raise ConfigError(f"manifest {name}: not a readable Parquet file ({exc})") from None
+            _parquet_column(names, name)
+    if next(read_manifest(name), None) is None:  # reads up to the first entry
+        raise ConfigError(f"manifest {name} lists no videos; check the file (empty lines and, in .txt, lines "
+                          "starting with # are skipped)")
 
 
 def read_manifest(manifest: str | Path) -> Iterator[VideoRef]:

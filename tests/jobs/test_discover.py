@@ -102,3 +102,23 @@ def test_an_existing_file_whose_name_looks_like_a_pattern_is_itself(tmp_path):
     (tmp_path / "clip1.mp4").write_bytes(b"y")
     refs = list(discover([str(tmp_path / "clip[1].mp4")]))
     assert [Path(r.uri.removeprefix("file://")).name for r in refs] == ["clip[1].mp4"]
+
+
+def test_manifests_that_list_nothing_or_lack_the_column_say_so(tmp_path):
+    """An empty manifest ran nothing with status 0 (and made OUT); a Parquet manifest without a uri column
+    was called 'not a readable Parquet file'."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("uri,note\n\n")
+    (tmp_path / "comments.txt").write_text("# nothing yet\n\n")
+    for m in (empty, tmp_path / "comments.txt"):
+        with pytest.raises(ConfigError, match=f"manifest {m} lists no videos"):
+            check_inputs([str(m)])
+    pq.write_table(pa.table({"name": ["a.mp4"]}), tmp_path / "m.parquet")
+    with pytest.raises(ConfigError, match=r"m.parquet: no column named one of uri, .*columns are \['name'\]"):
+        check_inputs([str(tmp_path / "m.parquet")])
+
+
+def test_a_dangling_link_in_a_folder_is_recorded_as_itself(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "gone.mp4").symlink_to(tmp_path / "elsewhere" / "target.mp4")
+    assert [r.uri for r in discover([str(tmp_path / "v")])] == [str(tmp_path / "v" / "gone.mp4")]
