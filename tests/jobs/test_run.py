@@ -171,7 +171,9 @@ def test_without_its_job_json_an_output_still_refuses_another_jobs_rows(first_ru
         assert f"{copy} holds results of another job ({said}), and its _job/job.json" in err, err
         assert not (copy / "_job" / "job.json").exists()
     assert main(rerun) == EXIT_SOME_FAILED  # the same job: resumes, and records itself again
-    assert "0 videos ok, 0 failed, 4 skipped" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "0 videos ok, 0 failed, 4 skipped" in said.out
+    assert "4 videos already finished in" in said.err and "(2 of them failed; done-set" in said.err
     assert json.loads((copy / "_job" / "job.json").read_text())["model_id"] == "untrained"
 
 
