@@ -415,6 +415,22 @@ def _metrics(probs: list[np.ndarray], targets: list[np.ndarray], labels: list[st
 # ------------------------------------------------------------------------------------------------- main
 
 
+def _warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], ends: dict[str, float],
+                             say: Callable[[str], None]) -> None:
+    """Name the annotation lines whose span starts at or after their video's end: they label nothing
+    (a wrong video, or times in another unit), so the model learns 'background' where they were meant."""
+    past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
+    if not past:
+        return
+    shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
+                      for a, end in past[:5])
+    more = f" (and {len(past) - 5} more)" if len(past) > 5 else ""
+    spans = f"{len(past)} spans start after their video's end and label" if len(past) > 1 else \
+        "1 span starts after the video's end and labels"
+    say(f"warning: annotations {annotations}: {spans} no segment: "
+        f"{shown}{more}; check the times (seconds) and the video paths")
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
@@ -450,6 +466,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if fres.failures:
         say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
     usable = [v for v in ann.videos if v.uri in fres.features]
+    _warn_spans_past_the_end(spec.annotations, usable, {v.uri: float(fres.features[v.uri].end_s[-1])
+                                                          for v in usable if len(fres.features[v.uri].end_s)}, say)
     train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)
     if not train_v:
         raise ConfigError("no training videos left (all failed to decode, or the split left none)")

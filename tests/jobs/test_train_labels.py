@@ -87,7 +87,11 @@ def test_multilabel_annotations_covering_every_segment_get_no_background_label(c
 
 def test_multilabel_annotations_with_uncovered_segments_keep_background(clips, tmp_path):
     rows = [f"{name},0,{SECONDS - 2},{'x' if i % 2 else 'y'}" for i, name in enumerate(NAMES)]
-    bundle, lines, meta = _train(_annotations(tmp_path / "ml.csv", rows), clips, tmp_path / "ml", task="multilabel")
+    rows.append("b.mp4,60,62,x")  # line 6: past the 6-s clip's end (minutes given as seconds?): labels nothing
+    ann = _annotations(tmp_path / "ml.csv", rows)
+    bundle, lines, meta = _train(ann, clips, tmp_path / "ml", task="multilabel")
+    assert (f"warning: annotations {ann}: 1 span starts after the video's end and labels no segment: line 6: 60-62 s "
+            f"'x', the video ends at {SECONDS:.1f} s; check the times (seconds) and the video paths") in lines
     assert bundle.labels == ["x", "y", "background"]
     assert meta["label_counts_train"]["background"] == 3 * 2  # the last 2 s of the 3 training clips
     assert not any("background" in line and "warning" in line for line in lines)
