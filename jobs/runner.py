@@ -371,6 +371,8 @@ class JobRunner:
         bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained),
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
+        if spec.address:
+            _check_reachable(spec.address)  # a wrong --address is named before OUT is made (Ray joins later)
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/

@@ -317,6 +317,25 @@ def test_an_unreachable_cluster_fails_in_seconds_naming_the_address():
         _check_reachable(f"127.0.0.1:{port}")
 
 
+def test_run_with_an_unreachable_address_makes_no_output(tmp_path, capsys):
+    """Before: the error came after OUT and its _job/ were made (a new, empty output left behind)."""
+    import socket
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    out = tmp_path / "new_out"
+    assert main(["run", str(clip), "--out", str(out), "--allow-untrained", "--address", f"127.0.0.1:{port}"]) == \
+        EXIT_USAGE
+    assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_job_server_errors_say_what_to_do():
     from jobs.submit import job_info
 
