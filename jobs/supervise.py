@@ -16,7 +16,8 @@ here from before the fork, taken with ``sigtimedwait`` and passed on to the chil
 Ctrl-C, committing the videos it has finished; a terminal's Ctrl-Z (SIGTSTP) stops the child's group, then this
 process, and ``fg``/``bg`` continue both.  The child dies with this process (``PR_SET_PDEATHSIG``):
 SIGKILL on ``vidpipe run``'s pid still stops the run at once.  When the child has ended, what is left of
-its process group (Ray's dashboard and runtime-env agents) is killed.  Linux only (elsewhere the command runs
+its process group (Ray's dashboard and runtime-env agents) is killed: by this process, or, where it was
+killed itself (SIGKILL, SIGQUIT), by a small reaper process that waits for its end.  Linux only (elsewhere the command runs
 in-process, as before).
 """
 
@@ -91,6 +92,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
         os.setpgid(pid, pid)  # as the child does: whichever runs first, no signal finds it in this group
     except OSError:  # the child has set it already (and may have exec'd or ended)
         pass
+    _start_reaper(pid)
     from jobs.progress import process_start
 
     child_started = process_start(pid)
@@ -139,6 +141,44 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
     return EXIT_INTERRUPTED if stopped_by else EXIT_INTERNAL
+
+
+def _start_reaper(pgid: int) -> None:
+    """Fork a small process that ends the driver's process group once this process is gone, however it
+    ends: a SIGKILL (or SIGQUIT) on 'vidpipe run' takes the driver with it (``PR_SET_PDEATHSIG``) but used
+    to leave Ray's local processes and agents of an embedded node running for about a minute.
+
+    It holds the read end of a pipe whose only write end is this process's: the end of this process is
+    its EOF.  It sits in this process's group with the stop signals and SIGTSTP blocked (this process's
+    mask, inherited), SIGQUIT ignored and its standard streams on /dev/null (a caller reading this process's
+    output to its end must not wait for it).
+    """
+    r, w = os.pipe()
+    try:
+        reaper = os.fork()
+    except OSError:  # no process to spare: the run goes on without (as before)
+        os.close(r)
+        os.close(w)
+        return
+    if reaper:
+        os.close(r)  # w stays open, never written, until this process ends
+        return
+    try:
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, r)
+        os.closerange(r + 1, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1024)
+        while True:
+            try:
+                if not os.read(r, 1):
+                    break
+            except InterruptedError:
+                continue
+        _end_process_group(pgid)
+    finally:
+        os._exit(0)
 
 
 def _end_process_group(pgid: int) -> None:

@@ -63,6 +63,11 @@ def command():
             signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
     else:
         _stop_on_signals()  # the run's own handlers
+    if mode == "agent":  # as Ray's agents of an embedded node: in the driver's group, outliving it
+        import subprocess
+        agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        with open(out + "/agent", "w") as f:
+            f.write(str(agent.pid))
     open(out + "/ready", "w").close()
     try:
         deadline = time.time() + 120
@@ -265,6 +270,20 @@ def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
     p.kill()
     p.communicate(timeout=60)
     wait_for(lambda: not process_running(driver), 30, "the driver to end with its supervisor")
+
+
+def test_sigkill_to_vidpipe_ends_what_its_driver_started_too(tmp_path):
+    """The driver dies with 'vidpipe run' (PDEATHSIG), but Ray's agents in its group lived on for about a
+    minute after a 'kill -9' (or SIGQUIT) of 'vidpipe run'; now its reaper process ends the group."""
+    out = tmp_path / "o"
+    p = _driver(out, "agent")
+    wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+    agent = int((out / "agent").read_text())
+    started = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    assert agent in started  # with the driver (and the reaper)
+    p.kill()
+    p.communicate(timeout=60)
+    wait_for(lambda: not any(process_running(pid) for pid in started), 10, "the driver, its agent and the reaper to end")
 
 
 @pytest.mark.slow
