@@ -382,8 +382,11 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     from jobs.query import open_output
 
     out = open_output(args.out)
-    with out.lock(new_run_id()):
-        lost = out.missing_files() if args.dry_run else out.forget_missing()
+    with out.lock(new_run_id(), keepalive=True):
+        if args.dry_run:
+            lost = out.missing_files()
+        else:
+            lost = out.forget_missing()  # refuses, changing nothing, where files no commit names are there
         unrecorded = out.unrecorded_parts()
     verb = "would drop" if args.dry_run else "dropped"
     for c, files in lost:
@@ -394,9 +397,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
               if not args.dry_run else f"{verb} {len(lost)} commits; run without --dry-run to drop them")
     else:
         print(f"{out.uri}: every committed file is in place; nothing to drop")
-    if unrecorded:
-        print(f"{len(unrecorded)} data files that no commit names were left as they are (move them out of "
-              f"{out.uri} before the next run): " + ", ".join(out.store.uri_of(r) for r in unrecorded),
+    if unrecorded:  # only a dry run gets here with some
+        print(f"{len(unrecorded)} data files that no commit names are in the way: move them out of {out.uri} "
+              "(repair and run refuse it until then): " + ", ".join(out.store.uri_of(r) for r in unrecorded),
               file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -38,7 +38,7 @@ def make_video_id(uri: str, relative: str) -> str:
 def _canonical(path: Path) -> str:
     resolved = path.resolve()
     # a dangling link is recorded as itself: its target's path would not tell which entry of the folder failed
-    return str(resolved) if resolved.exists() or not path.is_symlink() else str(path.absolute())
+    return str(path.absolute()) if not os.path.exists(resolved) and os.path.islink(path) else str(resolved)
 
 
 def _walk(root: Path, errors: list[str] | None = None) -> Iterator[Path]:

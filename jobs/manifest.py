@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -84,6 +84,10 @@ def _open_binary(manifest: str) -> Iterator[Any]:
         yield f
 
 
+class ManifestRowError(ConfigError):
+    """A row of a manifest that cannot name a video (what the file says, not a passing failure to read it)."""
+
+
 def _text(binary: Any) -> IO[str]:
     # utf-8-sig: a byte-order mark (as spreadsheet programs write one) is not part of the first entry
     return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
@@ -132,12 +136,21 @@ def check_manifest(manifest: str | Path) -> None:
             except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError: not Parquet
                 raise ConfigError(f"manifest {name}: not a readable Parquet file ({exc})") from None
             _parquet_column(names, name)
-    if next(read_manifest(name), None) is None:  # reads up to the first entry
+    entries = read_manifest(name)
+    try:
+        first = next(entries, None)  # reads up to the first entry
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:  # a damaged Parquet file past its footer, a read that failed
+        raise ConfigError(f"cannot read manifest {name}: {exc}") from None
+    finally:
+        entries.close()
+    if first is None:
         raise ConfigError(f"manifest {name} lists no videos; check the file (empty lines and, in .txt, lines "
                           "starting with # are skipped)")
 
 
-def read_manifest(manifest: str | Path) -> Iterator[VideoRef]:
+def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
     """Yield the manifest's entries in order; relative paths are relative to the manifest's folder."""
     name = _name(manifest)
     suffix = _suffix(name)
@@ -158,7 +171,7 @@ def read_manifest(manifest: str | Path) -> Iterator[VideoRef]:
                 if not row:
                     continue
                 if len(row) <= col:
-                    raise ConfigError(f"manifest {name} line {lineno}: missing the {header[col]!r} column")
+                    raise ManifestRowError(f"manifest {name} line {lineno}: missing the {header[col]!r} column")
                 if row[col].strip():
                     yield _ref(row[col], base)
         else:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -302,12 +303,14 @@ class OutputDir:
     def forget_missing(self) -> list[tuple[Commit, list[str]]]:
         """Drop every commit one of whose files is missing, so that a rerun does its videos again.
 
-        Returns each dropped commit with its missing files (relative paths).  The commit's other files
+        Returns each dropped commit with its missing files (relative paths); refuses (a ConfigError, nothing
+        changed) where a table folder holds a data file no commit names.  The commit's other files
         go back to staging first (still readable through the record), then the record goes (rewritten
         checkpoints, deleted record files), then :meth:`recover` deletes the staged files: a crash at
         any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Call only
         while holding the lock.
         """
+        self.refuse_unrecorded()  # before any change: recover() at the end would refuse half-way through
         dropped = self.missing_files()
         for c, missing in dropped:
             for table, name in c.files.items():
@@ -382,8 +385,12 @@ class OutputDir:
 
     # -- one writer at a time ------------------------------------------------------------------------
     @contextmanager
-    def lock(self, run_id: str, *, wait_s: float = 2 * LEASE_S) -> Iterator[None]:
-        """Hold OUT for one run; another live run makes this wait (S3) or fail (local) with a clear message."""
+    def lock(self, run_id: str, *, wait_s: float = 2 * LEASE_S, keepalive: bool = False) -> Iterator[None]:
+        """Hold OUT for one run; another live run makes this wait (S3) or fail (local) with a clear message.
+
+        On S3 the lease is ``progress.json``: a run renews it with its progress; a holder that writes none
+        (``vidpipe repair``) passes ``keepalive`` to have it renewed here, and gets the last run's back at the end.
+        """
         self.store.makedirs(JOB)
         if self.local:
             import fcntl
@@ -420,9 +427,25 @@ class OutputDir:
         placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), "host": socket.gethostname(),
                        "pid": os.getpid()}
         self.write_json(f"{JOB}/progress.json", placeholder)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(5.0):
+                placeholder["heartbeat"] = time.time()
+                try:
+                    self.write_json(f"{JOB}/progress.json", placeholder)
+                except OSError as exc:  # a hiccup: the next beat tries again
+                    log.warning("could not renew the lease %s: %s", self.store.uri_of(f"{JOB}/progress.json"), exc)
+
+        beat = threading.Thread(target=renew, name="vidpipe-lease", daemon=True)
+        if keepalive:
+            beat.start()
         try:
             yield
         finally:
+            stop.set()
+            if keepalive:
+                beat.join()
             if self.last_progress() == placeholder:
                 # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
                 if lease:

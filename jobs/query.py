@@ -119,7 +119,7 @@ def _csv_cell(v: Any) -> Any:
     # exact: floats at full precision (a terminal's table rounds them), lists as JSON (a label may hold a comma)
     if isinstance(v, float):
         return "NaN" if math.isnan(v) else repr(v)
-    if isinstance(v, list):
+    if isinstance(v, (list, dict)):
         return json.dumps(_json_cell(v), default=str, allow_nan=False)
     if isinstance(v, bytes):
         return base64.b64encode(v).decode("ascii")
@@ -133,7 +133,7 @@ def _json_cell(v: Any) -> Any:
         return None
     if isinstance(v, bytes):
         return base64.b64encode(v).decode("ascii")
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):  # a MAP's entries come as (key, value) tuples
         return [_json_cell(x) for x in v]
     if isinstance(v, dict):
         return {k: _json_cell(x) for k, x in v.items()}

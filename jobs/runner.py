@@ -43,8 +43,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import pyarrow.compute as pc
+
 from jobs.discover import VideoRef, check_inputs, count_videos, discover
 from jobs.idset import IdSet
+from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
 from jobs.output import OutputDir, ResultWriter, new_run_id
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, plan_for_cluster
@@ -245,20 +248,27 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
 
 def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
     """Without ``_job/job.json`` (removed by hand) but with committed results: refuse to mix in rows of
-    another model, segment length or embedding setting, as far as a committed segments file shows them."""
-    files = out.committed_rel("segments")
-    if not files:
-        return
-    has_embedding = "embedding" in out.store.read_schema(files[0]).names
-    rows = out.store.read_table(files[0], columns=["model_id", "segment_index", "start_s"])
-    found = {"model_id": rows.column("model_id")[0].as_py(), "embeddings": has_embedding}
-    wanted = {"model_id": bundle.model_id, "embeddings": spec.with_embedding}
-    later = [i for i, s in enumerate(rows.column("segment_index").to_pylist()) if s > 0]
-    if later:
-        i = later[0]
-        found["segment_seconds"] = round(rows.column("start_s")[i].as_py() / rows.column("segment_index")[i].as_py(), 6)
-        wanted["segment_seconds"] = round(bundle.sampling.segment_seconds, 6)
-    differ = [k for k in wanted if found[k] != wanted[k]]
+    another model, segment length, ``--top-k`` or embedding setting, as committed segments show them."""
+    found: dict[str, Any] = {}
+    for rel in out.committed_rel("segments")[:10]:  # a few files show it; not every one of a long job
+        if "model_id" not in found:
+            found["embeddings"] = "embedding" in out.store.read_schema(rel).names
+        rows = out.store.read_table(rel, columns=["model_id", "segment_index", "start_s", "topk_labels"])
+        if rows.num_rows:
+            found |= {"model_id": rows.column("model_id")[0].as_py(),
+                      "top_k": len(rows.column("topk_labels")[0].as_py())}
+        later = pc.greater(rows.column("segment_index"), 0)
+        if pc.any(later).as_py():
+            i = pc.index(later, True).as_py()
+            found["segment_seconds"] = round(rows.column("start_s")[i].as_py() / rows.column("segment_index")[i].as_py(),
+                                             6)
+        if "model_id" in found and "segment_seconds" in found:
+            break
+    if "model_id" not in found:
+        return  # no segment committed yet: nothing to mix with
+    wanted = {"model_id": bundle.model_id, "embeddings": spec.with_embedding,
+              "top_k": min(spec.top_k, len(bundle.labels)), "segment_seconds": round(bundle.sampling.segment_seconds, 6)}
+    differ = [k for k in wanted if k in found and found[k] != wanted[k]]
     if differ:
         raise ConfigError(
             f"{spec.out} holds results of another job ({', '.join(f'{k} {found[k]}' for k in differ)}; this run: "
@@ -363,7 +373,7 @@ class JobRunner:
         self.stream = stream or sys.stderr
         self.plan: PipelinePlan | None = None  # the largest wave's (bench reports its pool sizes)
         self._plan_videos = 0
-        self._input_error: ConfigError | None = None  # a bad input that counting them found ahead of the waves
+        self._input_error: ConfigError | None = None  # a bad manifest row that counting found ahead of the waves
 
     def run(self) -> JobResult:
         spec = self.spec
@@ -379,8 +389,8 @@ class JobRunner:
         run_id = new_run_id()
         with out.lock(run_id):
             out.create()
+            out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
             check_job_identity(out, bundle, spec)
-            out.recover()
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
@@ -564,7 +574,7 @@ class JobRunner:
         def count() -> None:
             try:
                 status.inputs_total = count_videos(self.spec.inputs)
-            except ConfigError as exc:  # a bad manifest row, hours of waves ahead: stop at the next wave's start
+            except ManifestRowError as exc:  # hours of waves ahead of the run: stop at the next wave's start
                 self._input_error = exc
             except Exception as exc:  # noqa: BLE001 - only the progress display loses its total
                 log.warning("could not count the inputs: %s", exc)

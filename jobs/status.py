@@ -67,14 +67,15 @@ def read_status(out_uri: str) -> JobStatus:
 def _pending(progress: dict[str, Any], total: int, finished_in_out: int) -> int:
     """Of the last run's ``total`` input videos, how many no run has finished.
 
-    Once the run has read all its inputs its own counts are exact (OUT may also hold videos that other
-    inputs named, so the tables' counts are not); before that, the videos it has not read yet may have
-    been finished earlier, and the tables give the estimate.
+    Two lower bounds: the tables' count (OUT may also hold videos that other inputs named), and, once
+    the run has read all its inputs, its own (its videos finished but not committed when it was killed,
+    or dropped by 'vidpipe repair' since, still count there); the larger is the closer.  Before the run
+    has read all its inputs its own count is no bound (the unread ones may be finished already).
     """
+    pending = total - finished_in_out
     if int(progress.get("discovered") or 0) >= total:
-        ran = sum(int(progress.get(k) or 0) for k in ("skipped", "done", "failed"))
-        return max(total - ran, 0)
-    return max(total - finished_in_out, 0)
+        pending = max(pending, total - sum(int(progress.get(k) or 0) for k in ("skipped", "done", "failed")))
+    return max(pending, 0)
 
 
 def _gone(progress: dict[str, Any]) -> bool:

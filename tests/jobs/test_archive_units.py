@@ -393,3 +393,29 @@ def test_a_finished_ray_jobs_exit_status_is_the_commands():
     assert [job_exit_code("FAILED", failed.format(n)) for n in (3, 2, 1)] == [3, 2, 1]
     assert job_exit_code("STOPPED", "Job was intentionally stopped.") == 130  # ray job stop: interrupted
     assert job_exit_code("FAILED", "the driver's node died") == 1
+
+
+def test_only_a_bad_manifest_row_found_by_counting_stops_a_run(tmp_path):
+    """Counting the inputs is for the progress display: a read that fails there (a manifest moved away,
+    S3 unreachable for a moment) must not end a job of hours; a row that names no video does."""
+    import threading
+
+    from jobs.progress import RunStatus
+    from jobs.runner import JobRunner
+
+    def counted(manifest_text: str | None) -> JobRunner:
+        manifest = tmp_path / "m.csv"
+        if manifest_text is None:
+            manifest.unlink(missing_ok=True)
+        else:
+            manifest.write_text(manifest_text)
+        runner = JobRunner(JobSpec(inputs=[str(manifest)], out=str(tmp_path / "o"), progress=False))
+        runner._count_inputs(RunStatus(run_id="r"))
+        for t in threading.enumerate():
+            if t.name == "vidpipe-count-inputs":
+                t.join(30)
+        return runner
+
+    assert counted(None)._input_error is None  # gone since the run started
+    runner = counted("note,uri\nx,a.mp4\nlonely\n")
+    assert runner._input_error is not None and "line 3: missing the 'uri' column" in str(runner._input_error)

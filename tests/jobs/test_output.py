@@ -177,6 +177,18 @@ def test_forget_missing_drops_the_whole_commit_and_nothing_else(tmp_path, monkey
     assert out.forget_missing() == []
 
 
+def test_forget_missing_with_a_file_no_commit_names_changes_nothing(tmp_path):
+    """Its final recovery would refuse the stray half-way through (records gone, files staged)."""
+    out, first, second = _two_commits(tmp_path)
+    (out.table_dir("segments") / second.files["segments"]).unlink()
+    (out.table_dir("videos") / "part-stray.parquet").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match="part-stray.parquet.*Nothing was deleted"):
+        out.forget_missing()
+    assert [c.name for c in out.commits()] == [first.name, second.name]
+    assert list(out.staging_dir.iterdir()) == []
+    assert [(c.name, m) for c, m in out.missing_files()] == [(second.name, [f"segments/{second.files['segments']}"])]
+
+
 def test_flush_by_size_gives_few_files(tmp_path):
     out, w = writer_for(tmp_path, flush_segments=10)
     for i in range(8):
@@ -216,13 +228,13 @@ def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, caps
     w.add_row(head_row("v1", 0, 0, 1, is_last=True, n_total=1))
     w.flush()
     sql = ("SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, [1.5, '-inf'::DOUBLE] AS l, "
-           "'\\xAA\\x00'::BLOB AS b, 0.1 AS x FROM segments")
+           "'\\xAA\\x00'::BLOB AS b, 0.1 AS x, MAP {'k': 'nan'::DOUBLE} AS m FROM segments")
     assert main(["query", str(out.root), sql, "--format", "json"]) == 0
     line = capsys.readouterr().out.strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
-        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1}
+        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]]}
     assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1'
+    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]"'
     for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1")):
         assert main(["query", str(out.root), *argv]) == EXIT_USAGE
         assert said in capsys.readouterr().err
@@ -295,3 +307,18 @@ def test_status_pending_counts_the_last_runs_inputs_not_the_whole_output(tmp_pat
     out.write_json("_job/progress.json", last | {"state": "running", "inputs_total": 10, "discovered": 3,
                                                  "skipped": 3})
     assert read_status(str(out.root)).pending == 6
+
+
+def test_status_pending_of_a_killed_run_counts_what_it_did_not_commit(tmp_path):
+    """The run named v1, v2, v5, v6 (v1, v2 finished before); killed after finishing v5 and v6, v6 not yet
+    committed: its own count says 0 pending, the tables 1 (the larger lower bound is right)."""
+    from jobs.status import read_status
+
+    out, w = writer_for(tmp_path)
+    for v in ("v1", "v2", "v5"):
+        w.add_row(head_row(v, 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    out.write_json("_job/progress.json", {"run_id": "r2", "state": "running", "heartbeat": 1.0, "inputs_total": 4,
+                                          "discovered": 4, "skipped": 2, "done": 2, "failed": 0})
+    s = read_status(str(out.root))
+    assert (s.run_state, s.done, s.pending) == ("dead", 3, 1)

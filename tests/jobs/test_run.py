@@ -165,7 +165,8 @@ def test_without_its_job_json_an_output_still_refuses_another_jobs_rows(first_ru
     (copy / "_job" / "job.json").unlink()
     rerun = ["run", *spec.inputs, "--out", str(copy), "--allow-untrained", "--chunk-seconds", "4", "--no-progress"]
     for extra, said in ((["--segment-seconds", "2"], "segment_seconds 1.0; this run: segment_seconds 2.0"),
-                        (["--embeddings"], "embeddings False; this run: embeddings True")):
+                        (["--embeddings"], "embeddings False; this run: embeddings True"),
+                        (["--top-k", "2"], "top_k 5; this run: top_k 2")):
         assert main([*rerun, *extra]) == EXIT_USAGE
         err = capsys.readouterr().err
         assert f"{copy} holds results of another job ({said}), and its _job/job.json" in err, err

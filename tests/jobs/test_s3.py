@@ -192,7 +192,7 @@ def test_a_holder_that_keeps_no_progress_gives_the_last_runs_back(s3):
     out.create()
     last = {"run_id": "r1", "state": "finished", "heartbeat": 1.0, "inputs_total": 3}
     out.write_json("_job/progress.json", last)
-    with out.lock("repair-1"):
+    with out.lock("repair-1", keepalive=True):
         assert out.last_progress()["state"] == "running"
     assert out.last_progress() == last
     out.store.delete("_job/progress.json")
