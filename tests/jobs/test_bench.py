@@ -62,7 +62,7 @@ def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert f"bench input {missing} does not exist; check the path" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
     assert main(["bench", str(tmp_path / "empty.txt")]) == EXIT_USAGE
-    assert "name no video file" in capsys.readouterr().err
+    assert f"manifest {tmp_path / 'empty.txt'} lists no videos" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["garbage", "bad_packets"])
