@@ -109,7 +109,8 @@ def _add_repair(sub: argparse._SubParsersAction) -> None:
         description="When a data file that a commit names has been deleted or moved by hand, 'run', 'query' and "
                     "'status' refuse OUT (naming the file) rather than give results with holes in them. 'repair' "
                     "drops each such commit whole (its other files too), so that rerunning the job does those "
-                    "videos again. It deletes nothing else: files that no commit names are listed, not touched.")
+                    "videos again. It deletes nothing else; where a table folder holds files that no commit names, it "
+                    "names them and changes nothing (move them out of OUT first).")
     p.add_argument("out", metavar="OUT", help="the --out directory of a run")
     p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
 
