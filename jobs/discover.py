@@ -70,9 +70,14 @@ def discover(inputs: list[str]) -> Iterator[VideoRef]:
                 yield ref
 
 
-def count_videos(inputs: list[str]) -> int:
-    """How many videos ``inputs`` name (a second, independent pass over them; for progress and ETA)."""
-    return sum(1 for _ in discover(inputs))
+def count_videos(inputs: list[str], finished: IdSet | None = None) -> tuple[int, int]:
+    """How many videos ``inputs`` name, and how many of them ``finished`` (URIs) holds: a second,
+    independent pass over them, for progress, ETA and ``vidpipe status``'s pending count."""
+    total = done = 0
+    for ref in discover(inputs):
+        total += 1
+        done += finished is not None and ref.uri in finished
+    return total, done
 
 
 def check_inputs(inputs: list[str]) -> None:

@@ -129,6 +129,7 @@ class RunStatus:
     supervisor_pid: int | None = field(default_factory=lambda: _supervisor())
     supervisor_started: int | None = field(default_factory=lambda: process_start(_supervisor() or -1))
     inputs_total: int | None = None  # every video the inputs name (finished ones included), once counted
+    inputs_finished: int | None = None  # of those, finished by earlier runs (as counted with inputs_total)
     discovered: int = 0  # videos read from discovery so far (a wave may read a few ahead)
     skipped: int = 0  # of those, finished by an earlier run
     done: int = 0  # finished by this run (committed or about to be)

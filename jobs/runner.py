@@ -403,7 +403,7 @@ class JobRunner:
                                   embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)
             status = RunStatus(run_id=run_id)
             feeder = WaveFeeder(discover(spec.inputs), done, failed_before)
-            self._count_inputs(status)
+            self._count_inputs(status, done)  # ``done`` is only read from here on: the thread may share it
             with ProgressFile(out, status) as progress_file:
                 try:
                     self._run_waves(bundle, feeder, writer, status, progress_file)
@@ -570,10 +570,10 @@ class JobRunner:
         return ds
 
     # -- bookkeeping -----------------------------------------------------------------------------------
-    def _count_inputs(self, status: RunStatus) -> None:
+    def _count_inputs(self, status: RunStatus, done: IdSet) -> None:
         def count() -> None:
             try:
-                status.inputs_total = count_videos(self.spec.inputs)
+                status.inputs_total, status.inputs_finished = count_videos(self.spec.inputs, done)
             except ManifestRowError as exc:  # hours of waves ahead of the run: stop at the next wave's start
                 self._input_error = exc
             except Exception as exc:  # noqa: BLE001 - only the progress display loses its total

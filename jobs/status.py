@@ -67,14 +67,18 @@ def read_status(out_uri: str) -> JobStatus:
 def _pending(progress: dict[str, Any], total: int, finished_in_out: int) -> int:
     """Of the last run's ``total`` input videos, how many no run has finished.
 
-    Two lower bounds: the tables' count (OUT may also hold videos that other inputs named), and, once
-    the run has read all its inputs, its own (its videos finished but not committed when it was killed,
-    or dropped by 'vidpipe repair' since, still count there); the larger is the closer.  Before the run
-    has read all its inputs its own count is no bound (the unread ones may be finished already).
+    Two lower bounds: the tables' count (OUT may also hold videos that other inputs named), and the
+    run's own: its inputs finished before it (counted with the total, or, once it has read them all, the
+    ones it skipped) and the ones it finished (those not committed when it was killed, or dropped by
+    'vidpipe repair' since, still count there).  The larger is the closer.  Before the run has counted or
+    read all its inputs its own count is no bound (the unread ones may be finished already).
     """
     pending = total - finished_in_out
-    if int(progress.get("discovered") or 0) >= total:
-        pending = max(pending, total - sum(int(progress.get(k) or 0) for k in ("skipped", "done", "failed")))
+    before = progress.get("inputs_finished")
+    if before is None and int(progress.get("discovered") or 0) >= total:
+        before = progress.get("skipped")
+    if before is not None:
+        pending = max(pending, total - int(before) - sum(int(progress.get(k) or 0) for k in ("done", "failed")))
     return max(pending, 0)
 
 

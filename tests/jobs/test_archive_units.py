@@ -400,6 +400,7 @@ def test_only_a_bad_manifest_row_found_by_counting_stops_a_run(tmp_path):
     S3 unreachable for a moment) must not end a job of hours; a row that names no video does."""
     import threading
 
+    from jobs.idset import IdSet
     from jobs.progress import RunStatus
     from jobs.runner import JobRunner
 
@@ -410,7 +411,7 @@ def test_only_a_bad_manifest_row_found_by_counting_stops_a_run(tmp_path):
         else:
             manifest.write_text(manifest_text)
         runner = JobRunner(JobSpec(inputs=[str(manifest)], out=str(tmp_path / "o"), progress=False))
-        runner._count_inputs(RunStatus(run_id="r"))
+        runner._count_inputs(RunStatus(run_id="r"), IdSet())
         for t in threading.enumerate():
             if t.name == "vidpipe-count-inputs":
                 t.join(30)

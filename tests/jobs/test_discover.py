@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.discover import check_inputs, discover, make_video_id
+from jobs.discover import check_inputs, count_videos, discover, make_video_id
 from pipeline.errors import ConfigError
 
 
@@ -122,3 +122,11 @@ def test_a_dangling_link_in_a_folder_is_recorded_as_itself(tmp_path):
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "gone.mp4").symlink_to(tmp_path / "elsewhere" / "target.mp4")
     assert [r.uri for r in discover([str(tmp_path / "v")])] == [str(tmp_path / "v" / "gone.mp4")]
+
+
+def test_counting_the_inputs_counts_the_finished_ones_too(tmp_path):
+    from jobs.idset import IdSet
+
+    a, b = _touch(tmp_path / "v" / "a.mp4"), _touch(tmp_path / "v" / "b.mp4")
+    assert count_videos([str(tmp_path / "v"), str(a)]) == (2, 0)
+    assert count_videos([str(tmp_path / "v")], IdSet([str(b.resolve()), "/elsewhere/c.mp4"])) == (2, 1)

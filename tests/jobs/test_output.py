@@ -322,3 +322,18 @@ def test_status_pending_of_a_killed_run_counts_what_it_did_not_commit(tmp_path):
                                           "discovered": 4, "skipped": 2, "done": 2, "failed": 0})
     s = read_status(str(out.root))
     assert (s.run_state, s.done, s.pending) == ("dead", 3, 1)
+
+
+def test_status_pending_of_a_run_stopped_early_on_other_inputs(tmp_path):
+    """OUT held 3 videos of other inputs; a run over 5 new ones was stopped after its first: 4 pending (the
+    tables alone said 1). Counting its inputs at the start also counts which of them were finished."""
+    from jobs.status import read_status
+
+    out, w = writer_for(tmp_path)
+    for v in ("o1", "o2", "o3", "n1"):
+        w.add_row(head_row(v, 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    out.write_json("_job/progress.json", {"run_id": "r2", "state": "interrupted", "heartbeat": 1.0,
+                                          "inputs_total": 5, "inputs_finished": 0, "discovered": 2, "skipped": 0,
+                                          "done": 1, "failed": 0})
+    assert read_status(str(out.root)).pending == 4
