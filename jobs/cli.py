@@ -105,9 +105,10 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
 
 def _add_repair(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "repair", help="drop the results whose committed files were deleted, so that a rerun redoes those videos",
+        "repair", help="drop the results whose committed files were deleted or damaged, so that a rerun redoes them",
         description="When a data file that a commit names has been deleted or moved by hand, 'run', 'query' and "
-                    "'status' refuse OUT (naming the file) rather than give results with holes in them. 'repair' "
+                    "'status' refuse OUT (naming the file) rather than give results with holes in them; a damaged "
+                    "one (not a whole Parquet file any more) makes 'query' and 'status' fail naming it. 'repair' "
                     "drops each such commit whole (its other files too), so that rerunning the job does those "
                     "videos again. It deletes nothing else; where a table folder holds files that no commit names, it "
                     "names them and changes nothing (move them out of OUT first).")
@@ -392,7 +393,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     verb = "would drop" if args.dry_run else "dropped"
     for c, files in lost:
         print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "
-              f"missing {', '.join(out.store.uri_of(f) for f in files)}")
+              f"missing or damaged: {', '.join(out.store.uri_of(f) for f in files)}")
     if lost:
         print(f"{verb} {len(lost)} commits; rerun the job's 'vidpipe run' command to do those videos again"
               if not args.dry_run else f"{verb} {len(lost)} commits; run without --dry-run to drop them")

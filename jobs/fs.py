@@ -90,6 +90,11 @@ class Store:
     def read_schema(self, rel: str) -> pa.Schema:
         return pq.read_schema(self.full(rel), filesystem=self.fs)
 
+    def read_metadata(self, rel: str) -> pq.FileMetaData:
+        """The Parquet footer of ``rel``: ArrowInvalid (a ValueError) where it is not a whole Parquet file."""
+        with self.fs.open_input_file(self.full(rel)) as f:
+            return pq.read_metadata(f)
+
     # -- changes -----------------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
         # S3 has no folders: a key's prefix exists as soon as the key does

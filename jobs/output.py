@@ -301,9 +301,9 @@ class OutputDir:
         self._compact(commits)
 
     def forget_missing(self) -> list[tuple[Commit, list[str]]]:
-        """Drop every commit one of whose files is missing, so that a rerun does its videos again.
+        """Drop every commit one of whose files is missing or damaged, so that a rerun does its videos again.
 
-        Returns each dropped commit with its missing files (relative paths); refuses (a ConfigError, nothing
+        Returns each dropped commit with its missing or damaged files (relative paths); refuses (a ConfigError, nothing
         changed) where a table folder holds a data file no commit names.  The commit's other files
         go back to staging first (still readable through the record), then the record goes (rewritten
         checkpoints, deleted record files), then :meth:`recover` deletes the staged files: a crash at
@@ -312,9 +312,9 @@ class OutputDir:
         """
         self.refuse_unrecorded()  # before any change: recover() at the end would refuse half-way through
         dropped = self.missing_files()
-        for c, missing in dropped:
+        for c, _ in dropped:
             for table, name in c.files.items():
-                if f"{table}/{name}" not in missing and self.store.is_file(f"{table}/{name}"):
+                if self.store.is_file(f"{table}/{name}"):  # a damaged one too
                     self.store.move(f"{table}/{name}", f"{STAGING}/{name}")
         gone = {c.name for c, _ in dropped}
         for n in self.store.list_names(COMMITS, ".json"):
@@ -329,15 +329,22 @@ class OutputDir:
         return dropped
 
     def missing_files(self) -> list[tuple[Commit, list[str]]]:
-        """The commits whose files are not all there, each with its missing files (relative paths)."""
+        """The commits whose files are not all there and readable, each with its missing or damaged files
+        (relative paths; each present file's Parquet footer is read)."""
         commits = self.commits()
         lost: dict[str, list[str]] = {}
         for table in TABLES:
             try:
-                self.committed_rel(table, commits)
+                rels = self.committed_rel(table, commits)
             except MissingCommitted as exc:
                 for c, name in exc.lost:
                     lost.setdefault(c.name, []).append(f"{table}/{name}")
+                continue
+            for c, rel in zip([c for c in commits if c.files.get(table)], rels, strict=True):
+                try:
+                    self.store.read_metadata(rel)
+                except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet (any more)
+                    lost.setdefault(c.name, []).append(rel)
         return [(c, lost[c.name]) for c in commits if c.name in lost]
 
     def _compact(self, commits: list[Commit]) -> None:

@@ -65,7 +65,10 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
                 # that array functions (array_cosine_similarity, ...) work as on an s3:// OUT
                 import pyarrow.parquet as pq
 
-                schema = pq.read_schema(files[0])
+                try:
+                    schema = pq.read_schema(files[0])
+                except (OSError, ValueError) as exc:  # ArrowInvalid: not (any more) a whole Parquet file
+                    raise ConfigError(_damaged_file(out, exc)) from None
                 kind = schema.field("embedding").type if "embedding" in schema.names else None
                 if kind is not None and pa.types.is_fixed_size_list(kind):
                     columns = f"* REPLACE (CAST(embedding AS FLOAT[{kind.list_size}]) AS embedding)"
@@ -87,22 +90,39 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _damaged_file(out: OutputDir, exc: Exception) -> str:
+    return (f"a committed file of {out.uri} cannot be read ({str(exc).strip()}); restore it, or run "
+            f"'vidpipe repair {out.uri}' to drop its results so that rerunning the job does those videos again")
+
+
+def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
+    """A usage error for a failed query: a committed file that cannot be read is named as damaged."""
+    out = OutputDir(out_dir)
+    text = str(exc)
+    if out.store.root and out.store.root in text and ".parquet" in text:
+        return ConfigError(_damaged_file(out, exc))
+    return ConfigError(f"query failed: {text}".strip())
+
+
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:
     if not sql.strip():
         raise ConfigError('the SQL is empty; pass a query, e.g. "SELECT label, count(*) FROM segments GROUP BY 1"')
     last: Exception | None = None
     for _ in range(3):
-        con = connect(out_dir)
+        con = None
         try:
+            con = connect(out_dir)  # its views read each file's footer: a damaged file fails here
             rel = con.sql(sql)
             return rel.to_arrow_table() if rel is not None else pa.table({})
         except (duckdb.IOException, FileNotFoundError) as exc:
             last = exc  # a running job moved a committed file out of staging after we listed it: list again
-        except duckdb.Error as exc:
-            raise ConfigError(f"query failed: {exc}".strip()) from None
+        except (duckdb.Error, pa.ArrowException) as exc:
+            raise query_error(out_dir, exc) from None
         finally:
-            con.close()
-    raise ConfigError(f"query failed: {last}")
+            if con is not None:
+                con.close()
+    assert last is not None
+    raise query_error(out_dir, last)
 
 
 def _cell(v: Any) -> str:

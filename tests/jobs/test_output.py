@@ -337,3 +337,27 @@ def test_status_pending_of_a_run_stopped_early_on_other_inputs(tmp_path):
                                           "inputs_total": 5, "inputs_finished": 0, "discovered": 2, "skipped": 0,
                                           "done": 1, "failed": 0})
     assert read_status(str(out.root)).pending == 4
+
+
+@pytest.mark.parametrize("table", ["segments", "videos"])
+def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path, capsys, table):
+    """A committed file emptied by hand: query and status failed with DuckDB's traceback (exit 1) and repair
+    said nothing was wrong."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, first, second = _two_commits(tmp_path)
+    damaged = out.table_dir(table) / second.files[table]
+    damaged.write_bytes(b"")
+    for argv in (["query", str(out.root), f"SELECT count(*) FROM {table}"], ["status", str(out.root)]):
+        assert main(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert f"a committed file of {out.root} cannot be read" in err and f"vidpipe repair {out.root}" in err, err
+        assert "Traceback" not in err
+    assert main(["repair", str(out.root), "--dry-run"]) == 0
+    assert f"would drop commit {second.name}" in capsys.readouterr().out and damaged.exists()
+    assert main(["repair", str(out.root)]) == 0
+    assert f"missing or damaged: {damaged}" in capsys.readouterr().out
+    assert not damaged.exists() and [c.name for c in out.commits()] == [first.name]
+    assert main(["query", str(out.root), "SELECT count(*) n FROM segments", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "3"]
