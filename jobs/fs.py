@@ -77,6 +77,13 @@ class Store:
         names = [PurePosixPath(i.path).name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
         return sorted(n for n in names if n.endswith(suffix))
 
+    def list_tree(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """Paths (relative to ``rel_dir``) of the files anywhere below ``rel_dir`` (sorted); [] when it does not exist."""
+        base = self.full(rel_dir).rstrip("/") + "/"
+        sel = pafs.FileSelector(self.full(rel_dir), recursive=True, allow_not_found=True)
+        paths = [i.path[len(base):] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        return sorted(p for p in paths if p.endswith(suffix))
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.full(rel)) as f:
             return f.read()

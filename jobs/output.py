@@ -259,10 +259,13 @@ class OutputDir:
         Either way it is not vidpipe's to delete, and its rows cannot be trusted to be whole.
         """
         commits = self.commits() if commits is None else commits
-        named = {name for c in commits for name in c.files.values()}
-        return [f"{t}/{n}" for t in TABLES for n in self.store.list_names(t, ".parquet") if n not in named]
+        named = {f"{t}/{name}" for c in commits for t, name in c.files.items()}
+        # in subfolders too (a partitioned dataset's 'year=2024/'): a reader of 'segments/**' takes them
+        found = (f"{t}/{p}" for t in TABLES for p in self.store.list_tree(t, ".parquet"))
+        return [rel for rel in found if rel not in named]
 
-    def refuse_unrecorded(self, commits: list[Commit] | None = None) -> None:
+    def refuse_unrecorded(self, commits: list[Commit] | None = None, *,
+                          then: str = "Use a new --out directory, or move those files out of it and rerun.") -> None:
         """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any."""
         parts = self.unrecorded_parts(commits)
         if not parts:
@@ -272,9 +275,8 @@ class OutputDir:
         whose = ("it has no _job/ folder: it is not a vidpipe output, or its _job/ was removed"
                  if not self.is_output() else "no commit record in _job/commits names them: they were not "
                  "written by a run of this output, or their records were removed")
-        raise ConfigError(f"--out {self.uri} holds data files that vidpipe cannot account for ({shown}); {whose}. "
-                          "Nothing was deleted. Use a new --out directory, or move those files out of it and "
-                          "rerun.")
+        raise ConfigError(f"{self.uri} holds data files that vidpipe cannot account for ({shown}); {whose}. "
+                          f"Nothing was deleted. {then}")
 
     def recover(self) -> None:
         """Roll committed flushes forward, delete staged files no commit names, fold old records into a
@@ -310,7 +312,8 @@ class OutputDir:
         any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Call only
         while holding the lock.
         """
-        self.refuse_unrecorded()  # before any change: recover() at the end would refuse half-way through
+        # before any change: recover() at the end would refuse half-way through
+        self.refuse_unrecorded(then="Move those files out of it, then run 'vidpipe repair' again.")
         dropped = self.missing_files()
         for c, _ in dropped:
             for table, name in c.files.items():

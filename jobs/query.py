@@ -147,8 +147,8 @@ def _csv_cell(v: Any) -> Any:
 
 
 def _json_cell(v: Any) -> Any:
-    if isinstance(v, decimal.Decimal):  # DuckDB's type of a literal such as 0.1: a JSON number, not a string
-        v = float(v)
+    if isinstance(v, decimal.Decimal):  # DuckDB's type of 0.1 or of sum(INTEGER): a JSON number, not a string
+        return int(v) if v == v.to_integral_value() else float(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, bytes):

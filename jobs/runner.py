@@ -274,8 +274,9 @@ def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> 
             f"{spec.out} holds results of another job ({', '.join(f'{k} {found[k]}' for k in differ)}; this run: "
             f"{', '.join(f'{k} {wanted[k]}' for k in differ)}), and its _job/job.json, which records the job, is "
             "gone. Use a new --out directory, or rerun with the settings of those results to resume.")
-    log.warning("%s had no _job/job.json (removed?): recorded this run's model and sampling again, which "
-                "match its committed rows", out.uri)
+    log.warning("%s had no _job/job.json (removed?): recorded this run's settings as the job's; its committed "
+                "rows show the same %s (frames per segment and image size cannot be read from them: pass those "
+                "of the earlier runs)", out.uri, ", ".join(found))
 
 
 def _open_output(uri: str) -> OutputDir:

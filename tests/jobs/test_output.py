@@ -228,13 +228,14 @@ def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, caps
     w.add_row(head_row("v1", 0, 0, 1, is_last=True, n_total=1))
     w.flush()
     sql = ("SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, [1.5, '-inf'::DOUBLE] AS l, "
-           "'\\xAA\\x00'::BLOB AS b, 0.1 AS x, MAP {'k': 'nan'::DOUBLE} AS m FROM segments")
+           "'\\xAA\\x00'::BLOB AS b, 0.1 AS x, MAP {'k': 'nan'::DOUBLE} AS m, "
+           "sum(segment_index) + 9007199254740993 AS s FROM segments")
     assert main(["query", str(out.root), sql, "--format", "json"]) == 0
     line = capsys.readouterr().out.strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
-        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]]}
+        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]], "s": 9007199254740993}
     assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]"'
+    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]",9007199254740993'
     for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1")):
         assert main(["query", str(out.root), *argv]) == EXIT_USAGE
         assert said in capsys.readouterr().err
@@ -361,3 +362,20 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     assert not damaged.exists() and [c.name for c in out.commits()] == [first.name]
     assert main(["query", str(out.root), "SELECT count(*) n FROM segments", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "3"]
+
+
+def test_a_data_file_in_a_subfolder_of_a_table_is_refused_too(tmp_path):
+    """Another tool's partitioned files (segments/year=2024/...) were taken as no concern of the run's, and a
+    reader of segments/** then got both."""
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    nested = out.table_dir("segments") / "year=2024" / "part-0.parquet"
+    nested.parent.mkdir()
+    nested.write_bytes(b"theirs")
+    assert out.unrecorded_parts() == ["segments/year=2024/part-0.parquet"]
+    with pytest.raises(ConfigError, match=r"cannot account for \(.*segments/year=2024/part-0.parquet\)"):
+        out.recover()
+    with pytest.raises(ConfigError, match="Move those files out of it, then run 'vidpipe repair' again"):
+        out.forget_missing()
+    assert nested.read_bytes() == b"theirs"
