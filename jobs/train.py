@@ -446,7 +446,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     started = time.monotonic()
     out = Path(spec.out).expanduser()
     _check_out(out)
-    sampling, image, audio = spec.sampling(), spec.image_spec(), spec.audio_spec()
+    sampling, image = spec.sampling(), spec.image_spec()
+    try:  # built here to check it (a mel range above the audio's Nyquist frequency), before any work
+        audio = spec.audio_spec()
+        audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
+    except ConfigError as exc:
+        raise ConfigError(f"--audio-fmax {spec.audio_f_max_hz:g}: {exc}") from None
     if spec.address is None:  # the workers read the weights on this machine: a missing file is known now
         try:
             resolve_image_weights(image)
@@ -517,7 +522,6 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
             f"segment of the training videos is annotated, so the model cannot learn it; pass --unlabeled ignore "
             f"to train without it")
 
-    audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
     head_spec = HeadSpec(fusion=spec.fusion, image_dim=IMAGE_ENCODER_DIMS[image.name], audio_dim=audio_dim,
                          n_labels=len(labels), proj_dim=spec.proj_dim, lstm_hidden=spec.lstm_hidden,
                          window_segments=spec.window_segments, context_segments=spec.context_segments,

@@ -180,6 +180,8 @@ def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
     (["--window-segments", "0"], "--window-segments must be >= 1, got 0"),
     (["--context-segments", "-1"], "--context-segments must be >= 0, got -1"),
+    (["--audio-fmax", "100000"], "--audio-fmax 100000: audio f_max_hz=100000.0 is above the Nyquist frequency 8000.0"),
+    (["--audio-fmax", "0"], "--audio-fmax 0: invalid mel parameters"),
 ])
 def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path, videos, capsys, flags, said):
     """Before: missing weights failed after Ray started, as actor tracebacks (exit 1); --patience 0 named
