@@ -104,6 +104,10 @@ def init_ray(address: str | None) -> None:
             try:
                 ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
+                if address == "auto" and "Could not find any running Ray instance" in str(exc):
+                    raise ConfigError("--address auto: no Ray cluster is running on this machine (auto finds one "
+                                      "that 'ray start' started here); start one with 'ray start --head', give "
+                                      "its HOST:PORT, or leave --address out to run on an embedded Ray") from None
                 if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
                     how = ("RAY_AUTH_MODE=token is set here, so the cluster may have refused this token: put the "
                            "cluster's token (~/.ray/auth_token on its head node) in RAY_AUTH_TOKEN or in "
@@ -382,8 +386,11 @@ class JobRunner:
         bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained),
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
-        if spec.address:
-            _check_reachable(spec.address)  # a wrong --address is named before OUT is made (Ray joins later)
+        # a wrong --address is named before OUT is made (Ray is joined later, when there is work)
+        if spec.address == "auto":
+            init_ray(spec.address)  # the cluster 'ray start' started on this machine, or an error saying none is
+        elif spec.address:
+            _check_reachable(spec.address)
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/

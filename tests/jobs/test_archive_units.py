@@ -395,6 +395,23 @@ def test_a_finished_ray_jobs_exit_status_is_the_commands():
     assert job_exit_code("FAILED", "the driver's node died") == 1
 
 
+def test_run_with_address_auto_and_no_cluster_says_so_and_makes_no_output(tmp_path):
+    """It said to set up authentication tokens (no cluster was running at all), after making OUT with the
+    settings of this run recorded (a later run with another model was then refused)."""
+    import subprocess
+
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    out = tmp_path / "o"
+    (tmp_path / "ray").mkdir()  # Ray's temporary folder, where 'auto' looks for a cluster: none there
+    r = subprocess.run([str(VIDPIPE), "run", str(clip), "--out", str(out), "--allow-untrained", "--address", "auto"],
+                       env=vidpipe_env(RAY_TMPDIR=str(tmp_path / "ray")), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--address auto: no Ray cluster is running on this machine" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_only_a_bad_manifest_row_found_by_counting_stops_a_run(tmp_path):
     """Counting the inputs is for the progress display: a read that fails there (a manifest moved away,
     S3 unreachable for a moment) must not end a job of hours; a row that names no video does."""
