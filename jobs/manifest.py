@@ -167,11 +167,12 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
             col = _csv_column(header, name)
             if header is None or col is None:
                 return
-            for lineno, row in enumerate(reader, start=2):
+            for row in reader:
                 if not row:
                     continue
-                if len(row) <= col:
-                    raise ManifestRowError(f"manifest {name} line {lineno}: missing the {header[col]!r} column")
+                if len(row) <= col:  # line_num: the file's line where the row ends (a quoted field may span lines)
+                    raise ManifestRowError(f"manifest {name} line {reader.line_num}: missing the {header[col]!r} "
+                                           "column")
                 if row[col].strip():
                     yield _ref(row[col], base)
         else:

@@ -130,3 +130,11 @@ def test_counting_the_inputs_counts_the_finished_ones_too(tmp_path):
     a, b = _touch(tmp_path / "v" / "a.mp4"), _touch(tmp_path / "v" / "b.mp4")
     assert count_videos([str(tmp_path / "v"), str(a)]) == (2, 0)
     assert count_videos([str(tmp_path / "v")], IdSet([str(b.resolve()), "/elsewhere/c.mp4"])) == (2, 1)
+
+
+def test_a_bad_manifest_row_is_named_by_its_line_in_the_file(tmp_path):
+    """A quoted field spanning two lines made the row count and the file's line numbers differ."""
+    m = tmp_path / "m.csv"
+    m.write_text('note,uri\n"two\nlines",a.mp4\nshort\n')
+    with pytest.raises(ConfigError, match=r"m\.csv line 4: missing the 'uri' column"):
+        list(discover([str(m)]))
