@@ -362,11 +362,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError("name the job's OUT, or give --job ID --address URL of a job submitted by vidpipe")
     status = read_status(out)
     status.ray_job = job
+    _warn_unrecorded(out)
     if args.json:
         print(json.dumps(status.to_dict(), indent=2))
     else:
         sys.stdout.write(format_status(status))
     return EXIT_OK
+
+
+def _warn_unrecorded(out_uri: str) -> None:
+    """Say on stderr that data files no commit names are not in the results (a run refuses such an OUT)."""
+    from jobs.output import OutputDir
+
+    out = OutputDir(out_uri)
+    parts = out.unrecorded_parts()
+    if parts:
+        print(f"vidpipe: warning: {len(parts)} data files in {out.uri} that no commit record names are not "
+              f"counted ({', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}): another tool's, or their "
+              "records were removed", file=sys.stderr)
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
@@ -375,6 +388,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if args.max_rows < 1:
         raise ConfigError(f"--max-rows must be >= 1, got {args.max_rows} (for every row use --format csv or json)")
     table = run_query(args.out, args.sql)
+    _warn_unrecorded(args.out)
     sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
     return EXIT_OK
 

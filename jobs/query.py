@@ -137,6 +137,8 @@ def _cell(v: Any) -> str:
 
 def _csv_cell(v: Any) -> Any:
     # exact: floats at full precision (a terminal's table rounds them), lists as JSON (a label may hold a comma)
+    if isinstance(v, bool):  # as DuckDB's and JSON's, not Python's True
+        return "true" if v else "false"
     if isinstance(v, float):
         return "NaN" if math.isnan(v) else repr(v)
     if isinstance(v, (list, dict)):

@@ -229,13 +229,13 @@ def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, caps
     w.flush()
     sql = ("SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, [1.5, '-inf'::DOUBLE] AS l, "
            "'\\xAA\\x00'::BLOB AS b, 0.1 AS x, MAP {'k': 'nan'::DOUBLE} AS m, "
-           "sum(segment_index) + 9007199254740993 AS s FROM segments")
+           "sum(segment_index) + 9007199254740993 AS s, true AS t FROM segments")
     assert main(["query", str(out.root), sql, "--format", "json"]) == 0
     line = capsys.readouterr().out.strip()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
-        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]], "s": 9007199254740993}
+        "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]], "s": 9007199254740993, "t": True}
     assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]",9007199254740993'
+    assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]",9007199254740993,true'
     for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1")):
         assert main(["query", str(out.root), *argv]) == EXIT_USAGE
         assert said in capsys.readouterr().err
@@ -379,3 +379,15 @@ def test_a_data_file_in_a_subfolder_of_a_table_is_refused_too(tmp_path):
     with pytest.raises(ConfigError, match="Move those files out of it, then run 'vidpipe repair' again"):
         out.forget_missing()
     assert nested.read_bytes() == b"theirs"
+
+
+def test_query_and_status_say_what_they_do_not_count(tmp_path, capsys):
+    from jobs.cli import main
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    (out.table_dir("videos") / "part-x.parquet").write_bytes(b"theirs")
+    for argv in (["query", str(out.root), "SELECT count(*) FROM videos"], ["status", str(out.root)]):
+        assert main(argv) == 0
+        assert "1 data files in" in capsys.readouterr().err
