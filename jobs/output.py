@@ -258,10 +258,11 @@ class OutputDir:
         after its commit record): another tool wrote it, or its record (or all of ``_job/``) was deleted.
         Either way it is not vidpipe's to delete, and its rows cannot be trusted to be whole.
         """
+        # in subfolders too (a partitioned dataset's 'year=2024/'): a reader of 'segments/**' takes them.
+        # Listed before the records are read: a running writer moves a file into place only after its record
+        found = [f"{t}/{p}" for t in TABLES for p in self.store.list_tree(t, ".parquet")]
         commits = self.commits() if commits is None else commits
         named = {f"{t}/{name}" for c in commits for t, name in c.files.items()}
-        # in subfolders too (a partitioned dataset's 'year=2024/'): a reader of 'segments/**' takes them
-        found = (f"{t}/{p}" for t in TABLES for p in self.store.list_tree(t, ".parquet"))
         return [rel for rel in found if rel not in named]
 
     def refuse_unrecorded(self, commits: list[Commit] | None = None, *,
