@@ -63,9 +63,11 @@ def command():
             signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
     else:
         _stop_on_signals()  # the run's own handlers
-    if mode == "agent":  # as Ray's agents of an embedded node: in the driver's group, outliving it
-        import subprocess
-        agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    if mode == "agent":  # as Ray's raylet and agents: in the driver's group, outliving it; and as Ray's
+        import subprocess  # workers: the raylet's children, in process groups of their own
+        agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; w = subprocess.Popen("
+                                  "[sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+                                  "open(sys.argv[1], 'w').write(str(w.pid)); time.sleep(300)", out + "/worker"])
         with open(out + "/agent", "w") as f:
             f.write(str(agent.pid))
     open(out + "/ready", "w").close()
@@ -279,11 +281,14 @@ def test_sigkill_to_vidpipe_ends_what_its_driver_started_too(tmp_path):
     p = _driver(out, "agent")
     wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
     agent = int((out / "agent").read_text())
+    wait_for(lambda: (out / "worker").exists() and (out / "worker").read_text(), 30, "the agent's worker")
+    worker = int((out / "worker").read_text())
     started = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-    assert agent in started  # with the driver (and the reaper)
+    assert agent in started and worker in started and os.getpgid(worker) == worker  # a group of its own
     p.kill()
     p.communicate(timeout=60)
-    wait_for(lambda: not any(process_running(pid) for pid in started), 10, "the driver, its agent and the reaper to end")
+    wait_for(lambda: not any(process_running(pid) for pid in started), 10,
+             "the driver, its agent, the agent's worker and the reaper to end")
 
 
 @pytest.mark.slow
