@@ -93,6 +93,7 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     show_logs = os.environ.get("VIDPIPE_RAY_LOGS") == "1"
+    given = address
     address = address or os.environ.get("RAY_ADDRESS")
     # ray.init replaces the process's SIGTERM handler with one that exits at once (status 15, the run
     # "failed"); the CLI's own handler stops like Ctrl-C, committing what is finished, so it is put back
@@ -100,7 +101,7 @@ def init_ray(address: str | None) -> None:
     on_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
     try:
         if address:
-            _check_reachable(address)
+            _check_reachable(address, from_env=address != given)
             try:
                 ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
@@ -134,7 +135,7 @@ def init_ray(address: str | None) -> None:
             signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, *, from_env: bool = False) -> None:
     """Fail in seconds, naming the address, where ray.init would retry connecting for minutes."""
     import socket
 
@@ -144,9 +145,20 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection(where, timeout=10).close()
     except OSError as exc:
-        raise ConfigError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check the address "
-                          "('ray start --head' prints it) and that the cluster is up, or leave --address out to "
-                          "run on this machine") from None
+        given = "unset RAY_ADDRESS (it is set here)" if from_env else "leave --address out"
+        raise ConfigError(f"cannot reach a Ray cluster at {address}{' (RAY_ADDRESS)' if from_env else ''} "
+                          f"({exc.strerror or exc}); check the address ('ray start --head' prints it) and that the "
+                          f"cluster is up, or {given} to run on this machine") from None
+
+
+def _check_env_address(address: str) -> None:
+    """An unreachable HOST:PORT in RAY_ADDRESS, named before OUT is made; any other form is left to Ray."""
+    try:
+        check_address(address)
+    except ConfigError:
+        return
+    if address != "auto":
+        _check_reachable(address, from_env=True)
 
 
 def shutdown_ray() -> None:
@@ -391,6 +403,8 @@ class JobRunner:
             init_ray(spec.address)  # the cluster 'ray start' started on this machine, or an error saying none is
         elif spec.address:
             _check_reachable(spec.address)
+        elif os.environ.get("RAY_ADDRESS"):
+            _check_env_address(os.environ["RAY_ADDRESS"])
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/

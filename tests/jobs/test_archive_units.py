@@ -395,6 +395,25 @@ def test_a_finished_ray_jobs_exit_status_is_the_commands():
     assert job_exit_code("FAILED", "the driver's node died") == 1
 
 
+def test_an_unreachable_ray_address_in_the_environment_is_named_as_such(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    out = tmp_path / "o"
+    assert main(["run", str(clip), "--out", str(out), "--allow-untrained"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"cannot reach a Ray cluster at 127.0.0.1:{port} (RAY_ADDRESS)" in err and "unset RAY_ADDRESS" in err, err
+    assert not out.exists()
+
+
 def test_run_with_address_auto_and_no_cluster_says_so_and_makes_no_output(tmp_path):
     """It said to set up authentication tokens (no cluster was running at all), after making OUT with the
     settings of this run recorded (a later run with another model was then refused)."""
