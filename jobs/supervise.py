@@ -35,6 +35,7 @@ from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 _PR_SET_PDEATHSIG = 1
 _DONE = b"d"
+_REAP = b"k"  # to the reaper: the driver has ended, end what is left of the run now
 # stop signals passed on to the child; SIGHUP (a terminal that closed: an ssh connection lost) too, unless
 # ignored (``nohup``), when the child inherits that
 _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -92,7 +93,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
         os.setpgid(pid, pid)  # as the child does: whichever runs first, no signal finds it in this group
     except OSError:  # the child has set it already (and may have exec'd or ended)
         pass
-    _start_reaper(pid)
+    reaper = _start_reaper(pid)
     from jobs.progress import process_start
 
     child_started = process_start(pid)
@@ -107,7 +108,10 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     except BlockingIOError:
         done = False
     os.close(r)
-    _end_process_group(pid)  # Ray's agents of an embedded node outlived even some clean ends by ~60 s
+    # what is left of the run: Ray's agents of an embedded node outlived even some clean ends by ~60 s, its
+    # workers a killed driver by 23-26 s (the reaper, scanning while the raylet lives, finds them)
+    _reap(reaper)
+    _end_process_group(pid)  # where no reaper could be forked
     if done and os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     if os.WIFSIGNALED(status):
@@ -143,15 +147,20 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     return EXIT_INTERRUPTED if stopped_by else EXIT_INTERNAL
 
 
-def _start_reaper(pgid: int) -> None:
-    """Fork a small process that ends the driver's process group once this process is gone, however it
-    ends: a SIGKILL (or SIGQUIT) on 'vidpipe run' takes the driver with it (``PR_SET_PDEATHSIG``) but used
-    to leave Ray's local processes and agents of an embedded node running for about a minute.
+def _start_reaper(pgid: int) -> tuple[int, int] | None:
+    """Fork a small process that ends the run's processes (the driver's process group and every descendant
+    of its members) when told to, or when this process is gone however it ends.  A SIGKILL (or SIGQUIT) on
+    'vidpipe run' takes the driver with it (``PR_SET_PDEATHSIG``), and Ray ties its raylet and agents to the
+    driver, but Ray's agents lived on for about a minute and its workers (process groups of their own,
+    orphaned once the raylet is gone) for 23-26 s.
 
-    It holds the read end of a pipe whose only write end is this process's: the end of this process is
-    its EOF.  It sits in this process's group with the stop signals and SIGTSTP blocked (this process's
-    mask, inherited), SIGQUIT ignored and its standard streams on /dev/null (a caller reading this process's
-    output to its end must not wait for it).
+    It holds the read end of a pipe whose only write end is this process's: :data:`_REAP` on it, or its
+    EOF (this process's end), makes it act.  Until then it notes the run's processes every 2 s (with
+    their start times, so that a pid used again since is left alone): the workers are found below the
+    raylet only while it lives.  It has a process group of its own (a SIGKILL to 'vidpipe run''s group
+    must not take it too), the stop signals and SIGTSTP blocked (this process's mask, inherited), SIGQUIT
+    ignored and its standard streams on /dev/null (a caller reading this process's output to its end must
+    not wait for it).  Returns ``(pid, write end)``, or None where no process could be forked.
     """
     r, w = os.pipe()
     try:
@@ -159,26 +168,32 @@ def _start_reaper(pgid: int) -> None:
     except OSError:  # no process to spare: the run goes on without (as before)
         os.close(r)
         os.close(w)
-        return
+        return None
     if reaper:
-        os.close(r)  # w stays open, never written, until this process ends
-        return
+        os.close(r)
+        return reaper, w
     try:
+        os.setpgid(0, 0)
         signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        import fcntl
+        import select
+
+        high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 3)  # not 0-2 (closed by the caller), which get /dev/null
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        os.closerange(3, r)
-        os.closerange(r + 1, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1024)
-        while True:
-            try:
-                if not os.read(r, 1):
-                    break
-            except InterruptedError:
-                continue
-        tree = _group_and_descendants(pgid)  # before the group goes: Ray's workers are its raylet's children
+        for fd in [int(f) for f in os.listdir("/proc/self/fd")]:
+            if fd > 2 and fd != high:
+                try:
+                    os.close(fd)
+                except OSError:  # the listing's own descriptor, closed by now
+                    pass
+        seen: dict[int, int] = {}
+        while not select.select([high], [], [], 2.0)[0]:
+            seen = _still_running(seen) | _group_and_descendants(pgid)
+        seen = _still_running(seen) | _group_and_descendants(pgid)
         _end_process_group(pgid)
-        for pid in tree:
+        for pid in _still_running(seen):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -187,22 +202,61 @@ def _start_reaper(pgid: int) -> None:
         os._exit(0)
 
 
-def _group_and_descendants(pgid: int) -> set[int]:
-    """The processes of group ``pgid`` and all their descendants, from /proc (Ray's workers and their
-    decoders are in process groups of their own, below the raylet; orphaned, they took 23-26 s to end)."""
+def _reap(reaper: tuple[int, int] | None) -> None:
+    """Have the reaper end the run's processes now and wait for it (a few milliseconds; at most 5 s)."""
+    if reaper is None:
+        return
+    pid, w = reaper
+    try:
+        os.write(w, _REAP)
+    except OSError:  # it has gone
+        pass
+    os.close(w)
+    import time
+
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+
+
+def _proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the process's name (which may hold spaces); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _still_running(seen: dict[int, int]) -> dict[int, int]:
+    """Of ``seen`` (pid: start time), the processes still there as themselves (not a pid used again)."""
+    alive = {}
+    for pid, started in seen.items():
+        fields = _proc_stat(pid)
+        if fields is not None and int(fields[19]) == started and fields[0] != b"Z":
+            alive[pid] = started
+    return alive
+
+
+def _group_and_descendants(pgid: int) -> dict[int, int]:
+    """The processes of group ``pgid`` and all their descendants (pid: start time), from /proc."""
     parent: dict[int, int] = {}
+    started: dict[int, int] = {}
     members: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()  # after the name, which may hold spaces
-        except OSError:  # ended meanwhile
+        fields = _proc_stat(entry)
+        if fields is None:  # ended meanwhile
             continue
-        pid, ppid, group = int(entry), int(fields[1]), int(fields[2])
-        parent[pid] = ppid
-        if group == pgid:
+        pid = int(entry)
+        parent[pid], started[pid] = int(fields[1]), int(fields[19])
+        if int(fields[2]) == pgid:
             members.add(pid)
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
@@ -214,7 +268,7 @@ def _group_and_descendants(pgid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     found.discard(os.getpid())
-    return found
+    return {pid: started[pid] for pid in found}
 
 
 def _end_process_group(pgid: int) -> None:

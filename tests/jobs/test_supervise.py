@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import time
 from pathlib import Path
 
 import psutil
@@ -274,7 +275,8 @@ def test_sigkill_to_vidpipe_takes_its_driver_with_it(tmp_path):
     wait_for(lambda: not process_running(driver), 30, "the driver to end with its supervisor")
 
 
-def test_sigkill_to_vidpipe_ends_what_its_driver_started_too(tmp_path):
+@pytest.mark.parametrize("target", ["pid", "group"])
+def test_sigkill_to_vidpipe_ends_what_its_driver_started_too(tmp_path, target):
     """The driver dies with 'vidpipe run' (PDEATHSIG), but Ray's agents in its group lived on for about a
     minute after a 'kill -9' (or SIGQUIT) of 'vidpipe run'; now its reaper process ends the group."""
     out = tmp_path / "o"
@@ -285,10 +287,33 @@ def test_sigkill_to_vidpipe_ends_what_its_driver_started_too(tmp_path):
     worker = int((out / "worker").read_text())
     started = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     assert agent in started and worker in started and os.getpgid(worker) == worker  # a group of its own
-    p.kill()
+    if target == "pid":
+        p.kill()
+    else:  # 'timeout -s KILL', a scheduler: the reaper, in a group of its own, is not taken too
+        os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     wait_for(lambda: not any(process_running(pid) for pid in started), 10,
              "the driver, its agent, the agent's worker and the reaper to end")
+
+
+def test_a_killed_driver_takes_what_its_raylet_started_too(tmp_path):
+    """The out-of-memory killer's case: the driver dies, Ray's raylet with it, and the workers below the raylet
+    (groups of their own) are orphans no scan can trace back to the run: the reaper noted them while it lived."""
+    out = tmp_path / "o"
+    p = _driver(out, "agent")
+    try:
+        wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
+        wait_for(lambda: (out / "worker").exists() and (out / "worker").read_text(), 30, "the agent's worker")
+        agent, worker = int((out / "agent").read_text()), int((out / "worker").read_text())
+        time.sleep(2.5)  # the reaper's next look at the run
+        os.kill(agent, signal.SIGKILL)  # the raylet, tied to the driver, ends with it
+        os.kill(_progress(out)["pid"], signal.SIGKILL)
+        wait_for(lambda: psutil.Process(worker).ppid() != agent, 10, "the worker to be orphaned")
+        p.communicate(timeout=60)
+        wait_for(lambda: not process_running(worker), 10, "the orphaned worker to end")
+    finally:
+        if p.poll() is None:
+            p.kill()
 
 
 @pytest.mark.slow
