@@ -398,12 +398,17 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     from jobs.query import open_output
 
     out = open_output(args.out)
-    with out.lock(new_run_id(), keepalive=True):
-        if args.dry_run:
-            lost = out.missing_files()
-        else:
-            lost = out.forget_missing()  # refuses, changing nothing, where files no commit names are there
-        unrecorded = out.unrecorded_parts()
+    try:
+        with out.lock(new_run_id(), keepalive=True):
+            if args.dry_run:
+                lost = out.missing_files()
+            else:
+                lost = out.forget_missing()  # refuses, changing nothing, where files no commit names are there
+            unrecorded = out.unrecorded_parts()
+    except OSError as exc:  # a file out of reach (permissions, the network): not taken as damage
+        print(f"vidpipe repair: error: {exc}; what was dropped before it stays dropped, the rest is as it was: "
+              "rerun repair when the files can be read", file=sys.stderr)
+        return EXIT_INTERNAL
     verb = "would drop" if args.dry_run else "dropped"
     for c, files in lost:
         print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "

@@ -219,18 +219,25 @@ class OutputDir:
         :class:`MissingCommitted` error that names it: read without it, the output would silently lack
         rows, and a rerun would skip its videos as finished.
         """
-        commits = self.commits() if commits is None else commits
+        found, lost = self._locate(table, self.commits() if commits is None else commits)
+        if lost:
+            raise MissingCommitted(self, table, lost)
+        return [rel for _, rel in found]
+
+    def _locate(self, table: str, commits: list[Commit]) -> tuple[list[tuple[Commit, str]], list[tuple[Commit, str]]]:
+        """The committed files of ``table``: ``(commit, relative path)`` of those there, in place or in
+        staging, and ``(commit, name)`` of those in neither place."""
         named = [(c, c.files[table]) for c in commits if c.files.get(table)]
         in_place = set(self.store.list_names(table, ".parquet"))
+        staged: set[str] = set()
         if any(name not in in_place for _, name in named):
             staged = set(self.store.list_names(STAGING))
             if any(name not in in_place and name not in staged for _, name in named):
                 # a running writer may have moved it out of staging between the two listings: list again
                 in_place |= set(self.store.list_names(table, ".parquet"))
-                lost = [(c, n) for c, n in named if n not in in_place and n not in staged]
-                if lost:
-                    raise MissingCommitted(self, table, lost)
-        return [f"{table}/{name}" if name in in_place else f"{STAGING}/{name}" for _, name in named]
+        found = [(c, f"{table}/{n}" if n in in_place else f"{STAGING}/{n}") for c, n in named
+                 if n in in_place or n in staged]
+        return found, [(c, n) for c, n in named if n not in in_place and n not in staged]
 
     def committed_files(self, table: str) -> list[Any]:
         """Every committed file of ``table`` where it is now: local ``Path`` s, or ``bucket/key`` strings."""
@@ -338,18 +345,29 @@ class OutputDir:
         commits = self.commits()
         lost: dict[str, list[str]] = {}
         for table in TABLES:
-            try:
-                rels = self.committed_rel(table, commits)
-            except MissingCommitted as exc:
-                for c, name in exc.lost:
-                    lost.setdefault(c.name, []).append(f"{table}/{name}")
-                continue
-            for c, rel in zip([c for c in commits if c.files.get(table)], rels, strict=True):
-                try:
-                    self.store.read_metadata(rel)
-                except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError: not Parquet (any more)
+            found, missing = self._locate(table, commits)
+            for c, name in missing:
+                lost.setdefault(c.name, []).append(f"{table}/{name}")
+            for c, rel in found:
+                if not self.readable_parquet(rel):
                     lost.setdefault(c.name, []).append(rel)
         return [(c, lost[c.name]) for c in commits if c.name in lost]
+
+    def readable_parquet(self, rel: str) -> bool:
+        """Whether ``rel``'s Parquet footer can be read: False for a file cut short or overwritten; a failure to
+        reach it (permissions, the network, S3) is raised, not taken as damage."""
+        try:
+            self.store.read_metadata(rel)
+        except ValueError:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes
+            return False
+        except OSError as exc:
+            # a damaged footer is "Couldn't deserialize thrift: ..."; an S3 or file system error names the key
+            # (which ends in .parquet), so only these words count
+            if not isinstance(exc, (FileNotFoundError, PermissionError)) and (
+                    "deserialize thrift" in str(exc).lower() or "corrupt" in str(exc).lower()):
+                return False
+            raise
+        return True
 
     def _compact(self, commits: list[Commit]) -> None:
         # Thousands of tiny records make every start and query slow (one GET each on S3).  The

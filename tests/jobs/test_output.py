@@ -391,3 +391,21 @@ def test_query_and_status_say_what_they_do_not_count(tmp_path, capsys):
     for argv in (["query", str(out.root), "SELECT count(*) FROM videos"], ["status", str(out.root)]):
         assert main(argv) == 0
         assert "1 data files in" in capsys.readouterr().err
+
+
+def test_a_garbled_footer_is_damage_and_a_file_out_of_reach_is_not(tmp_path, monkeypatch):
+    out, first, _ = _two_commits(tmp_path)
+    rel = f"segments/{first.files['segments']}"
+    path = out.table_dir("segments") / first.files["segments"]
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[-8:-4], "little")
+    data[-8 - size:-8] = b"\xab" * size  # the footer's thrift, overwritten
+    path.write_bytes(bytes(data))
+    assert not out.readable_parquet(rel)
+
+    def unreachable(rel: str) -> None:
+        raise OSError(f"AWS Error ACCESS_DENIED during GetObject operation: {rel}")
+
+    monkeypatch.setattr(out.store, "read_metadata", unreachable)
+    with pytest.raises(OSError, match="ACCESS_DENIED"):  # repair must stop, not drop the commit as damaged
+        out.missing_files()
