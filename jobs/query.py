@@ -65,10 +65,7 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
                 # that array functions (array_cosine_similarity, ...) work as on an s3:// OUT
                 import pyarrow.parquet as pq
 
-                try:
-                    schema = pq.read_schema(files[0])
-                except (OSError, ValueError) as exc:  # ArrowInvalid: not (any more) a whole Parquet file
-                    raise ConfigError(_damaged_file(out, exc)) from None
+                schema = pq.read_schema(files[0])  # a damaged file: see query_error
                 kind = schema.field("embedding").type if "embedding" in schema.names else None
                 if kind is not None and pa.types.is_fixed_size_list(kind):
                     columns = f"* REPLACE (CAST(embedding AS FLOAT[{kind.list_size}]) AS embedding)"
@@ -90,18 +87,22 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _damaged_file(out: OutputDir, exc: Exception) -> str:
-    return (f"a committed file of {out.uri} cannot be read ({str(exc).strip()}); restore it, or run "
-            f"'vidpipe repair {out.uri}' to drop its results so that rerunning the job does those videos again")
-
-
 def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
-    """A usage error for a failed query: a committed file that cannot be read is named as damaged."""
-    out = OutputDir(out_dir)
-    text = str(exc)
-    if out.store.root and out.store.root in text and ".parquet" in text:
-        return ConfigError(_damaged_file(out, exc))
-    return ConfigError(f"query failed: {text}".strip())
+    """A usage error for a failed query; where the error names a committed file whose footer cannot be read,
+    it says so: the file is damaged (not a user's SQL, nor a file a running job moved meanwhile)."""
+    text = str(exc).strip()
+    try:
+        out = OutputDir(out_dir)
+        commits = out.commits()
+        named = [rel for table in _EMPTY for _, rel in out._locate(table, commits)[0] if out.store.full(rel) in text]
+        damaged = [rel for rel in named if not out.readable_parquet(rel)]
+    except (ConfigError, OSError):
+        damaged = []
+    if damaged:
+        return ConfigError(f"a committed file of {out.uri} is damaged: {out.store.uri_of(damaged[0])} cannot be read "
+                           f"({text.splitlines()[0]}); restore it, or run 'vidpipe repair {out.uri}' to drop its results so that "
+                           "rerunning the job does those videos again")
+    return ConfigError(f"query failed: {text}")
 
 
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:
@@ -116,7 +117,7 @@ def run_query(out_dir: str | Path, sql: str) -> pa.Table:
             return rel.to_arrow_table() if rel is not None else pa.table({})
         except (duckdb.IOException, FileNotFoundError) as exc:
             last = exc  # a running job moved a committed file out of staging after we listed it: list again
-        except (duckdb.Error, pa.ArrowException) as exc:
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a damaged file, or the SQL
             raise query_error(out_dir, exc) from None
         finally:
             if con is not None:
@@ -150,7 +151,8 @@ def _csv_cell(v: Any) -> Any:
 
 def _json_cell(v: Any) -> Any:
     if isinstance(v, decimal.Decimal):  # DuckDB's type of 0.1 or of sum(INTEGER): a JSON number, not a string
-        return int(v) if v == v.to_integral_value() else float(v)
+        exponent = v.as_tuple().exponent  # per the column's scale: DECIMAL(p, 0) gives exact integers
+        return int(v) if isinstance(exponent, int) and exponent >= 0 else float(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, bytes):

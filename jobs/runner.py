@@ -105,10 +105,10 @@ def init_ray(address: str | None) -> None:
             try:
                 ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
-                if address == "auto" and "Could not find any running Ray instance" in str(exc):
-                    raise ConfigError("--address auto: no Ray cluster is running on this machine (auto finds one "
-                                      "that 'ray start' started here); start one with 'ray start --head', give "
-                                      "its HOST:PORT, or leave --address out to run on an embedded Ray") from None
+                if address == "auto":
+                    raise ConfigError(f"--address auto: could not join a Ray cluster running on this machine ({exc}); "
+                                      "start one with 'ray start --head', give a cluster's HOST:PORT, or leave "
+                                      "--address out to run on an embedded Ray") from None
                 if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
                     how = ("RAY_AUTH_MODE=token is set here, so the cluster may have refused this token: put the "
                            "cluster's token (~/.ray/auth_token on its head node) in RAY_AUTH_TOKEN or in "

@@ -37,23 +37,14 @@ class JobStatus:
 
 def read_status(out_uri: str) -> JobStatus:
     """Status of the job whose output is ``out_uri`` (local or ``s3://``)."""
-    import duckdb
-    import pyarrow as pa
-
-    from jobs.query import connect, open_output, query_error
+    from jobs.query import open_output, run_query
 
     out = open_output(out_uri)
-    con = None
-    try:
-        con = connect(out_uri)
-        done, seconds = con.execute("SELECT count(DISTINCT video_id), coalesce(sum(duration_s), 0) "
-                                    "FROM videos").fetchall()[0]
-        (failed,) = con.execute("SELECT count(*) FROM failures").fetchall()[0]  # failed now (see jobs.query)
-    except (duckdb.Error, pa.ArrowException) as exc:  # a damaged committed file
-        raise query_error(out_uri, exc) from None
-    finally:
-        if con is not None:
-            con.close()
+    # one query, with run_query's retry (a running job moves files into place) and its damaged-file message
+    counts = run_query(out_uri, "SELECT (SELECT count(DISTINCT video_id) FROM videos) AS done, "
+                                "(SELECT coalesce(sum(duration_s), 0) FROM videos) AS seconds, "
+                                "(SELECT count(*) FROM failures) AS failed").to_pylist()[0]  # failed now
+    done, seconds, failed = counts["done"], counts["seconds"], counts["failed"]
     progress = out.last_progress()  # only the run's heartbeat and rates: the counts above come from the tables
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)

@@ -348,12 +348,17 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     from jobs.spec import EXIT_USAGE
 
     out, first, second = _two_commits(tmp_path)
+    assert main(["query", str(out.root), f"SELECT * FROM read_parquet('{out.root}/segments/typo.parquet')"]) == \
+        EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "query failed" in err and "is damaged" not in err  # the SQL's own file, not a committed one
     damaged = out.table_dir(table) / second.files[table]
     damaged.write_bytes(b"")
     for argv in (["query", str(out.root), f"SELECT count(*) FROM {table}"], ["status", str(out.root)]):
         assert main(argv) == EXIT_USAGE, argv
         err = capsys.readouterr().err
-        assert f"a committed file of {out.root} cannot be read" in err and f"vidpipe repair {out.root}" in err, err
+        assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
+        assert f"vidpipe repair {out.root}" in err and "LINE 1" not in err
         assert "Traceback" not in err
     assert main(["repair", str(out.root), "--dry-run"]) == 0
     assert f"would drop commit {second.name}" in capsys.readouterr().out and damaged.exists()
