@@ -125,6 +125,13 @@ class MissingCommitted(ConfigError):
             "videos' results, so that rerunning the job does them again.")
 
 
+def damaged_message(out: OutputDir, rel: str, exc: Exception) -> str:
+    """What to say of a committed data file whose footer cannot be read."""
+    return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)} cannot be read "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); restore it, or run "
+            f"'vidpipe repair {out.uri}' to drop its results so that rerunning the job does those videos again")
+
+
 def _damaged(where: str, why: object) -> str:
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
             "backup, or run the job again into a new --out")
@@ -250,12 +257,18 @@ class OutputDir:
         """The committed files of ``table``, one table each (``columns`` only)."""
         for rel in self.committed_rel(table):
             try:
-                yield self.store.read_table(rel, columns=columns)
+                data = self.store.read_table(rel, columns=columns)
             except FileNotFoundError:
                 if not rel.startswith(STAGING + "/"):
                     raise
                 # moved into place by the running writer since we listed: it is there now
-                yield self.store.read_table(f"{table}/{rel.rsplit('/', 1)[1]}", columns=columns)
+                rel = f"{table}/{rel.rsplit('/', 1)[1]}"
+                data = self.store.read_table(rel, columns=columns)
+            except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+                if not self.readable_parquet(rel):
+                    raise ConfigError(damaged_message(self, rel, exc)) from None
+                raise
+            yield data
 
     # -- recovery --------------------------------------------------------------------------------------
     def unrecorded_parts(self, commits: list[Commit] | None = None) -> list[str]:

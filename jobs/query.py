@@ -19,7 +19,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from jobs.output import OutputDir
+from jobs.output import OutputDir, damaged_message
 from pipeline.errors import ConfigError
 from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
 
@@ -99,9 +99,7 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     except (ConfigError, OSError):
         damaged = []
     if damaged:
-        return ConfigError(f"a committed file of {out.uri} is damaged: {out.store.uri_of(damaged[0])} cannot be read "
-                           f"({text.splitlines()[0]}); restore it, or run 'vidpipe repair {out.uri}' to drop its results so that "
-                           "rerunning the job does those videos again")
+        return ConfigError(damaged_message(out, damaged[0], exc))
     return ConfigError(f"query failed: {text}")
 
 

@@ -354,6 +354,9 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     assert "query failed" in err and "is damaged" not in err  # the SQL's own file, not a committed one
     damaged = out.table_dir(table) / second.files[table]
     damaged.write_bytes(b"")
+    if table == "videos":  # a rerun's done-set reads it: an error naming it (an ArrowInvalid traceback before)
+        with pytest.raises(ConfigError, match=rf"is damaged: {damaged} cannot be read .*vidpipe repair"):
+            out.finished_uris()
     for argv in (["query", str(out.root), f"SELECT count(*) FROM {table}"], ["status", str(out.root)]):
         assert main(argv) == EXIT_USAGE, argv
         err = capsys.readouterr().err
