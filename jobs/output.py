@@ -226,12 +226,12 @@ class OutputDir:
         :class:`MissingCommitted` error that names it: read without it, the output would silently lack
         rows, and a rerun would skip its videos as finished.
         """
-        found, lost = self._locate(table, self.commits() if commits is None else commits)
+        found, lost = self.locate(table, self.commits() if commits is None else commits)
         if lost:
             raise MissingCommitted(self, table, lost)
         return [rel for _, rel in found]
 
-    def _locate(self, table: str, commits: list[Commit]) -> tuple[list[tuple[Commit, str]], list[tuple[Commit, str]]]:
+    def locate(self, table: str, commits: list[Commit]) -> tuple[list[tuple[Commit, str]], list[tuple[Commit, str]]]:
         """The committed files of ``table``: ``(commit, relative path)`` of those there, in place or in
         staging, and ``(commit, name)`` of those in neither place."""
         named = [(c, c.files[table]) for c in commits if c.files.get(table)]
@@ -346,7 +346,7 @@ class OutputDir:
                 held = json.loads(self.store.read_text(f"{COMMITS}/{n}"))["commits"]
                 kept = [c for c in held if c["name"] not in gone]
                 if len(kept) != len(held):
-                    self.store.write_atomic(f"{COMMITS}/{n}", json.dumps({"commits": kept}).encode("utf-8"))
+                    self._write_checkpoint(n, kept)
             elif n[: -len(".json")] in gone:
                 self.store.delete(f"{COMMITS}/{n}")
         self.recover()
@@ -358,7 +358,7 @@ class OutputDir:
         commits = self.commits()
         lost: dict[str, list[str]] = {}
         for table in TABLES:
-            found, missing = self._locate(table, commits)
+            found, missing = self.locate(table, commits)
             for c, name in missing:
                 lost.setdefault(c.name, []).append(f"{table}/{name}")
             for c, rel in found:
@@ -382,6 +382,10 @@ class OutputDir:
             raise
         return True
 
+    def _write_checkpoint(self, name: str, commits: list[dict[str, Any]]) -> None:
+        """Write (atomically) the checkpoint ``name``: the commit records it holds, as dicts."""
+        self.store.write_atomic(f"{COMMITS}/{name}", json.dumps({"commits": commits}).encode("utf-8"))
+
     def _compact(self, commits: list[Commit]) -> None:
         # Thousands of tiny records make every start and query slow (one GET each on S3).  The
         # checkpoint is written (atomically) before any record it holds is deleted, and readers take
@@ -391,8 +395,7 @@ class OutputDir:
         if len(records) <= COMPACT_AT or not commits:
             return
         checkpoint = f"{CHECKPOINT_PREFIX}{commits[-1].name}.json"
-        self.store.write_atomic(f"{COMMITS}/{checkpoint}",
-                                json.dumps({"commits": [asdict(c) for c in commits]}).encode("utf-8"))
+        self._write_checkpoint(checkpoint, [asdict(c) for c in commits])
         for n in names:
             if n != checkpoint:
                 self.store.delete(f"{COMMITS}/{n}")

@@ -94,7 +94,7 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     try:
         out = OutputDir(out_dir)
         commits = out.commits()
-        named = [rel for table in _EMPTY for _, rel in out._locate(table, commits)[0] if out.store.full(rel) in text]
+        named = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0] if out.store.full(rel) in text]
         damaged = [rel for rel in named if not out.readable_parquet(rel)]
     except (ConfigError, OSError):
         damaged = []
@@ -143,7 +143,7 @@ def _csv_cell(v: Any) -> Any:
     if isinstance(v, (list, dict)):
         return json.dumps(_json_cell(v), default=str, allow_nan=False)
     if isinstance(v, bytes):
-        return base64.b64encode(v).decode("ascii")
+        return _json_cell(v)
     return v
 
 

@@ -157,8 +157,7 @@ def _check_env_address(address: str) -> None:
         check_address(address)
     except ConfigError:
         return
-    if address != "auto":
-        _check_reachable(address, from_env=True)
+    _check_reachable(address, from_env=True)  # returns at once for "auto" (no HOST:PORT to try)
 
 
 def shutdown_ray() -> None:

@@ -111,7 +111,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     # what is left of the run: Ray's agents of an embedded node outlived even some clean ends by ~60 s, its
     # workers a killed driver by 23-26 s (the reaper, scanning while the raylet lives, finds them)
     _reap(reaper)
-    _end_process_group(pid)  # where no reaper could be forked
+    _end_process_group(pid)  # done by the reaper already, unless none could be forked (or it did not finish)
     if done and os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     if os.WIFSIGNALED(status):
