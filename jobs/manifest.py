@@ -175,6 +175,9 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
                                            "column")
                 if row[col].strip():
                     yield _ref(row[col], base)
+                elif any(cell.strip() for cell in row):  # a row of blank cells is a blank line (spreadsheets)
+                    raise ManifestRowError(f"manifest {name} line {reader.line_num}: the {header[col]!r} cell is "
+                                           "empty; fill in the video's path or URI, or delete the row")
         else:
             import pyarrow.parquet as pq
 

@@ -112,7 +112,10 @@ def run_query(out_dir: str | Path, sql: str) -> pa.Table:
         try:
             con = connect(out_dir)  # its views read each file's footer: a damaged file fails here
             rel = con.sql(sql)
-            return rel.to_arrow_table() if rel is not None else pa.table({})
+            if rel is None:  # ';', only comments, or a statement that is not a query: nothing to print
+                raise ConfigError(f"the SQL {sql.strip()!r} returns no rows to print (no SELECT in it); pass a "
+                                  'query, e.g. "SELECT label, count(*) FROM segments GROUP BY 1"')
+            return rel.to_arrow_table()
         except (duckdb.IOException, FileNotFoundError) as exc:
             last = exc  # a running job moved a committed file out of staging after we listed it: list again
         except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a damaged file, or the SQL

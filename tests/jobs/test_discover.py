@@ -138,3 +138,14 @@ def test_a_bad_manifest_row_is_named_by_its_line_in_the_file(tmp_path):
     m.write_text('note,uri\n"two\nlines",a.mp4\nshort\n')
     with pytest.raises(ConfigError, match=r"m\.csv line 4: missing the 'uri' column"):
         list(discover([str(m)]))
+
+
+def test_an_empty_uri_cell_is_named_and_a_row_of_blank_cells_skipped(tmp_path):
+    """A row whose path was left out used to be skipped silently: that video was never run."""
+    _touch(tmp_path / "a.mp4")
+    m = tmp_path / "m.csv"
+    m.write_text("uri,label\na.mp4,x\n,,\n , y\n")
+    with pytest.raises(ConfigError, match=r"m\.csv line 4: the 'uri' cell is empty; fill in"):
+        list(discover([str(m)]))
+    m.write_text("uri,label\na.mp4,x\n,\n \t, \n")  # spreadsheet exports end with rows of empty cells
+    assert [r.uri for r in discover([str(m)])] == [str((tmp_path / "a.mp4").resolve())]

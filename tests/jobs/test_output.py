@@ -236,7 +236,9 @@ def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, caps
         "n": None, "i": None, "l": [1.5, None], "b": "qgA=", "x": 0.1, "m": [["k", None]], "s": 9007199254740993, "t": True}
     assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == 'NaN,inf,"[1.5, null]",qgA=,0.1,"[[""k"", null]]",9007199254740993,true'
-    for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1")):
+    for argv, said in ((["  "], "the SQL is empty"), (["SELECT 1", "--max-rows", "-1"], "--max-rows must be >= 1"),
+                       ([";"], "the SQL ';' returns no rows to print"),
+                       (["-- a comment"], "returns no rows to print")):
         assert main(["query", str(out.root), *argv]) == EXIT_USAGE
         assert said in capsys.readouterr().err
 
