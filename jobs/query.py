@@ -127,9 +127,27 @@ def run_query(out_dir: str | Path, sql: str) -> pa.Table:
     raise query_error(out_dir, last)
 
 
+def _interval_text(v: pa.MonthDayNano) -> str:
+    """An INTERVAL as DuckDB prints it ("1 year 2 months 3 days 01:30:00.5"), not as Python's tuple repr."""
+    parts = []
+    years, months = divmod(abs(v.months), 12)
+    sign = -1 if v.months < 0 else 1
+    for n, unit in ((sign * years, "year"), (sign * months, "month"), (v.days, "day")):
+        if n:
+            parts.append(f"{n} {unit}{'s' if abs(n) != 1 else ''}")
+    if v.nanoseconds or not parts:
+        seconds, frac = divmod(abs(v.nanoseconds), 10**9)
+        hours, rest = divmod(seconds, 3600)
+        text = f"{'-' if v.nanoseconds < 0 else ''}{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+        parts.append(text + (f".{frac:09d}".rstrip("0") if frac else ""))
+    return " ".join(parts)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "NULL"
+    if isinstance(v, pa.MonthDayNano):
+        return _interval_text(v)
     if isinstance(v, float):
         return "NaN" if math.isnan(v) else f"{v:.6g}"
     if isinstance(v, list):
@@ -145,7 +163,7 @@ def _csv_cell(v: Any) -> Any:
         return "NaN" if math.isnan(v) else repr(v)
     if isinstance(v, (list, dict)):
         return json.dumps(_json_cell(v), default=str, allow_nan=False)
-    if isinstance(v, bytes):
+    if isinstance(v, (bytes, pa.MonthDayNano)):
         return _json_cell(v)
     return v
 
@@ -158,6 +176,8 @@ def _json_cell(v: Any) -> Any:
         return None
     if isinstance(v, bytes):
         return base64.b64encode(v).decode("ascii")
+    if isinstance(v, pa.MonthDayNano):  # a named tuple: it would print as a list of three integers
+        return _interval_text(v)
     if isinstance(v, (list, tuple)):  # a MAP's entries come as (key, value) tuples
         return [_json_cell(x) for x in v]
     if isinstance(v, dict):

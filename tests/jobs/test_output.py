@@ -419,3 +419,24 @@ def test_a_garbled_footer_is_damage_and_a_file_out_of_reach_is_not(tmp_path, mon
     monkeypatch.setattr(out.store, "read_metadata", unreachable)
     with pytest.raises(OSError, match="ACCESS_DENIED"):  # repair must stop, not drop the commit as damaged
         out.missing_files()
+
+
+def test_intervals_print_as_duckdb_writes_them(tmp_path, capsys):
+    """INTERVAL values came out as Python's MonthDayNano(...) repr (table, csv) or a list of three integers (json)."""
+    import duckdb
+
+    from jobs.cli import main
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 1, is_last=True, n_total=1))
+    w.flush()
+    values = ["INTERVAL 90 MINUTE", "INTERVAL '1 year 3 months 2 days 3.5 seconds'", "INTERVAL '-1 day -2 hours'",
+              "INTERVAL 0 SECOND", "INTERVAL '-14 months 1 microsecond'"]
+    duckdb_text = duckdb.sql("SELECT " + ", ".join(f"({v})::VARCHAR" for v in values)).fetchall()[0]
+    sql = "SELECT " + ", ".join(f"{v} AS c{i}" for i, v in enumerate(values)) + " FROM segments"
+    assert main(["query", str(out.root), sql, "--format", "json"]) == 0
+    assert list(json.loads(capsys.readouterr().out).values()) == list(duckdb_text)
+    assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == ",".join(duckdb_text)
+    assert main(["query", str(out.root), sql]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split(" | ")[0].strip() == "01:30:00"
