@@ -23,7 +23,7 @@ def test_tsv_manifest_entries_resolve_like_csv(tmp_path):
     rel = _touch(tmp_path / "v" / "a, take 2.mp4")  # a comma: only a TSV reads this as one field
     absolute = _touch(tmp_path / "elsewhere" / "b.mp4")
     rows = ["id\tURI\tnote", f"1\t../v/{rel.name}\tx", f"2\t{absolute}\t", f"3\tfile://{absolute}\t",
-            "4\ts3://bucket/k/c.mp4\t", "", "5\t \tblank entry"]
+            "4\ts3://bucket/k/c.mp4\t", "", "\t \t"]  # a blank line and a row of blank cells: skipped
     (lists / "list.tsv").parent.mkdir()
     (lists / "list.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")  # with a byte-order mark
     check_manifest(lists / "list.tsv")
@@ -35,6 +35,10 @@ def test_tsv_manifest_entries_resolve_like_csv(tmp_path):
                 "4,s3://bucket/k/c.mp4,"]
     (lists / "list.csv").write_text("\n".join(csv_rows) + "\n")
     assert list(read_manifest(lists / "list.csv")) == refs
+    # a row with an id but a blank URI is not skipped in silence: its video would never run
+    (lists / "list.tsv").write_text("\n".join([*rows, "5\t \tblank entry"]) + "\n")
+    with pytest.raises(ConfigError, match=r"list\.tsv line 8: the 'URI' cell is empty"):
+        list(read_manifest(lists / "list.tsv"))
 
 
 def test_tsv_manifest_takes_the_first_uri_column_in_order(tmp_path):
