@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.discover import check_inputs, count_videos, discover, make_video_id
+from jobs.manifest import ManifestRowError
 from pipeline.errors import ConfigError
 
 
@@ -52,8 +53,12 @@ def test_manifests_txt_csv_parquet_relative_to_manifest(tmp_path):
     assert [r.uri for r in refs] == [str(a.resolve()), "s3://bucket/k/b.mp4"]
     (tmp_path / "m.csv").write_text("id,uri\n1,v/a.mp4\n")
     assert [r.uri for r in discover([str(tmp_path / "m.csv")])] == [str(a.resolve())]
-    pq.write_table(pa.table({"path": ["v/a.mp4", None]}), tmp_path / "m.parquet")
+    pq.write_table(pa.table({"path": ["v/a.mp4"]}), tmp_path / "m.parquet")
     assert [r.uri for r in discover([str(tmp_path / "m.parquet")])] == [str(a.resolve())]
+    for bad, what in ((None, "null"), (" ", "empty")):  # a row without its video is not skipped in silence
+        pq.write_table(pa.table({"n": [1, 2], "path": ["v/a.mp4", bad]}), tmp_path / "m.parquet")
+        with pytest.raises(ManifestRowError, match=f"manifest .*m.parquet row 2: the 'path' value is {what}; "):
+            list(discover([str(tmp_path / "m.parquet")]))
     (tmp_path / "bad.csv").write_text("name\nx\n")
     with pytest.raises(ConfigError, match="uri"):
         list(discover([str(tmp_path / "bad.csv")]))
