@@ -183,12 +183,12 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
 
             pf = pq.ParquetFile(binary)
             col_name = _parquet_column(pf.schema_arrow.names, name)
-            row = 0
+            number = 0
             for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[col_name]):
                 for entry in batch.column(0).to_pylist():
-                    row += 1
+                    number += 1
                     if entry is None or not str(entry).strip():
-                        raise ManifestRowError(f"manifest {name} row {row}: the {col_name!r} value is "
+                        raise ManifestRowError(f"manifest {name} row {number}: the {col_name!r} value is "
                                                f"{'null' if entry is None else 'empty'}; fill in the video's path "
                                                "or URI, or drop the row")
                     yield _ref(str(entry), base)
