@@ -37,13 +37,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,8 @@ from pipeline.errors import ConfigError
 from pipeline.media import Failure, VideoInfo
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
 from workers.metrics import StageMeter
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +127,12 @@ class MissingCommitted(ConfigError):
             "videos' results, so that rerunning the job does them again.")
 
 
-def damaged_message(out: OutputDir, rel: str, exc: Exception) -> str:
-    """What to say of a committed data file whose footer cannot be read."""
-    return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)} cannot be read "
-            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); restore it, or run "
-            f"'vidpipe repair {out.uri}' to drop its results so that rerunning the job does those videos again")
+def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "") -> str:
+    """What to say of a committed data file whose footer cannot be read (``more``: the others, if any)."""
+    return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)}{more} cannot be read "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); restore "
+            f"{'them' if more else 'it'}, or run 'vidpipe repair {out.uri}' to drop {'their' if more else 'its'} "
+            "results so that rerunning the job does those videos again")
 
 
 def _damaged(where: str, why: object) -> str:
@@ -214,10 +217,13 @@ class OutputDir:
         raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
 
     def _read_all(self, rels: list[str]) -> list[str]:
+        return self._map(self.store.read_text, rels)
+
+    def _map(self, fn: Callable[[str], T], rels: list[str]) -> list[T]:
         if self.local or len(rels) < 4:
-            return [self.store.read_text(r) for r in rels]
-        with ThreadPoolExecutor(16) as pool:  # S3: one GET each, so in parallel
-            return list(pool.map(self.store.read_text, rels))
+            return [fn(r) for r in rels]
+        with ThreadPoolExecutor(16) as pool:  # S3: a GET or two each, so in parallel
+            return list(pool.map(fn, rels))
 
     def committed_rel(self, table: str, commits: list[Commit] | None = None) -> list[str]:
         """Committed files of ``table`` relative to the root: in place, or still in staging.
@@ -308,8 +314,12 @@ class OutputDir:
         """
         commits = self.commits()
         self.refuse_unrecorded(commits)
-        for table in TABLES:
-            self.committed_rel(table, commits)  # every committed file is there (MissingCommitted if not)
+        rels = [rel for table in TABLES for rel in self.committed_rel(table, commits)]  # MissingCommitted if not
+        errors = self._map(self.footer_error, rels)
+        damaged = [(rel, exc) for rel, exc in zip(rels, errors, strict=True) if exc is not None]
+        if damaged:  # else a rerun would skip its videos as finished, and only a query would find the damage
+            more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
+            raise ConfigError(damaged_message(self, damaged[0][0], damaged[0][1], more=more))
         staged = set(self.store.list_names(STAGING))
         for c in commits:
             for table, name in c.files.items():
@@ -369,18 +379,23 @@ class OutputDir:
     def readable_parquet(self, rel: str) -> bool:
         """Whether ``rel``'s Parquet footer can be read: False for a file cut short or overwritten; a failure to
         reach it (permissions, the network, S3) is raised, not taken as damage."""
+        return self.footer_error(rel) is None
+
+    def footer_error(self, rel: str) -> Exception | None:
+        """Why ``rel``'s Parquet footer cannot be read (a file cut short or overwritten), or None where it can; a
+        failure to reach it (permissions, the network, S3) is raised, not taken as damage."""
         try:
             self.store.read_metadata(rel)
-        except ValueError:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes
-            return False
+        except ValueError as exc:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes
+            return exc
         except OSError as exc:
             # a damaged footer is "Couldn't deserialize thrift: ..."; an S3 or file system error names the key
             # (which ends in .parquet), so only these words count
             if not isinstance(exc, (FileNotFoundError, PermissionError)) and (
                     "deserialize thrift" in str(exc).lower() or "corrupt" in str(exc).lower()):
-                return False
+                return exc
             raise
-        return True
+        return None
 
     def _write_checkpoint(self, name: str, commits: list[dict[str, Any]]) -> None:
         """Write (atomically) the checkpoint ``name``: the commit records it holds, as dicts."""

@@ -359,7 +359,9 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     if table == "videos":  # a rerun's done-set reads it: an error naming it (an ArrowInvalid traceback before)
         with pytest.raises(ConfigError, match=rf"is damaged: {damaged} cannot be read .*vidpipe repair"):
             out.finished_uris()
-    for argv in (["query", str(out.root), f"SELECT count(*) FROM {table}"], ["status", str(out.root)]):
+    video = tmp_path / "v4.mp4"  # a rerun would have skipped v2 and v3 as finished, the damage left for a query
+    run = ["run", str(video), "--out", str(out.root), "--allow-untrained", "--no-progress"]
+    for argv in (run, ["query", str(out.root), f"SELECT count(*) FROM {table}"], ["status", str(out.root)]):
         assert main(argv) == EXIT_USAGE, argv
         err = capsys.readouterr().err
         assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
