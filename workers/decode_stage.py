@@ -272,6 +272,7 @@ class DecodeStage(Stage):
     """
 
     name = "decode"
+    runs_as_task = True
 
     def __init__(self, sampling: SamplingSpec, chunking: ChunkingSpec, *, threads: int = 0,
                  hwaccel: str | None = None, video_timeout_s: float | None = None, read_attempts: int = 3,

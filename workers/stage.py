@@ -56,6 +56,9 @@ class Stage:
     """Base of the per-chunk stages (encoders, head)."""
 
     name: str = "stage"
+    # run in Ray tasks whose pooled worker processes keep the set-up stage between executions, rather than
+    # in actors started per execution: for stages whose work needs no model (see workers/ray_adapter.py)
+    runs_as_task: bool = False
 
     def setup(self) -> None:
         """Load models; runs once inside the worker."""

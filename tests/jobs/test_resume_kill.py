@@ -106,14 +106,14 @@ def test_decode_and_encoder_workers_sigkilled_mid_job(small_archive, baseline, t
     runner.start()
     killed = []
     try:
-        for title in ("DecodeActor", "ImageEncoder"):  # Ray Data may fuse the encoders and head in one actor
+        for title in ("DecodeTask", "ImageEncoder"):  # Ray Data may fuse the encoders and head in one actor
             victim = wait_for(lambda: session_workers(title), 120, f"a {title} worker")[0]  # noqa: B023
             time.sleep(0.5)
             os.kill(victim.pid, signal.SIGKILL)
             killed.append(title)
     finally:
         runner.join(timeout=600)
-    assert killed == ["DecodeActor", "ImageEncoder"]
+    assert killed == ["DecodeTask", "ImageEncoder"]
     r = result["r"]
     assert r.videos_done == 20 and r.videos_failed == 0
     assert segment_rows(out) == baseline
