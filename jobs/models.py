@@ -12,7 +12,7 @@ from typing import Any
 from jobs.spec import check_segment_seconds
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import UNTRAINED_MODEL_ID, ModelBundle
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, WeightsNotFoundError
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS
 from pipeline.media import SamplingSpec
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
@@ -47,7 +47,17 @@ def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
         if not (path / "bundle.json").is_file():
             raise ConfigError(f"--model {model}: no bundle.json there; pass a directory written by "
                               "'vidpipe train' (bundle.json + weights.safetensors)")
-        return ModelBundle.load(path)
+        bundle = ModelBundle.load(path)
+        if bundle.image.weights_sha256:  # the image weights file lives outside the bundle: is it the one trained with?
+            from pipeline.image_encoder import resolve_image_weights
+
+            try:
+                resolve_image_weights(bundle.image)
+            except WeightsNotFoundError:
+                pass  # a cluster's workers may hold it; each checks it as it loads it
+            except ConfigError as exc:
+                raise ConfigError(f"--model {model}: {exc}") from None
+        return bundle
     if allow_untrained:
         return untrained_bundle()
     default = default_bundle_path()

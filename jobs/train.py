@@ -22,6 +22,7 @@ all come from it); on CUDA cuDNN's LSTM kernels may differ in the last bits betw
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -49,9 +50,9 @@ from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_
 from jobs.spec import check_segment_seconds
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, WeightsNotFoundError
 from pipeline.head import FusionHead, build_head, window_plan
-from pipeline.image_encoder import IMAGE_ENCODER_DIMS, resolve_image_weights
+from pipeline.image_encoder import IMAGE_ENCODER_DIMS, file_sha256, resolve_image_weights
 from pipeline.media import SamplingSpec
 from pipeline.specs import (
     AUDIO_ENCODER_KINDS,
@@ -452,11 +453,14 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         audio_dim = build_audio_encoder(audio, sample_rate_hz=sampling.audio_rate_hz).dim
     except ConfigError as exc:
         raise ConfigError(f"--audio-fmax {spec.audio_f_max_hz:g}: {exc}") from None
-    if spec.address is None:  # the workers read the weights on this machine: a missing file is known now
-        try:
-            resolve_image_weights(image)
-        except ConfigError as exc:
+    try:  # the workers read the weights on this machine: a missing file is known now
+        weights_file = resolve_image_weights(image)
+    except ConfigError as exc:
+        if spec.address is None or not isinstance(exc, WeightsNotFoundError):
             raise ConfigError(f"--image-weights {spec.image_weights}: {exc}") from None
+        weights_file = None  # on a cluster the workers may hold it: its content is not recorded then
+    if weights_file is not None:  # the bundle names the file: record what it holds (model_id, feature cache key)
+        image = dataclasses.replace(image, weights_sha256=file_sha256(weights_file))
     ann = read_annotations(spec.annotations, spec.videos, task=spec.task, unlabeled=spec.unlabeled)
     labels = ann.labels
     if len(labels) < 2:

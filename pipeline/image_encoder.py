@@ -7,6 +7,7 @@ enum member name must already sit in the local torch hub cache, ``"file:/path"``
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -97,11 +98,41 @@ def hub_checkpoint_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def resolve_image_weights(spec: ImageEncoderSpec) -> Path | None:
-    """The local file that ``spec.weights`` names, or None for ``"none"``.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
-    Raises ConfigError for an unknown weights value and WeightsNotFoundError when the file is absent.
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (hex), remembered per path, size and modification time (0.1 s for resnet18's)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def resolve_image_weights(spec: ImageEncoderSpec) -> Path | None:
+    """The local file that ``spec.weights`` names, or None for ``"none"``; its content checked against
+    ``spec.weights_sha256`` where that is recorded.
+
+    Raises ConfigError for an unknown weights value or a file whose content changed, and
+    WeightsNotFoundError when the file is absent.
     """
+    path = _image_weights_path(spec)
+    if path is not None and spec.weights_sha256:
+        found = file_sha256(path)
+        if found != spec.weights_sha256:
+            raise ConfigError(
+                f"image encoder {spec.name!r}: weights file {str(path)!r} (weights={spec.weights!r}) is not the file "
+                f"the bundle was trained with: its sha256 is {found[:16]}..., the bundle recorded "
+                f"{spec.weights_sha256[:16]}...; put that file back, or train the bundle again with this one")
+    return path
+
+
+def _image_weights_path(spec: ImageEncoderSpec) -> Path | None:
     weights = spec.weights
     if weights == "none":
         return None

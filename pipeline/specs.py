@@ -52,11 +52,20 @@ class ImageEncoderSpec(_DictMixin):
     weights: str = "none"
     grid: int = 0
     seed: int = 0
+    # sha256 of the weights file that ``weights`` names, recorded by 'vidpipe train': the file lives outside the
+    # bundle, so its content is checked on load and is part of model_id ("" where not recorded)
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("image encoder", self.name, IMAGE_ENCODER_NAMES)
         if self.grid < 0:
             raise ConfigError(f"image encoder grid must be >= 0, got {self.grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.weights_sha256:  # bundles and feature caches made before the field keep their ids and keys
+            del d["weights_sha256"]
+        return d
 
 
 @dataclass(frozen=True)

@@ -290,3 +290,45 @@ def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, r
 
 def _not_json(constant: str) -> None:
     raise AssertionError(f"the bundle's meta holds {constant}, which is not JSON")
+
+
+def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_session):
+    """--image-weights file:W lives outside the bundle. Changed in place, it gave other labels under the same
+    model_id, and a second train read the first file's features from the cache."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from jobs.models import resolve_bundle
+    from pipeline.errors import ConfigError
+
+    rng = np.random.default_rng(5)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour, sound in (("a.mp4", "red", "tone"), ("b.mp4", "blue", "noise")):
+        write_clip(videos / name, [COLOURS[colour]] * 4, _sound(sound, 4, rng))
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video,start_s,end_s,label\na.mp4,0,4,bunny\nb.mp4,0,4,bike\n")
+    weights = tmp_path / "w.safetensors"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    save_file(state, str(weights))
+
+    def trained(out: str) -> tuple[ModelBundle, int]:
+        spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / out), cache=str(tmp_path / "c"),
+                         **{**SMALL, "epochs": 2, "val_fraction": 0.0,  # type: ignore[arg-type]
+                            "image_weights": f"file:{weights}"})
+        result = train(spec, say=lambda _: None)
+        return result.bundle, result.feature_cache_hits
+
+    first, hits = trained("m1")
+    assert hits == 0 and len(first.image.weights_sha256) == 64
+    assert resolve_bundle(str(tmp_path / "m1"), allow_untrained=False).model_id == first.model_id
+    torch.manual_seed(0)
+    save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()},
+              str(weights))  # the same path, other weights
+    with pytest.raises(ConfigError, match=rf"--model {tmp_path / 'm1'}: image encoder 'resnet18': weights file "
+                                          rf"'{weights}' .*is not the file the bundle was trained with"):
+        resolve_bundle(str(tmp_path / "m1"), allow_untrained=False)
+    second, hits = trained("m2")
+    assert hits == 0  # features of the new weights, not the cached ones of the old
+    assert second.image.weights_sha256 != first.image.weights_sha256 and second.model_id != first.model_id
