@@ -267,6 +267,17 @@ def _check_no_overlap(spans: list[Annotation], path: Path) -> None:
             reach = a
 
 
+def _label_union(spans: tuple[Annotation, ...]) -> list[tuple[str, float, float]]:
+    """Each label's spans merged where they overlap or touch: ``(label, start_s, end_s)``, disjoint per label."""
+    merged: list[tuple[str, float, float]] = []
+    for a in sorted(spans, key=lambda a: (a.label, a.start_s, a.end_s)):
+        if merged and merged[-1][0] == a.label and a.start_s <= merged[-1][2]:
+            merged[-1] = (a.label, merged[-1][1], max(merged[-1][2], a.end_s))
+        else:
+            merged.append((a.label, a.start_s, a.end_s))
+    return merged
+
+
 def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarray, labels: list[str], *,
                     task: TaskKind, unlabeled: UnlabeledMode) -> np.ndarray:
     """Per-segment targets of one video from its annotations (the rule in the module docstring).
@@ -282,8 +293,9 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
     for a in video.annotations:
         if a.label not in index:
             raise ConfigError(f"line {a.line}: label {a.label!r} is not one of the labels {labels}")
-        overlap = np.clip(np.minimum(end_s, a.end_s) - np.maximum(start, a.start_s), 0.0, None)
-        covered[:, index[a.label]] += overlap
+    for label, lo, hi in _label_union(video.annotations):  # overlapping spans of one label count once
+        overlap = np.clip(np.minimum(end_s, hi) - np.maximum(start, lo), 0.0, None)
+        covered[:, index[label]] += overlap
     # a tiny tolerance: a 1 s segment half covered by a span from x.5 must count despite float rounding
     active = covered >= 0.5 * length[:, None] - 1e-6
     active &= covered > 0

@@ -110,6 +110,26 @@ def test_same_label_may_overlap_in_multiclass(tmp_path, videos):
     assert len(read_annotations(ann, videos).videos[0].annotations) == 3
 
 
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos, task):
+    """[0, 0.3) and [0.1, 0.4) cover 0.4 s of [0, 1), under half: they labelled it, each counted whole."""
+    rows = "a.mp4,0,0.3,music\na.mp4,0.1,0.4,music\na.mp4,0,0.3,speech\na.mp4,0,0.3,speech\na.mp4,1.2,1.6,music\n"
+    rows += "a.mp4,1.6,1.8,music\n"  # touching spans: 0.6 s of [1, 2)
+    s = read_annotations(_csv(tmp_path, "video,start_s,end_s,label\n" + rows), videos, task=task) \
+        if task == "multilabel" else None
+    if s is None:  # multiclass: one label a time; the same rows without speech
+        s = read_annotations(_csv(tmp_path, "video,start_s,end_s,label\n" + rows.replace("speech", "music")),
+                             videos)
+    start, end = _segments(2)
+    t = segment_targets(s.videos[0], start, end, s.labels, task=task, unlabeled="background")
+    bg, music = s.labels.index(BACKGROUND), s.labels.index("music")
+    if task == "multiclass":
+        assert t.tolist() == [bg, music]
+    else:
+        assert t.tolist() == [[1 if i == bg else 0 for i in range(len(s.labels))],
+                              [1 if i == music else 0 for i in range(len(s.labels))]]
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("video,start_s,end_s,label\na.mp4,0,1,x\nnope.mp4,0,1,x\n", r"ann\.csv line 3: unknown video 'nope\.mp4'"),
     ("video,start_s,end_s,label\na.mp4,2,2,x\n", r"ann\.csv line 2: end_s 2 <= start_s 2"),
