@@ -23,6 +23,7 @@ import csv
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -313,3 +314,19 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
         multi[~any_active, bg] = 1.0
     # else: a vocabulary without background; the row stays all 0, no label active
     return multi
+
+
+def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], ends: dict[str, float],
+                             say: Callable[[str], None]) -> None:
+    """Name the annotation lines whose span starts at or after their video's end: they label nothing
+    (a wrong video, or times in another unit), so the model learns 'background' where they were meant."""
+    past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
+    if not past:
+        return
+    shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
+                      for a, end in past[:5])
+    more = f" (and {len(past) - 5} more)" if len(past) > 5 else ""
+    spans = f"{len(past)} spans start after their video's end and label" if len(past) > 1 else \
+        "1 span starts after the video's end and labels"
+    say(f"warning: annotations {annotations}: {spans} no segment: "
+        f"{shown}{more}; check the times (seconds) and the video paths")

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from pipeline.errors import ConfigError
 
 _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failures table),
@@ -177,6 +177,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", metavar="DIR", help="feature cache root (default ~/.cache/vidpipe/features)")
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where models run")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="encoders' arithmetic, as for run (default auto: the labels run would give here)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -441,8 +443,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      image_size=args.image_size, window_segments=args.window_segments,
                      context_segments=args.context_segments, lr=args.lr, seed=args.seed, cache=args.cache,
                      address=args.address, device=args.device)
-    train(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
-    return EXIT_OK
+    result = train(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
+    return EXIT_SOME_FAILED if result.n_failed else EXIT_OK
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -451,10 +453,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     bundle = resolve_bundle(args.model, allow_untrained=False)
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
-                      cache=args.cache, address=args.address, device=args.device,
+                      cache=args.cache, address=args.address, device=args.device, precision=args.precision,
                       say=lambda line: print(line, file=sys.stderr, flush=True))
     write_report(report, args.json)
-    return EXIT_OK
+    return EXIT_SOME_FAILED if report.n_failed else EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

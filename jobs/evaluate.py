@@ -25,11 +25,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.annotations import AnnotationSet, UnlabeledMode, read_annotations, segment_targets
+from jobs.annotations import (
+    AnnotationSet,
+    UnlabeledMode,
+    read_annotations,
+    segment_targets,
+    warn_spans_past_the_end,
+)
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
+from pipeline.precision import check_precision, uses_bf16
 
 Ablation = Literal["audio", "visual"]
 ABLATIONS = ("audio", "visual")
@@ -166,6 +173,12 @@ def score(bundle: ModelBundle, ann: AnnotationSet, features: dict[str, VideoFeat
     if not truths:
         raise ConfigError("no annotated video could be decoded; nothing to evaluate")
     truth, pred = np.concatenate(truths), np.concatenate(preds)
+    scored = int((truth >= 0).sum()) if truth.ndim == 1 else int((truth >= 0).all(axis=1).sum())
+    if not scored:  # accuracy 0.000 of nothing would read as a result
+        raise ConfigError(f"annotations {ann.source}: no segment of the {len(truths)} decoded videos has a label to "
+                          "score: every segment is outside the annotated spans and --unlabeled ignore leaves such "
+                          "segments out; check the times (seconds) and the video paths, or score them as "
+                          "background (--unlabeled background)")
     if bundle.head.task == "multilabel":
         return multilabel_metrics(truth, pred, bundle.labels)
     return multiclass_metrics(truth, pred, bundle.labels)
@@ -180,29 +193,48 @@ class EvalReport:
     n_failed: int
     metrics: Metrics
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # the encoders' (the head runs in float32, as in `run`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "annotations": self.annotations, "ablate": self.ablate,
-                "n_videos": self.n_videos, "n_failed": self.n_failed, **self.metrics.to_dict(), "notes": self.notes}
+                "precision": self.precision, "n_videos": self.n_videos, "n_failed": self.n_failed,
+                **self.metrics.to_dict(), "notes": self.notes}
+
+
+def encoder_precision(precision: str, device: str) -> str:
+    """The encoders' precision that ``run --precision P --device D`` uses on this machine: "fp32" or "bf16"."""
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    import torch
+
+    where = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    return "bf16" if uses_bf16(torch.device(where), "auto") else "fp32"
 
 
 def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablate: Ablation | None = None,
              unlabeled: UnlabeledMode = "background", cache: str | None = None, address: str | None = None,
-             device: str = "auto", say: Callable[[str], None] = print) -> EvalReport:
-    """Evaluate ``bundle`` on an annotation file (features extracted with the bundle's own encoders)."""
+             device: str = "auto", precision: str = "auto", say: Callable[[str], None] = print) -> EvalReport:
+    """Evaluate ``bundle`` on an annotation file (features extracted with the bundle's own encoders, at the
+    precision ``run`` would use with the same ``--precision``)."""
     if ablate is not None and ablate not in ABLATIONS:
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
+    encoders = encoder_precision(precision, device)
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)
     audio_state = bundle.audio_state()
     spec = FeatureSpec(sampling=bundle.sampling, image=bundle.image, audio=bundle.audio,
-                       audio_weights=tensors_digest(audio_state))
+                       audio_weights=tensors_digest(audio_state), precision=encoders)
     result = extract_features([(v.uri, v.video_id) for v in ann.videos], spec,
                               cache or default_cache_root(), audio_state=audio_state, address=address,
                               device=device, say=say)
+    usable = [v for v in ann.videos if v.uri in result.features]
+    warn_spans_past_the_end(str(annotations), usable, {v.uri: float(result.features[v.uri].end_s[-1])
+                                                      for v in usable if len(result.features[v.uri].end_s)}, say)
     metrics = score(bundle, ann, result.features, ablate=ablate)
     notes = [f"{f.uri}: {f.error_kind}: {f.message}" for f in result.failures]
     return EvalReport(model_id=bundle.model_id, annotations=str(annotations), ablate=ablate,
-                      n_videos=len(result.features), n_failed=len(result.failures), metrics=metrics, notes=notes)
+                      n_videos=len(result.features), n_failed=len(result.failures), metrics=metrics, notes=notes,
+                      precision=encoders)
 
 
 def format_report(report: EvalReport) -> str:
@@ -211,7 +243,7 @@ def format_report(report: EvalReport) -> str:
     lines = [f"model {report.model_id} on {report.annotations}"
              + (f" with {report.ablate} features zeroed (--ablate {report.ablate})" if report.ablate else ""),
              f"{report.n_videos} videos ({report.n_failed} failed to decode), {m.n_segments} scored segments, "
-             f"task {m.task}",
+             f"task {m.task}, encoders {report.precision}",
              f"accuracy {m.accuracy:.3f}" + (" (exact label set)" if m.task == "multilabel" else "")
              + f"   macro-F1 {m.macro_f1:.3f}" + (f"   micro-F1 {m.micro_f1:.3f}" if m.micro_f1 is not None else ""),
              ""]

@@ -61,10 +61,14 @@ class FeatureSpec:
     image: ImageEncoderSpec
     audio: AudioEncoderSpec
     audio_weights: str | None = None  # tensors_digest of the audio CNN's state; None: seeded init
+    precision: str = "fp32"  # the encoders': "fp32" (train's reference numbers) or "bf16" (eval as run computes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FEATURE_FORMAT_VERSION, "sampling": self.sampling.to_dict(),
-                "image": self.image.to_dict(), "audio": self.audio.to_dict(), "audio_weights": self.audio_weights}
+        d = {"format_version": FEATURE_FORMAT_VERSION, "sampling": self.sampling.to_dict(),
+             "image": self.image.to_dict(), "audio": self.audio.to_dict(), "audio_weights": self.audio_weights}
+        if self.precision != "fp32":  # fp32 caches keep the keys they had before the field
+            d["precision"] = self.precision
+        return d
 
     @property
     def key(self) -> str:
@@ -228,7 +232,7 @@ def extract_features(
     failures: list[Failure] = []
     if todo:
         say(f"extracting features of {len(todo)} videos (image {spec.image.name}/{spec.image.weights}, "
-            f"audio {spec.audio.kind}) into {cache.dir}")
+            f"audio {spec.audio.kind}, {spec.precision}) into {cache.dir}")
         for feats in _run_stages(todo, spec, audio_state, address=address, device=device, failures=failures,
                                  say=say):
             cache.save(feats)
@@ -255,15 +259,16 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
     _quiet_ray_data()
     # sized per node like `vidpipe run`'s waves: a plan from the cluster's total could ask for actors no node fits
     plan = plan_for_cluster(cluster_nodes(), device=device, videos=len(todo))
-    # fp32 encoders: cached features are the reference numbers, the same on every CPU
+    # fp32 encoders (train): cached features are the reference numbers, the same on every CPU; eval asks for
+    # the precision `run` uses
     stages: list[tuple[Stage, StagePlan]] = [
         (DecodeStage(spec.sampling, _FEATURE_CHUNKING, threads=plan.decode.threads or 0), plan.decode),
-        (ImageEncoderStage(spec.image, device=plan.image.device, threads=plan.image.threads, precision="fp32"),
-         plan.image),
+        (ImageEncoderStage(spec.image, device=plan.image.device, threads=plan.image.threads,
+                           precision=spec.precision), plan.image),
         (AudioEncoderStage(spec.audio, sample_rate_hz=spec.sampling.audio_rate_hz, state_dict=audio_state,
                            device=plan.audio.device, threads=plan.audio.threads,
                            image_dim=IMAGE_ENCODER_DIMS[spec.image.name], image_grid=spec.image.grid > 0,
-                           precision="fp32"), plan.audio),
+                           precision=spec.precision), plan.audio),
     ]
     if plan.models is not None:  # CPU only: both encoders in one actor pool, as `vidpipe run` does
         stages = [stages[0], (ChainStage([s for s, _ in stages[1:]]), plan.models)]

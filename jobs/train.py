@@ -44,6 +44,7 @@ from jobs.annotations import (
     UnlabeledMode,
     read_annotations,
     segment_targets,
+    warn_spans_past_the_end,
 )
 from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
@@ -153,6 +154,7 @@ class TrainResult:
     history: list[dict[str, float]]
     feature_cache_hits: int
     seconds: float
+    n_failed: int = 0  # annotated videos that could not be decoded (left out)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -416,22 +418,6 @@ def _metrics(probs: list[np.ndarray], targets: list[np.ndarray], labels: list[st
 # ------------------------------------------------------------------------------------------------- main
 
 
-def _warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], ends: dict[str, float],
-                             say: Callable[[str], None]) -> None:
-    """Name the annotation lines whose span starts at or after their video's end: they label nothing
-    (a wrong video, or times in another unit), so the model learns 'background' where they were meant."""
-    past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
-    if not past:
-        return
-    shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
-                      for a, end in past[:5])
-    more = f" (and {len(past) - 5} more)" if len(past) > 5 else ""
-    spans = f"{len(past)} spans start after their video's end and label" if len(past) > 1 else \
-        "1 span starts after the video's end and labels"
-    say(f"warning: annotations {annotations}: {spans} no segment: "
-        f"{shown}{more}; check the times (seconds) and the video paths")
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
@@ -475,7 +461,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if fres.failures:
         say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
     usable = [v for v in ann.videos if v.uri in fres.features]
-    _warn_spans_past_the_end(spec.annotations, usable, {v.uri: float(fres.features[v.uri].end_s[-1])
+    warn_spans_past_the_end(spec.annotations, usable, {v.uri: float(fres.features[v.uri].end_s[-1])
                                                           for v in usable if len(fres.features[v.uri].end_s)}, say)
     train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)
     if not train_v:
@@ -613,7 +599,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         + (f", validation accuracy {val_metrics.accuracy:.3f}, macro-F1 {val_metrics.macro_f1:.3f}" if val_metrics else "")
         + f"; {seconds:.0f} s)")
     return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
-                       feature_cache_hits=fres.cache_hits, seconds=seconds)
+                       feature_cache_hits=fres.cache_hits, seconds=seconds, n_failed=len(fres.failures))
 
 
 def _scored(target: torch.Tensor) -> int:

@@ -332,3 +332,43 @@ def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_sess
     second, hits = trained("m2")
     assert hits == 0  # features of the new weights, not the cached ones of the old
     assert second.image.weights_sha256 != first.image.weights_sha256 and second.model_id != first.model_id
+
+
+def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corpus, trained, tmp_path, capsys):
+    """eval extracted float32 features while run (--precision auto) used bf16 here: its counts were not run's.
+    A video that failed still gave exit 0; spans past the end and nothing scored read as a result."""
+    from jobs.evaluate import encoder_precision
+    from jobs.query import run_query
+
+    root, videos, files = corpus
+    results, cache = trained
+    bundle = str(results["audio"][0].path)
+    test_ann = files[("audio", "test")]
+    out = tmp_path / "run"
+    assert main(["run", str(videos / "audio_test_*.mp4"), "--out", str(out), "--model", bundle, "--no-progress"]) == 0
+    written = {r["label"]: r["n"] for r in run_query(out, "SELECT label, count(*) n FROM segments GROUP BY 1").to_pylist()}
+    capsys.readouterr()
+    assert main(["eval", "--model", bundle, "--annotations", str(test_ann), "--videos", str(videos), "--cache",
+                 str(cache), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == encoder_precision("auto", "auto")
+    assert report["n_segments"] == sum(written.values()) == N_TEST * SECONDS
+    assert {k: c["predicted"] for k, c in report["per_class"].items() if c["predicted"]} == written
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video")
+    with_broken = tmp_path / "with_broken.csv"
+    with_broken.write_text(test_ann.read_text() + f"{broken},0,1,tone,x\n")
+    assert main(["eval", "--model", bundle, "--annotations", str(with_broken), "--videos", str(videos), "--cache",
+                 str(cache), "--precision", "fp32"]) == 3  # some inputs failed
+    assert "1 failed to decode" in capsys.readouterr().out
+
+    past = tmp_path / "past.csv"
+    name = sorted(videos.glob("audio_test_*.mp4"))[0].name
+    past.write_text(f"video,start_s,end_s,label\n{name},100,200,tone\n")
+    args = ["eval", "--model", bundle, "--annotations", str(past), "--videos", str(videos), "--cache", str(cache),
+            "--precision", "fp32"]
+    assert main([*args, "--unlabeled", "ignore"]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: annotations {past}: 1 span starts after the video's end" in err
+    assert "no segment of the 1 decoded videos has a label to score" in err
