@@ -206,13 +206,25 @@ def read_annotations(
     if unlabeled not in UNLABELED_MODES:
         raise ConfigError(f"unknown --unlabeled mode {unlabeled!r}; choose one of: {', '.join(UNLABELED_MODES)}")
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"annotations {path}: is a directory; pass the annotation file (.csv, .tsv, .parquet or "
+                          "AVE's Annotations.txt)")
     if not path.is_file():
         raise ConfigError(f"annotations {path}: no such file")
     root = Path(videos).expanduser().resolve() if videos is not None else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--videos {videos}: no such directory")
-    ave = _is_ave(path)
-    rows = _ave_rows(path) if ave else _table_rows(path)
+    try:
+        ave = _is_ave(path)
+        rows = _ave_rows(path) if ave else _table_rows(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"annotations {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                          "CSV/TSV, or as Parquet") from None
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a Parquet file
+        if path.suffix.lower() != ".parquet":
+            raise
+        raise ConfigError(f"annotations {path}: not a readable Parquet file ({str(exc).strip().splitlines()[0]}); "
+                          "write it with a Parquet writer, or name a CSV file .csv") from None
     if not rows:
         raise ConfigError(f"annotations {path}: no annotations in the file")
 

@@ -131,6 +131,8 @@ class TrainSpec:
                 raise ConfigError(f"{flag} must be >= {least}, got {value}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
 
     def sampling(self) -> SamplingSpec:
         try:
@@ -419,13 +421,23 @@ def _metrics(probs: list[np.ndarray], targets: list[np.ndarray], labels: list[st
 
 
 def _check_out(out: Path) -> None:
+    """Refuse, before any work, an --out that saving the bundle would fail on or lose files in."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    above = next(p for p in out.absolute().parents if p.exists())
+    if not out.exists() and not above.is_dir():
+        raise ConfigError(f"--out {out}: {above} is a file, not a directory; choose another --out")
+    if not os.access(out if out.exists() else above, os.W_OK):
+        raise ConfigError(f"--out {out}: {out if out.exists() else above} is not writable; choose another --out")
     if out.is_dir():
         others = [p.name for p in out.iterdir() if p.name not in (*_KEPT, "bundle.json", "weights.safetensors")]
         if others and not (out / "bundle.json").is_file():
             raise ConfigError(f"--out {out}: the directory holds other files ({', '.join(sorted(others)[:5])}); "
                               "use a new directory or an earlier bundle directory")
+        if others:  # saving replaces the directory, keeping only the bundle's own README.md and work/
+            raise ConfigError(f"--out {out}: the bundle directory also holds {', '.join(sorted(others)[:5])}, which "
+                              f"retraining would delete (it keeps only {' and '.join(_KEPT)}); move "
+                              f"{'it' if len(others) == 1 else 'them'} out, or use a new directory")
 
 
 def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult:
@@ -521,8 +533,16 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     n_train_seg, n_val_seg = (sum(_scored(d.target) for d in data) for data in (train_data, val_data))
     left_out = {"train": sum(d.n for d in train_data) - n_train_seg, "val": sum(d.n for d in val_data) - n_val_seg}
     train_text, val_text = _segments_text(n_train_seg, left_out["train"]), _segments_text(n_val_seg, left_out["val"])
+    if not n_train_seg:
+        raise ConfigError(f"annotations {spec.annotations}: no segment of the {len(train_data)} training videos has a "
+                          "label to learn (--unlabeled ignore leaves out the segments no annotation covers); check "
+                          "the times (seconds) and the video paths")
+    if val_data and not n_val_seg:  # early stopping on nothing would keep epoch 1
+        say(f"warning: the {len(val_data)} validation videos have no segment with a label ({val_text}); early "
+            "stopping watches the training set instead")
+        val_data = []
     say(f"training on {device.type}: {len(train_data)} train videos ({train_text}), {len(val_data)} validation "
-        f"videos ({val_text}); fusion {spec.fusion}, up to {spec.epochs} epochs")
+        f"videos ({val_text if val_data else 'none'}); fusion {spec.fusion}, up to {spec.epochs} epochs")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)

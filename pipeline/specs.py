@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -86,8 +87,12 @@ class AudioEncoderSpec(_DictMixin):
 
     def __post_init__(self) -> None:
         _check_choice("audio encoder", self.kind, AUDIO_ENCODER_KINDS)
-        if self.n_mels < 8 or self.win_ms <= 0 or self.hop_ms <= 0 or self.f_max_hz <= self.f_min_hz:
-            raise ConfigError(f"invalid mel parameters in {self}")
+        numbers = (self.win_ms, self.hop_ms, self.f_min_hz, self.f_max_hz)
+        if not all(math.isfinite(x) for x in numbers) or self.n_mels < 8 or self.win_ms <= 0 or self.hop_ms <= 0 \
+                or self.f_min_hz < 0 or self.f_max_hz <= self.f_min_hz:
+            raise ConfigError(f"invalid mel parameters: n_mels {self.n_mels} (>= 8), win_ms {self.win_ms:g} and hop_ms "
+                              f"{self.hop_ms:g} (> 0), f_min_hz {self.f_min_hz:g} (>= 0) < f_max_hz "
+                              f"{self.f_max_hz:g}, all finite")
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,9 @@ def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
     (["--context-segments", "-1"], "--context-segments must be >= 0, got -1"),
     (["--audio-fmax", "100000"], "--audio-fmax 100000: audio f_max_hz=100000.0 is above the Nyquist frequency 8000.0"),
     (["--audio-fmax", "0"], "--audio-fmax 0: invalid mel parameters"),
+    (["--audio-fmax", "nan"], "--audio-fmax nan: invalid mel parameters"),  # failed at saving, after training
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),  # failed after feature extraction
+    (["--seed", str(2**70)], f"--seed must be in [0, 2**32), got {2**70}"),
 ])
 def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path, videos, capsys, flags, said):
     """Before: missing weights failed after Ray started, as actor tracebacks (exit 1); --patience 0 named
@@ -215,3 +218,37 @@ def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
     assert not out.exists()  # nothing extracted, nothing cached
+
+
+def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_any_work(tmp_path, videos, capsys):
+    """Each of these was a traceback (exit 1), some after training; a retrain deleted the user's own files."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,2,dog\nb.mp4,0,1,cat\n")
+    (tmp_path / "afile").write_text("x")
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    (bundle_dir / "bundle.json").write_text("{}")
+    (bundle_dir / "NOTES.txt").write_text("mine")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("video,start_s,end_s,label\na.mp4,0,2,caf\xe9\n".encode("latin-1"))
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("video,start_s,end_s,label\n")
+    for table, out, said in [
+        (ann, tmp_path / "afile" / "sub", f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file"),
+        (ann, bundle_dir, f"--out {bundle_dir}: the bundle directory also holds NOTES.txt, which retraining would "
+                          "delete"),
+        (latin, tmp_path / "m", f"annotations {latin}: not UTF-8 text"),
+        (fake, tmp_path / "m", f"annotations {fake}: not a readable Parquet file"),
+        (tmp_path, tmp_path / "m", f"annotations {tmp_path}: is a directory"),
+    ]:
+        args = ["--annotations", str(table), "--videos", str(videos)]
+        assert main(["train", *args, "--out", str(out)]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+        if table != ann:  # eval (the packaged bundle) reads them the same way
+            assert main(["eval", *args]) == EXIT_USAGE
+            err = capsys.readouterr().err
+            assert said in err and "Traceback" not in err, err
+    assert (bundle_dir / "NOTES.txt").read_text() == "mine"

@@ -372,3 +372,30 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
     assert "no segment of the 1 decoded videos has a label to score" in err
+
+
+def test_a_validation_split_with_nothing_to_score_is_said_and_not_used(tmp_path, ray_session):
+    """Every epoch scored 'val acc 0.000' on no segment and the bundle kept epoch 1, with no warning."""
+    from jobs.train import split_videos
+
+    rng = np.random.default_rng(4)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    names = ["a.mp4", "b.mp4", "c.mp4"]
+    for name, colour, sound in zip(names, ("red", "blue", "red"), ("tone", "noise", "tone"), strict=True):
+        write_clip(videos / name, [COLOURS[colour]] * 4, _sound(sound, 4, rng))
+    ann = tmp_path / "ann.csv"
+    ann.write_text("video,start_s,end_s,label\n" + "".join(f"{n},0,4,{n[0]}\n" for n in names))
+    spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "m"), unlabeled="ignore",
+                     **{**SMALL, "epochs": 6, "patience": 2, "val_fraction": 0.34})  # type: ignore[arg-type]
+    annotated = read_annotations(ann, videos, unlabeled="ignore")
+    _, (val,) = split_videos(annotated.videos, annotated, spec.val_fraction, spec.seed)
+    name = Path(val.uri).name
+    ann.write_text("video,start_s,end_s,label\n" + "".join(f"{n},0,4,{n[0]}\n" for n in names if n != name)
+                   + f"{name},50,60,{name[0]}\n")  # the validation video's only span is past its end
+    lines: list[str] = []
+    result = train(spec, say=lines.append)
+    assert any(line.startswith("warning: the 1 validation videos have no segment with a label") for line in lines)
+    assert any("1 span starts after the video's end" in line for line in lines)
+    assert any("train(no val) loss" in line for line in lines) and not any(" val loss" in line for line in lines)
+    assert result.val_metrics is None
