@@ -211,6 +211,9 @@ def read_annotations(
                           "AVE's Annotations.txt)")
     if not path.is_file():
         raise ConfigError(f"annotations {path}: no such file")
+    if path.suffix.lower() not in (".csv", ".tsv", ".parquet", ".txt", ""):
+        raise ConfigError(f"annotations {path}: unknown file type {path.suffix!r}; use .csv, .tsv or .parquet with "
+                          "columns video,start_s,end_s,label, or AVE's Annotations.txt")
     root = Path(videos).expanduser().resolve() if videos is not None else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--videos {videos}: no such directory")

@@ -39,6 +39,8 @@ def open_output(out_dir: str | Path) -> OutputDir:
     except OSError as exc:
         raise ConfigError(f"cannot read {out_dir}: {exc}") from None
     if not is_output:
+        if out.local and not Path(out.store.full("")).exists():
+            raise ConfigError(f"{out_dir} does not exist; pass the --out directory of a 'vidpipe run'")
         raise ConfigError(f"{out_dir} is not a vidpipe output directory (no _job/ inside); "
                           "pass the --out directory of a 'vidpipe run'")
     return out

@@ -242,6 +242,7 @@ def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_an
         (latin, tmp_path / "m", f"annotations {latin}: not UTF-8 text"),
         (fake, tmp_path / "m", f"annotations {fake}: not a readable Parquet file"),
         (tmp_path, tmp_path / "m", f"annotations {tmp_path}: is a directory"),
+        (_csv(tmp_path, "[]", "a.json"), tmp_path / "m", "a.json: unknown file type '.json'; use .csv, .tsv or"),
     ]:
         args = ["--annotations", str(table), "--videos", str(videos)]
         assert main(["train", *args, "--out", str(out)]) == EXIT_USAGE

@@ -204,8 +204,11 @@ def test_query_empty_output_and_errors(tmp_path):
     assert t.num_rows == 0 and "error_kind" in t.column_names
     with pytest.raises(ConfigError, match="query failed"):
         run_query(out.root, "SELECT nope FROM segments")
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(ConfigError, match="not a vidpipe output"):
         connect(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'typo'} does not exist; pass the --out directory"):
+        connect(tmp_path / "typo")  # was "not a vidpipe output directory (no _job/ inside)"
 
 
 def test_format_table_csv_json():
