@@ -10,9 +10,11 @@ How a job over an archive runs (see also ``jobs/output.py`` for the commit proto
 - **One Ray Data execution per wave.**  Waves start at ``8 x`` the decode pool (so the first
   results commit early; at least 4 videos per core, see ``jobs/plan.py``; a job of up to three such
   waves runs as one) and grow (up to 8x per wave) toward five minutes per wave, up to 16384
-  videos: the cost of starting a wave's actor pools (2.5 s to the first decoded chunk and 3.7 s to
-  a ready model worker on a 2-core machine: Ray Data's start, imports, models) and of its tail (the
-  last videos finishing while workers idle) stays a small fraction.  ``--wave-size`` fixes the size.
+  videos: the cost of starting a wave's model actor pools (3.7 s to a ready model worker on a 2-core
+  machine: a new process, Ray Data's and torch's imports, the models; decode runs in Ray's pooled
+  worker processes, which keep their decoder between waves, see ``workers/ray_adapter.py``) and of
+  its tail (the last videos finishing while workers idle) stays a small fraction.  ``--wave-size``
+  fixes the size.
 - **Only the driver writes.**  Workers on any node return head rows through the dataset iterator;
   the driver assembles complete videos and commits them.  So outputs of many nodes land in one
   consistent OUT, and a node's death cannot leave a partial file.
