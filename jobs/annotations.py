@@ -32,6 +32,7 @@ import numpy as np
 
 from jobs.discover import make_video_id
 from pipeline.errors import ConfigError
+from pipeline.inputs import file_uri_path, path_uri
 
 BACKGROUND = "background"
 UnlabeledMode = Literal["background", "ignore"]
@@ -86,7 +87,7 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
         raise ConfigError(f"{where}: empty video")
     if "://" in entry and not entry.startswith("file://"):
         return entry  # remote: checked when it is decoded
-    path = Path(entry[len("file://"):] if entry.startswith("file://") else entry).expanduser()
+    path = Path(file_uri_path(entry) if entry.startswith("file://") else entry).expanduser()
     if not path.is_absolute():
         if videos_root is None:
             raise ConfigError(f"{where}: video {entry!r} is a relative path; pass --videos DIR to resolve it")
@@ -94,7 +95,7 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{where}: unknown video {entry!r}: no such file {str(path)!r}"
                           + (f" (resolved against --videos {videos_root})" if videos_root else ""))
-    return str(path.resolve())
+    return path_uri(str(path.resolve()))
 
 
 def _number(value: object, column: str, where: str) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jobs.idset import IdSet
 from pipeline.errors import ConfigError
+from pipeline.inputs import file_uri_path, path_uri
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
@@ -38,7 +39,7 @@ def make_video_id(uri: str, relative: str) -> str:
 def _canonical(path: Path) -> str:
     resolved = path.resolve()
     # a dangling link is recorded as itself: its target's path would not tell which entry of the folder failed
-    return str(path.absolute()) if not os.path.exists(resolved) and os.path.islink(path) else str(resolved)
+    return path_uri(str(path.absolute()) if not os.path.exists(resolved) and os.path.islink(path) else str(resolved))
 
 
 def _walk(root: Path, errors: list[str] | None = None) -> Iterator[Path]:
@@ -111,12 +112,12 @@ def is_manifest(item: str) -> bool:
         return False
     if item.startswith("s3://"):
         return True
-    path = Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+    path = Path(file_uri_path(item) if item.startswith("file://") else item).expanduser()
     return path.is_file()
 
 
 def _local_path(item: str) -> Path:
-    return Path(item[len("file://"):] if item.startswith("file://") else item).expanduser()
+    return Path(file_uri_path(item) if item.startswith("file://") else item).expanduser()
 
 
 def _discover_one(item: str) -> Iterator[VideoRef]:

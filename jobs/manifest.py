@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from jobs.discover import VideoRef, make_video_id
 from pipeline.errors import ConfigError
+from pipeline.inputs import file_uri_path, path_uri
 
 URI_COLUMNS = ("uri", "path", "video", "url", "file")
 # the field separator of each delimited (header row + one entry a line) manifest type
@@ -40,7 +41,7 @@ class _Base:
     def resolve(self, entry: str) -> str:
         entry = entry.strip()
         if entry.startswith("file://"):  # the same file as a plain path names: one URI (the done-set's key)
-            return str(Path(entry[len("file://"):]).expanduser().resolve())
+            return path_uri(str(Path(file_uri_path(entry)).expanduser().resolve()))
         if "://" in entry:
             return entry
         if self.local is None:  # s3://bucket/dir/ + entry, with ./ and ../ resolved within the bucket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,10 +33,26 @@ class OpenedInput:
     io_errors: list[OSError] = field(default_factory=list)
 
 
+def file_uri_path(uri: str) -> str:
+    """The path a ``file://`` URI names: percent-escapes decoded (``Path.as_uri()`` writes them); bytes that are
+    not UTF-8 become the file system's surrogate escapes, as ``os.listdir`` gives them."""
+    return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://"):]))
+
+
+def path_uri(path: str) -> str:
+    """How a local path is recorded: the path itself, or, where its name holds bytes that are not UTF-8
+    (output strings must be UTF-8), a ``file://`` URI with its bytes percent-encoded (:func:`file_uri_path`)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path), safe="/")
+    return path
+
+
 def local_path(uri: str) -> str | None:
     """The local path of a URI, or None for remote URIs."""
     if uri.startswith("file://"):
-        return uri[len("file://"):]
+        return file_uri_path(uri)
     if "://" in uri:
         return None
     return uri

@@ -7,6 +7,7 @@ import pytest
 from jobs.discover import check_inputs, count_videos, discover, make_video_id
 from jobs.manifest import ManifestRowError
 from pipeline.errors import ConfigError
+from pipeline.media import ChunkingSpec, SamplingSpec
 
 
 def _touch(p: Path) -> Path:
@@ -154,3 +155,32 @@ def test_an_empty_uri_cell_is_named_and_a_row_of_blank_cells_skipped(tmp_path):
         list(discover([str(m)]))
     m.write_text("uri,label\na.mp4,x\n,\n \t, \n")  # spreadsheet exports end with rows of empty cells
     assert [r.uri for r in discover([str(m)])] == [str((tmp_path / "a.mp4").resolve())]
+
+
+def test_file_names_that_are_not_utf8_and_percent_encoded_file_uris(tmp_path, shared_media):
+    """A name with a byte that is not UTF-8 stopped the whole job (UnicodeEncodeError hashing its id, exit 1);
+    a manifest's file:///a%20b.mp4 (what Path.as_uri() writes) was looked up with the %20 left in."""
+    import os
+    import shutil
+
+    from pipeline.inputs import local_path
+    from workers.decode_stage import DecodeStage
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    odd = os.fsdecode(b"bad\xffbyte.mp4")
+    shutil.copy(shared_media / "bbb_5s_51.mp4", folder / odd)
+    shutil.copy(shared_media / "bbb_5s_51.mp4", folder / "sp ace é.mp4")
+    refs = {r.uri: r for r in discover([str(folder)])}
+    bad_uri = f"file://{folder.resolve()}/bad%FFbyte.mp4"
+    assert sorted(refs) == sorted([bad_uri, str((folder / "sp ace é.mp4").resolve())])
+    assert refs[bad_uri].video_id.startswith("bad_byte.mp4-")
+    assert local_path(bad_uri) == str((folder / odd).resolve()) and os.path.isfile(local_path(bad_uri))
+    # the same files through a manifest of file:// URIs: the same URIs (the done-set's keys)
+    (tmp_path / "m.txt").write_text("".join(f"{(folder / n).as_uri()}\n" for n in ("sp ace é.mp4",))
+                                    + f"{bad_uri}\n")
+    assert {r.uri for r in discover([str(tmp_path / "m.txt")])} == set(refs)
+    # and the decoder opens it (real PyAV decoding of the file:// URI)
+    stage = DecodeStage(SamplingSpec(image_size=16), ChunkingSpec(core_segments=8, context_segments=1), isolate=False)
+    rows = list(stage.decode_video(bad_uri, refs[bad_uri].video_id))
+    assert rows and not any(r["error_kind"] for r in rows) and rows[-1]["is_last"]
