@@ -93,8 +93,25 @@ def check_inputs(inputs: list[str]) -> None:
 
             check_s3(item)
         elif glob.has_magic(item) and not Path(item).expanduser().exists():
-            if next(glob.iglob(os.path.expanduser(item), recursive=True), None) is None:
-                raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
+            matched = 0
+            for m in glob.iglob(os.path.expanduser(item), recursive=True):
+                matched += 1
+                kind = _glob_kind(item, m)
+                if kind == "manifest":
+                    from jobs.manifest import check_manifest
+
+                    check_manifest(m)  # as if it were named: an empty or unreadable one is named now
+                if kind is not None:
+                    break
+            else:
+                if not matched:
+                    raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in "
+                                      "the shell")
+                raise ConfigError(f"input pattern {item!r} matches {matched} files but no video file (extensions "
+                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))}) or folder"
+                                  + ("" if _manifest_pattern(item) else ", and its files are not read as manifests "
+                                     "unless the pattern ends in .txt, .csv, .tsv or .parquet")
+                                  + "; check the pattern")
         else:
             path = _local_path(item)
             unreadable: list[str] = []
@@ -103,6 +120,23 @@ def check_inputs(inputs: list[str]) -> None:
                 raise ConfigError(f"input folder {item!r} holds no video files (none with the extensions "
                                   f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders; links to "
                                   f"folders are not followed{why}); check the path")
+
+
+def _manifest_pattern(pattern: str) -> bool:
+    return Path(pattern).suffix.lower() in MANIFEST_EXTENSIONS
+
+
+def _glob_kind(pattern: str, match: str) -> str | None:
+    """What a glob's match gives: a folder to search, a video, a manifest (only where the pattern itself ends in
+    a manifest extension: 'lists/*.csv'; a notes.txt that 'archive/*' matches is not one), or None (skipped)."""
+    path = Path(match)
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return "video"
+    if _manifest_pattern(pattern) and is_manifest(match):
+        return "manifest"
+    return None
 
 
 def is_manifest(item: str) -> bool:
@@ -143,10 +177,11 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
         if not matches:
             raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
         for m in matches:
-            mp = Path(m)
-            if mp.is_dir():
+            kind = _glob_kind(item, m)
+            if kind in ("folder", "manifest"):
                 yield from _discover_one(m)
-            elif mp.suffix.lower() in VIDEO_EXTENSIONS:
+            elif kind == "video":
+                mp = Path(m)
                 uri = _canonical(mp)
                 yield VideoRef(uri, make_video_id(uri, mp.name))
         return

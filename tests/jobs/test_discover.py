@@ -42,6 +42,26 @@ def test_glob_and_empty_glob(tmp_path):
         list(discover([str(tmp_path / "nothing*.mp4")]))
 
 
+def test_a_glob_of_manifests_reads_them_and_a_glob_of_other_files_is_refused(tmp_path):
+    """'lists/*.csv' ran nothing and exited 0, as did a pattern matching only notes."""
+    a, b = _touch(tmp_path / "v" / "a.mp4"), _touch(tmp_path / "v" / "b.mp4")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "m1.csv").write_text("uri\n../v/a.mp4\n")
+    (tmp_path / "lists" / "m2.csv").write_text("uri\n../v/b.mp4\n")
+    (tmp_path / "v" / "notes.txt").write_text("not a list of videos\n")
+    pattern = str(tmp_path / "lists" / "m*.csv")
+    check_inputs([pattern])
+    assert [r.uri for r in discover([pattern])] == [str(a.resolve()), str(b.resolve())]
+    # a .txt that a pattern for everything matches is a note, not a manifest
+    assert [r.uri for r in discover([str(tmp_path / "v" / "*")])] == [str(a.resolve()), str(b.resolve())]
+    with pytest.raises(ConfigError, match=r"input pattern '.*notes\*' matches 1 files but no video file .*, and "
+                                          "its files are not read as manifests unless the pattern ends in .txt"):
+        check_inputs([str(tmp_path / "v" / "notes*")])
+    (tmp_path / "v" / "notes.txt").write_text("")  # '*.txt' asks for manifests: an empty one is named, as if named
+    with pytest.raises(ConfigError, match=r"manifest .*notes\.txt lists no videos"):
+        check_inputs([str(tmp_path / "v" / "*.txt")])
+
+
 def test_missing_plain_file_is_kept_for_a_failure_row(tmp_path):
     refs = list(discover([str(tmp_path / "gone.mp4")]))
     assert len(refs) == 1 and refs[0].uri.endswith("gone.mp4")
