@@ -52,7 +52,10 @@ def read_status(out_uri: str) -> JobStatus:
     if state == "running" and not alive:
         state = "dead"  # killed without a word: rerun the same command to resume
     total = progress.get("inputs_total")
-    pending = None if total is None else _pending(progress, int(total), int(done) + int(failed))
+    run_id = progress.get("run_id")
+    # the run's own commits (their names start with its id): progress.json lags them by up to a heartbeat
+    committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
+    pending = None if total is None else _pending(progress, int(total), int(done) + int(failed), committed)
     per_s = progress.get("videos_per_s") or None
     eta = pending / per_s if alive and per_s and pending is not None else None
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),
@@ -62,21 +65,24 @@ def read_status(out_uri: str) -> JobStatus:
                      eta_s=eta, message=str(progress.get("message") or ""))
 
 
-def _pending(progress: dict[str, Any], total: int, finished_in_out: int) -> int:
+def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committed_by_run: int = 0) -> int:
     """Of the last run's ``total`` input videos, how many no run has finished.
 
     Two lower bounds: the tables' count (OUT may also hold videos that other inputs named), and the
     run's own: its inputs finished before it (counted with the total, or, once it has read them all, the
     ones it skipped) and the ones it finished (those not committed when it was killed, or dropped by
-    'vidpipe repair' since, still count there).  The larger is the closer.  Before the run has counted or
-    read all its inputs its own count is no bound (the unread ones may be finished already).
+    'vidpipe repair' since, still count there; where its progress.json, written before its last commits,
+    counts fewer than its commit records, ``committed_by_run``, those).  The larger is the closer.  Before
+    the run has counted or read all its inputs its own count is no bound (the unread ones may be finished
+    already).
     """
     pending = total - finished_in_out
     before = progress.get("inputs_finished")
     if before is None and int(progress.get("discovered") or 0) >= total:
         before = progress.get("skipped")
     if before is not None:
-        pending = max(pending, total - int(before) - sum(int(progress.get(k) or 0) for k in ("done", "failed")))
+        by_run = max(committed_by_run, sum(int(progress.get(k) or 0) for k in ("done", "failed")))
+        pending = max(pending, total - int(before) - by_run)
     return max(pending, 0)
 
 

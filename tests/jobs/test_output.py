@@ -330,6 +330,20 @@ def test_status_pending_of_a_killed_run_counts_what_it_did_not_commit(tmp_path):
     assert (s.run_state, s.done, s.pending) == ("dead", 3, 1)
 
 
+def test_status_pending_of_a_run_killed_after_a_commit_its_progress_file_does_not_count_yet(tmp_path):
+    """Killed between a commit and its next progress.json: 1 of 5 committed, progress.json still saying 0
+    done; status said 5 pending (the run's own count, which lagged, was taken as the larger bound)."""
+    from jobs.status import read_status
+
+    out, w = writer_for(tmp_path, run_id="r3")
+    w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    out.write_json("_job/progress.json", {"run_id": "r3", "state": "running", "heartbeat": 1.0, "inputs_total": 5,
+                                          "inputs_finished": 0, "done": 0, "failed": 0})
+    s = read_status(str(out.root))
+    assert (s.run_state, s.done, s.pending) == ("dead", 1, 4)
+
+
 def test_status_pending_of_a_run_stopped_early_on_other_inputs(tmp_path):
     """OUT held 3 videos of other inputs; a run over 5 new ones was stopped after its first: 4 pending (the
     tables alone said 1). Counting its inputs at the start also counts which of them were finished."""
