@@ -114,6 +114,9 @@ def _add_repair(sub: argparse._SubParsersAction) -> None:
                     "names them and changes nothing (move them out of OUT first).")
     p.add_argument("out", metavar="OUT", help="the --out directory of a run")
     p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
+    p.add_argument("--verify", action="store_true",
+                   help="also read every data page of every committed file (checksums where written), to find "
+                        "damage inside a file whose footer is whole; reads all of OUT")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -406,9 +409,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     try:
         with out.lock(new_run_id(), keepalive=True):
             if args.dry_run:
-                lost = out.missing_files()
-            else:
-                lost = out.forget_missing()  # refuses, changing nothing, where files no commit names are there
+                lost = out.missing_files(pages=args.verify)
+            else:  # refuses, changing nothing, where files no commit names are there
+                lost = out.forget_missing(pages=args.verify)
             unrecorded = out.unrecorded_parts()
     except OSError as exc:  # a file out of reach (permissions, the network): not taken as damage
         print(f"vidpipe repair: error: {exc}; what was dropped before it stays dropped, the rest is as it was: "
@@ -422,7 +425,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"{verb} {len(lost)} commits; rerun the job's 'vidpipe run' command to do those videos again"
               if not args.dry_run else f"{verb} {len(lost)} commits; run without --dry-run to drop them")
     else:
-        print(f"{out.uri}: every committed file is in place; nothing to drop")
+        print(f"{out.uri}: every committed file is in place"
+              + (" and reads whole" if args.verify else "") + "; nothing to drop"
+              + ("" if args.verify else " (--verify also reads every data page)"))
     if unrecorded:  # only a dry run gets here with some
         print(f"{len(unrecorded)} data files that no commit names are in the way: move them out of {out.uri} "
               "(repair and run refuse it until then): " + ", ".join(out.store.uri_of(r) for r in unrecorded),

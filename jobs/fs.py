@@ -91,8 +91,9 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.full(rel), columns=columns, filesystem=self.fs)
+    def read_table(self, rel: str, columns: list[str] | None = None, *, verify: bool = False) -> pa.Table:
+        """``verify``: check each page's CRC where the writer stored one (vidpipe's files since 2026-12-01)."""
+        return pq.read_table(self.full(rel), columns=columns, filesystem=self.fs, page_checksum_verification=verify)
 
     def read_schema(self, rel: str) -> pa.Schema:
         return pq.read_schema(self.full(rel), filesystem=self.fs)

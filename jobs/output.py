@@ -135,6 +135,13 @@ def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "")
             "results so that rerunning the job does those videos again")
 
 
+def looks_damaged(error_text: str) -> bool:
+    """Whether a Parquet reader's error says the bytes are wrong (not that they could not be fetched)."""
+    text = error_text.lower()
+    return any(w in text for w in ("deserialize thrift", "corrupt", "don't know what type", "checksum",
+                                   "decompress", "invalid parquet", "unexpected end of stream"))
+
+
 def _damaged(where: str, why: object) -> str:
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
             "backup, or run the job again into a new --out")
@@ -314,9 +321,9 @@ class OutputDir:
         """
         commits = self.commits()
         self.refuse_unrecorded(commits)
-        rels = [rel for table in TABLES for rel in self.committed_rel(table, commits)]  # MissingCommitted if not
-        errors = self._map(self.footer_error, rels)
-        damaged = [(rel, exc) for rel, exc in zip(rels, errors, strict=True) if exc is not None]
+        for table in TABLES:
+            self.committed_rel(table, commits)  # every committed file is there (MissingCommitted if not)
+        damaged = self.damaged_files(commits)
         if damaged:  # else a rerun would skip its videos as finished, and only a query would find the damage
             more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
             raise ConfigError(damaged_message(self, damaged[0][0], damaged[0][1], more=more))
@@ -333,7 +340,7 @@ class OutputDir:
             self.store.delete(f"{STAGING}/{name}")  # written before a crash, never committed
         self._compact(commits)
 
-    def forget_missing(self) -> list[tuple[Commit, list[str]]]:
+    def forget_missing(self, *, pages: bool = False) -> list[tuple[Commit, list[str]]]:
         """Drop every commit one of whose files is missing or damaged, so that a rerun does its videos again.
 
         Returns each dropped commit with its missing or damaged files (relative paths); refuses (a ConfigError, nothing
@@ -345,7 +352,7 @@ class OutputDir:
         """
         # before any change: recover() at the end would refuse half-way through
         self.refuse_unrecorded(then="Move those files out of it, then run 'vidpipe repair' again.")
-        dropped = self.missing_files()
+        dropped = self.missing_files(pages=pages)
         for c, _ in dropped:
             for table, name in c.files.items():
                 if self.store.is_file(f"{table}/{name}"):  # a damaged one too
@@ -362,17 +369,18 @@ class OutputDir:
         self.recover()
         return dropped
 
-    def missing_files(self) -> list[tuple[Commit, list[str]]]:
+    def missing_files(self, *, pages: bool = False) -> list[tuple[Commit, list[str]]]:
         """The commits whose files are not all there and readable, each with its missing or damaged files
-        (relative paths; each present file's Parquet footer is read)."""
+        (relative paths; each present file's Parquet footer is read, with ``pages`` every page too)."""
         commits = self.commits()
         lost: dict[str, list[str]] = {}
+        damaged = {rel for rel, _ in self.damaged_files(commits, pages=pages)}
         for table in TABLES:
             found, missing = self.locate(table, commits)
             for c, name in missing:
                 lost.setdefault(c.name, []).append(f"{table}/{name}")
             for c, rel in found:
-                if not self.readable_parquet(rel):
+                if rel in damaged:
                     lost.setdefault(c.name, []).append(rel)
         return [(c, lost[c.name]) for c in commits if c.name in lost]
 
@@ -381,21 +389,31 @@ class OutputDir:
         reach it (permissions, the network, S3) is raised, not taken as damage."""
         return self.footer_error(rel) is None
 
-    def footer_error(self, rel: str) -> Exception | None:
-        """Why ``rel``'s Parquet footer cannot be read (a file cut short or overwritten), or None where it can; a
-        failure to reach it (permissions, the network, S3) is raised, not taken as damage."""
+    def footer_error(self, rel: str, *, pages: bool = False) -> Exception | None:
+        """Why ``rel``'s Parquet footer (with ``pages``, also every data page, CRCs checked) cannot be read: a
+        file cut short, overwritten or with damaged bytes; None where it can.  A failure to reach it
+        (permissions, the network, S3) is raised, not taken as damage."""
         try:
             self.store.read_metadata(rel)
-        except ValueError as exc:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes
+            if pages:
+                self.store.read_table(rel, verify=True)
+        except ValueError as exc:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes, a bad page
             return exc
         except OSError as exc:
-            # a damaged footer is "Couldn't deserialize thrift: ..."; an S3 or file system error names the key
-            # (which ends in .parquet), so only these words count
-            if not isinstance(exc, (FileNotFoundError, PermissionError)) and (
-                    "deserialize thrift" in str(exc).lower() or "corrupt" in str(exc).lower()):
+            # a damaged footer or page header is "Couldn't deserialize thrift: ..."; an S3 or file system error
+            # names the key (which ends in .parquet), so only these words count
+            if not isinstance(exc, (FileNotFoundError, PermissionError)) and looks_damaged(str(exc)):
                 return exc
             raise
         return None
+
+    def damaged_files(self, commits: list[Commit] | None = None, *, pages: bool = False
+                      ) -> list[tuple[str, Exception]]:
+        """The committed files that are there but cannot be read, each with why (see :meth:`footer_error`)."""
+        commits = self.commits() if commits is None else commits
+        rels = [rel for table in TABLES for _, rel in self.locate(table, commits)[0]]
+        errors = self._map(lambda rel: self.footer_error(rel, pages=pages), rels)
+        return [(rel, exc) for rel, exc in zip(rels, errors, strict=True) if exc is not None]
 
     def _write_checkpoint(self, name: str, commits: list[dict[str, Any]]) -> None:
         """Write (atomically) the checkpoint ``name``: the commit records it holds, as dicts."""
@@ -699,7 +717,8 @@ class ResultWriter:
     def _stage(self, table: pa.Table, name: str) -> str:
         # staging is shared by the three tables: the random suffix keeps their names apart
         fname = f"part-{name}-{uuid.uuid4().hex[:8]}.parquet"
-        self.out.store.write_parquet(table, f"{STAGING}/{fname}", compression="zstd")
+        # page CRCs: 'vidpipe repair --verify' tells a damaged page from a whole one
+        self.out.store.write_parquet(table, f"{STAGING}/{fname}", compression="zstd", write_page_checksum=True)
         return fname
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from jobs.output import OutputDir, damaged_message
+from jobs.output import OutputDir, damaged_message, looks_damaged
 from pipeline.errors import ConfigError
 from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
 
@@ -93,15 +93,20 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     """A usage error for a failed query; where the error names a committed file whose footer cannot be read,
     it says so: the file is damaged (not a user's SQL, nor a file a running job moved meanwhile)."""
     text = str(exc).strip()
+    damaged: list[tuple[str, Exception]] = []
     try:
         out = OutputDir(out_dir)
         commits = out.commits()
         named = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0] if out.store.full(rel) in text]
-        damaged = [rel for rel in named if not out.readable_parquet(rel)]
+        damaged = [(rel, e) for rel in named if (e := out.footer_error(rel)) is not None]
+        if not damaged and not named and looks_damaged(text):
+            # DuckDB names no file for a damaged page header ("don't know what type"): find it, footers first
+            damaged = out.damaged_files(commits) or out.damaged_files(commits, pages=True)
     except (ConfigError, OSError):
         damaged = []
     if damaged:
-        return ConfigError(damaged_message(out, damaged[0], exc))
+        more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
+        return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more))
     return ConfigError(f"query failed: {text}")
 
 

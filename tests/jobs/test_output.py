@@ -393,6 +393,37 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     assert capsys.readouterr().out.splitlines() == ["n", "3"]
 
 
+def test_damaged_pages_behind_a_whole_footer_are_named_and_repair_verify_drops_them(tmp_path, capsys):
+    """Bytes flipped inside a committed file, its footer whole: query said "query failed: don't know what type"
+    naming no file, and repair found nothing to drop (status, which reads no page of segments, is right)."""
+    import struct
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, first, second = _two_commits(tmp_path)
+    damaged = out.table_dir("segments") / second.files["segments"]
+    data = bytearray(damaged.read_bytes())
+    footer = struct.unpack("<I", data[-8:-4])[0]
+    for i in range(4, len(data) - footer - 8):  # every byte between the magic and the footer
+        data[i] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    assert main(["query", str(out.root), "SELECT * FROM segments"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
+    assert main(["repair", str(out.root)]) == 0  # the footer is whole: only reading the pages finds it
+    assert "nothing to drop (--verify also reads every data page)" in capsys.readouterr().out
+    assert main(["repair", str(out.root), "--verify", "--dry-run"]) == 0
+    assert f"would drop commit {second.name}" in capsys.readouterr().out and damaged.exists()
+    assert main(["repair", str(out.root), "--verify"]) == 0
+    assert f"missing or damaged: {damaged}" in capsys.readouterr().out
+    assert [c.name for c in out.commits()] == [first.name]
+    assert main(["repair", str(out.root), "--verify"]) == 0
+    assert "every committed file is in place and reads whole; nothing to drop" in capsys.readouterr().out
+    assert main(["query", str(out.root), "SELECT count(*) n FROM segments", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "3"]
+
+
 def test_a_data_file_in_a_subfolder_of_a_table_is_refused_too(tmp_path):
     """Another tool's partitioned files (segments/year=2024/...) were taken as no concern of the run's, and a
     reader of segments/** then got both."""
