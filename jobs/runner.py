@@ -241,22 +241,29 @@ def warm_ray_data() -> None:
     ray.data.range(1).materialize()
 
 
+_IDENTITY_DEFAULTS = {"precision": "auto"}
+
+
 def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
     """Record what defines the job's rows; refuse to mix another bundle or sampling into the same OUT."""
     identity = {"bundle_fingerprint": bundle_fingerprint(bundle), "model_id": bundle.model_id,
-                "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding}
+                "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding,
+                "precision": spec.precision}
     old = out.read_json("_job/job.json")
     if old is None:
         _check_rows_identity(out, bundle, spec)
     else:
-        mismatch = [k for k in identity if old.get(k) != identity[k]]
-        if mismatch:
+        # a job.json from before "precision" was recorded ran with the default
+        mismatch = [k for k in identity if old.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k]]
+        if not mismatch:
+            return
+        if out.commits():
             raise ConfigError(
                 f"{spec.out} already holds results of another job (differs in: {', '.join(mismatch)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
-                "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings) "
-                "to resume.")
-        return
+                "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings, "
+                "--precision) to resume.")
+        # no result committed yet (the first run stopped before its first commit): nothing to mix with
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle": bundle.meta.get("source", spec.model or "default"),
@@ -473,6 +480,10 @@ class JobRunner:
                 _quiet_ray_data()
                 ray_started = True
             nodes = cluster_nodes()  # per wave: nodes come and go
+            if spec.device == "cuda" and not any(n[1] >= 1 for n in nodes):  # else it ran on the CPUs, unsaid
+                raise ConfigError(f"--device cuda: the Ray cluster has no GPU ({len(nodes)} nodes, "
+                                  f"{sum(n[0] for n in nodes):g} CPUs, 0 GPUs); use --device auto (the GPU where "
+                                  "there is one) or --device cpu")
             if not wave_size:
                 # enough videos for a decoder per core (jobs/plan.py) on every core count
                 wave_size = max(16, 8 * plan_for_cluster(nodes, device=spec.device).decode.pool_size,

@@ -490,3 +490,33 @@ def test_intervals_print_as_duckdb_writes_them(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1] == ",".join(duckdb_text)
     assert main(["query", str(out.root), sql]) == 0
     assert capsys.readouterr().out.splitlines()[2].split(" | ")[0].strip() == "01:30:00"
+
+
+def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_committed(tmp_path):
+    """An OUT whose first run stopped before its first commit refused a rerun with other settings; bf16 and
+    fp32 rows could be mixed in one OUT (--precision was not part of the job's identity)."""
+    import dataclasses
+
+    from jobs.models import resolve_bundle
+    from jobs.runner import check_job_identity
+    from jobs.spec import JobSpec
+
+    out, w = writer_for(tmp_path)
+    bundle = resolve_bundle(None, allow_untrained=True)
+    spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True, top_k=2)
+    check_job_identity(out, bundle, spec)
+    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3))  # nothing committed: the new run's
+    assert out.read_json("_job/job.json")["top_k"] == 3
+    w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    for other, named in ((dataclasses.replace(spec, top_k=2), "top_k"),
+                         (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision")):
+        with pytest.raises(ConfigError, match=f"already holds results of another job \\(differs in: {named};"):
+            check_job_identity(out, bundle, other)
+    # a job.json written before precision was recorded: its runs used the default, auto
+    job = out.read_json("_job/job.json")
+    del job["precision"]
+    out.write_json("_job/job.json", job)
+    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3))
+    with pytest.raises(ConfigError, match="differs in: precision"):
+        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision="bf16"))

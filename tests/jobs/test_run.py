@@ -372,3 +372,18 @@ def test_a_reader_that_goes_away_does_not_fail_the_run(shared_media, tmp_path):
     assert proc.wait(timeout=300) == 0
     status = read_status(str(out))
     assert (status.run_state, status.done, status.failed) == ("finished", 1, 0)
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(first_run, tmp_path, capsys):
+    """It ran on the CPUs and exited 0 without a word."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec, _, _ = first_run
+    code = main(["run", *spec.inputs, "--out", str(tmp_path / "o"), "--allow-untrained", "--device", "cuda",
+                 "--no-progress"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--device cuda: the Ray cluster has no GPU" in err and "--device auto" in err
+    assert not run_query(tmp_path / "o", "SELECT * FROM videos").num_rows
