@@ -49,7 +49,7 @@ def _walk(root: Path, errors: list[str] | None = None) -> Iterator[Path]:
             errors.append(f"{e.filename} ({e.strerror})")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden, as hidden files are
         for name in sorted(filenames):
             if Path(name).suffix.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
                 yield Path(dirpath) / name
@@ -114,12 +114,15 @@ def check_inputs(inputs: list[str]) -> None:
                                   + "; check the pattern")
         else:
             path = _local_path(item)
+            if item.endswith(("/", os.sep)) and not path.exists():  # a folder by its spelling: a typo, not a failure
+                raise ConfigError(f"input folder {item!r} does not exist; check the path")
             unreadable: list[str] = []
             if path.is_dir() and next(_walk(path, unreadable), None) is None:  # stops at the first video found
                 why = f"; could not read {unreadable[0]}" if unreadable else ""
                 raise ConfigError(f"input folder {item!r} holds no video files (none with the extensions "
-                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders; links to "
-                                  f"folders are not followed{why}); check the path")
+                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))} in it or its subfolders; hidden files and "
+                                  f"folders (.name) are skipped and links to folders are not followed{why}); check "
+                                  "the path")
 
 
 def _manifest_pattern(pattern: str) -> bool:

@@ -204,3 +204,18 @@ def test_file_names_that_are_not_utf8_and_percent_encoded_file_uris(tmp_path, sh
     stage = DecodeStage(SamplingSpec(image_size=16), ChunkingSpec(core_segments=8, context_segments=1), isolate=False)
     rows = list(stage.decode_video(bad_uri, refs[bad_uri].video_id))
     assert rows and not any(r["error_kind"] for r in rows) and rows[-1]["is_last"]
+
+
+def test_hidden_folders_are_skipped_like_hidden_files_and_a_missing_folder_is_named(tmp_path):
+    """.dot.mp4 was skipped but .hidden/h.mp4 was run; 'nosuchdir/' became a not_found failure row (exit 3)."""
+    a = _touch(tmp_path / "v" / "a.mp4")
+    _touch(tmp_path / "v" / ".dot.mp4")
+    _touch(tmp_path / "v" / ".hidden" / "h.mp4")
+    _touch(tmp_path / "v" / "sub" / ".thumbs" / "t.mp4")
+    assert [r.uri for r in discover([str(tmp_path / "v")])] == [str(a.resolve())]
+    _touch(tmp_path / "only_hidden" / ".cache" / "c.mp4")
+    with pytest.raises(ConfigError, match="holds no video files .*hidden files and folders"):
+        check_inputs([str(tmp_path / "only_hidden")])
+    with pytest.raises(ConfigError, match=r"input folder '.*nosuchdir/' does not exist; check the path"):
+        check_inputs([str(tmp_path / "nosuchdir") + "/"])
+    check_inputs([str(tmp_path / "gone.mp4")])  # a missing file stays a failure row of its own
