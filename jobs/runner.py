@@ -442,7 +442,9 @@ class JobRunner:
                 except BaseException as exc:
                     stopped = isinstance(exc, KeyboardInterrupt)
                     status.state = "interrupted" if stopped else "failed"
-                    status.message = ((str(exc) or "stopped") if stopped else f"{type(exc).__name__}: {exc}")[:500]
+                    # a usage error says what to do in its own words; anything else is named by its kind
+                    said = str(exc) if stopped or isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                    status.message = (said or "stopped")[:500]
                     self._flush_what_is_complete(writer)
                     raise
                 finally:

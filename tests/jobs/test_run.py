@@ -387,3 +387,20 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(first_run, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--device cuda: the Ray cluster has no GPU" in err and "--device auto" in err
     assert not run_query(tmp_path / "o", "SELECT * FROM videos").num_rows
+
+
+def test_a_bad_manifest_row_found_by_the_run_is_its_status_message_in_its_own_words(first_run, tmp_path, capsys):
+    """status said 'failed: ConfigError: manifest ...' (the exception's class, as for an internal error)."""
+    from jobs.status import read_status
+
+    spec, _, _ = first_run
+    good = next(p for p in spec.inputs if Path(p).is_dir() or Path(p).suffix == ".mp4")
+    manifest = tmp_path / "m.csv"
+    first = next(Path(good).rglob("*.mp4")) if Path(good).is_dir() else Path(good)
+    manifest.write_text(f"id,uri\n1,{first}\n2,,note\n")
+    out = tmp_path / "o"
+    assert main(["run", str(manifest), "--out", str(out), "--allow-untrained", "--no-progress"]) == EXIT_USAGE
+    said = f"manifest {manifest} line 3: the 'uri' cell is empty"
+    assert said in capsys.readouterr().err
+    status = read_status(str(out))
+    assert status.run_state == "failed" and status.message.startswith(said), status.message
