@@ -48,7 +48,7 @@ class _Base:
             bucket, _, key = self.prefix[len("s3://"):].partition("/")
             return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(key, entry)).lstrip("/")
         p = Path(entry).expanduser()
-        return str((p if p.is_absolute() else self.local / p).resolve())
+        return path_uri(str((p if p.is_absolute() else self.local / p).resolve()))  # a folder or link not UTF-8
 
 
 def _ref(entry: str, base: _Base) -> VideoRef:
@@ -58,7 +58,7 @@ def _ref(entry: str, base: _Base) -> VideoRef:
 
 def _name(manifest: str | Path) -> str:
     text = str(manifest)
-    return text[len("file://"):] if text.startswith("file://") else text
+    return file_uri_path(text) if text.startswith("file://") else text
 
 
 @contextmanager

@@ -135,11 +135,26 @@ def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "")
             "results so that rerunning the job does those videos again")
 
 
-def looks_damaged(error_text: str) -> bool:
-    """Whether a Parquet reader's error says the bytes are wrong (not that they could not be fetched)."""
-    text = error_text.lower()
-    return any(w in text for w in ("deserialize thrift", "corrupt", "don't know what type", "checksum",
-                                   "decompress", "invalid parquet", "unexpected end of stream"))
+_DAMAGE_WORDS = ("deserialize thrift", "corrupt", "don't know what type", "checksum", "decompress",
+                 "invalid parquet", "unexpected end of stream")
+_TRANSIENT_WORDS = ("aws error", "curl", "connection", "timed out", "timeout", "throttl", "slow down",
+                    "service unavailable", "internal error", "network")
+
+
+def looks_damaged(error_text: str, names: tuple[str, ...] = ()) -> bool:
+    """Whether a Parquet reader's error says the bytes are wrong, not that they could not be fetched.
+
+    ``names`` (the file's path, key and bucket) are taken out first: an S3 error quotes them, and a bucket
+    named 'corrupt-media' must not make a network error read as damage (repair would drop a whole commit).
+    """
+    text = error_text
+    for name in sorted(names, key=len, reverse=True):
+        if name:
+            text = text.replace(name, "")
+    text = text.lower()
+    if any(w in text for w in _TRANSIENT_WORDS):
+        return False
+    return any(w in text for w in _DAMAGE_WORDS)
 
 
 def _damaged(where: str, why: object) -> str:
@@ -402,10 +417,17 @@ class OutputDir:
         except OSError as exc:
             # a damaged footer or page header is "Couldn't deserialize thrift: ..."; an S3 or file system error
             # names the key (which ends in .parquet), so only these words count
-            if not isinstance(exc, (FileNotFoundError, PermissionError)) and looks_damaged(str(exc)):
+            if not isinstance(exc, (FileNotFoundError, PermissionError)) and looks_damaged(str(exc),
+                                                                                         self._names(rel)):
                 return exc
             raise
         return None
+
+    def _names(self, rel: str) -> tuple[str, ...]:
+        """The spellings of ``rel`` an error may quote: its path or bucket/key, key, URI, and OUT's bucket."""
+        full = self.store.full(rel)
+        bucket, _, key = full.partition("/")
+        return (full, self.store.uri_of(rel), rel, *(() if self.local else (key, bucket)))
 
     def damaged_files(self, commits: list[Commit] | None = None, *, pages: bool = False
                       ) -> list[tuple[str, Exception]]:

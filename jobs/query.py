@@ -89,6 +89,11 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+# errors in the user's SQL: they may quote a column named "checksum", and must not make vidpipe read all of OUT
+_SQL_ERRORS = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException, duckdb.ConversionException,
+               duckdb.SyntaxException, duckdb.ConstraintException, duckdb.NotImplementedException)
+
+
 def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     """A usage error for a failed query; where the error names a committed file whose footer cannot be read,
     it says so: the file is damaged (not a user's SQL, nor a file a running job moved meanwhile)."""
@@ -99,7 +104,7 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
         commits = out.commits()
         named = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0] if out.store.full(rel) in text]
         damaged = [(rel, e) for rel in named if (e := out.footer_error(rel)) is not None]
-        if not damaged and not named and looks_damaged(text):
+        if not damaged and not named and not isinstance(exc, _SQL_ERRORS) and looks_damaged(text, (str(out_dir),)):
             # DuckDB names no file for a damaged page header ("don't know what type"): find it, footers first
             damaged = out.damaged_files(commits) or out.damaged_files(commits, pages=True)
     except (ConfigError, OSError):

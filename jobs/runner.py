@@ -241,7 +241,7 @@ def warm_ray_data() -> None:
     ray.data.range(1).materialize()
 
 
-_IDENTITY_DEFAULTS = {"precision": "auto"}
+_LATER_KEYS = frozenset({"precision"})  # identity keys that older job.json files lack
 
 
 def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
@@ -253,8 +253,8 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
     if old is None:
         _check_rows_identity(out, bundle, spec)
     else:
-        # a job.json from before "precision" was recorded ran with the default
-        mismatch = [k for k in identity if old.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k]]
+        # a job.json from before "precision" was recorded does not say which its runs used: not compared
+        mismatch = [k for k in identity if (k in old or k not in _LATER_KEYS) and old.get(k) != identity[k]]
         if not mismatch:
             return
         if out.commits():

@@ -200,6 +200,17 @@ def test_file_names_that_are_not_utf8_and_percent_encoded_file_uris(tmp_path, sh
     (tmp_path / "m.txt").write_text("".join(f"{(folder / n).as_uri()}\n" for n in ("sp ace é.mp4",))
                                     + f"{bad_uri}\n")
     assert {r.uri for r in discover([str(tmp_path / "m.txt")])} == set(refs)
+    # a manifest in a folder whose name is not UTF-8, and one named by a percent-encoded file:// URI
+    odd_dir = tmp_path / os.fsdecode(b"lists\xfe")
+    odd_dir.mkdir()
+    shutil.copy(shared_media / "bbb_5s_51.mp4", odd_dir / "c.mp4")
+    (odd_dir / "m.txt").write_text("c.mp4\n")
+    (uri,) = [r.uri for r in discover([str(odd_dir / "m.txt")])]
+    assert uri == f"file://{tmp_path.resolve()}/lists%FE/c.mp4" and os.path.isfile(local_path(uri))
+    spaced = tmp_path / "my lists"
+    spaced.mkdir()
+    (spaced / "m.txt").write_text(f"{bad_uri}\n")
+    assert [r.uri for r in discover([spaced.joinpath("m.txt").as_uri()])] == [bad_uri]
     # and the decoder opens it (real PyAV decoding of the file:// URI)
     stage = DecodeStage(SamplingSpec(image_size=16), ChunkingSpec(core_segments=8, context_segments=1), isolate=False)
     rows = list(stage.decode_video(bad_uri, refs[bad_uri].video_id))

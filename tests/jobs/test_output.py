@@ -513,10 +513,32 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
                          (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision")):
         with pytest.raises(ConfigError, match=f"already holds results of another job \\(differs in: {named};"):
             check_job_identity(out, bundle, other)
-    # a job.json written before precision was recorded: its runs used the default, auto
+    # a job.json written before precision was recorded does not say which: the same command resumes, whatever
+    # --precision it gave
     job = out.read_json("_job/job.json")
     del job["precision"]
     out.write_json("_job/job.json", job)
-    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3))
-    with pytest.raises(ConfigError, match="differs in: precision"):
-        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision="bf16"))
+    for precision in ("auto", "fp32", "bf16"):
+        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=precision))
+
+
+def test_an_error_that_quotes_a_damage_word_in_a_name_or_the_sql_is_not_damage(tmp_path, monkeypatch):
+    """An S3 network error quoting a bucket named 'corrupt-media' read as damage (repair would drop the commit);
+    a typo in SQL naming a column 'checksum' made query read every page of OUT."""
+    from jobs.output import looks_damaged
+
+    key, bucket = "out/segments/part-1.parquet", "corrupt-media-lab"
+    names = (f"{bucket}/{key}", f"s3://{bucket}/{key}", "segments/part-1.parquet", key, bucket)
+    network = f"When reading information for key '{key}' in bucket '{bucket}': AWS Error NETWORK_CONNECTION"
+    assert not looks_damaged(network, names)
+    assert not looks_damaged(f"Could not open Parquet input source '{bucket}/{key}': slow down", names)
+    assert looks_damaged(f"Could not open Parquet input source '{bucket}/{key}': Couldn't deserialize thrift: x",
+                         names)
+    out, _, _ = _two_commits(tmp_path)
+
+    def scanned(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("a SQL error made query read the committed files")
+
+    monkeypatch.setattr(OutputDir, "damaged_files", scanned)
+    with pytest.raises(ConfigError, match=r'query failed: Binder Error: .*"checksum"'):
+        run_query(out.root, "SELECT checksum FROM segments")
