@@ -14,7 +14,7 @@ import posixpath
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 from jobs.discover import VideoRef, make_video_id
 from pipeline.errors import ConfigError
@@ -56,6 +56,12 @@ def _ref(entry: str, base: _Base) -> VideoRef:
     return VideoRef(uri, make_video_id(uri, entry.strip().split("://", 1)[-1]))
 
 
+def _checked_ref(entry: str, base: _Base, where: str) -> VideoRef:
+    if "\x00" in entry:  # no file system takes it ("embedded null byte" named no line)
+        raise ManifestRowError(f"{where}: the entry holds a NUL byte; fix or delete the line")
+    return _ref(entry, base)
+
+
 def _name(manifest: str | Path) -> str:
     text = str(manifest)
     return file_uri_path(text) if text.startswith("file://") else text
@@ -89,9 +95,26 @@ class ManifestRowError(ConfigError):
     """A row of a manifest that cannot name a video (what the file says, not a passing failure to read it)."""
 
 
-def _text(binary: Any) -> IO[str]:
-    # utf-8-sig: a byte-order mark (as spreadsheet programs write one) is not part of the first entry
-    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+def _text(binary: Any, name: str) -> Iterator[str]:
+    """The file's lines (universal newlines: a Mac spreadsheet's CR-only CSV too); bytes that are not UTF-8 are a
+    usage error naming their line; a byte-order mark (as spreadsheet programs write one) is not part of the
+    first entry."""
+    try:
+        yield from io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+    except UnicodeDecodeError as exc:  # decoded a block at a time: find the line again, from the start
+        with _open_binary(name) as again:
+            data = again.read()
+        number = 1 + data[: _bad_utf8_offset(data)].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n")
+        raise ManifestRowError(f"manifest {name} line {number}: not UTF-8 text ({exc.reason}); save the list as "
+                               "UTF-8") from None
+
+
+def _bad_utf8_offset(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return len(data)
 
 
 def _csv_column(header: list[str] | None, manifest: str) -> int | None:
@@ -128,7 +151,7 @@ def check_manifest(manifest: str | Path) -> None:
     suffix = _suffix(name)
     with _open_binary(name) as binary:
         if suffix in DELIMITERS:
-            _csv_column(next(csv.reader(_text(binary), delimiter=DELIMITERS[suffix]), None), name)
+            _csv_column(next(csv.reader(_text(binary, name), delimiter=DELIMITERS[suffix]), None), name)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -158,12 +181,12 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
     base = _Base(name)
     with _open_binary(name) as binary:
         if suffix == ".txt":
-            for line in _text(binary):
+            for number, line in enumerate(_text(binary, name), start=1):
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    yield _ref(line, base)
+                    yield _checked_ref(line, base, f"manifest {name} line {number}")
         elif suffix in DELIMITERS:
-            reader = csv.reader(_text(binary), delimiter=DELIMITERS[suffix])
+            reader = csv.reader(_text(binary, name), delimiter=DELIMITERS[suffix])
             header = next(reader, None)
             col = _csv_column(header, name)
             if header is None or col is None:
@@ -175,7 +198,7 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
                     raise ManifestRowError(f"manifest {name} line {reader.line_num}: missing the {header[col]!r} "
                                            "column")
                 if row[col].strip():
-                    yield _ref(row[col], base)
+                    yield _checked_ref(row[col], base, f"manifest {name} line {reader.line_num}")
                 elif any(cell.strip() for cell in row):  # a row of blank cells is a blank line (spreadsheets)
                     raise ManifestRowError(f"manifest {name} line {reader.line_num}: the {header[col]!r} cell is "
                                            "empty; fill in the video's path or URI, or delete the row")

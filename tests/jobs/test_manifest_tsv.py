@@ -69,3 +69,19 @@ def test_a_tsv_input_is_a_manifest(tmp_path):
     (tmp_path / "list.tsv").write_text("uri\nv/a.mp4\n")
     check_inputs([str(tmp_path / "list.tsv")])
     assert [r.uri for r in discover([str(tmp_path / "list.tsv")])] == [str(clip.resolve())]
+
+
+def test_bytes_that_are_not_utf8_and_nul_bytes_are_named_by_their_line(tmp_path):
+    """Both stopped the whole manifest with a message naming no line ("embedded null byte")."""
+    from jobs.manifest import ManifestRowError
+
+    a = _touch(tmp_path / "a.mp4")
+    (tmp_path / "m.txt").write_bytes(b"a.mp4\n# caf\xc3\xa9 is fine\n\ncaf\xe9.mp4\n")
+    (tmp_path / "m.csv").write_bytes(b"uri,note\r\na.mp4,x\r\nb\x00.mp4,y\r\n")
+    (tmp_path / "mac.csv").write_bytes(b"uri,note\ra.mp4,x\rcaf\xe9.mp4,y\r")  # CR-only lines (Mac spreadsheets)
+    for manifest, line, what in (("m.txt", 4, "not UTF-8 text"), ("m.csv", 3, "the entry holds a NUL byte"),
+                                 ("mac.csv", 3, "not UTF-8 text")):
+        with pytest.raises(ManifestRowError, match=f"manifest .*{manifest} line {line}: {what}"):
+            list(read_manifest(tmp_path / manifest))
+    (tmp_path / "mac.csv").write_bytes(b"uri,note\ra.mp4,x\r")
+    assert [r.uri for r in read_manifest(tmp_path / "mac.csv")] == [str(a.resolve())]
