@@ -131,6 +131,10 @@ class TrainSpec:
                 raise ConfigError(f"{flag} must be >= {least}, got {value}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        cells = max(1, -(-self.image_size // 32))  # the CNNs' feature map: 1/32 of the input a side (7 at 224)
+        if not 0 <= self.image_grid <= cells:
+            raise ConfigError(f"--image-grid must be in [0, {cells}] at --image-size {self.image_size} (the image "
+                              f"encoder's feature map is {cells}x{cells}), got {self.image_grid}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
 
