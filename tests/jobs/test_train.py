@@ -267,15 +267,21 @@ def test_cache_key_depends_on_encoders():
     assert FeatureCache("/x", base).dir.name == base.key
 
 
-def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, ray_session):
-    """Two videos, one label each: the by-video split leaves the validation video a label no training segment has."""
-    rng = np.random.default_rng(3)
+def _two_clips(tmp_path: Path, *, seed: int) -> tuple[Path, Path]:
+    """Two 4 s clips (red + tone, blue + noise) and annotations giving each one label for its whole length."""
+    rng = np.random.default_rng(seed)
     videos = tmp_path / "videos"
     videos.mkdir()
     for name, colour, sound in (("a.mp4", "red", "tone"), ("b.mp4", "blue", "noise")):
         write_clip(videos / name, [COLOURS[colour]] * 4, _sound(sound, 4, rng))
     ann = tmp_path / "whole.csv"
     ann.write_text("video,start_s,end_s,label\na.mp4,0,4,bunny\nb.mp4,0,4,bike\n")
+    return videos, ann
+
+
+def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, ray_session):
+    """Two videos, one label each: the by-video split leaves the validation video a label no training segment has."""
+    videos, ann = _two_clips(tmp_path, seed=3)
     lines: list[str] = []
     spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "model"),
                      **{**SMALL, "epochs": 2, "val_fraction": 0.5})  # type: ignore[arg-type]
@@ -302,13 +308,7 @@ def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_sess
     from jobs.models import resolve_bundle
     from pipeline.errors import ConfigError
 
-    rng = np.random.default_rng(5)
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for name, colour, sound in (("a.mp4", "red", "tone"), ("b.mp4", "blue", "noise")):
-        write_clip(videos / name, [COLOURS[colour]] * 4, _sound(sound, 4, rng))
-    ann = tmp_path / "ann.csv"
-    ann.write_text("video,start_s,end_s,label\na.mp4,0,4,bunny\nb.mp4,0,4,bike\n")
+    videos, ann = _two_clips(tmp_path, seed=5)
     weights = tmp_path / "w.safetensors"
     state = torchvision.models.resnet18(weights=None).state_dict()
     save_file(state, str(weights))
