@@ -88,6 +88,20 @@ class JobResult:
         return EXIT_SOME_FAILED if self.videos_failed or self.videos_failed_before else EXIT_OK
 
 
+def _utf8_entrypoint(ray: Any) -> None:
+    """Ray records the driver's command line as the job's entrypoint, as UTF-8: an input path that is not UTF-8
+    (``bad\\xffname.mp4``) made ``ray.init`` fail.  Record it with such bytes escaped instead."""
+    utils = ray._private.utils
+    original = getattr(utils.get_entrypoint_name, "__wrapped__", utils.get_entrypoint_name)
+
+    def entrypoint() -> str:
+        name = original()
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+    entrypoint.__wrapped__ = original  # type: ignore[attr-defined]
+    utils.get_entrypoint_name = entrypoint
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, set inside a Ray job) or start an embedded local Ray."""
     import ray
@@ -101,6 +115,13 @@ def init_ray(address: str | None) -> None:
     # "failed"); the CLI's own handler stops like Ctrl-C, committing what is finished, so it is put back
     in_main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
+    _utf8_entrypoint(ray)
+    try:
+        os.getcwd().encode("utf-8")
+    except UnicodeEncodeError:  # Ray gives its workers the driver's folder, as UTF-8, and fails on it
+        raise ConfigError(f"the current folder {os.getcwd()!r} has a name that is not UTF-8, which Ray cannot "
+                          "start from; run vidpipe from another folder (inputs and OUT may stay where they are)"
+                          ) from None
     try:
         if address:
             _check_reachable(address, from_env=address != given)

@@ -404,3 +404,25 @@ def test_a_bad_manifest_row_found_by_the_run_is_its_status_message_in_its_own_wo
     assert said in capsys.readouterr().err
     status = read_status(str(out))
     assert status.run_state == "failed" and status.message.startswith(said), status.message
+
+
+def test_a_path_that_is_not_utf8_named_on_the_command_line_runs(tmp_path, shared_media):
+    """Named directly (not found in a folder), it stopped the run inside ray.init, exit 1: Ray records the
+    driver's command line as UTF-8. A current folder with such a name is a usage error naming it."""
+    from tests.jobs.conftest import run_vidpipe
+
+    odd = tmp_path / os.fsdecode(b"bad\xffname.mp4")
+    shutil.copy(shared_media / "bbb_5s_51.mp4", odd)
+    out = tmp_path / "o"
+    done = run_vidpipe(["run", str(odd), "--out", str(out), "--allow-untrained", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"file://{tmp_path.resolve()}/bad%FFname.mp4"
+    assert run_query(out, "SELECT uri, n_segments FROM videos").to_pylist() == [{"uri": uri, "n_segments": 6}]
+    here = tmp_path / os.fsdecode(b"folder\xfe")
+    here.mkdir()
+    stopped = subprocess.run([sys.executable, "-m", "jobs.cli", "run", uri, "--out", str(tmp_path / "o2"),
+                              "--allow-untrained", "--no-progress"], cwd=here, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert stopped.returncode == EXIT_USAGE, stopped.stderr[-3000:]
+    assert "has a name that is not UTF-8, which Ray cannot start from; run vidpipe from another folder" in \
+        stopped.stderr
