@@ -211,8 +211,18 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
             for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[col_name]):
                 for entry in batch.column(0).to_pylist():
                     number += 1
-                    if entry is None or not str(entry).strip():
-                        raise ManifestRowError(f"manifest {name} row {number}: the {col_name!r} value is "
+                    where = f"manifest {name} row {number}"
+                    if isinstance(entry, bytes):  # a binary column: UTF-8 text in bytes, not their repr
+                        try:
+                            entry = entry.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise ManifestRowError(f"{where}: the {col_name!r} value is bytes that are not UTF-8 "
+                                                   "text; write paths and URIs as strings") from None
+                    elif entry is not None and not isinstance(entry, str):
+                        raise ManifestRowError(f"{where}: the {col_name!r} column holds {type(entry).__name__} "
+                                               "values, not paths or URIs; write them as strings")
+                    if entry is None or not entry.strip():
+                        raise ManifestRowError(f"{where}: the {col_name!r} value is "
                                                f"{'null' if entry is None else 'empty'}; fill in the video's path "
                                                "or URI, or drop the row")
-                    yield _ref(str(entry), base)
+                    yield _checked_ref(entry, base, where)

@@ -76,6 +76,14 @@ def test_manifests_txt_csv_parquet_relative_to_manifest(tmp_path):
     assert [r.uri for r in discover([str(tmp_path / "m.csv")])] == [str(a.resolve())]
     pq.write_table(pa.table({"path": ["v/a.mp4"]}), tmp_path / "m.parquet")
     assert [r.uri for r in discover([str(tmp_path / "m.parquet")])] == [str(a.resolve())]
+    pq.write_table(pa.table({"path": pa.array([b"v/a.mp4"], pa.binary())}), tmp_path / "m.parquet")
+    assert [r.uri for r in discover([str(tmp_path / "m.parquet")])] == [str(a.resolve())]  # not "b'v/a.mp4'"
+    for column, what in ((pa.array(["v/a.mp4", "v/\x00.mp4"]), "the entry holds a NUL byte"),
+                         (pa.array([b"v/a.mp4", b"\xff"], pa.binary()), "the 'path' value is bytes that are not UTF-8"),
+                         (pa.array([1, 2]), "the 'path' column holds int values")):
+        pq.write_table(pa.table({"path": column}), tmp_path / "m.parquet")
+        with pytest.raises(ManifestRowError, match=f"manifest .*m.parquet row {1 if 'int' in what else 2}: {what}"):
+            list(discover([str(tmp_path / "m.parquet")]))
     for bad, what in ((None, "null"), (" ", "empty")):  # a row without its video is not skipped in silence
         pq.write_table(pa.table({"n": [1, 2], "path": ["v/a.mp4", bad]}), tmp_path / "m.parquet")
         with pytest.raises(ManifestRowError, match=f"manifest .*m.parquet row 2: the 'path' value is {what}; "):
