@@ -456,7 +456,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs.evaluate import evaluate, write_report
     from jobs.models import resolve_bundle
 
-    bundle = resolve_bundle(args.model, allow_untrained=False)
+    bundle = resolve_bundle(args.model, allow_untrained=False,
+                            local=not (args.address or os.environ.get("RAY_ADDRESS")))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
                       cache=args.cache, address=args.address, device=args.device, precision=args.precision,
                       say=lambda line: print(line, file=sys.stderr, flush=True))

@@ -32,7 +32,7 @@ from jobs.annotations import (
     segment_targets,
     warn_spans_past_the_end,
 )
-from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.features import FeatureSpec, VideoFeatures, check_cache_root, extract_features, tensors_digest
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
@@ -220,6 +220,13 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     if ablate is not None and ablate not in ABLATIONS:
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
     encoders = encoder_precision(precision, device)
+    if device == "cuda" and address is None and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():  # else it ran on the CPU, unsaid
+            raise ConfigError("--device cuda: this machine has no CUDA GPU; use --device auto (the GPU where there "
+                              "is one) or --device cpu")
+    check_cache_root(cache or default_cache_root())
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)
     audio_state = bundle.audio_state()
     spec = FeatureSpec(sampling=bundle.sampling, image=bundle.image, audio=bundle.audio,

@@ -36,11 +36,13 @@ def untrained_bundle(sampling: SamplingSpec | None = None) -> ModelBundle:
                                  image_dim=IMAGE_ENCODER_DIMS[image.name], audio_dim=audio_dim)
 
 
-def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
+def resolve_bundle(model: str | None, *, allow_untrained: bool, local: bool = True) -> ModelBundle:
     """Load the bundle a job asked for; refuse to pretend when there is no trained one.
 
     ``model`` given: that bundle.  Else ``allow_untrained`` (the explicit ``--allow-untrained`` flag): the
     seeded untrained head, rows marked ``model_id = "untrained"``.  Else the packaged default bundle.
+    ``local``: the workers run on this machine, so a bundle's image weights file that is not here is a usage
+    error now (on a cluster the workers may hold it; each checks it as it loads it).
     """
     if model:
         path = Path(model).expanduser()
@@ -48,13 +50,14 @@ def resolve_bundle(model: str | None, *, allow_untrained: bool) -> ModelBundle:
             raise ConfigError(f"--model {model}: no bundle.json there; pass a directory written by "
                               "'vidpipe train' (bundle.json + weights.safetensors)")
         bundle = ModelBundle.load(path)
-        if bundle.image.weights_sha256:  # the image weights file lives outside the bundle: is it the one trained with?
-            from pipeline.image_encoder import resolve_image_weights
+        if bundle.image.weights != "none":  # the image weights file lives outside the bundle: there, and the one
+            from pipeline.image_encoder import resolve_image_weights  # trained with?
 
             try:
                 resolve_image_weights(bundle.image)
-            except WeightsNotFoundError:
-                pass  # a cluster's workers may hold it; each checks it as it loads it
+            except WeightsNotFoundError as exc:
+                if local:  # else the workers' failure to load it, a traceback from each actor
+                    raise ConfigError(f"--model {model}: {exc}") from None
             except ConfigError as exc:
                 raise ConfigError(f"--model {model}: {exc}") from None
         return bundle

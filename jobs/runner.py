@@ -424,7 +424,8 @@ class JobRunner:
     def run(self) -> JobResult:
         spec = self.spec
         started = time.monotonic()
-        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained),
+        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained,
+                                              local=not (spec.address or os.environ.get("RAY_ADDRESS"))),
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
         # a wrong --address is named before OUT is made (Ray is joined later, when there is work)

@@ -47,7 +47,7 @@ from jobs.annotations import (
     warn_spans_past_the_end,
 )
 from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
-from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.features import FeatureSpec, VideoFeatures, check_cache_root, extract_features, tensors_digest
 from jobs.spec import check_segment_seconds
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
@@ -463,6 +463,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         weights_file = None  # on a cluster the workers may hold it: its content is not recorded then
     if weights_file is not None:  # the bundle names the file: record what it holds (model_id, feature cache key)
         image = dataclasses.replace(image, weights_sha256=file_sha256(weights_file))
+        if image.weights.startswith("file:"):  # as an absolute path: the bundle is used from other folders
+            image = dataclasses.replace(image, weights=f"file:{weights_file.resolve()}")
     ann = read_annotations(spec.annotations, spec.videos, task=spec.task, unlabeled=spec.unlabeled)
     labels = ann.labels
     if len(labels) < 2:
@@ -472,6 +474,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
 
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
+    if spec.cache:
+        check_cache_root(spec.cache)
     fres = extract_features([(v.uri, v.video_id) for v in ann.videos], fspec, cache_root, address=spec.address,
                             device=spec.device, say=say)
     if fres.failures:

@@ -239,6 +239,7 @@ def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_an
     fake.write_text("video,start_s,end_s,label\n")
     for table, out, said in [
         (ann, tmp_path / "afile" / "sub", f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file"),
+        (ann, tmp_path / "m", f"--cache {tmp_path / 'afile' / 'c'}: {tmp_path / 'afile'} is a file"),
         (ann, bundle_dir, f"--out {bundle_dir}: the bundle directory also holds NOTES.txt, which retraining would "
                           "delete"),
         (latin, tmp_path / "m", f"annotations {latin}: not UTF-8 text"),
@@ -247,10 +248,12 @@ def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_an
         (_csv(tmp_path, "[]", "a.json"), tmp_path / "m", "a.json: unknown file type '.json'; use .csv, .tsv or"),
     ]:
         args = ["--annotations", str(table), "--videos", str(videos)]
+        if said.startswith("--cache"):
+            args += ["--cache", str(tmp_path / "afile" / "c")]
         assert main(["train", *args, "--out", str(out)]) == EXIT_USAGE
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
-        if table != ann:  # eval (the packaged bundle) reads them the same way
+        if table != ann or said.startswith("--cache"):  # eval (the packaged bundle) reads them the same way
             assert main(["eval", *args]) == EXIT_USAGE
             err = capsys.readouterr().err
             assert said in err and "Traceback" not in err, err

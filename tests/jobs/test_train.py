@@ -298,7 +298,7 @@ def _not_json(constant: str) -> None:
     raise AssertionError(f"the bundle's meta holds {constant}, which is not JSON")
 
 
-def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_session):
+def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_session, monkeypatch):
     """--image-weights file:W lives outside the bundle. Changed in place, it gave other labels under the same
     model_id, and a second train read the first file's features from the cache."""
     import torch
@@ -316,12 +316,14 @@ def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_sess
     def trained(out: str) -> tuple[ModelBundle, int]:
         spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / out), cache=str(tmp_path / "c"),
                          **{**SMALL, "epochs": 2, "val_fraction": 0.0,  # type: ignore[arg-type]
-                            "image_weights": f"file:{weights}"})
+                            "image_weights": f"file:{weights.name}"})  # relative to the current folder
         result = train(spec, say=lambda _: None)
         return result.bundle, result.feature_cache_hits
 
+    monkeypatch.chdir(tmp_path)
     first, hits = trained("m1")
     assert hits == 0 and len(first.image.weights_sha256) == 64
+    assert first.image.weights == f"file:{weights}"  # absolute: the bundle runs from any folder
     assert resolve_bundle(str(tmp_path / "m1"), allow_untrained=False).model_id == first.model_id
     torch.manual_seed(0)
     save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()},
@@ -332,11 +334,18 @@ def test_a_bundle_knows_the_content_of_its_image_weights_file(tmp_path, ray_sess
     second, hits = trained("m2")
     assert hits == 0  # features of the new weights, not the cached ones of the old
     assert second.image.weights_sha256 != first.image.weights_sha256 and second.model_id != first.model_id
+    weights.rename(tmp_path / "elsewhere.safetensors")  # gone: each actor failed with a traceback (exit 1)
+    with pytest.raises(ConfigError, match=rf"--model {tmp_path / 'm2'}: image encoder 'resnet18': weights file "
+                                          rf"'{weights}' .*does not exist"):
+        resolve_bundle(str(tmp_path / "m2"), allow_untrained=False)
+    resolve_bundle(str(tmp_path / "m2"), allow_untrained=False, local=False)  # a cluster's workers may hold it
 
 
 def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corpus, trained, tmp_path, capsys):
     """eval extracted float32 features while run (--precision auto) used bf16 here: its counts were not run's.
     A video that failed still gave exit 0; spans past the end and nothing scored read as a result."""
+    import torch
+
     from jobs.evaluate import encoder_precision
     from jobs.query import run_query
 
@@ -368,6 +377,8 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     past.write_text(f"video,start_s,end_s,label\n{name},100,200,tone\n")
     args = ["eval", "--model", bundle, "--annotations", str(past), "--videos", str(videos), "--cache", str(cache),
             "--precision", "fp32"]
+    assert main([*args, "--device", "cuda"]) == (0 if torch.cuda.is_available() else 2)  # it ran on the CPU
+    assert "--device cuda: this machine has no CUDA GPU" in capsys.readouterr().err or torch.cuda.is_available()
     assert main([*args, "--unlabeled", "ignore"]) == 2
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
