@@ -221,9 +221,16 @@ def read_annotations(
     try:
         ave = _is_ave(path)
         rows = _ave_rows(path) if ave else _table_rows(path)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"annotations {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
-                          "CSV/TSV, or as Parquet") from None
+    except UnicodeDecodeError as exc:  # decoded a block at a time: find its line from the start
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+            line = ""
+        except UnicodeDecodeError as first:
+            newlines = data[: first.start].count(b"\n")
+            line = f" line {1 + newlines}"
+        raise ConfigError(f"annotations {path}{line}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV/TSV, or "
+                          "as Parquet") from None
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a Parquet file
         if path.suffix.lower() != ".parquet":
             raise

@@ -279,8 +279,10 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> No
         if not mismatch:
             return
         if out.commits():
+            said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
+                    else k for k in mismatch]
             raise ConfigError(
-                f"{spec.out} already holds results of another job (differs in: {', '.join(mismatch)}; "
+                f"{spec.out} already holds results of another job (differs in: {'; '.join(said)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
                 "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings, "
                 "--precision) to resume.")

@@ -242,7 +242,7 @@ def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_an
         (ann, tmp_path / "m", f"--cache {tmp_path / 'afile' / 'c'}: {tmp_path / 'afile'} is a file"),
         (ann, bundle_dir, f"--out {bundle_dir}: the bundle directory also holds NOTES.txt, which retraining would "
                           "delete"),
-        (latin, tmp_path / "m", f"annotations {latin}: not UTF-8 text"),
+        (latin, tmp_path / "m", f"annotations {latin} line 2: not UTF-8 text"),
         (fake, tmp_path / "m", f"annotations {fake}: not a readable Parquet file"),
         (tmp_path, tmp_path / "m", f"annotations {tmp_path}: is a directory"),
         (_csv(tmp_path, "[]", "a.json"), tmp_path / "m", "a.json: unknown file type '.json'; use .csv, .tsv or"),

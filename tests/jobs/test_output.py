@@ -509,8 +509,8 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
     assert out.read_json("_job/job.json")["top_k"] == 3
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
-    for other, named in ((dataclasses.replace(spec, top_k=2), "top_k"),
-                         (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision")):
+    for other, named in ((dataclasses.replace(spec, top_k=2), "top_k 3 there, 2 now"),
+                         (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision 'auto' there, 'fp32' now")):
         with pytest.raises(ConfigError, match=f"already holds results of another job \\(differs in: {named};"):
             check_job_identity(out, bundle, other)
     # a job.json written before precision was recorded does not say which: the same command resumes, whatever
