@@ -336,9 +336,8 @@ class OutputDir:
         """
         commits = self.commits()
         self.refuse_unrecorded(commits)
-        for table in TABLES:
-            self.committed_rel(table, commits)  # every committed file is there (MissingCommitted if not)
-        damaged = self.damaged_files(commits)
+        rels = [rel for table in TABLES for rel in self.committed_rel(table, commits)]  # MissingCommitted if not
+        damaged = self.damaged_files(rels)
         if damaged:  # else a rerun would skip its videos as finished, and only a query would find the damage
             more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
             raise ConfigError(damaged_message(self, damaged[0][0], damaged[0][1], more=more))
@@ -389,14 +388,16 @@ class OutputDir:
         (relative paths; each present file's Parquet footer is read, with ``pages`` every page too)."""
         commits = self.commits()
         lost: dict[str, list[str]] = {}
-        damaged = {rel for rel, _ in self.damaged_files(commits, pages=pages)}
+        found: list[tuple[Commit, str]] = []
         for table in TABLES:
-            found, missing = self.locate(table, commits)
+            there, missing = self.locate(table, commits)
+            found += there
             for c, name in missing:
                 lost.setdefault(c.name, []).append(f"{table}/{name}")
-            for c, rel in found:
-                if rel in damaged:
-                    lost.setdefault(c.name, []).append(rel)
+        damaged = {rel for rel, _ in self.damaged_files([rel for _, rel in found], pages=pages)}
+        for c, rel in found:
+            if rel in damaged:
+                lost.setdefault(c.name, []).append(rel)
         return [(c, lost[c.name]) for c in commits if c.name in lost]
 
     def readable_parquet(self, rel: str) -> bool:
@@ -429,11 +430,9 @@ class OutputDir:
         bucket, _, key = full.partition("/")
         return (full, self.store.uri_of(rel), rel, *(() if self.local else (key, bucket)))
 
-    def damaged_files(self, commits: list[Commit] | None = None, *, pages: bool = False
-                      ) -> list[tuple[str, Exception]]:
-        """The committed files that are there but cannot be read, each with why (see :meth:`footer_error`)."""
-        commits = self.commits() if commits is None else commits
-        rels = [rel for table in TABLES for _, rel in self.locate(table, commits)[0]]
+    def damaged_files(self, rels: list[str], *, pages: bool = False) -> list[tuple[str, Exception]]:
+        """Of the committed files ``rels`` (found by :meth:`locate`), those that cannot be read, each with why
+        (see :meth:`footer_error`)."""
         errors = self._map(lambda rel: self.footer_error(rel, pages=pages), rels)
         return [(rel, exc) for rel, exc in zip(rels, errors, strict=True) if exc is not None]
 

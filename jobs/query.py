@@ -102,11 +102,12 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     try:
         out = OutputDir(out_dir)
         commits = out.commits()
-        named = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0] if out.store.full(rel) in text]
+        rels = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0]]
+        named = [rel for rel in rels if out.store.full(rel) in text]
         damaged = [(rel, e) for rel in named if (e := out.footer_error(rel)) is not None]
         if not damaged and not named and not isinstance(exc, _SQL_ERRORS) and looks_damaged(text, (str(out_dir),)):
             # DuckDB names no file for a damaged page header ("don't know what type"): find it, footers first
-            damaged = out.damaged_files(commits) or out.damaged_files(commits, pages=True)
+            damaged = out.damaged_files(rels) or out.damaged_files(rels, pages=True)
     except (ConfigError, OSError):
         damaged = []
     if damaged:
