@@ -23,10 +23,10 @@ import csv
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -221,14 +221,11 @@ def read_annotations(
     try:
         ave = _is_ave(path)
         rows = _ave_rows(path) if ave else _table_rows(path)
-    except UnicodeDecodeError as exc:  # decoded a block at a time: find its line from the start
-        data = path.read_bytes()
-        try:
-            data.decode("utf-8")
-            line = ""
-        except UnicodeDecodeError as first:
-            newlines = data[: first.start].count(b"\n")
-            line = f" line {1 + newlines}"
+    except UnicodeDecodeError as exc:
+        from jobs.manifest import first_non_utf8_line
+
+        number = first_non_utf8_line(path.read_bytes())
+        line = f" line {number}" if number is not None else ""
         raise ConfigError(f"annotations {path}{line}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV/TSV, or "
                           "as Parquet") from None
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a Parquet file
@@ -339,10 +336,16 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
     return multi
 
 
-def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], ends: dict[str, float],
+def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], features: Mapping[str, Any],
                              say: Callable[[str], None]) -> None:
     """Name the annotation lines whose span starts at or after their video's end: they label nothing
-    (a wrong video, or times in another unit), so the model learns 'background' where they were meant."""
+    (a wrong video, or times in another unit), so the model learns 'background' where they were meant.
+
+    ``features``: uri -> the decoded video's features (their ``end_s``, whose last is the video's end); a video
+    without them (it failed) is not looked at.
+    """
+    ends = {v.uri: float(features[v.uri].end_s[-1]) for v in videos
+            if v.uri in features and len(features[v.uri].end_s)}
     past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
     if not past:
         return

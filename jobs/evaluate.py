@@ -32,11 +32,12 @@ from jobs.annotations import (
     segment_targets,
     warn_spans_past_the_end,
 )
-from jobs.features import FeatureSpec, VideoFeatures, check_cache_root, extract_features, tensors_digest
+from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.spec import check_writable_dir
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
-from pipeline.precision import check_precision, uses_bf16
+from pipeline.precision import check_precision, pick_device, uses_bf16
 
 Ablation = Literal["audio", "visual"]
 ABLATIONS = ("audio", "visual")
@@ -206,10 +207,7 @@ def encoder_precision(precision: str, device: str) -> str:
     check_precision(precision)
     if precision != "auto":
         return precision
-    import torch
-
-    where = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    return "bf16" if uses_bf16(torch.device(where), "auto") else "fp32"
+    return "bf16" if uses_bf16(pick_device(device, here=False), "auto") else "fp32"
 
 
 def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablate: Ablation | None = None,
@@ -220,23 +218,17 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     if ablate is not None and ablate not in ABLATIONS:
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
     encoders = encoder_precision(precision, device)
-    if device == "cuda" and address is None and not os.environ.get("RAY_ADDRESS"):
-        import torch
-
-        if not torch.cuda.is_available():  # else it ran on the CPU, unsaid
-            raise ConfigError("--device cuda: this machine has no CUDA GPU; use --device auto (the GPU where there "
-                              "is one) or --device cpu")
-    check_cache_root(cache or default_cache_root())
+    pick_device(device, here=address is None and not os.environ.get("RAY_ADDRESS"))  # cuda without CUDA: refused
+    cache_root = cache or default_cache_root()
+    check_writable_dir(cache_root, "--cache")
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)
     audio_state = bundle.audio_state()
     spec = FeatureSpec(sampling=bundle.sampling, image=bundle.image, audio=bundle.audio,
                        audio_weights=tensors_digest(audio_state), precision=encoders)
     result = extract_features([(v.uri, v.video_id) for v in ann.videos], spec,
-                              cache or default_cache_root(), audio_state=audio_state, address=address,
+                              cache_root, audio_state=audio_state, address=address,
                               device=device, say=say)
-    usable = [v for v in ann.videos if v.uri in result.features]
-    warn_spans_past_the_end(str(annotations), usable, {v.uri: float(result.features[v.uri].end_s[-1])
-                                                      for v in usable if len(result.features[v.uri].end_s)}, say)
+    warn_spans_past_the_end(str(annotations), ann.videos, result.features, say)
     metrics = score(bundle, ann, result.features, ablate=ablate)
     notes = [f"{f.uri}: {f.error_kind}: {f.message}" for f in result.failures]
     return EvalReport(model_id=bundle.model_id, annotations=str(annotations), ablate=ablate,

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.errors import ConfigError
 from pipeline.inputs import local_path
 from pipeline.media import ChunkingSpec, Failure, SamplingSpec
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
@@ -198,18 +197,6 @@ class FeatureResult:
     cache_hits: int
     extracted: int
     cache_dir: Path
-
-
-def check_cache_root(root: str | os.PathLike[str], flag: str = "--cache") -> None:
-    """Refuse, before any work, a feature cache folder that cannot be made or written."""
-    path = Path(root).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {root}: exists and is not a directory; choose another {flag}")
-    above = next(p for p in (path, *path.parents) if p.exists())
-    if not above.is_dir():
-        raise ConfigError(f"{flag} {root}: {above} is a file, not a directory; choose another {flag}")
-    if not os.access(above, os.W_OK):
-        raise ConfigError(f"{flag} {root}: {above} is not writable; choose another {flag}")
 
 
 def extract_features(

@@ -103,18 +103,19 @@ def _text(binary: Any, name: str) -> Iterator[str]:
         yield from io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
     except UnicodeDecodeError as exc:  # decoded a block at a time: find the line again, from the start
         with _open_binary(name) as again:
-            data = again.read()
-        number = 1 + data[: _bad_utf8_offset(data)].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n")
+            number = first_non_utf8_line(again.read())
         raise ManifestRowError(f"manifest {name} line {number}: not UTF-8 text ({exc.reason}); save the list as "
                                "UTF-8") from None
 
 
-def _bad_utf8_offset(data: bytes) -> int:
+def first_non_utf8_line(data: bytes) -> int | None:
+    """The number of the first line (any of \\n, \\r\\n, \\r ends one) holding bytes that are not UTF-8; None
+    where all are: a text reader decodes blocks, so its error does not say which line."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return exc.start
-    return len(data)
+        return 1 + data[: exc.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n")
+    return None
 
 
 def _csv_column(header: list[str] | None, manifest: str) -> int | None:

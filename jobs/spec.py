@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import ConfigError
@@ -20,6 +22,18 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM: stopped, the finished videos committe
 # Shorter segments than this are not a labelling of video any more (and would sample each frame many
 # times); the audio encoders' log-mel windows are 25 ms.
 MIN_SEGMENT_S = 0.1
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Refuse, before any work, a folder ``flag`` names that cannot be made or written (one under a file)."""
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a directory; choose another {flag}")
+    above = next(p for p in (folder, *folder.parents) if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a directory; choose another {flag}")
+    if not os.access(above, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {above} is not writable; choose another {flag}")
 
 
 def check_segment_seconds(value: float) -> None:

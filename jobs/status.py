@@ -52,10 +52,12 @@ def read_status(out_uri: str) -> JobStatus:
     if state == "running" and not alive:
         state = "dead"  # killed without a word: rerun the same command to resume
     total = progress.get("inputs_total")
-    run_id = progress.get("run_id")
-    # the run's own commits (their names start with its id): progress.json lags them by up to a heartbeat
-    committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
-    pending = None if total is None else _pending(progress, int(total), int(done) + int(failed), committed)
+    pending = None
+    if total is not None:
+        # the run's own commits (their names start with its id): progress.json lags them by up to a heartbeat
+        run_id = progress.get("run_id")
+        committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
+        pending = _pending(progress, int(total), int(done) + int(failed), committed)
     per_s = progress.get("videos_per_s") or None
     eta = pending / per_s if alive and per_s and pending is not None else None
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),

@@ -47,14 +47,15 @@ from jobs.annotations import (
     warn_spans_past_the_end,
 )
 from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
-from jobs.features import FeatureSpec, VideoFeatures, check_cache_root, extract_features, tensors_digest
-from jobs.spec import check_segment_seconds
+from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.spec import check_segment_seconds, check_writable_dir
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, WeightsNotFoundError
 from pipeline.head import FusionHead, build_head, window_plan
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, file_sha256, resolve_image_weights
 from pipeline.media import SamplingSpec
+from pipeline.precision import pick_device
 from pipeline.specs import (
     AUDIO_ENCODER_KINDS,
     FUSION_KINDS,
@@ -282,14 +283,6 @@ def fold_normalization(head: FusionHead, norm: _Norm) -> FusionHead:
     return folded
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 class _Trainer:
     def __init__(self, spec: TrainSpec, head_spec: HeadSpec, norm: _Norm, train: list[_Video], val: list[_Video],
                  class_weight: torch.Tensor | None, device: torch.device, say: Callable[[str], None]) -> None:
@@ -426,13 +419,7 @@ def _metrics(probs: list[np.ndarray], targets: list[np.ndarray], labels: list[st
 
 def _check_out(out: Path) -> None:
     """Refuse, before any work, an --out that saving the bundle would fail on or lose files in."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-    above = next(p for p in out.absolute().parents if p.exists())
-    if not out.exists() and not above.is_dir():
-        raise ConfigError(f"--out {out}: {above} is a file, not a directory; choose another --out")
-    if not os.access(out if out.exists() else above, os.W_OK):
-        raise ConfigError(f"--out {out}: {out if out.exists() else above} is not writable; choose another --out")
+    check_writable_dir(out, "--out")
     if out.is_dir():
         others = [p.name for p in out.iterdir() if p.name not in (*_KEPT, "bundle.json", "weights.safetensors")]
         if others and not (out / "bundle.json").is_file():
@@ -475,14 +462,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     if spec.cache:
-        check_cache_root(spec.cache)
+        check_writable_dir(spec.cache, "--cache")
     fres = extract_features([(v.uri, v.video_id) for v in ann.videos], fspec, cache_root, address=spec.address,
                             device=spec.device, say=say)
     if fres.failures:
         say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
     usable = [v for v in ann.videos if v.uri in fres.features]
-    warn_spans_past_the_end(spec.annotations, usable, {v.uri: float(fres.features[v.uri].end_s[-1])
-                                                          for v in usable if len(fres.features[v.uri].end_s)}, say)
+    warn_spans_past_the_end(spec.annotations, usable, fres.features, say)
     train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)
     if not train_v:
         raise ConfigError("no training videos left (all failed to decode, or the split left none)")
@@ -536,7 +522,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                          n_labels=len(labels), proj_dim=spec.proj_dim, lstm_hidden=spec.lstm_hidden,
                          window_segments=spec.window_segments, context_segments=spec.context_segments,
                          dropout=spec.dropout, seed=spec.seed, task=spec.task)
-    device = _pick_device(spec.device)
+    device = pick_device(spec.device)
     # the segments training and validation score: with --unlabeled ignore, not the ones no annotation covers
     n_train_seg, n_val_seg = (sum(_scored(d.target) for d in data) for data in (train_data, val_data))
     left_out = {"train": sum(d.n for d in train_data) - n_train_seg, "val": sum(d.n for d in val_data) - n_val_seg}

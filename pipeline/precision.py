@@ -46,3 +46,14 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     if device.type == "cuda" or precision == "bf16":
         return True
     return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def pick_device(choice: str, *, here: bool = True) -> torch.device:
+    """The device ``--device CHOICE`` means: ``auto`` is CUDA where this machine has it.  ``here``: the models run
+    on this machine, so ``cuda`` without CUDA is a usage error (else it would run on the CPU, unsaid); on a
+    cluster's workers (``here=False``) ``cuda`` is taken at its word."""
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and here and not cuda:
+        raise ConfigError("--device cuda: this machine has no CUDA GPU; use --device auto (the GPU where there is "
+                          "one) or --device cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
