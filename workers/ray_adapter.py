@@ -30,11 +30,21 @@ class StageActor:
         self._stage.setup()
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
-        out = self._stage.process_batch(batch)
-        if isinstance(out, dict):
-            yield out
-        else:
-            yield from out
+        yield from _stream(self._stage, batch)
+
+
+def _stream(stage: Stage, batch: Batch) -> Iterator[Batch]:
+    """The stage's output batches for ``batch`` (a stage returns one, or yields several)."""
+    out = stage.process_batch(batch)
+    if isinstance(out, dict):
+        yield out
+    else:
+        yield from out
+
+
+def _title(stage: Stage) -> str:
+    """The stage's name as processes, logs and the dashboard show it: ``decode`` -> ``Decode``."""
+    return "".join(part.title() for part in stage.name.split("_"))
 
 
 # Ray Data's default retries an actor task forever when its worker dies: a video that kills every
@@ -47,7 +57,7 @@ TASK_RETRIES = 1
 def actor_class(stage: Stage) -> type[StageActor]:
     """A StageActor subclass named after the stage, so that processes, logs and the dashboard say which
     stage a worker runs (``ray::MapWorker(MapBatches(DecodeActor))``)."""
-    name = "".join(part.title() for part in stage.name.split("_")) + "Actor"
+    name = _title(stage) + "Actor"
     return type(name, (StageActor,), {"__module__": __name__, "__qualname__": name})
 
 
@@ -86,11 +96,7 @@ def _stage_in_process(key: str, stage: Stage) -> _Held:
 def _run_task(key: str, stage: Stage, batch: Batch) -> Iterator[Batch]:
     held = _stage_in_process(key, stage)
     held.mid_stream = True
-    out = held.stage.process_batch(batch)
-    if isinstance(out, dict):
-        yield out
-    else:
-        yield from out
+    yield from _stream(held.stage, batch)
     held.mid_stream = False
 
 
@@ -103,7 +109,7 @@ def task_function(stage: Stage) -> Callable[[Batch], Iterator[Batch]]:
         # only module-level names here: this closure is pickled by value, with copies of the globals it names
         yield from _run_task(key, stage, batch)
 
-    run.__name__ = run.__qualname__ = "".join(part.title() for part in stage.name.split("_")) + "Task"
+    run.__name__ = run.__qualname__ = _title(stage) + "Task"
     return run
 
 
