@@ -33,11 +33,12 @@ from jobs.annotations import (
     warn_spans_past_the_end,
 )
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.plan import job_precision
 from jobs.spec import check_writable_dir
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
-from pipeline.precision import check_precision, pick_device, uses_bf16
+from pipeline.precision import check_precision, pick_device
 
 Ablation = Literal["audio", "visual"]
 ABLATIONS = ("audio", "visual")
@@ -202,14 +203,6 @@ class EvalReport:
                 **self.metrics.to_dict(), "notes": self.notes}
 
 
-def encoder_precision(precision: str, device: str) -> str:
-    """The encoders' precision that ``run --precision P --device D`` uses on this machine: "fp32" or "bf16"."""
-    check_precision(precision)
-    if precision != "auto":
-        return precision
-    return "bf16" if uses_bf16(pick_device(device, here=False), "auto") else "fp32"
-
-
 def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablate: Ablation | None = None,
              unlabeled: UnlabeledMode = "background", cache: str | None = None, address: str | None = None,
              device: str = "auto", precision: str = "auto", say: Callable[[str], None] = print) -> EvalReport:
@@ -217,8 +210,14 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     precision ``run`` would use with the same ``--precision``)."""
     if ablate is not None and ablate not in ABLATIONS:
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
-    encoders = encoder_precision(precision, device)
-    pick_device(device, here=address is None and not os.environ.get("RAY_ADDRESS"))  # cuda without CUDA: refused
+    here = address is None and not os.environ.get("RAY_ADDRESS")
+    pick_device(device, here=here)  # cuda without CUDA: refused
+    check_precision(precision)
+    if precision == "auto" and not here:
+        from jobs.runner import init_ray
+
+        init_ray(address)  # the cluster's nodes say what auto means there, as for run
+    encoders = job_precision(precision, device, local=here)
     cache_root = cache or default_cache_root()
     check_writable_dir(cache_root, "--cache")
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)

@@ -26,6 +26,47 @@ def cluster_nodes() -> list[Node]:
              float(n["Resources"].get("memory", 0.0))) for n in ray.nodes() if n.get("Alive")]
 
 
+def job_precision(precision: str, device: str, *, local: bool) -> str:
+    """What ``--precision P --device D`` means for a whole job, decided once at its start: "bf16" or "fp32".
+
+    ``auto`` is bf16 where the encoders compute it natively: on GPUs, and on CPUs with native bf16 (on a
+    cluster, only when every node's CPU has it).  Each worker deciding for itself mixed bf16 and float32
+    rows on a cluster of mixed CPUs (4 of the film's 597 labels differ between them), and a resumed job
+    on another machine went on in the other precision.  ``local``: the models run on this machine (the
+    embedded Ray); otherwise Ray must be connected, and each node is asked.
+    """
+    from pipeline.precision import encoder_precision
+
+    if precision != "auto" or local:
+        return encoder_precision(precision, device, here=local)
+    nodes = cluster_nodes()
+    if device != "cpu" and any(n[1] >= 1 for n in nodes):
+        return "bf16"  # the encoders run on the GPUs (plan_for)
+    answers = _nodes_native_bf16()
+    return "bf16" if answers and all(answers) else "fp32"
+
+
+def _nodes_native_bf16(timeout_s: float = 120.0) -> list[bool]:
+    """Whether each alive node's CPU computes bf16 natively; a node that does not answer in time counts as
+    not (float32 is right everywhere, only slower)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.precision import node_has_native_bf16
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_has_native_bf16)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0.0) > 0]
+    ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    answers = []
+    for ref in ready:
+        try:
+            answers.append(bool(ray.get(ref)))
+        except Exception:  # noqa: BLE001 - the node died while asked: it runs nothing of this job
+            continue
+    return answers + [False] * len(late)
+
+
 def plan_for(cpus: float, gpus: float, *, device: str = "auto", videos: int | None = None) -> PipelinePlan:
     """A plan for a cluster with ``cpus`` CPU cores and ``gpus`` GPUs, for a wave of ``videos`` videos
     (None: unknown).

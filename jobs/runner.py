@@ -52,7 +52,7 @@ from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
 from jobs.output import OutputDir, ResultWriter, new_run_id
-from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, plan_for_cluster
+from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.remote import bucket_missing
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
@@ -265,27 +265,37 @@ def warm_ray_data() -> None:
 _LATER_KEYS = frozenset({"precision"})  # identity keys that older job.json files lack
 
 
-def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> None:
-    """Record what defines the job's rows; refuse to mix another bundle or sampling into the same OUT."""
+def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, precision: str) -> None:
+    """Record what defines the job's rows; refuse to mix another bundle or sampling into the same OUT.
+    ``precision``: the encoders' precision the job runs at ("bf16" or "fp32", ``job_precision``)."""
     identity = {"bundle_fingerprint": bundle_fingerprint(bundle), "model_id": bundle.model_id,
                 "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding,
-                "precision": spec.precision}
+                "precision": precision}
     old = out.read_json("_job/job.json")
     if old is None:
         _check_rows_identity(out, bundle, spec)
     else:
-        # a job.json from before "precision" was recorded does not say which its runs used: not compared
-        mismatch = [k for k in identity if (k in old or k not in _LATER_KEYS) and old.get(k) != identity[k]]
+        # a job.json from before "precision" was recorded, or that recorded the flag "auto", does not say which
+        # precision its runs used: not compared
+        known = {k for k in old if not (k == "precision" and old[k] == "auto")}
+        mismatch = [k for k in identity if (k in known or k not in _LATER_KEYS) and old.get(k) != identity[k]]
         if not mismatch:
             return
         if out.commits():
             said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
                     else k for k in mismatch]
+            hint = ""
+            if "precision" in mismatch and spec.precision == "auto":
+                where = "this machine" if _runs_here(spec) else "this cluster"
+                hint = (f" --precision auto means {precision} on {where} ("
+                        + ("no GPU and no CPU with native bf16" if precision == "fp32" else "native bf16")
+                        + f"); rerun with --precision {old['precision']} to resume in the job's precision"
+                        + (" (slower on CPUs without native bf16)." if old["precision"] == "bf16" else "."))
             raise ConfigError(
                 f"{spec.out} already holds results of another job (differs in: {'; '.join(said)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
                 "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings, "
-                "--precision) to resume.")
+                "--precision) to resume." + hint)
         # no result committed yet (the first run stopped before its first commit): nothing to mix with
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -324,6 +334,11 @@ def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> 
     log.warning("%s had no _job/job.json (removed?): recorded this run's settings as the job's; its committed "
                 "rows show the same %s (frames per segment and image size cannot be read from them: pass those "
                 "of the earlier runs)", out.uri, ", ".join(found))
+
+
+def _runs_here(spec: JobSpec) -> bool:
+    """The job's workers run on this machine (an embedded Ray), not on a cluster's nodes."""
+    return not (spec.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _open_output(uri: str) -> OutputDir:
@@ -422,12 +437,13 @@ class JobRunner:
         self.plan: PipelinePlan | None = None  # the largest wave's (bench reports its pool sizes)
         self._plan_videos = 0
         self._input_error: ConfigError | None = None  # a bad manifest row that counting found ahead of the waves
+        self.precision: str = spec.precision  # what it means for this job ("bf16" or "fp32"), set when it runs
 
     def run(self) -> JobResult:
         spec = self.spec
         started = time.monotonic()
-        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained,
-                                              local=not (spec.address or os.environ.get("RAY_ADDRESS"))),
+        here = _runs_here(spec)
+        bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained, local=here),
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
         # a wrong --address is named before OUT is made (Ray is joined later, when there is work)
@@ -437,6 +453,9 @@ class JobRunner:
             _check_reachable(spec.address)
         elif os.environ.get("RAY_ADDRESS"):
             _check_env_address(os.environ["RAY_ADDRESS"])
+        if spec.precision == "auto" and not here:
+            init_ray(spec.address)  # the cluster's nodes say what auto means there
+        self.precision = job_precision(spec.precision, spec.device, local=here)
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/
@@ -444,7 +463,7 @@ class JobRunner:
         with out.lock(run_id):
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
-            check_job_identity(out, bundle, spec)
+            check_job_identity(out, bundle, spec, self.precision)
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
@@ -490,9 +509,11 @@ class JobRunner:
         ray_started = False
         while True:
             if self._input_error is not None:
+                finished = writer.videos_done + writer.videos_failed
+                said = (f"the {finished} videos this run finished are committed: fix it and rerun the same command "
+                        "to resume" if finished else "no video had been run yet: fix it and rerun")
                 raise ConfigError(f"{self._input_error} (found while counting the inputs, ahead of the videos "
-                                  "being run; the videos finished so far are committed: fix it and rerun the same "
-                                  "command to resume)")
+                                  f"being run; {said})")
             if retry:
                 group, fresh = retry.popleft(), False
                 status.retry_groups += 1
@@ -614,7 +635,7 @@ class JobRunner:
         chunking = chunking_for(bundle, spec.chunk_seconds)
         stages = build_stages(bundle, bundle.sampling, chunking, plan, top_k=spec.top_k,
                               with_embedding=spec.with_embedding, decode_device=spec.decode_device,
-                              precision=spec.precision, video_timeout_s=spec.video_timeout_s,
+                              precision=self.precision, video_timeout_s=spec.video_timeout_s,
                               crash_attempts=spec.max_attempts)
         # A few videos per input block amortise Ray's per-task cost (videos that fail at once, e.g.
         # missing files, cost milliseconds); small waves keep one video per block for isolation.

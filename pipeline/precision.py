@@ -57,3 +57,16 @@ def pick_device(choice: str, *, here: bool = True) -> torch.device:
         raise ConfigError("--device cuda: this machine has no CUDA GPU; use --device auto (the GPU where there is "
                           "one) or --device cpu")
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
+
+
+def encoder_precision(precision: str, device: str, *, here: bool = False) -> str:
+    """The encoders' precision that ``--precision P --device D`` means on this machine: "fp32" or "bf16"."""
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    return "bf16" if uses_bf16(pick_device(device, here=here), "auto") else "fp32"
+
+
+def node_has_native_bf16() -> bool:
+    """:func:`cpu_has_native_bf16` as a plain function, for Ray to run on each node of a cluster."""
+    return cpu_has_native_bf16()

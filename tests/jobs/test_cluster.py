@@ -76,6 +76,11 @@ def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_pat
     rows = segment_rows(out)
     assert duplicate_keys(out) == 0
     _same_results(rows, baseline)
+    # --precision auto was decided once, by asking the cluster's nodes (all on this machine); it was the flag
+    from pipeline.precision import cpu_has_native_bf16
+
+    assert json.loads((out / "_job" / "job.json").read_text())["precision"] == ("bf16" if cpu_has_native_bf16()
+                                                                                 else "fp32")
 
 
 def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refused_without(shared_media, tmp_path):

@@ -504,22 +504,69 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
     out, w = writer_for(tmp_path)
     bundle = resolve_bundle(None, allow_untrained=True)
     spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True, top_k=2)
-    check_job_identity(out, bundle, spec)
-    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3))  # nothing committed: the new run's
+    check_job_identity(out, bundle, spec, "bf16")
+    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3), "bf16")  # nothing committed: the new run's
     assert out.read_json("_job/job.json")["top_k"] == 3
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
     for other, named in ((dataclasses.replace(spec, top_k=2), "top_k 3 there, 2 now"),
-                         (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision 'auto' there, 'fp32' now")):
+                         (dataclasses.replace(spec, top_k=3, precision="fp32"), "precision 'bf16' there, 'fp32' now")):
         with pytest.raises(ConfigError, match=f"already holds results of another job \\(differs in: {named};"):
-            check_job_identity(out, bundle, other)
-    # a job.json written before precision was recorded does not say which: the same command resumes, whatever
-    # --precision it gave
+            check_job_identity(out, bundle, other, other.precision if other.precision != "auto" else "bf16")
+    # a job.json written before precision was recorded, or that recorded the flag "auto", does not say which: the
+    # same command resumes, whatever --precision it gave
     job = out.read_json("_job/job.json")
-    del job["precision"]
-    out.write_json("_job/job.json", job)
-    for precision in ("auto", "fp32", "bf16"):
-        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=precision))
+    for recorded in (None, "auto"):
+        if recorded is None:
+            del job["precision"]
+        else:
+            job["precision"] = recorded
+        out.write_json("_job/job.json", job)
+        for precision in ("fp32", "bf16"):
+            check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=precision), precision)
+
+
+def test_a_job_resumed_where_precision_auto_means_another_precision_is_refused_with_what_to_give(tmp_path):
+    """job.json recorded the flag 'auto': a job begun on a bf16 machine went on in float32 on another (4 of the
+    film's 597 labels differ between them), mixing both in one OUT."""
+    import dataclasses
+
+    from jobs.models import resolve_bundle
+    from jobs.runner import check_job_identity
+    from jobs.spec import JobSpec
+
+    out, w = writer_for(tmp_path)
+    bundle = resolve_bundle(None, allow_untrained=True)
+    spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True)
+    check_job_identity(out, bundle, spec, "bf16")  # --precision auto on a machine with native bf16
+    assert out.read_json("_job/job.json")["precision"] == "bf16"
+    w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    with pytest.raises(ConfigError) as err:
+        check_job_identity(out, bundle, spec, "fp32")  # the same command where auto means float32
+    assert "precision 'bf16' there, 'fp32' now" in str(err.value)
+    assert "--precision auto means fp32 on this machine" in str(err.value)
+    assert "rerun with --precision bf16 to resume" in str(err.value)
+    check_job_identity(out, bundle, dataclasses.replace(spec, precision="bf16"), "bf16")  # as it says
+
+
+def test_precision_auto_is_decided_once_for_a_job_from_every_node(monkeypatch):
+    """Each worker decided 'auto' for itself: a cluster of CPUs with and without native bf16 wrote both."""
+    import jobs.plan as plan
+    from pipeline.precision import cpu_has_native_bf16
+
+    here = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert plan.job_precision("auto", "cpu", local=True) == here
+    assert plan.job_precision("fp32", "auto", local=True) == "fp32"
+    assert plan.job_precision("bf16", "cpu", local=False) == "bf16"  # as given: no node is asked
+    for answers, nodes, device, expected in (([True, True], [(2.0, 0.0, 0.0)] * 2, "auto", "bf16"),
+                                             ([True, False], [(2.0, 0.0, 0.0)] * 2, "auto", "fp32"),
+                                             ([], [], "auto", "fp32"),
+                                             ([True, False], [(2.0, 1.0, 0.0), (2.0, 0.0, 0.0)], "auto", "bf16"),
+                                             ([True, False], [(2.0, 1.0, 0.0), (2.0, 0.0, 0.0)], "cpu", "fp32")):
+        monkeypatch.setattr(plan, "_nodes_native_bf16", lambda answers=answers: answers)
+        monkeypatch.setattr(plan, "cluster_nodes", lambda nodes=nodes: nodes)
+        assert plan.job_precision("auto", device, local=False) == expected, (answers, nodes, device)
 
 
 def test_an_error_that_quotes_a_damage_word_in_a_name_or_the_sql_is_not_damage(tmp_path, monkeypatch):

@@ -56,6 +56,16 @@ def first_run(archive, tmp_path_factory, ray_session):
     return spec, out, result
 
 
+def test_the_job_records_the_precision_its_encoders_ran_at(first_run):
+    """job.json recorded the flag 'auto', which says nothing of the rows: bf16 here, float32 on another machine."""
+    from pipeline.precision import cpu_has_native_bf16
+
+    spec, out, _ = first_run
+    assert spec.precision == "auto"
+    assert json.loads((out / "_job" / "job.json").read_text())["precision"] == ("bf16" if cpu_has_native_bf16()
+                                                                                 else "fp32")
+
+
 def test_segments_match_each_files_duration(first_run, archive):
     _, out, result = first_run
     assert result.videos_done == 2 and result.videos_failed == 2
@@ -148,10 +158,13 @@ def test_a_bad_manifest_row_far_ahead_stops_the_run_at_the_next_wave(shared_medi
     out = tmp_path / "o"
     spec = JobSpec(inputs=[str(manifest)], out=str(out), allow_untrained=True, progress=False, wave_size=2)
     with pytest.raises(ConfigError, match=r"manifest .*m.csv line 63: missing the 'uri' column \(found while "
-                                          r"counting the inputs.*committed: fix it and rerun"):
+                                          r"counting the inputs.*fix it and rerun") as err:
         JobRunner(spec).run()
     finished = OutputDir(out).finished_video_ids()
     assert len(finished) <= 2  # the first wave at most, not 30 waves up to the bad row
+    # it said "the videos finished so far are committed" when none had been run
+    assert (f"the {len(finished)} videos this run finished are committed" if finished
+            else "no video had been run yet") in str(err.value)
     manifest.write_text(manifest.read_text().replace("lonely\n", "lonely,y\n"))
     again = JobRunner(dataclasses.replace(spec, wave_size=None)).run()
     assert again.videos_skipped == len(finished) and again.videos_done + again.videos_failed == 62 - len(finished)
@@ -385,8 +398,8 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(first_run, tmp_path, capsys)
                  "--no-progress"])
     assert code == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "--device cuda: the Ray cluster has no GPU" in err and "--device auto" in err
-    assert not run_query(tmp_path / "o", "SELECT * FROM videos").num_rows
+    assert "--device cuda: this machine has no CUDA GPU" in err and "--device auto" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_manifest_row_found_by_the_run_is_its_status_message_in_its_own_words(first_run, tmp_path, capsys):
