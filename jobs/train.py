@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.annotations import (
+    AVE_SPLIT_FILES,
     BACKGROUND,
     AnnotatedVideo,
     AnnotationSet,
@@ -216,6 +217,21 @@ class _Norm:
 
     def zero_audio(self) -> torch.Tensor:
         return torch.from_numpy((-self.audio_mean / self.audio_std).astype(np.float32))
+
+
+def _videos_to_train_on(ann: AnnotationSet, source: str, say: Callable[[str], None]) -> list[AnnotatedVideo]:
+    """The annotated videos training reads: with AVE's split files, its train and validation videos only (its
+    test videos are eval's; they were decoded and then left unused, as were videos in no split file, unsaid)."""
+    if not ann.splits:
+        return list(ann.videos)
+    kept = [v for v in ann.videos if ann.splits.get(v.uri) in ("train", "val")]
+    n_test = sum(ann.splits.get(v.uri) == "test" for v in ann.videos)
+    unsplit = [v.uri for v in ann.videos if v.uri not in ann.splits]
+    say(f"AVE split: {len(kept)} train and validation videos; {n_test} test videos left for 'vidpipe eval'")
+    if unsplit:
+        say(f"warning: {len(unsplit)} annotated videos are in none of the split files beside {source} "
+            f"({', '.join(AVE_SPLIT_FILES.values())}) and are left out, e.g. {unsplit[0]}")
+    return kept
 
 
 def split_videos(videos: list[AnnotatedVideo], ann: AnnotationSet, val_fraction: float, seed: int
@@ -463,11 +479,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     if spec.cache:
         check_writable_dir(spec.cache, "--cache")
-    fres = extract_features([(v.uri, v.video_id) for v in ann.videos], fspec, cache_root, address=spec.address,
+    videos = _videos_to_train_on(ann, spec.annotations, say)
+    fres = extract_features([(v.uri, v.video_id) for v in videos], fspec, cache_root, address=spec.address,
                             device=spec.device, say=say)
     if fres.failures:
         say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
-    usable = [v for v in ann.videos if v.uri in fres.features]
+    usable = [v for v in videos if v.uri in fres.features]
     warn_spans_past_the_end(spec.annotations, usable, fres.features, say)
     train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)
     if not train_v:

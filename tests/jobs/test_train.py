@@ -346,8 +346,8 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     A video that failed still gave exit 0; spans past the end and nothing scored read as a result."""
     import torch
 
-    from jobs.evaluate import encoder_precision
     from jobs.query import run_query
+    from pipeline.precision import encoder_precision
 
     root, videos, files = corpus
     results, cache = trained
@@ -383,6 +383,37 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
     assert "no segment of the 1 decoded videos has a label to score" in err
+
+
+def test_ave_training_decodes_its_train_and_validation_videos_only(tmp_path, ray_session):
+    """Training on AVE's Annotations.txt decoded its test videos too (eval's, never used by training), and a video
+    in none of the split files was decoded and left out without a word."""
+    rng = np.random.default_rng(5)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    ids = {"tr1": ("red", "tone"), "tr2": ("blue", "noise"), "va1": ("red", "tone"), "te1": ("blue", "noise"),
+           "none1": ("red", "tone")}
+    for vid, (colour, sound) in ids.items():
+        write_clip(videos / f"{vid}.mp4", [COLOURS[colour]] * 3, _sound(sound, 3, rng))
+    ave = tmp_path / "AVE"
+    ave.mkdir()
+    header = "Category&VideoID&Quality&StartTime&EndTime\n"
+
+    def rows(names: list[str]) -> str:
+        return header + "".join(f"{'Red' if ids[n][0] == 'red' else 'Blue'}&{n}&good&0&3\n" for n in names)
+
+    (ave / "Annotations.txt").write_text(rows(list(ids)))
+    (ave / "trainSet.txt").write_text(rows(["tr1", "tr2"]))
+    (ave / "valSet.txt").write_text(rows(["va1"]))
+    (ave / "testSet.txt").write_text(rows(["te1"]))
+    spec = TrainSpec(annotations=str(ave / "Annotations.txt"), videos=str(videos), out=str(tmp_path / "m"),
+                     **{**SMALL, "epochs": 2})  # type: ignore[arg-type]
+    lines: list[str] = []
+    train(spec, say=lines.append)
+    assert "AVE split: 3 train and validation videos; 1 test videos left for 'vidpipe eval'" in lines
+    warning = next(line for line in lines if line.startswith("warning: 1 annotated videos are in none of the split"))
+    assert str(ave / "Annotations.txt") in warning and warning.endswith(str(videos / "none1.mp4"))
+    assert any(line.startswith("extracting features of 3 videos") for line in lines), lines
 
 
 def test_a_validation_split_with_nothing_to_score_is_said_and_not_used(tmp_path, ray_session):
