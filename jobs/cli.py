@@ -20,13 +20,16 @@ _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failu
 def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     """The model, sampling and placement flags that 'run' and 'bench' share (same names, defaults, help)."""
     p.add_argument("--model", metavar="BUNDLE", help="model bundle directory (default: the packaged bundle)")
-    p.add_argument("--segment-seconds", type=float, metavar="S", help="segment length in seconds (default: bundle's, 1.0)")
-    p.add_argument("--frames-per-segment", type=int, metavar="K", help="frames sampled per segment (default: bundle's, 1)")
+    p.add_argument("--segment-seconds", type=float, metavar="S",
+                   help="segment length in seconds (default: the bundle's, 1.0; a trained bundle takes only its own)")
+    p.add_argument("--frames-per-segment", type=int, metavar="K",
+                   help="frames sampled per segment (default: the bundle's, 1; a trained bundle takes only its own)")
     p.add_argument("--chunk-seconds", type=float, default=60.0, metavar="S",
                    help="video seconds per chunk moving between stages (bounds memory; default 60)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="encoders' arithmetic: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+                   help="encoders' arithmetic: auto = bf16 on CUDA and where every node's CPU has native bf16, "
+                   "else fp32 (decided once per run)")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -94,12 +97,15 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "query", help="SQL over a job's output (DuckDB views: segments, videos, failures)",
-        description="Run SQL over OUT with DuckDB. Views: segments, videos, failures (committed data only).",
+        "query", help="SQL over a job's output (DuckDB views: segments, videos, failures, failures_log)",
+        description="Run SQL over OUT with DuckDB. Views: segments, videos, failures (the latest failure of each "
+                    "video not finished since), failures_log (every failure recorded, retries included); committed "
+                    "data only.",
         epilog='example: vidpipe query out "SELECT label, count(*) n FROM segments GROUP BY 1 ORDER BY n DESC"')
     p.add_argument("out", metavar="OUT", help="the --out directory of a run")
     p.add_argument("sql", metavar="SQL", help="the query")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (table cuts cells over 48 characters; csv and json write them whole)")
     p.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
 
 
@@ -108,7 +114,7 @@ def _add_repair(sub: argparse._SubParsersAction) -> None:
         "repair", help="drop the results whose committed files were deleted or damaged, so that a rerun redoes them",
         description="When a data file that a commit names has been deleted or moved by hand, 'run', 'query' and "
                     "'status' refuse OUT (naming the file) rather than give results with holes in them; a damaged "
-                    "one (not a whole Parquet file any more) makes 'query' and 'status' fail naming it. 'repair' "
+                    "one (not a whole Parquet file any more) makes 'run', 'query' and 'status' fail naming it. 'repair' "
                     "drops each such commit whole (its other files too), so that rerunning the job does those "
                     "videos again. It deletes nothing else; where a table folder holds files that no commit names, it "
                     "names them and changes nothing (move them out of OUT first).")
@@ -181,7 +187,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where models run")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="encoders' arithmetic, as for run (default auto: the labels run would give here)")
+                   help="encoders' arithmetic, as for run (default auto: the labels run would give)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -362,6 +368,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if not args.address:
             raise ConfigError("--job needs --address (the job server, e.g. http://HEAD:8265)")
         job = ray_job_info(args.address, args.job)
+    elif args.address:  # it was ignored: status read OUT and said nothing of the job server
+        raise ConfigError("--address is for --job ID (a job that 'vidpipe submit' started); 'vidpipe status OUT' "
+                          "reads OUT itself: leave --address out, or add --job ID")
     out = args.out or (job or {}).get("out")
     if not out:
         raise ConfigError("name the job's OUT, or give --job ID --address URL of a job submitted by vidpipe")

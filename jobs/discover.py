@@ -116,6 +116,13 @@ def check_inputs(inputs: list[str]) -> None:
             path = _local_path(item)
             if item.endswith(("/", os.sep)) and not path.exists():  # a folder by its spelling: a typo, not a failure
                 raise ConfigError(f"input folder {item!r} does not exist; check the path")
+            if not path.exists() and not path.is_symlink():
+                # a manifest or a folder by its spelling: a typo, not one failed video (it ran a whole job for it)
+                if path.suffix.lower() in MANIFEST_EXTENSIONS:
+                    raise ConfigError(f"manifest {item!r} does not exist; check the path")
+                if not path.suffix:
+                    raise ConfigError(f"input {item!r} does not exist (no file or folder by that name); check the "
+                                      "path")
             unreadable: list[str] = []
             if path.is_dir() and next(_walk(path, unreadable), None) is None:  # stops at the first video found
                 why = f"; could not read {unreadable[0]}" if unreadable else ""

@@ -44,6 +44,9 @@ def resolve_bundle(model: str | None, *, allow_untrained: bool, local: bool = Tr
     ``local``: the workers run on this machine, so a bundle's image weights file that is not here is a usage
     error now (on a cluster the workers may hold it; each checks it as it loads it).
     """
+    if model and allow_untrained:  # the flag was ignored: a trained head ran where an untrained one was asked for
+        raise ConfigError(f"--model {model} and --allow-untrained ask for two models: --allow-untrained runs the "
+                          "untrained head instead of a bundle; give one of them")
     if model:
         path = Path(model).expanduser()
         if not (path / "bundle.json").is_file():

@@ -83,6 +83,7 @@ class Progress:
         self.interval_s = 1.0 if self.tty else 10.0
         self.started = time.monotonic()
         self._last = 0.0
+        self._written = ""  # the counts of the last line written to a log or pipe
 
     def line(self, c: _Counts) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -101,13 +102,26 @@ class Progress:
         if self.tty:
             self.stream.write("\r" + self.line(c) + "\x1b[K")
         else:
-            self.stream.write(self.line(c) + "\n")
+            self._write_line(c)
         self.stream.flush()
 
     def finish(self, c: _Counts) -> None:
-        if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + self.line(c) + ("\x1b[K\n" if self.tty else "\n"))
-            self.stream.flush()
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line(c) + "\x1b[K\n")
+        elif self._counts(self.line(c)) != self._written:  # a log showed the same counts twice at the end
+            self._write_line(c)
+        self.stream.flush()
+
+    def _write_line(self, c: _Counts) -> None:
+        line = self.line(c)
+        self._written = self._counts(line)
+        self.stream.write(line + "\n")
+
+    @staticmethod
+    def _counts(line: str) -> str:
+        return line.split(" | ")[0]
 
 
 @dataclass

@@ -76,6 +76,10 @@ def _absolute(value: str) -> str:
 
 
 def _client(address: str) -> Any:
+    if not address.startswith(("http://", "https://")):  # Ray took HOST:PORT for a GCS and waited 40 s on it
+        raise ConfigError(f"--address {address}: the job server is given by its URL, http://HEAD:8265 (the "
+                          "dashboard's port, 8265 by default); HOST:PORT is the GCS address that 'vidpipe run "
+                          "--address' takes")
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # ray without its dashboard extras

@@ -172,6 +172,22 @@ def test_progress_line_without_a_known_total():
     assert resumed.line(C()).startswith("[vidpipe] 30/30 videos (3 ok, 1 failed, 2 partly done, 26 finished earlier)")
 
 
+def test_a_log_does_not_show_the_last_counts_twice():
+    """To a log or pipe, the last periodic line and the closing line often said the same counts."""
+    import io
+    from types import SimpleNamespace
+
+    log = io.StringIO()
+    progress = Progress(2, log)
+    counts = SimpleNamespace(videos_done=0, videos_failed=2, video_seconds_done=0.0, pending_videos=0)
+    progress.update(counts)
+    progress.finish(counts)
+    assert len(log.getvalue().splitlines()) == 1
+    progress.finish(SimpleNamespace(videos_done=1, videos_failed=1, video_seconds_done=3.0, pending_videos=0))
+    assert [line.split(" | ")[0] for line in log.getvalue().splitlines()] == [
+        "[vidpipe] 2/2 videos (0 ok, 2 failed, 0 partly done)", "[vidpipe] 2/2 videos (1 ok, 1 failed, 0 partly done)"]
+
+
 def _stage(**kw) -> DecodeStage:  # noqa: ANN003
     return DecodeStage(SamplingSpec(image_size=32), ChunkingSpec(core_segments=16, context_segments=2), **kw)
 
@@ -334,6 +350,23 @@ def test_run_with_an_unreachable_address_makes_no_output(tmp_path, capsys):
         EXIT_USAGE
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_submit_and_status_given_a_gcs_address_say_it_takes_the_job_servers_url(tmp_path, capsys):
+    """'vidpipe submit --address 127.0.0.1:6379' (run's kind of address) waited 40 s for a GCS, then a traceback
+    (RpcError, exit 1)."""
+    from jobs.cli import EXIT_USAGE, main
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    assert main(["submit", str(clip), "--out", str(tmp_path / "o"), "--allow-untrained",
+                 "--address", "127.0.0.1:6379"]) == EXIT_USAGE
+    assert "--address 127.0.0.1:6379: the job server is given by its URL, http://HEAD:8265" in capsys.readouterr().err
+    assert main(["status", "--job", "j1", "--address", "10.0.0.5:6379"]) == EXIT_USAGE
+    assert "--address 10.0.0.5:6379: the job server is given by its URL" in capsys.readouterr().err
+    # and without --job, --address was ignored without a word
+    assert main(["status", str(tmp_path), "--address", "http://127.0.0.1:8265"]) == EXIT_USAGE
+    assert "--address is for --job ID" in capsys.readouterr().err
 
 
 def test_job_server_errors_say_what_to_do():

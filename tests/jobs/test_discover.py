@@ -238,3 +238,16 @@ def test_hidden_folders_are_skipped_like_hidden_files_and_a_missing_folder_is_na
     with pytest.raises(ConfigError, match=r"input folder '.*nosuchdir/' does not exist; check the path"):
         check_inputs([str(tmp_path / "nosuchdir") + "/"])
     check_inputs([str(tmp_path / "gone.mp4")])  # a missing file stays a failure row of its own
+
+
+def test_a_missing_manifest_or_path_without_extension_is_a_usage_error(tmp_path):
+    """'vidpipe run nolist.txt' (a typo) started Ray and ran a job of one not_found "video" (exit 3, ~30 s)."""
+    for name in ("nolist.txt", "nolist.CSV", "nolist.tsv", "nolist.parquet"):
+        with pytest.raises(ConfigError, match=f"manifest '.*{name}' does not exist; check the path"):
+            check_inputs([str(tmp_path / name)])
+        with pytest.raises(ConfigError, match="does not exist"):
+            check_inputs([(tmp_path / name).as_uri()])
+    with pytest.raises(ConfigError, match=r"input '.*nodir' does not exist \(no file or folder by that name\)"):
+        check_inputs([str(tmp_path / "nodir")])
+    noext = _touch(tmp_path / "noext")  # a file named without an extension is run as a video, as before
+    check_inputs([str(noext)])

@@ -11,6 +11,7 @@ from jobs.cli import main
 from jobs.models import DEFAULT_BUNDLE_DIR, default_bundle_path, resolve_bundle
 from jobs.output import OutputDir
 from pipeline.bundle import ModelBundle
+from pipeline.errors import ConfigError
 from pipeline.image_encoder import resolve_image_weights
 from tests.conftest import SAMPLES
 
@@ -35,6 +36,9 @@ def test_default_bundle_is_trained_documented_and_small():
 def test_resolve_bundle_default_and_explicit_untrained():
     assert resolve_bundle(None, allow_untrained=False).model_id == ModelBundle.load(DEFAULT_BUNDLE_DIR).model_id
     assert resolve_bundle(None, allow_untrained=True).model_id == "untrained"
+    # both: the flag was ignored (a trained head ran where an untrained one was asked for)
+    with pytest.raises(ConfigError, match="--model .* and --allow-untrained ask for two models"):
+        resolve_bundle(str(DEFAULT_BUNDLE_DIR), allow_untrained=True)
 
 
 @pytest.mark.slow

@@ -576,7 +576,13 @@ def test_permission_error_is_unreadable(monkeypatch) -> None:
 def test_not_a_media_file(media_dir: Path, tmp_path: Path, kind: mf.CorruptKind, error_kind: str) -> None:
     source = mf.make_video(media_dir / "to_truncate.mp4", duration_s=1.0, size=(96, 96), audio="tone")
     path = mf.make_corrupt(tmp_path / f"{kind}.mp4", kind=kind, source=source)
-    expect_error(path, error_kind)
+    err = expect_error(path, error_kind)
+    # an empty file is said to be one (it read as FFmpeg's 'Invalid data found', as for garbage)
+    assert ("the file is empty (0 bytes)" in err.message) == (kind == "empty")
+    if kind == "empty":
+        with open(path, "rb") as f:  # as S3 objects are read: a file object
+            with pytest.raises(MediaError, match=r"the file is empty \(0 bytes\)"):
+                decode_mod._open(f, str(path))
 
 
 @pytest.mark.parametrize("suffix", ["m4a", "mp3"])
