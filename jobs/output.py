@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -64,6 +65,7 @@ COMMITS = "_job/commits"
 STAGING = "_job/staging"
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPACT_AT = 256  # commit records folded into one checkpoint when a run starts with more than this
+CLAIMS = f"{JOB}/claims"  # S3: one object per run that claims OUT (OutputDir.lock)
 LEASE_S = 30.0  # S3: a run whose progress.json (rewritten every 5 s) is older than this is taken as dead
 
 
@@ -313,6 +315,25 @@ class OutputDir:
         named = {f"{t}/{name}" for c in commits for t, name in c.files.items()}
         return [rel for rel in found if rel not in named]
 
+    def refuse_occupied_tables(self) -> None:
+        """For an OUT that is not an output yet: a ConfigError where a table folder already holds files (any kind;
+        ``--out s3://archive`` wrote its Parquet beside the archive's own ``videos/*.mp4``)."""
+        from pyarrow import fs as pafs
+
+        taken = []
+        for table in TABLES:
+            info = self.store.fs.get_file_info(self.store.full(table))
+            if info.type == pafs.FileType.Directory:
+                # on S3 a prefix exists only while something is under it
+                if not self.local or next(os.scandir(self.store.full(table)), None) is not None:
+                    taken.append(f"{table}/")
+            elif info.type != pafs.FileType.NotFound:
+                taken.append(table)
+        if taken:
+            raise ConfigError(f"cannot use --out {self.uri}: it is not a vidpipe output, and its {', '.join(taken)} "
+                              "already holds files that vidpipe would write its results among (segments/, videos/ "
+                              "and failures/ of a new output are absent or empty); use a new --out directory")
+
     def refuse_unrecorded(self, commits: list[Commit] | None = None, *,
                           then: str = "Use a new --out directory, or move those files out of it and rerun.") -> None:
         """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any."""
@@ -463,15 +484,24 @@ class OutputDir:
         Keyed by URI, as discovery de-duplicates: a video's id also depends on the input that named it
         (folder, manifest, ...), and a rerun that names the same file another way must still skip it.
         """
+        from pipeline.inputs import TRANSIENT_ERROR_KINDS
+
         uris, failed = IdSet(), IdSet()
         for t in self.read_committed("videos", ["uri"]):
             uris.update(t.column("uri").to_pylist())
         if include_failed:
-            for t in self.read_committed("failures", ["uri"]):
-                for uri in t.column("uri").to_pylist():
-                    if uri not in uris:  # not finished (a later failure row of it is already counted)
-                        failed.add(uri)
-                        uris.add(uri)
+            # a video whose every failure was transient (its bytes could not be fetched: a network, or a
+            # cluster's workers without the S3 settings) is tried again by a rerun: such a failure says nothing
+            # of the video, and a whole archive stayed failed after one misconfigured run
+            transient_only: dict[str, bool] = {}
+            for t in self.read_committed("failures", ["uri", "error_kind"]):
+                for uri, kind in zip(t.column("uri").to_pylist(), t.column("error_kind").to_pylist(), strict=True):
+                    if uri not in uris:  # not finished
+                        transient_only[uri] = transient_only.get(uri, True) and kind in TRANSIENT_ERROR_KINDS
+            for uri, transient in transient_only.items():
+                if not transient:
+                    failed.add(uri)
+                    uris.add(uri)
         return uris, failed
 
     def finished_video_ids(self, *, include_failed: bool = True) -> set[str]:
@@ -512,20 +542,39 @@ class OutputDir:
             return
         deadline = time.time() + wait_s
         lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
+        claim = f"{CLAIMS}/{run_id}.json"
         while True:
             lease = self.last_progress()
             age = time.time() - float(lease.get("heartbeat", 0) or 0)
             if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s:
-                break
+                # no live run holds OUT: claim it. Two runs that both found it free both wrote progress.json and
+                # both wrote every row; with a claim each, written and then listed, the later of two claims always
+                # sees the earlier one (S3 lists what was written before), so at most one run goes on
+                self.write_json(claim, {"run_id": run_id, "heartbeat": time.time(), "host": socket.gethostname(),
+                                        "pid": os.getpid()})
+                rivals = self._live_claims(run_id, lease, lease_s)
+                if not rivals:
+                    break
+                self.store.delete(claim)
+                holder = {"run_id": rivals[0], "host": "another host or process"}
+                age = 0.0
+            else:
+                holder = lease
             if time.time() > deadline:
-                raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {lease.get('run_id')} on "
-                                  f"{lease.get('host')}, alive {age:.0f} s ago); stop it or wait, then rerun")
-            log.warning("waiting for run %s to release %s (its lease was renewed %.0f s ago)",
-                        lease.get("run_id"), self.uri, age)
-            time.sleep(min(5.0, lease_s / 2))
+                raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')} on "
+                                  f"{holder.get('host')}, alive {age:.0f} s ago); stop it or wait, then rerun")
+            log.warning("waiting for run %s to release %s (alive %.0f s ago; a run that sends no sign of life "
+                        "for %.0f s is taken as stopped; this run gives up %.0f s from now)",
+                        holder.get("run_id"), self.uri, age, lease_s, max(0.0, deadline - time.time()))
+            # rivals that met at once retry at random times: one of them gets there first
+            time.sleep(min(5.0, lease_s / 2) * (0.5 + random.random()))
         placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), "host": socket.gethostname(),
                        "pid": os.getpid()}
-        self.write_json(f"{JOB}/progress.json", placeholder)
+        try:
+            self.write_json(f"{JOB}/progress.json", placeholder)
+        except BaseException:
+            self.store.delete(claim)
+            raise
         stop = threading.Event()
 
         def renew() -> None:
@@ -545,12 +594,37 @@ class OutputDir:
             stop.set()
             if keepalive:
                 beat.join()
+            self.store.delete(claim)
             if self.last_progress() == placeholder:
                 # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
                 if lease:
                     self.write_json(f"{JOB}/progress.json", lease)
                 else:
                     self.store.delete(f"{JOB}/progress.json")
+
+
+    def _live_claims(self, run_id: str, lease: dict[str, Any], lease_s: float) -> list[str]:
+        """Run ids of the other claims on OUT that are alive: written less than ``lease_s`` ago, or of the run
+        whose progress.json is fresh.  A dead run's claim (killed between claiming and letting go) is removed."""
+        live = []
+        for name in self.store.list_names(CLAIMS, ".json"):
+            other = name[: -len(".json")]
+            if other == run_id:
+                continue
+            try:
+                record = self.read_json(f"{CLAIMS}/{name}")
+            except ConfigError:  # damaged by hand (a claim is one PUT): no run's
+                record = {}
+            if record is None:  # let go while listed
+                continue
+            fresh = time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s
+            holding = (lease.get("run_id") == other and lease.get("state") == "running"
+                       and time.time() - float(lease.get("heartbeat", 0) or 0) <= lease_s)
+            if fresh or holding:
+                live.append(other)
+            else:
+                self.store.delete(f"{CLAIMS}/{name}")
+        return sorted(live)
 
 
 @dataclass

@@ -185,6 +185,52 @@ def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_us
             check_inputs([missing])
 
 
+def test_s3_inputs_and_outs_that_name_nothing_to_run_are_usage_errors(s3, s3_archive, capsys):
+    """'run s3://' ran every video of every bucket the credentials could list; status, query and repair of
+    's3://' were tracebacks (exit 1); a prefix holding no video ran nothing and exited 0; an S3 glob was taken
+    for one key (a not_found row); an entry in a bucket that does not exist said 'no such object'."""
+    from jobs.cli import EXIT_USAGE, main
+    from jobs.discover import check_inputs
+    from pipeline.errors import MediaError
+    from pipeline.inputs import open_input
+
+    for uri in ("s3://", "s3:///videos/"):
+        with pytest.raises(ConfigError, match="names no bucket; give s3://BUCKET or s3://BUCKET/PREFIX"):
+            check_inputs([uri])
+    for args in (["status", "s3://"], ["query", "s3://", "SELECT 1"], ["repair", "s3://"], ["status", "s3:///x"]):
+        assert main(args) == EXIT_USAGE, args
+        err = capsys.readouterr().err
+        assert "names no bucket" in err and "Traceback" not in err, err
+    s3.put_object(Bucket="vidpipe-in", Key="docs/readme.txt", Body=b"notes")
+    s3.put_object(Bucket="vidpipe-in", Key="docs/sub/meta.json", Body=b"{}")
+    with pytest.raises(ConfigError, match="input s3://vidpipe-in/docs/ holds no video files"):
+        check_inputs(["s3://vidpipe-in/docs/"])
+    with pytest.raises(ConfigError, match="glob patterns are read for local paths only; give the S3 prefix"):
+        check_inputs(["s3://vidpipe-in/videos/*.mp4"])
+    with pytest.raises(MediaError, match="there is no bucket 'no-such-bucket'") as err, \
+            open_input("s3://no-such-bucket/a.mp4"):
+        pass
+    assert err.value.error_kind == "not_found"
+    with pytest.raises(MediaError, match="names no bucket") as err, open_input("s3:///a.mp4"):
+        pass
+    assert main(["status", "s3://no-such-bucket/out"]) == EXIT_USAGE  # said: not a vidpipe output directory
+    assert "there is no bucket 'no-such-bucket'" in capsys.readouterr().err
+
+
+def test_an_s3_out_that_cannot_be_reached_says_to_check_the_s3_settings(s3_server, monkeypatch):
+    """It said "pass a directory that can be created", as for a local folder."""
+    from jobs.query import open_output
+    from jobs.runner import _open_output
+    from tests.jobs.clusters import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(ConfigError, match=r"cannot use --out s3://vidpipe-out/x: .*; check AWS credentials, region "
+                                          r"and AWS_ENDPOINT_URL"):
+        _open_output("s3://vidpipe-out/x")
+    with pytest.raises(ConfigError, match=r"cannot read s3://vidpipe-out/x: .*; check AWS credentials"):
+        open_output("s3://vidpipe-out/x")
+
+
 def test_a_holder_that_keeps_no_progress_gives_the_last_runs_back(s3):
     """'vidpipe repair' holds an S3 OUT's lease, but keeps no progress of its own: left as 'running', its
     lease made 'status' report a live run and the next run wait it out."""
@@ -199,3 +245,43 @@ def test_a_holder_that_keeps_no_progress_gives_the_last_runs_back(s3):
     with out.lock("repair-2"):
         pass
     assert out.last_progress() == {}
+
+
+_RACER = """
+import json, sys, time
+from jobs.output import OutputDir
+out = OutputDir(sys.argv[1])
+start_at = float(sys.argv[2])
+while time.time() < start_at:
+    pass
+with out.lock(sys.argv[3], wait_s=120):
+    held = time.time()
+    time.sleep(1.5)
+    print(json.dumps([held, time.time()]))
+"""
+
+
+def test_runs_that_start_together_on_an_s3_out_hold_it_one_at_a_time(s3, tmp_path):
+    """Two runs that found an S3 OUT free at the same moment both took its lease (progress.json, read then
+    written) and both wrote every row: 64 duplicate segment keys over 8 videos."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    out = "s3://vidpipe-out/race"
+    OutputDir(out).create()
+    start_at = time.time() + 10  # every racer imported and waiting, then all at once
+    env = vidpipe_env(VIDPIPE_S3_LEASE_S="6")
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, out, str(start_at), f"run-{i}"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    held = []
+    for r in racers:
+        stdout, stderr = r.communicate(timeout=200)
+        assert r.returncode == 0, stderr[-3000:]
+        held.append(json.loads(stdout))
+    held.sort()
+    assert all(a[1] <= b[0] for a, b in zip(held, held[1:], strict=False)), held  # one at a time
+    assert OutputDir(out).store.list_names("_job/claims") == []  # each let go of its claim
+
