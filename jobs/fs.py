@@ -41,7 +41,7 @@ class Store:
         else:
             from pipeline.s3 import s3_filesystem
 
-            self.fs, key = s3_filesystem(text.rstrip("/"))
+            self.fs, key = s3_filesystem(text if text.rstrip("/") in ("s3:", "s3://") else text.rstrip("/"))
             if not key or key.startswith("/"):
                 raise ValueError(f"not a bucket/prefix: {text!r}")
             self.root = key

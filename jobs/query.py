@@ -37,10 +37,17 @@ def open_output(out_dir: str | Path) -> OutputDir:
         out = OutputDir(out_dir)
         is_output = out.is_output()
     except OSError as exc:
-        raise ConfigError(f"cannot read {out_dir}: {exc}") from None
+        hint = "; check AWS credentials, region and AWS_ENDPOINT_URL" if str(out_dir).startswith("s3://") else ""
+        raise ConfigError(f"cannot read {out_dir}: {exc}{hint}") from None
     if not is_output:
         if out.local and not Path(out.store.full("")).exists():
             raise ConfigError(f"{out_dir} does not exist; pass the --out directory of a 'vidpipe run'")
+        if not out.local:
+            from jobs.remote import bucket_missing
+
+            bucket = out.store.root.split("/", 1)[0]
+            if bucket_missing(out.store.fs, out.store.root):
+                raise ConfigError(f"{out_dir}: there is no bucket {bucket!r}; check the name and AWS_ENDPOINT_URL")
         raise ConfigError(f"{out_dir} is not a vidpipe output directory (no _job/ inside); "
                           "pass the --out directory of a 'vidpipe run'")
     return out

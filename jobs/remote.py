@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -24,9 +25,16 @@ def check_s3(uri: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot reach {uri}: {exc}; check AWS credentials, region and AWS_ENDPOINT_URL") from None
     if info.type == pafs.FileType.NotFound:
+        if glob.has_magic(uri):  # taken as one key: a not_found row, exit 3
+            raise ConfigError(f"input {uri}: glob patterns are read for local paths only; give the S3 prefix "
+                              "(s3://BUCKET/PREFIX/: its videos are found under it) or a manifest of the keys")
         if _names_an_object(uri) and not bucket_missing(filesystem, path):
             return  # a named video that is not there: a not_found failure row, as for a local file
         raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
+    if info.type == pafs.FileType.Directory and next(_walk(filesystem, path.rstrip("/")), None) is None:
+        # it ran nothing and exited 0, as if the job were done
+        raise ConfigError(f"input {uri} holds no video files (no key under it ends in "
+                          f"{', '.join(sorted(VIDEO_EXTENSIONS))}); check the prefix")
 
 
 def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:
@@ -61,7 +69,12 @@ def discover_s3(uri: str) -> Iterator[VideoRef]:
     if info.type == pafs.FileType.File or (info.type == pafs.FileType.NotFound and _names_an_object(uri)):
         yield VideoRef(uri, make_video_id(uri, PurePosixPath(path).name))
         return
-    prefix = path.rstrip("/")
+    yield from _walk(filesystem, path.rstrip("/"))
+
+
+def _walk(filesystem: pafs.FileSystem, prefix: str) -> Iterator[VideoRef]:
+    """The video objects under ``prefix`` (``bucket/key...``), one folder's listing at a time, in key order."""
+    from pyarrow import fs as pafs
 
     def walk(folder: str) -> Iterator[VideoRef]:
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))

@@ -352,6 +352,9 @@ def _open_output(uri: str) -> OutputDir:
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except (OSError, ValueError) as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)
+        if uri.startswith("s3://"):  # an endpoint or credentials problem, not a folder to create
+            raise ConfigError(f"cannot use --out {uri}: {why}; check AWS credentials, region and AWS_ENDPOINT_URL "
+                              "(and that this identity may read and write the bucket)") from None
         raise ConfigError(f"cannot use --out {uri}: {why}; pass a directory that can be created "
                           "(or an earlier run's --out to resume it)") from None
     return out
@@ -459,6 +462,7 @@ class JobRunner:
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/
+            out.refuse_occupied_tables()
         run_id = new_run_id()
         with out.lock(run_id):
             out.create()

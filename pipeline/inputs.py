@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from pipeline.errors import MediaError
+from pipeline.errors import ConfigError, MediaError
 
 # Failure kinds worth another try: the bytes could not be fetched this time (network, throttling,
 # a node's disk), as opposed to bytes that are not a video or an object that does not exist.
@@ -124,13 +124,22 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
 
         from pipeline.s3 import s3_filesystem
 
-        filesystem, key = s3_filesystem(uri)
+        try:
+            filesystem, key = s3_filesystem(uri)
+        except ConfigError as exc:  # a manifest's 's3:///key'
+            raise MediaError(uri, "not_found", f"{exc}; check the manifest entry") from None
         try:
             info = filesystem.get_file_info(key)
         except OSError as exc:
             raise _s3_error(uri, "stat object", exc) from None
         if info.type == pafs.FileType.NotFound:
-            raise MediaError(uri, "not_found", "no such object in the bucket; check the URI")
+            bucket = key.split("/", 1)[0]
+            try:
+                no_bucket = filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
+            except OSError:  # no right to look at the bucket itself
+                no_bucket = False
+            raise MediaError(uri, "not_found", f"there is no bucket {bucket!r}; check the URI" if no_bucket
+                             else "no such object in the bucket; check the URI")
         try:
             handle = filesystem.open_input_file(key)
         except FileNotFoundError:

@@ -7,6 +7,8 @@ import os
 
 from pyarrow import fs as pafs
 
+from pipeline.errors import ConfigError
+
 
 def s3_filesystem(uri: str) -> tuple[pafs.S3FileSystem, str]:
     """The filesystem and ``bucket/key`` path of an ``s3://`` URI.
@@ -18,6 +20,8 @@ def s3_filesystem(uri: str) -> tuple[pafs.S3FileSystem, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri!r}")
     path = uri[len("s3://"):]
+    if not path.split("/", 1)[0]:  # 's3://' listed every bucket the credentials can see, and ran them all
+        raise ConfigError(f"{uri!r} names no bucket; give s3://BUCKET or s3://BUCKET/PREFIX")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
     return _filesystem(endpoint, region), path

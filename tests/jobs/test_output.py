@@ -589,3 +589,47 @@ def test_an_error_that_quotes_a_damage_word_in_a_name_or_the_sql_is_not_damage(t
     monkeypatch.setattr(OutputDir, "damaged_files", scanned)
     with pytest.raises(ConfigError, match=r'query failed: Binder Error: .*"checksum"'):
         run_query(out.root, "SELECT checksum FROM segments")
+
+
+def test_a_new_out_whose_table_folders_hold_other_files_is_refused(tmp_path):
+    """'--out s3://archive' (or a local archive folder) wrote Parquet files beside the archive's own videos/*.mp4
+    and segments/*.mp4: only Parquet files no commit names were refused."""
+    from jobs.runner import JobRunner
+    from jobs.spec import JobSpec
+    from tests.conftest import SAMPLES
+
+    archive = tmp_path / "archive"
+    (archive / "videos").mkdir(parents=True)
+    (archive / "videos" / "a.mp4").write_bytes(b"not ours")
+    spec = JobSpec(inputs=[str(SAMPLES)], out=str(archive), allow_untrained=True, progress=False)
+    with pytest.raises(ConfigError, match=r"cannot use --out .*archive: it is not a vidpipe output, and its videos/ "
+                                          r"already holds files"):
+        JobRunner(spec).run()
+    assert sorted(p.name for p in archive.rglob("*")) == ["a.mp4", "videos"]  # nothing written, no _job/
+    (archive / "videos" / "a.mp4").unlink()  # empty table folders are a new output's
+    OutputDir(archive).refuse_occupied_tables()
+
+
+def test_a_rerun_tries_again_a_video_whose_every_failure_was_transient(tmp_path):
+    """A cluster whose workers lacked the S3 settings failed every video with read_error ('Could not resolve
+    host'); every later run skipped the whole archive as failed until --retry-failed."""
+    out, w = writer_for(tmp_path)
+
+    def fail(video_id, kind):  # noqa: ANN001, ANN202
+        return {"video_id": video_id, "uri": f"/v/{video_id}.mp4", "error_stage": "decode", "error_kind": kind,
+                "error_message": "x", "chunk_index": 0, "is_last": True}
+
+    w.add_row(head_row("ok", 0, 0, 2, is_last=True, n_total=2))
+    for video_id, kind in (("net", "read_error"), ("bad", "invalid_data"), ("both", "read_error")):
+        w.add_row(fail(video_id, kind))
+    w.flush()
+    w2 = ResultWriter(out, model_id="m1", labels=LABELS)
+    w2.add_row(fail("both", "invalid_data"))  # a later run found its bytes bad: that failure is the video's
+    w2.add_row(fail("net", "read_error"))  # failed transiently again: still tried by the next rerun
+    w2.flush()
+    done, failed = out.finished_uris()
+    assert sorted(u for u in ("/v/ok.mp4", "/v/net.mp4", "/v/bad.mp4", "/v/both.mp4") if u in done) == [
+        "/v/bad.mp4", "/v/both.mp4", "/v/ok.mp4"]
+    assert sorted(u for u in ("/v/net.mp4", "/v/bad.mp4", "/v/both.mp4") if u in failed) == ["/v/bad.mp4",
+                                                                                           "/v/both.mp4"]
+    assert len(out.finished_uris(include_failed=False)[0]) == 1
