@@ -617,7 +617,8 @@ class OutputDir:
                 record = {}
             if record is None:  # let go while listed
                 continue
-            fresh = time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s
+            ended = lease.get("run_id") == other and lease.get("state") != "running"  # its run said it ended
+            fresh = time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s and not ended
             holding = (lease.get("run_id") == other and lease.get("state") == "running"
                        and time.time() - float(lease.get("heartbeat", 0) or 0) <= lease_s)
             if fresh or holding:

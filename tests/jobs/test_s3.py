@@ -285,3 +285,25 @@ def test_runs_that_start_together_on_an_s3_out_hold_it_one_at_a_time(s3, tmp_pat
     assert all(a[1] <= b[0] for a, b in zip(held, held[1:], strict=False)), held  # one at a time
     assert OutputDir(out).store.list_names("_job/claims") == []  # each let go of its claim
 
+
+
+def test_a_claim_counts_while_its_run_may_live_and_not_once_its_run_said_it_ended(s3, caplog):
+    """A driver killed by force leaves its claim behind; its supervisor marks the run failed, and the next run
+    must not wait out the claim (the lease is released at once). A fresh claim of a run that said nothing yet
+    (a rival claiming at this moment) makes a run wait."""
+    import time
+
+    out = OutputDir("s3://vidpipe-out/claims")
+    out.create()
+    now = time.time()
+    out.write_json("_job/claims/r1.json", {"run_id": "r1", "heartbeat": now, "host": "h", "pid": 1})
+    with pytest.raises(ConfigError, match="another vidpipe run is writing to s3://vidpipe-out/claims \\(run r1"):
+        with out.lock("r2", wait_s=1):
+            pass
+    assert out.store.list_names("_job/claims") == ["r1.json"]  # r2 let go of its own claim
+    out.write_json("_job/progress.json", {"run_id": "r1", "state": "failed", "heartbeat": now})
+    caplog.clear()
+    with out.lock("r3", wait_s=60):
+        pass
+    assert not [r for r in caplog.records if "waiting for run" in r.getMessage()]  # not a live claim's 30 s
+    assert out.store.list_names("_job/claims") == []  # r1's was dropped, r3's let go
