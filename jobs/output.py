@@ -543,6 +543,12 @@ class OutputDir:
         deadline = time.time() + wait_s
         lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
         claim = f"{CLAIMS}/{run_id}.json"
+        record = {"run_id": run_id, "heartbeat": 0.0, "host": socket.gethostname(), "pid": os.getpid()}
+
+        def write_claim() -> None:
+            record["heartbeat"] = time.time()
+            self.write_json(claim, record)
+
         while True:
             lease = self.last_progress()
             age = time.time() - float(lease.get("heartbeat", 0) or 0)
@@ -550,12 +556,16 @@ class OutputDir:
                 # no live run holds OUT: claim it. Two runs that both found it free both wrote progress.json and
                 # both wrote every row; with a claim each, written and then listed, the later of two claims always
                 # sees the earlier one (S3 lists what was written before), so at most one run goes on
-                self.write_json(claim, {"run_id": run_id, "heartbeat": time.time(), "host": socket.gethostname(),
-                                        "pid": os.getpid()})
-                rivals = self._live_claims(run_id, lease, lease_s)
+                try:
+                    write_claim()
+                    rivals = self._live_claims(run_id, lease, lease_s)
+                    if rivals:
+                        self.store.delete(claim)
+                except BaseException:
+                    self._drop(claim)
+                    raise
                 if not rivals:
                     break
-                self.store.delete(claim)
                 holder = {"run_id": rivals[0], "host": "another host or process"}
                 age = 0.0
             else:
@@ -570,38 +580,45 @@ class OutputDir:
             time.sleep(min(5.0, lease_s / 2) * (0.5 + random.random()))
         placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), "host": socket.gethostname(),
                        "pid": os.getpid()}
-        try:
-            self.write_json(f"{JOB}/progress.json", placeholder)
-        except BaseException:
-            self.store.delete(claim)
-            raise
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(5.0):
-                placeholder["heartbeat"] = time.time()
+            # the claim is renewed for as long as OUT is held: before a run's own progress.json beats (its
+            # recovery of a large OUT may take longer than a lease), a claim 30 s old let another run in
+            while not stop.wait(min(5.0, lease_s / 3)):
                 try:
-                    self.write_json(f"{JOB}/progress.json", placeholder)
+                    write_claim()
+                    if keepalive:
+                        placeholder["heartbeat"] = time.time()
+                        self.write_json(f"{JOB}/progress.json", placeholder)
                 except OSError as exc:  # a hiccup: the next beat tries again
-                    log.warning("could not renew the lease %s: %s", self.store.uri_of(f"{JOB}/progress.json"), exc)
+                    log.warning("could not renew the lease on %s: %s", self.uri, exc)
 
         beat = threading.Thread(target=renew, name="vidpipe-lease", daemon=True)
-        if keepalive:
-            beat.start()
         try:
+            self.write_json(f"{JOB}/progress.json", placeholder)
+            beat.start()
             yield
         finally:
             stop.set()
-            if keepalive:
+            if beat.is_alive():
                 beat.join()
-            self.store.delete(claim)
-            if self.last_progress() == placeholder:
-                # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
-                if lease:
-                    self.write_json(f"{JOB}/progress.json", lease)
-                else:
-                    self.store.delete(f"{JOB}/progress.json")
+            self._drop(claim)
+            try:
+                if self.last_progress() == placeholder:
+                    # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
+                    if lease:
+                        self.write_json(f"{JOB}/progress.json", lease)
+                    else:
+                        self.store.delete(f"{JOB}/progress.json")
+            except OSError as exc:
+                log.warning("could not put back the last run's progress on %s: %s", self.uri, exc)
 
+    def _drop(self, claim: str) -> None:
+        try:
+            self.store.delete(claim)
+        except OSError as exc:  # left behind: another run takes it as alive for one lease at most
+            log.warning("could not remove the claim %s: %s", self.store.uri_of(claim), exc)
 
     def _live_claims(self, run_id: str, lease: dict[str, Any], lease_s: float) -> list[str]:
         """Run ids of the other claims on OUT that are alive: written less than ``lease_s`` ago, or of the run

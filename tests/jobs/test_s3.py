@@ -307,3 +307,34 @@ def test_a_claim_counts_while_its_run_may_live_and_not_once_its_run_said_it_ende
         pass
     assert not [r for r in caplog.records if "waiting for run" in r.getMessage()]  # not a live claim's 30 s
     assert out.store.list_names("_job/claims") == []  # r1's was dropped, r3's let go
+
+
+def test_a_holder_busy_longer_than_a_lease_before_its_progress_beats_keeps_out(s3, monkeypatch):
+    """A run's claim was written once: while the run recovered a large OUT (its progress.json not beating yet)
+    for longer than a lease, another run took the claim for dead and went on beside it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("VIDPIPE_S3_LEASE_S", "2")
+    out = OutputDir("s3://vidpipe-out/busy")
+    out.create()
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with out.lock("holder"):  # no progress of its own: only the lock's beat says it lives
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(30)
+        time.sleep(3)  # more than a lease
+        with pytest.raises(ConfigError, match="another vidpipe run is writing to s3://vidpipe-out/busy"):
+            with out.lock("newcomer", wait_s=3):
+                pass
+    finally:
+        release.set()
+        t.join()
+    with out.lock("newcomer", wait_s=30):  # let go: the next run goes on
+        pass
