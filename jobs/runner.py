@@ -488,11 +488,15 @@ class JobRunner:
                     status.state = "finished"
                 except BaseException as exc:
                     stopped = isinstance(exc, KeyboardInterrupt)
-                    status.state = "interrupted" if stopped else "failed"
                     # a usage error says what to do in its own words; anything else is named by its kind
                     said = str(exc) if stopped or isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-                    status.message = (said or "stopped")[:500]
-                    self._flush_what_is_complete(writer)
+                    try:
+                        # first: on S3 a state that says the run ended releases OUT to the next run, whose
+                        # recovery deletes staged files that no commit names yet (this flush's)
+                        self._flush_what_is_complete(writer)
+                    finally:
+                        status.state = "interrupted" if stopped else "failed"
+                        status.message = (said or "stopped")[:500]
                     raise
                 finally:
                     self._sync(status, writer, feeder)

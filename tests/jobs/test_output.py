@@ -633,3 +633,32 @@ def test_a_rerun_tries_again_a_video_whose_every_failure_was_transient(tmp_path)
     assert sorted(u for u in ("/v/net.mp4", "/v/bad.mp4", "/v/both.mp4") if u in failed) == ["/v/bad.mp4",
                                                                                            "/v/both.mp4"]
     assert len(out.finished_uris(include_failed=False)[0]) == 1
+
+
+def test_a_failing_run_says_it_ended_only_after_its_last_commit(tmp_path, monkeypatch):
+    """The run's state said 'failed' while it still committed what it had finished: on S3 that state releases
+    OUT, and the next run's recovery deleted the staged files of the commit being written."""
+    import jobs.runner as runner
+    from jobs.progress import RunStatus
+    from jobs.spec import JobSpec
+    from tests.conftest import SAMPLES
+
+    made: list[RunStatus] = []
+
+    class Recorded(RunStatus):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    seen: list[str] = []
+
+    def boom(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise RuntimeError("a wave failed")
+
+    monkeypatch.setattr(runner, "RunStatus", Recorded)
+    monkeypatch.setattr(runner.JobRunner, "_run_waves", boom)
+    monkeypatch.setattr(runner.JobRunner, "_flush_what_is_complete", staticmethod(lambda w: seen.append(made[0].state)))
+    spec = JobSpec(inputs=[str(SAMPLES)], out=str(tmp_path / "o"), allow_untrained=True, progress=False)
+    with pytest.raises(RuntimeError, match="a wave failed"):
+        runner.JobRunner(spec).run()
+    assert seen == ["running"] and made[0].state == "failed"
