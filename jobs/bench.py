@@ -218,8 +218,8 @@ def run_pipeline(inputs: list[str], bundle_args: dict[str, Any], cpus: int) -> d
     session_start_s = time.perf_counter() - t0
     out = tempfile.mkdtemp(prefix="vidpipe-bench-")
     try:
-        spec = JobSpec(inputs=inputs, out=out, progress=False, **{k: v for k, v in bundle_args.items()
-                                                                   if k != "address"})
+        # with its --address: the job's models run on the cluster, so --device and --precision auto are the cluster's
+        spec = JobSpec(inputs=inputs, out=out, progress=False, **bundle_args)
         with open(os.devnull, "w") as quiet:
             runner = JobRunner(spec, stream=quiet)
             result = runner.run()

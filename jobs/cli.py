@@ -29,7 +29,7 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="encoders' arithmetic: auto = bf16 on CUDA and where every node's CPU has native bf16, "
-                   "else fp32 (decided once per run)")
+                   "else fp32 (decided when a job starts; a resumed job keeps its own)")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

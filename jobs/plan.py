@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,8 @@ VIDEOS_PER_CORE_FOR_ONE_THREAD = 4
 # ... where the node has this much of Ray's memory per core: a decode worker and its decoder process
 # peak at ~430-530 MiB here, and one decoder per core doubles their number
 MEMORY_PER_CORE_FOR_ONE_THREAD = 1 << 30
+
+log = logging.getLogger(__name__)
 
 Node = tuple[float, float, float]  # an alive node's CPUs, GPUs and Ray memory (bytes)
 
@@ -40,15 +43,22 @@ def job_precision(precision: str, device: str, *, local: bool) -> str:
     if precision != "auto" or local:
         return encoder_precision(precision, device, here=local)
     nodes = cluster_nodes()
-    if device != "cpu" and any(n[1] >= 1 for n in nodes):
+    if device == "cuda" or (device != "cpu" and any(n[1] >= 1 for n in nodes)):
         return "bf16"  # the encoders run on the GPUs (plan_for)
     answers = _nodes_native_bf16()
-    return "bf16" if answers and all(answers) else "fp32"
+    if answers and all(answers):
+        return "bf16"
+    if None in answers or not answers:
+        late = sum(a is None for a in answers)
+        log.warning("--precision auto: %s; the job's encoders run in fp32 (give --precision bf16 to choose bf16)",
+                    f"{late} of the cluster's nodes did not say in time whether their CPUs have native bf16"
+                    if late else "the cluster has no node with CPUs to ask")
+    return "fp32"
 
 
-def _nodes_native_bf16(timeout_s: float = 120.0) -> list[bool]:
-    """Whether each alive node's CPU computes bf16 natively; a node that does not answer in time counts as
-    not (float32 is right everywhere, only slower)."""
+def _nodes_native_bf16(timeout_s: float = 60.0) -> list[bool | None]:
+    """Whether each alive node's CPU computes bf16 natively; None for a node that does not answer in time (a
+    node that dies while asked runs nothing of this job and is left out)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -58,13 +68,13 @@ def _nodes_native_bf16(timeout_s: float = 120.0) -> list[bool]:
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
             for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0.0) > 0]
     ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    answers = []
+    answers: list[bool | None] = []
     for ref in ready:
         try:
             answers.append(bool(ray.get(ref)))
-        except Exception:  # noqa: BLE001 - the node died while asked: it runs nothing of this job
+        except Exception:  # noqa: BLE001 - the node died while asked
             continue
-    return answers + [False] * len(late)
+    return answers + [None] * len(late)
 
 
 def plan_for(cpus: float, gpus: float, *, device: str = "auto", videos: int | None = None) -> PipelinePlan:

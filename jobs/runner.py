@@ -59,6 +59,7 @@ from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.media import Failure
+from pipeline.precision import pick_device
 from workers.build import PipelinePlan, build_stages, chunking_for
 from workers.rows import iter_rows
 
@@ -280,22 +281,19 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
         known = {k for k in old if not (k == "precision" and old[k] == "auto")}
         mismatch = [k for k in identity if (k in known or k not in _LATER_KEYS) and old.get(k) != identity[k]]
         if not mismatch:
+            if "precision" not in known:  # from now on this job's runs keep to one precision
+                log.warning("%s: _job/job.json recorded no precision (written before 2026-12-01): recorded %s, this "
+                            "run's, as the job's", spec.out, precision)
+                out.write_json("_job/job.json", old | {"precision": precision})
             return
         if out.commits():
             said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
                     else k for k in mismatch]
-            hint = ""
-            if "precision" in mismatch and spec.precision == "auto":
-                where = "this machine" if _runs_here(spec) else "this cluster"
-                hint = (f" --precision auto means {precision} on {where} ("
-                        + ("no GPU and no CPU with native bf16" if precision == "fp32" else "native bf16")
-                        + f"); rerun with --precision {old['precision']} to resume in the job's precision"
-                        + (" (slower on CPUs without native bf16)." if old["precision"] == "bf16" else "."))
             raise ConfigError(
                 f"{spec.out} already holds results of another job (differs in: {'; '.join(said)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
                 "Use a new --out directory, or rerun with the same settings (model, sampling, --top-k, --embeddings, "
-                "--precision) to resume." + hint)
+                "--precision) to resume.")
         # no result committed yet (the first run stopped before its first commit): nothing to mix with
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -456,9 +454,8 @@ class JobRunner:
             _check_reachable(spec.address)
         elif os.environ.get("RAY_ADDRESS"):
             _check_env_address(os.environ["RAY_ADDRESS"])
-        if spec.precision == "auto" and not here:
-            init_ray(spec.address)  # the cluster's nodes say what auto means there
-        self.precision = job_precision(spec.precision, spec.device, local=here)
+        if here:
+            pick_device(spec.device)  # --device cuda without a GPU: refused before OUT is made
         out = _open_output(spec.out)
         if not out.is_output():
             out.refuse_unrecorded([])  # another tool's (or a stripped output's) files: refuse before making _job/
@@ -467,6 +464,7 @@ class JobRunner:
         with out.lock(run_id):
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
+            self.precision = self._job_precision(out, here)
             check_job_identity(out, bundle, spec, self.precision)
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
@@ -506,6 +504,25 @@ class JobRunner:
                          videos_done=writer.videos_done, videos_failed=writer.videos_failed,
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
+
+    def _job_precision(self, out: OutputDir, here: bool) -> str:
+        """The encoders' precision of this run: as given; for ``auto``, the job's own where it has committed
+        rows (a resumed job goes on in its precision wherever it runs now), else what auto means here."""
+        spec = self.spec
+        if spec.precision != "auto":
+            return spec.precision
+        recorded = (out.read_json("_job/job.json") or {}).get("precision")
+        if recorded in ("bf16", "fp32") and out.commits():
+            mine = job_precision("auto", spec.device, local=True) if here else recorded
+            if mine != recorded:
+                why = ("this machine has no GPU and no CPU with native bf16: slower here" if recorded == "bf16"
+                       else "bf16 would be faster here")
+                self._say(f"vidpipe: --precision auto: resuming in the job's precision, {recorded} ({why}); a new "
+                          f"--out starts a job in {mine}")
+            return recorded
+        if not here:
+            init_ray(spec.address)  # the cluster's nodes say what auto means there
+        return job_precision(spec.precision, spec.device, local=here)
 
     # -- waves -----------------------------------------------------------------------------------------
     def _run_waves(self, bundle: ModelBundle, feeder: WaveFeeder, writer: ResultWriter, status: RunStatus,

@@ -514,40 +514,44 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
         with pytest.raises(ConfigError, match=f"already holds results of another job \\(differs in: {named};"):
             check_job_identity(out, bundle, other, other.precision if other.precision != "auto" else "bf16")
     # a job.json written before precision was recorded, or that recorded the flag "auto", does not say which: the
-    # same command resumes, whatever --precision it gave
+    # same command resumes, and the job keeps to this run's precision from then on
     job = out.read_json("_job/job.json")
-    for recorded in (None, "auto"):
+    for recorded, now in ((None, "fp32"), ("auto", "bf16")):
         if recorded is None:
             del job["precision"]
         else:
             job["precision"] = recorded
         out.write_json("_job/job.json", job)
-        for precision in ("fp32", "bf16"):
-            check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=precision), precision)
+        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=now), now)
+        assert out.read_json("_job/job.json")["precision"] == now
+        other = "bf16" if now == "fp32" else "fp32"
+        with pytest.raises(ConfigError, match=f"precision '{now}' there, '{other}' now"):
+            check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=other), other)
 
 
-def test_a_job_resumed_where_precision_auto_means_another_precision_is_refused_with_what_to_give(tmp_path):
+def test_a_job_resumed_where_precision_auto_means_another_goes_on_in_the_jobs_precision(tmp_path, monkeypatch):
     """job.json recorded the flag 'auto': a job begun on a bf16 machine went on in float32 on another (4 of the
     film's 597 labels differ between them), mixing both in one OUT."""
-    import dataclasses
-
+    import pipeline.precision as precision
     from jobs.models import resolve_bundle
-    from jobs.runner import check_job_identity
+    from jobs.runner import JobRunner, check_job_identity
     from jobs.spec import JobSpec
 
     out, w = writer_for(tmp_path)
-    bundle = resolve_bundle(None, allow_untrained=True)
-    spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True)
-    check_job_identity(out, bundle, spec, "bf16")  # --precision auto on a machine with native bf16
-    assert out.read_json("_job/job.json")["precision"] == "bf16"
+    spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True, device="cpu")
+    said: list[str] = []
+    runner = JobRunner(spec)
+    runner._say = said.append  # type: ignore[method-assign]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert runner._job_precision(out, True) == "bf16"  # a new job: this machine's
+    check_job_identity(out, resolve_bundle(None, allow_untrained=True), spec, "bf16")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # resumed on a machine without it
+    assert runner._job_precision(out, True) == "fp32"  # nothing committed yet: the new run's own
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
-    with pytest.raises(ConfigError) as err:
-        check_job_identity(out, bundle, spec, "fp32")  # the same command where auto means float32
-    assert "precision 'bf16' there, 'fp32' now" in str(err.value)
-    assert "--precision auto means fp32 on this machine" in str(err.value)
-    assert "rerun with --precision bf16 to resume" in str(err.value)
-    check_job_identity(out, bundle, dataclasses.replace(spec, precision="bf16"), "bf16")  # as it says
+    assert runner._job_precision(out, True) == "bf16"
+    assert said == ["vidpipe: --precision auto: resuming in the job's precision, bf16 (this machine has no GPU and "
+                    "no CPU with native bf16: slower here); a new --out starts a job in fp32"]
 
 
 def test_precision_auto_is_decided_once_for_a_job_from_every_node(monkeypatch):
@@ -563,7 +567,9 @@ def test_precision_auto_is_decided_once_for_a_job_from_every_node(monkeypatch):
                                              ([True, False], [(2.0, 0.0, 0.0)] * 2, "auto", "fp32"),
                                              ([], [], "auto", "fp32"),
                                              ([True, False], [(2.0, 1.0, 0.0), (2.0, 0.0, 0.0)], "auto", "bf16"),
-                                             ([True, False], [(2.0, 1.0, 0.0), (2.0, 0.0, 0.0)], "cpu", "fp32")):
+                                             ([True, False], [(2.0, 1.0, 0.0), (2.0, 0.0, 0.0)], "cpu", "fp32"),
+                                             ([True, None], [(2.0, 0.0, 0.0)] * 2, "auto", "fp32"),  # one late
+                                             ([], [(0.0, 0.0, 0.0)], "cuda", "bf16")):  # GPUs to come
         monkeypatch.setattr(plan, "_nodes_native_bf16", lambda answers=answers: answers)
         monkeypatch.setattr(plan, "cluster_nodes", lambda nodes=nodes: nodes)
         assert plan.job_precision("auto", device, local=False) == expected, (answers, nodes, device)
