@@ -116,7 +116,7 @@ def check_inputs(inputs: list[str]) -> None:
             path = _local_path(item)
             if item.endswith(("/", os.sep)) and not path.exists():  # a folder by its spelling: a typo, not a failure
                 raise ConfigError(f"input folder {item!r} does not exist; check the path")
-            if not path.exists() and not path.is_symlink():
+            if ("://" not in item or item.startswith("file://")) and not path.exists() and not path.is_symlink():
                 # a manifest or a folder by its spelling: a typo, not one failed video (it ran a whole job for it)
                 if path.suffix.lower() in MANIFEST_EXTENSIONS:
                     raise ConfigError(f"manifest {item!r} does not exist; check the path")

@@ -317,18 +317,22 @@ class OutputDir:
 
     def refuse_occupied_tables(self) -> None:
         """For an OUT that is not an output yet: a ConfigError where a table folder already holds files (any kind;
-        ``--out s3://archive`` wrote its Parquet beside the archive's own ``videos/*.mp4``)."""
+        ``--out s3://archive`` wrote its Parquet beside the archive's own ``videos/*.mp4``).  Hidden files
+        (``.DS_Store``) and S3's empty folder markers do not count."""
         from pyarrow import fs as pafs
 
         taken = []
         for table in TABLES:
             info = self.store.fs.get_file_info(self.store.full(table))
-            if info.type == pafs.FileType.Directory:
-                # on S3 a prefix exists only while something is under it
-                if not self.local or next(os.scandir(self.store.full(table)), None) is not None:
-                    taken.append(f"{table}/")
-            elif info.type != pafs.FileType.NotFound:
+            if info.type == pafs.FileType.NotFound:
+                continue
+            if info.type != pafs.FileType.Directory:
                 taken.append(table)
+                continue
+            entries = self.store.fs.get_file_info(pafs.FileSelector(self.store.full(table), allow_not_found=True))
+            if any(not PurePosixPath(e.path.rstrip("/")).name.startswith(".")
+                   and not (e.path.endswith("/") and e.size == 0) for e in entries):
+                taken.append(f"{table}/")
         if taken:
             raise ConfigError(f"cannot use --out {self.uri}: it is not a vidpipe output, and its {', '.join(taken)} "
                               "already holds files that vidpipe would write its results among (segments/, videos/ "

@@ -348,6 +348,8 @@ def _open_output(uri: str) -> OutputDir:
             bucket = out.store.root.split("/", 1)[0]
             raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
+    except ConfigError as exc:  # says what to do in its own words ('s3://' without a bucket)
+        raise ConfigError(f"cannot use --out {uri}: {exc}") from None
     except (OSError, ValueError) as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)
         if uri.startswith("s3://"):  # an endpoint or credentials problem, not a folder to create

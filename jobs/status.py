@@ -30,6 +30,7 @@ class JobStatus:
     eta_s: float | None
     ray_job: dict[str, Any] | None = None
     message: str = ""  # why the last run failed or stopped, as it recorded it
+    failed_retried: int = 0  # of the failed, videos whose every failure was transient: a rerun tries them again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,9 +42,16 @@ def read_status(out_uri: str) -> JobStatus:
 
     out = open_output(out_uri)
     # one query, with run_query's retry (a running job moves files into place) and its damaged-file message
+    from pipeline.inputs import TRANSIENT_ERROR_KINDS
+
+    transient = ", ".join(f"'{k}'" for k in sorted(TRANSIENT_ERROR_KINDS))
     counts = run_query(out_uri, "SELECT (SELECT count(DISTINCT video_id) FROM videos) AS done, "
                                 "(SELECT coalesce(sum(duration_s), 0) FROM videos) AS seconds, "
-                                "(SELECT count(*) FROM failures) AS failed").to_pylist()[0]  # failed now
+                                "(SELECT count(*) FROM failures) AS failed, "  # failed now
+                                # of those, the ones a rerun tries again (every failure transient: finished_uris)
+                                "(SELECT count(*) FROM (SELECT uri FROM failures_log WHERE uri NOT IN "
+                                "(SELECT uri FROM videos) GROUP BY uri HAVING bool_and(error_kind IN "
+                                f"({transient})))) AS retried").to_pylist()[0]
     done, seconds, failed = counts["done"], counts["seconds"], counts["failed"]
     progress = out.last_progress()  # only the run's heartbeat and rates: the counts above come from the tables
     state = progress.get("state")
@@ -60,7 +68,8 @@ def read_status(out_uri: str) -> JobStatus:
         pending = _pending(progress, int(total), int(done) + int(failed), committed)
     per_s = progress.get("videos_per_s") or None
     eta = pending / per_s if alive and per_s and pending is not None else None
-    return JobStatus(out=out.uri, done=int(done), failed=int(failed), video_seconds=float(seconds),
+    return JobStatus(out=out.uri, done=int(done), failed=int(failed), failed_retried=int(counts["retried"]),
+                     video_seconds=float(seconds),
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
                      videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") or None,
@@ -130,8 +139,10 @@ def format_status(s: JobStatus) -> str:
     total = "?" if s.total is None else f"{s.total:,}"
     pending = "?" if s.pending is None else f"{s.pending:,}"
     lines.append(f"output {s.out}")
-    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed; {pending} pending of the last run's {total} "
-                 "input videos")
+    retried = (f" ({s.failed_retried:,} of them only with read errors, which a rerun tries again)"
+               if s.failed_retried else "")
+    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}; {pending} pending of the last run's "
+                 f"{total} input videos")
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
     run = s.run_state or "no run recorded"
     if s.run_state == "dead":

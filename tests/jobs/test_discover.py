@@ -251,3 +251,4 @@ def test_a_missing_manifest_or_path_without_extension_is_a_usage_error(tmp_path)
         check_inputs([str(tmp_path / "nodir")])
     noext = _touch(tmp_path / "noext")  # a file named without an extension is run as a video, as before
     check_inputs([str(noext)])
+    check_inputs(["http://example.invalid/stream"])  # another scheme: its failure row says it is not supported

@@ -612,7 +612,8 @@ def test_a_new_out_whose_table_folders_hold_other_files_is_refused(tmp_path):
                                           r"already holds files"):
         JobRunner(spec).run()
     assert sorted(p.name for p in archive.rglob("*")) == ["a.mp4", "videos"]  # nothing written, no _job/
-    (archive / "videos" / "a.mp4").unlink()  # empty table folders are a new output's
+    (archive / "videos" / "a.mp4").unlink()  # empty table folders are a new output's, hidden files do not count
+    (archive / "videos" / ".DS_Store").write_bytes(b"x")
     OutputDir(archive).refuse_occupied_tables()
 
 
@@ -639,6 +640,11 @@ def test_a_rerun_tries_again_a_video_whose_every_failure_was_transient(tmp_path)
     assert sorted(u for u in ("/v/net.mp4", "/v/bad.mp4", "/v/both.mp4") if u in failed) == ["/v/bad.mp4",
                                                                                            "/v/both.mp4"]
     assert len(out.finished_uris(include_failed=False)[0]) == 1
+    from jobs.status import format_status, read_status
+
+    status = read_status(str(out.root))  # as the rerun will see them
+    assert (status.failed, status.failed_retried) == (3, 1)
+    assert "3 failed (1 of them only with read errors, which a rerun tries again)" in format_status(status)
 
 
 def test_a_failing_run_says_it_ended_only_after_its_last_commit(tmp_path, monkeypatch):

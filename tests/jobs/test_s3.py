@@ -213,6 +213,11 @@ def test_s3_inputs_and_outs_that_name_nothing_to_run_are_usage_errors(s3, s3_arc
     assert err.value.error_kind == "not_found"
     with pytest.raises(MediaError, match="names no bucket") as err, open_input("s3:///a.mp4"):
         pass
+    s3.put_object(Bucket="vidpipe-out", Key="fresh/videos/", Body=b"")  # a console's "Create folder"
+    OutputDir("s3://vidpipe-out/fresh").refuse_occupied_tables()
+    s3.put_object(Bucket="vidpipe-out", Key="fresh/videos/a.mp4", Body=b"x")
+    with pytest.raises(ConfigError, match="its videos/ already holds files"):
+        OutputDir("s3://vidpipe-out/fresh").refuse_occupied_tables()
     assert main(["status", "s3://no-such-bucket/out"]) == EXIT_USAGE  # said: not a vidpipe output directory
     assert "there is no bucket 'no-such-bucket'" in capsys.readouterr().err
 
