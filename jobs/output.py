@@ -180,6 +180,25 @@ class OutputDir:
         self.commits_dir = self.root / COMMITS
         self.staging_dir = self.root / STAGING
         self._lock_file: Any = None
+        self._claim: str | None = None  # S3: this run's claim while it holds OUT (lock)
+        self._lease_s = LEASE_S
+        self.lost = False  # S3: another run took OUT over (this one stalled past a lease): commit nothing more
+
+    def check_held(self) -> None:
+        """On S3, a ConfigError when another run took OUT over: this run gave no sign of life for longer than a
+        lease (stopped, suspended, starved), and the other removed its claim as dead.  It finished and
+        committed the same videos beside the first one, which every row then held twice."""
+        if self._claim is None:
+            return
+        if not self.lost:
+            try:
+                self.lost = not self.store.is_file(self._claim)
+            except OSError:  # cannot tell now: the commit's own write says whether S3 is there
+                return
+        if self.lost:
+            raise ConfigError(f"another run took over {self.uri} while this one gave no sign of life for more than "
+                              f"{self._lease_s:.0f} s (stopped or suspended?); this run stops without committing "
+                              "more: that run carries the job on ('vidpipe status' shows it)")
 
     def __repr__(self) -> str:
         return f"OutputDir({self.uri!r})"
@@ -591,6 +610,11 @@ class OutputDir:
             # recovery of a large OUT may take longer than a lease), a claim 30 s old let another run in
             while not stop.wait(min(5.0, lease_s / 3)):
                 try:
+                    if not self.store.is_file(claim):  # removed as dead by a run that took over: not put back
+                        self.lost = True
+                        log.error("another run took over %s (this run gave no sign of life for more than %.0f s); "
+                                  "this run commits nothing more", self.uri, lease_s)
+                        return
                     write_claim()
                     if keepalive:
                         placeholder["heartbeat"] = time.time()
@@ -599,6 +623,7 @@ class OutputDir:
                     log.warning("could not renew the lease on %s: %s", self.uri, exc)
 
         beat = threading.Thread(target=renew, name="vidpipe-lease", daemon=True)
+        self._claim, self._lease_s, self.lost = claim, lease_s, False
         try:
             self.write_json(f"{JOB}/progress.json", placeholder)
             beat.start()
@@ -607,16 +632,21 @@ class OutputDir:
             stop.set()
             if beat.is_alive():
                 beat.join()
-            self._drop(claim)
-            try:
-                if self.last_progress() == placeholder:
-                    # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
-                    if lease:
-                        self.write_json(f"{JOB}/progress.json", lease)
-                    else:
-                        self.store.delete(f"{JOB}/progress.json")
-            except OSError as exc:
-                log.warning("could not put back the last run's progress on %s: %s", self.uri, exc)
+            self._claim = None
+            if not self.lost:  # else OUT is another run's now: its claim and progress are not ours to touch
+                self._let_go(claim, placeholder, lease)
+
+    def _let_go(self, claim: str, placeholder: dict[str, Any], lease: dict[str, Any]) -> None:
+        self._drop(claim)
+        try:
+            if self.last_progress() == placeholder:
+                # held by something that keeps no progress of its own ('vidpipe repair'): the last run's is back
+                if lease:
+                    self.write_json(f"{JOB}/progress.json", lease)
+                else:
+                    self.store.delete(f"{JOB}/progress.json")
+        except OSError as exc:
+            log.warning("could not put back the last run's progress on %s: %s", self.uri, exc)
 
     def _drop(self, claim: str) -> None:
         try:
@@ -806,6 +836,7 @@ class ResultWriter:
         self._last_flush = time.monotonic()
         if not (self._ready_videos or self._ready_failures):
             return None
+        self.out.check_held()
         self._seq += 1
         name = f"{self.run_id}-{self._seq:05d}"
         files: dict[str, str] = {}
@@ -821,6 +852,7 @@ class ResultWriter:
         commit = Commit(name=name, files=files, n_videos=len(self._ready_videos),
                         n_failures=len(self._ready_failures), n_segments=n_segments)
         crash_point("staged")
+        self.out.check_held()  # again: staging took a while
         self.out.store.write_atomic(f"{COMMITS}/{name}.json", commit.to_json().encode("utf-8"))  # the commit
         crash_point("recorded")
         for table, fname in files.items():

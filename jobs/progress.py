@@ -187,6 +187,8 @@ class ProgressFile:
 
     def write(self) -> None:
         with self._lock:
+            if self.out.lost:  # another run holds OUT now: its progress.json is not this run's to write
+                return
             self.status.heartbeat = time.time()
             try:
                 self.out.write_json(PROGRESS_FILE, self.status.to_dict())

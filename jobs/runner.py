@@ -549,11 +549,18 @@ class JobRunner:
                 self._sync(status, writer, feeder)
                 if not group:
                     break
-            if not ray_started:
+            first = not ray_started
+            if first:
                 init_ray(spec.address)
                 _quiet_ray_data()
                 ray_started = True
             nodes = cluster_nodes()  # per wave: nodes come and go
+            if first and not _runs_here(spec):  # '--address auto' joined whatever cluster runs here: say which
+                import ray
+
+                self._say(f"vidpipe: joined the Ray cluster at {ray.get_runtime_context().gcs_address} "
+                          f"({len(nodes)} nodes, {sum(n[0] for n in nodes):g} CPUs, {sum(n[1] for n in nodes):g} "
+                          "GPUs)")
             if spec.device == "cuda" and not any(n[1] >= 1 for n in nodes):  # else it ran on the CPUs, unsaid
                 raise ConfigError(f"--device cuda: the Ray cluster has no GPU ({len(nodes)} nodes, "
                                   f"{sum(n[0] for n in nodes):g} CPUs, 0 GPUs); use --device auto (the GPU where "

@@ -72,6 +72,7 @@ def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_pat
     cluster.kill_node(cluster.nodes[-1])  # its raylet, and every worker it ran
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
+    assert "vidpipe: joined the Ray cluster at " in stderr and "(3 nodes, 3 CPUs, 0 GPUs)" in stderr, stderr[-3000:]
     assert "20 videos ok" in stdout.replace("20 videos ok", "20 videos ok") or "skipped" in stdout
     rows = segment_rows(out)
     assert duplicate_keys(out) == 0

@@ -320,7 +320,7 @@ def test_a_holder_busy_longer_than_a_lease_before_its_progress_beats_keeps_out(s
     import threading
     import time
 
-    monkeypatch.setenv("VIDPIPE_S3_LEASE_S", "2")
+    monkeypatch.setenv("VIDPIPE_S3_LEASE_S", "6")  # its claim beats every 2 s: room for a loaded machine
     out = OutputDir("s3://vidpipe-out/busy")
     out.create()
     held, release = threading.Event(), threading.Event()
@@ -334,7 +334,7 @@ def test_a_holder_busy_longer_than_a_lease_before_its_progress_beats_keeps_out(s
     t.start()
     try:
         assert held.wait(30)
-        time.sleep(3)  # more than a lease
+        time.sleep(7)  # more than a lease
         with pytest.raises(ConfigError, match="another vidpipe run is writing to s3://vidpipe-out/busy"):
             with out.lock("newcomer", wait_s=3):
                 pass
@@ -343,3 +343,61 @@ def test_a_holder_busy_longer_than_a_lease_before_its_progress_beats_keeps_out(s
         t.join()
     with out.lock("newcomer", wait_s=30):  # let go: the next run goes on
         pass
+
+
+_STALLER = """
+import sys, time
+from jobs.output import OutputDir, ResultWriter
+from pipeline.errors import ConfigError
+from tests.jobs.test_output import LABELS, head_row
+out = OutputDir(sys.argv[1])
+with out.lock("run-a"):
+    writer = ResultWriter(out, model_id="m1", labels=LABELS, run_id="run-a")
+    writer.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    print("held", flush=True)
+    sys.stdin.readline()  # stopped (SIGSTOP) and let go on (SIGCONT) meanwhile; then commits
+    try:
+        writer.flush()
+    except ConfigError as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(2)
+    print("committed", flush=True)
+"""
+
+
+def test_a_run_stalled_past_its_lease_commits_nothing_after_another_took_over(s3, monkeypatch):
+    """A run stopped (SIGSTOP, a suspended machine) for longer than the lease lost OUT to another run, then went
+    on and committed the same videos: every row twice, and 'repair' found nothing to drop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("VIDPIPE_S3_LEASE_S", "2")
+    out = OutputDir("s3://vidpipe-out/stall")
+    out.create()
+    a = subprocess.Popen([sys.executable, "-c", _STALLER, out.uri], cwd=REPO, env=vidpipe_env(VIDPIPE_S3_LEASE_S="2"),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout.readline().strip() == "held"
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(3)  # more than the lease: its claim and progress look dead
+        with out.lock("run-b", wait_s=30):  # takes over, as the rerun of a job would
+            writer = ResultWriter(out, model_id="m1", labels=LABELS, run_id="run-b")
+            writer.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+            writer.flush()
+            os.kill(a.pid, signal.SIGCONT)
+            a.stdin.write("\n")
+            a.stdin.flush()
+            stdout, stderr = a.communicate(timeout=60)
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+    assert a.returncode == 2, stdout + stderr[-3000:]
+    assert "refused: another run took over s3://vidpipe-out/stall" in stdout
+    assert [c.name.split("-0")[0] for c in out.commits()] == ["run-b"]  # run-a committed nothing
+    assert run_query(out.uri, "SELECT count(*) n FROM segments").column("n")[0].as_py() == 2
