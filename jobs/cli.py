@@ -339,7 +339,7 @@ def _stop_on_signals() -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import SubmitOptions, entrypoint, submit
+    from jobs.submit import SubmitOptions, check_server_address, entrypoint, submit
 
     def parse_run(run_argv: list[str]) -> argparse.Namespace:
         try:
@@ -351,6 +351,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     options = SubmitOptions(address=args.address, job_id=args.job_id, wait=args.wait, command=args.vidpipe_command)
     entry = entrypoint(args.run_args, parse_run, options.command)
     out = parse_run(args.run_args).out
+    check_server_address(options.address)  # before the line that says it is submitting
     print(f"submitting to {options.address}: {entry}", file=sys.stderr)
     job_id, code = submit(options, entry, out=out if "://" in out else os.path.abspath(out))
     if not options.wait:

@@ -75,11 +75,16 @@ def _absolute(value: str) -> str:
     return os.path.abspath(os.path.expanduser(value))  # keeps glob characters as they are
 
 
-def _client(address: str) -> Any:
-    if not address.startswith(("http://", "https://")):  # Ray took HOST:PORT for a GCS and waited 40 s on it
+def check_server_address(address: str) -> None:
+    """The job server's address is its URL: Ray took HOST:PORT for a GCS and waited 40 s on it (a traceback)."""
+    if not address.startswith(("http://", "https://")):
         raise ConfigError(f"--address {address}: the job server is given by its URL, http://HEAD:8265 (the "
                           "dashboard's port, 8265 by default); HOST:PORT is the GCS address that 'vidpipe run "
                           "--address' takes")
+
+
+def _client(address: str) -> Any:
+    check_server_address(address)
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # ray without its dashboard extras

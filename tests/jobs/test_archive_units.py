@@ -361,7 +361,9 @@ def test_submit_and_status_given_a_gcs_address_say_it_takes_the_job_servers_url(
     clip.write_bytes(b"")
     assert main(["submit", str(clip), "--out", str(tmp_path / "o"), "--allow-untrained",
                  "--address", "127.0.0.1:6379"]) == EXIT_USAGE
-    assert "--address 127.0.0.1:6379: the job server is given by its URL, http://HEAD:8265" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--address 127.0.0.1:6379: the job server is given by its URL, http://HEAD:8265" in err
+    assert "submitting to" not in err  # it said it was submitting, then that it could not
     assert main(["status", "--job", "j1", "--address", "10.0.0.5:6379"]) == EXIT_USAGE
     assert "--address 10.0.0.5:6379: the job server is given by its URL" in capsys.readouterr().err
     # and without --job, --address was ignored without a word
