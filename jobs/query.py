@@ -43,7 +43,7 @@ def open_output(out_dir: str | Path) -> OutputDir:
         if out.local and not Path(out.store.full("")).exists():
             raise ConfigError(f"{out_dir} does not exist; pass the --out directory of a 'vidpipe run'")
         if not out.local:
-            from jobs.remote import bucket_missing
+            from pipeline.s3 import bucket_missing
 
             bucket = out.store.root.split("/", 1)[0]
             if bucket_missing(out.store.fs, out.store.root):

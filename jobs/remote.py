@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from jobs.discover import VIDEO_EXTENSIONS, VideoRef, make_video_id
 from pipeline.errors import ConfigError
-from pipeline.s3 import s3_filesystem
+from pipeline.s3 import bucket_missing, s3_filesystem
 
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
@@ -35,17 +35,6 @@ def check_s3(uri: str) -> None:
         # it ran nothing and exited 0, as if the job were done
         raise ConfigError(f"input {uri} holds no video files (no key under it ends in "
                           f"{', '.join(sorted(VIDEO_EXTENSIONS))}); check the prefix")
-
-
-def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:
-    """Whether the bucket of ``path`` (``bucket/key...``) is known not to exist; False when the store will
-    not say (no right to look at the bucket itself: the reads and writes that follow will tell)."""
-    from pyarrow import fs as pafs
-
-    try:
-        return filesystem.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
-    except OSError:
-        return False
 
 
 def _names_an_object(uri: str) -> bool:

@@ -54,12 +54,12 @@ from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_s
 from jobs.output import OutputDir, ResultWriter, new_run_id
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
-from jobs.remote import bucket_missing
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.media import Failure
 from pipeline.precision import pick_device
+from pipeline.s3 import bucket_missing
 from workers.build import PipelinePlan, build_stages, chunking_for
 from workers.rows import iter_rows
 

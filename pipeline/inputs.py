@@ -122,7 +122,7 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
     if uri.startswith("s3://"):
         from pyarrow import fs as pafs
 
-        from pipeline.s3 import s3_filesystem
+        from pipeline.s3 import bucket_missing, s3_filesystem
 
         try:
             filesystem, key = s3_filesystem(uri)
@@ -133,13 +133,8 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
         except OSError as exc:
             raise _s3_error(uri, "stat object", exc) from None
         if info.type == pafs.FileType.NotFound:
-            bucket = key.split("/", 1)[0]
-            try:
-                no_bucket = filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
-            except OSError:  # no right to look at the bucket itself
-                no_bucket = False
-            raise MediaError(uri, "not_found", f"there is no bucket {bucket!r}; check the URI" if no_bucket
-                             else "no such object in the bucket; check the URI")
+            raise MediaError(uri, "not_found", f"there is no bucket {key.split('/', 1)[0]!r}; check the URI"
+                             if bucket_missing(filesystem, key) else "no such object in the bucket; check the URI")
         try:
             handle = filesystem.open_input_file(key)
         except FileNotFoundError:

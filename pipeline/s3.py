@@ -38,3 +38,12 @@ def _filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
+
+
+def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether the bucket of ``path`` (``bucket/key...``) is known not to exist; False when the store will
+    not say (no right to look at the bucket itself: the reads and writes that follow will tell)."""
+    try:
+        return filesystem.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
+    except OSError:
+        return False
