@@ -465,9 +465,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs.evaluate import evaluate, write_report
     from jobs.models import resolve_bundle
+    from jobs.spec import runs_here
 
-    bundle = resolve_bundle(args.model, allow_untrained=False,
-                            local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
                       cache=args.cache, address=args.address, device=args.device, precision=args.precision,
                       say=lambda line: print(line, file=sys.stderr, flush=True))

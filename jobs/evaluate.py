@@ -34,7 +34,7 @@ from jobs.annotations import (
 )
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
 from jobs.plan import job_precision
-from jobs.spec import check_writable_dir
+from jobs.spec import check_writable_dir, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
@@ -210,14 +210,9 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     precision ``run`` would use with the same ``--precision``)."""
     if ablate is not None and ablate not in ABLATIONS:
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
-    here = address is None and not os.environ.get("RAY_ADDRESS")
-    pick_device(device, here=here)  # cuda without CUDA: refused
+    pick_device(device, here=runs_here(address))  # cuda without CUDA: refused
     check_precision(precision)
-    if precision == "auto" and not here:
-        from jobs.runner import init_ray
-
-        init_ray(address)  # the cluster's nodes say what auto means there, as for run
-    encoders = job_precision(precision, device, local=here)
+    encoders = job_precision(precision, device, address)  # on a cluster, its nodes say what auto means, as for run
     cache_root = cache or default_cache_root()
     check_writable_dir(cache_root, "--cache")
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)

@@ -29,19 +29,24 @@ def cluster_nodes() -> list[Node]:
              float(n["Resources"].get("memory", 0.0))) for n in ray.nodes() if n.get("Alive")]
 
 
-def job_precision(precision: str, device: str, *, local: bool) -> str:
+def job_precision(precision: str, device: str, address: str | None) -> str:
     """What ``--precision P --device D`` means for a whole job, decided once at its start: "bf16" or "fp32".
 
     ``auto`` is bf16 where the encoders compute it natively: on GPUs, and on CPUs with native bf16 (on a
     cluster, only when every node's CPU has it).  Each worker deciding for itself mixed bf16 and float32
     rows on a cluster of mixed CPUs (4 of the film's 597 labels differ between them), and a resumed job
-    on another machine went on in the other precision.  ``local``: the models run on this machine (the
-    embedded Ray); otherwise Ray must be connected, and each node is asked.
+    on another machine went on in the other precision.  ``address``: the job's cluster; for ``auto`` it is
+    joined and each node is asked (on the embedded Ray, this machine decides).
     """
+    from jobs.spec import runs_here
     from pipeline.precision import encoder_precision
 
+    local = runs_here(address)
     if precision != "auto" or local:
         return encoder_precision(precision, device, here=local)
+    from jobs.runner import init_ray
+
+    init_ray(address)
     nodes = cluster_nodes()
     if device == "cuda" or (device != "cpu" and any(n[1] >= 1 for n in nodes)):
         return "bf16"  # the encoders run on the GPUs (plan_for)

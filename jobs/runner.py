@@ -54,7 +54,7 @@ from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_s
 from jobs.output import OutputDir, ResultWriter, new_run_id
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
-from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address
+from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.media import Failure
@@ -334,11 +334,6 @@ def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> 
                 "of the earlier runs)", out.uri, ", ".join(found))
 
 
-def _runs_here(spec: JobSpec) -> bool:
-    """The job's workers run on this machine (an embedded Ray), not on a cluster's nodes."""
-    return not (spec.address or os.environ.get("RAY_ADDRESS"))
-
-
 def _open_output(uri: str) -> OutputDir:
     try:
         out = OutputDir(uri)
@@ -445,7 +440,7 @@ class JobRunner:
     def run(self) -> JobResult:
         spec = self.spec
         started = time.monotonic()
-        here = _runs_here(spec)
+        here = runs_here(spec.address)
         bundle = with_sampling(resolve_bundle(spec.model, allow_untrained=spec.allow_untrained, local=here),
                                spec.segment_seconds, spec.frames_per_segment)
         check_inputs(spec.inputs)
@@ -466,7 +461,7 @@ class JobRunner:
         with out.lock(run_id):
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
-            self.precision = self._job_precision(out, here)
+            self.precision = self._job_precision(out)
             check_job_identity(out, bundle, spec, self.precision)
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
@@ -507,7 +502,7 @@ class JobRunner:
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
 
-    def _job_precision(self, out: OutputDir, here: bool) -> str:
+    def _job_precision(self, out: OutputDir) -> str:
         """The encoders' precision of this run: as given; for ``auto``, the job's own where it has committed
         rows (a resumed job goes on in its precision wherever it runs now), else what auto means here."""
         spec = self.spec
@@ -515,16 +510,14 @@ class JobRunner:
             return spec.precision
         recorded = (out.read_json("_job/job.json") or {}).get("precision")
         if recorded in ("bf16", "fp32") and out.commits():
-            mine = job_precision("auto", spec.device, local=True) if here else recorded
+            mine = job_precision("auto", spec.device, spec.address) if runs_here(spec.address) else recorded
             if mine != recorded:
                 why = ("this machine has no GPU and no CPU with native bf16: slower here" if recorded == "bf16"
                        else "bf16 would be faster here")
                 self._say(f"vidpipe: --precision auto: resuming in the job's precision, {recorded} ({why}); a new "
                           f"--out starts a job in {mine}")
             return recorded
-        if not here:
-            init_ray(spec.address)  # the cluster's nodes say what auto means there
-        return job_precision(spec.precision, spec.device, local=here)
+        return job_precision(spec.precision, spec.device, spec.address)
 
     # -- waves -----------------------------------------------------------------------------------------
     def _run_waves(self, bundle: ModelBundle, feeder: WaveFeeder, writer: ResultWriter, status: RunStatus,
@@ -555,7 +548,7 @@ class JobRunner:
                 _quiet_ray_data()
                 ray_started = True
             nodes = cluster_nodes()  # per wave: nodes come and go
-            if first and not _runs_here(spec):  # '--address auto' joined whatever cluster runs here: say which
+            if first and not runs_here(spec.address):  # '--address auto' joined whatever cluster runs here: say which
                 import ray
 
                 self._say(f"vidpipe: joined the Ray cluster at {ray.get_runtime_context().gcs_address} "

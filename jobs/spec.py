@@ -43,6 +43,12 @@ def check_segment_seconds(value: float) -> None:
         raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, got {value}")
 
 
+def runs_here(address: str | None) -> bool:
+    """The job's workers run on this machine (an embedded Ray), not on the nodes of the cluster that
+    ``--address`` (or ``$RAY_ADDRESS``, set inside a Ray job) names."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_address(address: str) -> tuple[str, int] | None:
     """``--address`` as ``(host, port)`` (None for ``auto``); a ConfigError for what Ray cannot join."""
     if address == "auto":

@@ -543,13 +543,13 @@ def test_a_job_resumed_where_precision_auto_means_another_goes_on_in_the_jobs_pr
     runner = JobRunner(spec)
     runner._say = said.append  # type: ignore[method-assign]
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert runner._job_precision(out, True) == "bf16"  # a new job: this machine's
+    assert runner._job_precision(out) == "bf16"  # a new job: this machine's
     check_job_identity(out, resolve_bundle(None, allow_untrained=True), spec, "bf16")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # resumed on a machine without it
-    assert runner._job_precision(out, True) == "fp32"  # nothing committed yet: the new run's own
+    assert runner._job_precision(out) == "fp32"  # nothing committed yet: the new run's own
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
-    assert runner._job_precision(out, True) == "bf16"
+    assert runner._job_precision(out) == "bf16"
     assert said == ["vidpipe: --precision auto: resuming in the job's precision, bf16 (this machine has no GPU and "
                     "no CPU with native bf16: slower here); a new --out starts a job in fp32"]
 
@@ -557,12 +557,13 @@ def test_a_job_resumed_where_precision_auto_means_another_goes_on_in_the_jobs_pr
 def test_precision_auto_is_decided_once_for_a_job_from_every_node(monkeypatch):
     """Each worker decided 'auto' for itself: a cluster of CPUs with and without native bf16 wrote both."""
     import jobs.plan as plan
+    import jobs.runner as runner
     from pipeline.precision import cpu_has_native_bf16
 
     here = "bf16" if cpu_has_native_bf16() else "fp32"
-    assert plan.job_precision("auto", "cpu", local=True) == here
-    assert plan.job_precision("fp32", "auto", local=True) == "fp32"
-    assert plan.job_precision("bf16", "cpu", local=False) == "bf16"  # as given: no node is asked
+    assert plan.job_precision("auto", "cpu", None) == here
+    assert plan.job_precision("fp32", "auto", None) == "fp32"
+    assert plan.job_precision("bf16", "cpu", "10.0.0.5:6379") == "bf16"  # as given: no node is asked
     for answers, nodes, device, expected in (([True, True], [(2.0, 0.0, 0.0)] * 2, "auto", "bf16"),
                                              ([True, False], [(2.0, 0.0, 0.0)] * 2, "auto", "fp32"),
                                              ([], [], "auto", "fp32"),
@@ -572,7 +573,8 @@ def test_precision_auto_is_decided_once_for_a_job_from_every_node(monkeypatch):
                                              ([], [(0.0, 0.0, 0.0)], "cuda", "bf16")):  # GPUs to come
         monkeypatch.setattr(plan, "_nodes_native_bf16", lambda answers=answers: answers)
         monkeypatch.setattr(plan, "cluster_nodes", lambda nodes=nodes: nodes)
-        assert plan.job_precision("auto", device, local=False) == expected, (answers, nodes, device)
+        monkeypatch.setattr(runner, "init_ray", lambda address: None)  # the cluster's nodes are the ones above
+        assert plan.job_precision("auto", device, "10.0.0.5:6379") == expected, (answers, nodes, device)
 
 
 def test_an_error_that_quotes_a_damage_word_in_a_name_or_the_sql_is_not_damage(tmp_path, monkeypatch):
