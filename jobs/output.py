@@ -655,8 +655,9 @@ class OutputDir:
             log.warning("could not remove the claim %s: %s", self.store.uri_of(claim), exc)
 
     def _live_claims(self, run_id: str, lease: dict[str, Any], lease_s: float) -> list[str]:
-        """Run ids of the other claims on OUT that are alive: written less than ``lease_s`` ago, or of the run
-        whose progress.json is fresh.  A dead run's claim (killed between claiming and letting go) is removed."""
+        """Run ids of the other claims on OUT that are alive: renewed less than ``lease_s`` ago, by a run whose
+        progress.json does not say it ended.  A dead run's claim (killed, or stalled past a lease) is removed.
+        Asked only while no run's progress.json beats (``lock``)."""
         live = []
         for name in self.store.list_names(CLAIMS, ".json"):
             other = name[: -len(".json")]
@@ -669,10 +670,7 @@ class OutputDir:
             if record is None:  # let go while listed
                 continue
             ended = lease.get("run_id") == other and lease.get("state") != "running"  # its run said it ended
-            fresh = time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s and not ended
-            holding = (lease.get("run_id") == other and lease.get("state") == "running"
-                       and time.time() - float(lease.get("heartbeat", 0) or 0) <= lease_s)
-            if fresh or holding:
+            if time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s and not ended:
                 live.append(other)
             else:
                 self.store.delete(f"{CLAIMS}/{name}")
