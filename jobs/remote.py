@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from pyarrow import fs as pafs
 
 
-def check_s3(uri: str) -> None:
-    """Fail fast when ``uri`` cannot be reached or names nothing."""
+def check_s3(uri: str, *, videos: bool = True) -> None:
+    """Fail fast when ``uri`` cannot be reached or names nothing; with ``videos``, also when a prefix holds no
+    video (a walk up to the first one)."""
     from pyarrow import fs as pafs
 
     filesystem, path = s3_filesystem(uri)
@@ -31,7 +32,7 @@ def check_s3(uri: str) -> None:
         if _names_an_object(uri) and not bucket_missing(filesystem, path):
             return  # a named video that is not there: a not_found failure row, as for a local file
         raise ConfigError(f"input {uri} does not exist; check the bucket and prefix")
-    if info.type == pafs.FileType.Directory and next(_walk(filesystem, path.rstrip("/")), None) is None:
+    if videos and info.type == pafs.FileType.Directory and next(_walk(filesystem, path.rstrip("/")), None) is None:
         # it ran nothing and exited 0, as if the job were done
         raise ConfigError(f"input {uri} holds no video files (no key under it ends in "
                           f"{', '.join(sorted(VIDEO_EXTENSIONS))}); check the prefix")
@@ -52,7 +53,7 @@ def discover_s3(uri: str) -> Iterator[VideoRef]:
     """
     from pyarrow import fs as pafs
 
-    check_s3(uri)
+    check_s3(uri, videos=False)  # its own walk follows (check_inputs made the walk to the first video)
     filesystem, path = s3_filesystem(uri)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File or (info.type == pafs.FileType.NotFound and _names_an_object(uri)):
