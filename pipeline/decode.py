@@ -66,7 +66,6 @@ _INVALID_DATA_ERRORS: tuple[type[BaseException], ...] = (
     av.error.DemuxerNotFoundError,
     av.error.UnknownError,
 )
-_INVALID_OR_IO_ERRORS: tuple[type[BaseException], ...] = (*_INVALID_DATA_ERRORS, OSError)
 
 
 def count_segments(duration_s: float, segment_seconds: float) -> int:
@@ -204,34 +203,37 @@ def _open(source: str | BinaryIO, uri: str, hwaccel: str | None = None) -> av.co
         raise MediaError(
             uri, "unreadable", "permission denied; give this user read access to the file"
         ) from e
-    except _INVALID_OR_IO_ERRORS as e:
-        if _is_empty(source):  # FFmpeg says 'Invalid data' of a path, EINVAL of a file object (S3)
-            raise MediaError(uri, "invalid_data", "the file is empty (0 bytes); it may not have been written or "
-                             "copied completely") from e
-        if not isinstance(e, _INVALID_DATA_ERRORS):  # other I/O failures (EIO, network file systems, ...)
-            raise MediaError(uri, "unreadable", f"could not read the file: {e}") from e
+    except _INVALID_DATA_ERRORS as e:
+        _refuse_empty(source, uri, e)
         raise MediaError(
             uri,
             "invalid_data",
             f"not a readable media file (FFmpeg: {_ffmpeg_message(e)}); the file may be truncated, "
             "corrupt, or not a video at all",
         ) from e
+    except OSError as e:  # other I/O failures (EIO, network file systems, ...)
+        _refuse_empty(source, uri, e)
+        raise MediaError(uri, "unreadable", f"could not read the file: {e}") from e
     except av.error.FFmpegError as e:
         # Broad on purpose, after the specific cases: whatever else libav reports while opening,
         # the bytes are not a video it can read, and a bad file must become a failure row.
         raise MediaError(uri, "invalid_data", f"FFmpeg cannot open this file: {_ffmpeg_message(e)}") from e
 
 
-def _is_empty(source: str | BinaryIO) -> bool:
+def _refuse_empty(source: str | BinaryIO, uri: str, error: BaseException) -> None:
+    """An empty file is said to be one: FFmpeg says 'Invalid data' of a path, EINVAL of a file object (S3)."""
     try:
         if isinstance(source, str):
-            return os.path.isfile(source) and os.path.getsize(source) == 0
-        at = source.tell()
-        end = source.seek(0, os.SEEK_END)
-        source.seek(at)
-        return end == 0
+            empty = os.path.isfile(source) and os.path.getsize(source) == 0
+        else:
+            at = source.tell()
+            empty = source.seek(0, os.SEEK_END) == 0
+            source.seek(at)
     except (OSError, ValueError, AttributeError):
-        return False
+        return
+    if empty:
+        raise MediaError(uri, "invalid_data", "the file is empty (0 bytes); it may not have been written or copied "
+                         "completely") from error
 
 
 def _ffmpeg_message(e: BaseException) -> str:
