@@ -17,7 +17,8 @@ Conventions:
   frame whose pts <= that time (the first frame if the time precedes it).
 - Rotation: ``VideoInfo.rotation_deg`` is FFmpeg's display-matrix angle (counter-clockwise degrees,
   as ``av.VideoFrame.rotation`` and ffprobe report it, e.g. -90 for a typical portrait phone video),
-  rounded to a multiple of 90.  Output frames are turned by it, upright as a player shows them.
+  rounded to a multiple of 90.  Output frames are turned by it, upright as a player shows them;
+  a matrix that also mirrors is applied as FFmpeg's players apply it (see ``_orientation``).
 """
 
 from __future__ import annotations
@@ -242,19 +243,23 @@ def _ffmpeg_message(e: BaseException) -> str:
 
 # --- frame conversion -----------------------------------------------------------------------------
 
+# How a decoded picture is turned upright: counter-clockwise quarter turns, after a horizontal mirror
+# when the flag is set (the eight orientations a display matrix can give).
+Orientation = tuple[int, bool]
+
 
 class _Converter:
     """Turns a decoded frame into an upright image_size x image_size RGB picture.
 
     FFmpeg's scaler does colour conversion and an aspect-preserving resize in one pass (short side
-    = image_size, honouring the sample aspect ratio); the centre crop and the quarter turns are
-    numpy slicing.
+    = image_size, honouring the sample aspect ratio); the centre crop, the mirror and the quarter turns
+    are numpy slicing.
     """
 
-    def __init__(self, image_size: int, sample_aspect: Fraction, quarter_turns: int) -> None:
+    def __init__(self, image_size: int, sample_aspect: Fraction, orientation: Orientation) -> None:
         self.image_size = image_size
         self.sample_aspect = sample_aspect
-        self.quarter_turns = quarter_turns
+        self.orientation = orientation
         self.n_converted = 0
         # One scaler for the whole video: ``frame.reformat`` sets up a new one (filter coefficients,
         # threads) for every frame, which costs about as much as the scaling itself (720p -> 224:
@@ -272,9 +277,11 @@ class _Converter:
         rgb = self.reformatter.reformat(frame, width=out_w, height=out_h, format="rgb24").to_ndarray()
         top, left = (out_h - size) // 2, (out_w - size) // 2
         crop = rgb[top : top + size, left : left + size]
-        if self.quarter_turns:
-            # np.rot90 turns counter-clockwise, the display matrix's direction.
-            crop = np.rot90(crop, self.quarter_turns)
+        turns, mirror = self.orientation
+        if mirror:
+            crop = crop[:, ::-1]
+        if turns:
+            crop = np.rot90(crop, turns)  # counter-clockwise, the display matrix's direction
         self.n_converted += 1
         return np.ascontiguousarray(crop)
 
@@ -527,6 +534,7 @@ def _mono_samples(frame: av.AudioFrame) -> np.ndarray:
 
 
 def _rotation_quarter_turns(frame: av.VideoFrame) -> int:
+    """The display matrix's angle (as ffprobe reports it) in counter-clockwise quarter turns."""
     try:
         rotation = frame.rotation
     except (AttributeError, ValueError):  # no display matrix, or a degenerate one
@@ -535,6 +543,41 @@ def _rotation_quarter_turns(frame: av.VideoFrame) -> int:
         return 0
     # Only quarter turns are applied; other angles are rare and rounded to the nearest one.
     return int(round(rotation / 90)) % 4
+
+
+def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
+    for side_data in frame.side_data or ():
+        if side_data.type.name == "DISPLAYMATRIX":
+            matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
+            return matrix if matrix.size == 9 else None
+    return None
+
+
+def _orientation(frame: av.VideoFrame) -> Orientation:
+    """How a player turns the decoded picture upright: (counter-clockwise quarter turns, mirror first).
+
+    FFmpeg's players (``ffmpeg``'s and ``ffplay``'s autorotate) read the display matrix's angle and,
+    for the matrices that also mirror, the signs of its entries: at 90 and 270 degrees a transpose
+    instead of a turn, at 180 degrees a horizontal and/or a vertical flip, at 0 degrees a vertical
+    flip.  This follows them, so a mirrored recording (a front camera) comes out as a player shows
+    it, not turned upside down.  Other angles are rounded to quarter turns.
+    """
+    turns = _rotation_quarter_turns(frame)
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return turns, False
+    a, c, d = int(matrix[0]), int(matrix[3]), int(matrix[4])
+    clockwise = (-turns) % 4  # the angle the players test, clockwise quarter turns
+    if clockwise == 1:
+        return (1, True) if c > 0 else (3, False)  # transpose "cclock_flip" (a transpose), else "clock"
+    if clockwise == 3:
+        return (3, True) if c < 0 else (1, False)  # transpose "clock_flip" (the anti-transpose), else "cclock"
+    if clockwise == 2:
+        hflip, vflip = a < 0, d < 0
+        if hflip and vflip:
+            return 2, False
+        return (2, True) if vflip else (0, hflip)
+    return (2, True) if d < 0 else (0, False)  # 0 degrees: "vflip" where the matrix flips vertically
 
 
 def _quarter_turns_to_deg(turns: int) -> int:
@@ -781,7 +824,7 @@ class _VideoRun:
     def _start_sampling(self, frame: av.VideoFrame) -> _FrameSampler:
         self.width, self.height = frame.width, frame.height
         self.quarter_turns = _rotation_quarter_turns(frame)
-        self.converter = _Converter(self.sampling.image_size, self.sample_aspect, self.quarter_turns)
+        self.converter = _Converter(self.sampling.image_size, self.sample_aspect, _orientation(frame))
         end_s = self._estimated_end_s()
         tail_start_s = math.inf
         if end_s is not None:

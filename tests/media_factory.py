@@ -16,6 +16,7 @@ Codec and container come from the file suffix unless given: ``.mp4 .mkv .mov`` â
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -248,6 +249,49 @@ def _audio_frames(signal: np.ndarray, rate_hz: int, start_s: float) -> Iterator[
         yield (start_pts + off) / rate_hz, frame
 
 
+# --- display matrices ----------------------------------------------------------------------------
+
+# FFmpeg's filters that its players insert for a display matrix (filter documentation's semantics).
+_FILTERS = {
+    "transpose=clock": lambda a: np.rot90(a, -1),  # rotate by 90 degrees clockwise
+    "transpose=cclock": lambda a: np.rot90(a, 1),  # rotate by 90 degrees counter-clockwise
+    "transpose=clock_flip": lambda a: np.rot90(a, -1)[::-1],  # clockwise, then vertically flip
+    "transpose=cclock_flip": lambda a: np.rot90(a, 1)[::-1],  # counter-clockwise, then vertically flip
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+}
+_FILTER_INVERSE = {"transpose=clock": "transpose=cclock", "transpose=cclock": "transpose=clock"} | {
+    f: f for f in ("transpose=clock_flip", "transpose=cclock_flip", "hflip", "vflip")
+}
+
+
+def display_matrix(rotation_deg: float, hflip: bool = False, vflip: bool = False) -> list[int]:
+    """The matrix libavutil's ``av_display_rotation_set`` + ``av_display_matrix_flip`` write (16.16 fixed point)."""
+    radians = math.radians(rotation_deg)
+    fixed = lambda x: int(round(x * (1 << 16)))  # noqa: E731
+    m = [fixed(math.cos(radians)), fixed(-math.sin(radians)), 0, fixed(math.sin(radians)), fixed(math.cos(radians)), 0,
+         0, 0, 1 << 30]
+    flip = (-1 if hflip else 1, -1 if vflip else 1, 1)
+    return [v * flip[i % 3] for i, v in enumerate(m)]
+
+
+def player_filters(matrix: Sequence[int]) -> list[str]:
+    """The filters ``ffmpeg``/``ffplay`` insert to show a picture with this display matrix (fftools' autorotate)."""
+    # get_rotation(): -round(av_display_rotation_get()), wrapped to [0, 360): clockwise degrees.
+    scale0, scale1 = math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4])
+    theta = -round(-math.degrees(math.atan2(matrix[1] / scale1, matrix[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return ["transpose=cclock_flip" if matrix[3] > 0 else "transpose=clock"]
+    if abs(theta - 180) < 1:
+        return (["hflip"] if matrix[0] < 0 else []) + (["vflip"] if matrix[4] < 0 else [])
+    if abs(theta - 270) < 1:
+        return ["transpose=clock_flip" if matrix[3] < 0 else "transpose=cclock"]
+    if abs(theta) > 1:
+        raise ValueError(f"a display angle of {theta} degrees needs FFmpeg's rotate filter")
+    return ["vflip"] if matrix[4] < 0 else []
+
+
 def make_video(
     path: str | os.PathLike[str],
     *,
@@ -268,6 +312,8 @@ def make_video(
     frame_times_s: Sequence[float] | None = None,
     stamp: bool = True,
     rotation_deg: int = 0,
+    hflip: bool = False,
+    vflip: bool = False,
     interleave: bool = True,
     seed: int = 0,
     video_options: dict[str, str] | None = None,
@@ -289,6 +335,8 @@ def make_video(
         rotation_deg: display rotation written to the container, counter-clockwise degrees as read
             back by ``av.VideoFrame.rotation`` (FFmpeg's display-matrix convention).  The picture is
             stored rotated the other way, so a player that honours the rotation shows it upright.
+        hflip, vflip: mirror the display matrix after the rotation (PyAV's ``set_display_rotation``);
+            the picture is stored so that FFmpeg's players (see :func:`player_filters`) show it upright.
         interleave: False hands the muxer all video before any audio, so audio lags the video by
             up to the muxer's interleaving window (10 s): a badly interleaved file.
         video_options: encoder options over the defaults, e.g. ``{"x264-params": "keyint=12"}``.
@@ -301,8 +349,10 @@ def make_video(
     if rotation_deg % 90:
         raise ValueError(f"rotation_deg must be a multiple of 90, got {rotation_deg}")
     width, height = size
-    quarter_turns = (rotation_deg // 90) % 4
-    disp_w, disp_h = (height, width) if quarter_turns % 2 else (width, height)
+    matrix = display_matrix(rotation_deg, hflip, vflip)
+    to_coded = [_FILTER_INVERSE[f] for f in reversed(player_filters(matrix))] if rotation_deg or hflip or vflip else []
+    turned = any(f.startswith("transpose") for f in to_coded)
+    disp_w, disp_h = (height, width) if turned else (width, height)
 
     if frame_times_s is not None:
         pts_ms = [int(round(t * 1000)) for t in frame_times_s]
@@ -331,8 +381,8 @@ def make_video(
         if frame_times_s is not None:
             vstream.codec_context.time_base = time_base
             vstream.time_base = time_base
-        if rotation_deg:
-            vstream.set_display_rotation(rotation_deg)
+        if rotation_deg or hflip or vflip:
+            vstream.set_display_rotation(rotation_deg, hflip=hflip, vflip=vflip)
 
         astream = None
         if audio is not None:
@@ -365,8 +415,11 @@ def make_video(
                 container.mux(astream.encode(pending_audio[1]))  # type: ignore[union-attr]
                 pending_audio = next(audio_frames, None)
             upright = stamped_image(disp_w, disp_h, index) if stamp else _background(disp_w, disp_h, index)
-            # Store the picture turned clockwise by rotation_deg; the display matrix turns it back.
-            coded = np.ascontiguousarray(np.rot90(upright, -quarter_turns))
+            # Store the picture turned the other way; a player's filters turn it back.
+            coded = upright
+            for name in to_coded:
+                coded = _FILTERS[name](coded)
+            coded = np.ascontiguousarray(coded)
             frame = av.VideoFrame.from_ndarray(coded, format="rgb24")
             frame.pts = pts
             frame.time_base = time_base

@@ -9,6 +9,7 @@ import os
 import pickle
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -234,6 +235,31 @@ def test_rotation_is_applied_so_frames_are_upright(media_dir: Path, rotation_deg
     assert info is not None and info.rotation_deg == rotation_deg
     assert (info.width, info.height) == (320, 240)  # coded size, before rotation
     check_stamps(core_rows(chunks), [i / 25 for i in range(50)])
+
+
+MIRRORS = [(deg, hflip, vflip) for deg in (0, 90, 180, -90) for hflip in (False, True) for vflip in (False, True)
+           if hflip or vflip]
+
+
+@pytest.mark.parametrize(("rotation_deg", "hflip", "vflip"), MIRRORS, ids=[f"{d}-h{int(h)}-v{int(v)}" for d, h, v in MIRRORS])
+def test_mirrored_display_matrix_is_shown_as_ffmpeg_players_show_it(
+    media_dir: Path, rotation_deg: int, hflip: bool, vflip: bool
+) -> None:
+    # A front camera's recording: the display matrix mirrors as well as turns.  The factory stores
+    # the picture so that FFmpeg's players (their autorotate filters) show the stamp upright and
+    # unmirrored; the stamp's ring reads back only so.  Before, a mirror was ignored or taken for a
+    # half turn, and the picture came out mirrored or upside down.
+    path = mf.make_video(media_dir / f"mirror{rotation_deg}{hflip:d}{vflip:d}.mp4", duration_s=1.0, size=(320, 240),
+                         rotation_deg=rotation_deg, hflip=hflip, vflip=vflip)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        written = [sd for sd in frame.side_data if sd.type.name == "DISPLAYMATRIX"]
+        matrix = np.frombuffer(bytes(written[0]), dtype=np.int32).tolist() if written else mf.display_matrix(0)
+    assert matrix == mf.display_matrix(rotation_deg, hflip, vflip)  # the factory knows the matrix it wrote
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and (info.width, info.height) == (320, 240)
+    check_stamps(core_rows(chunks), [i / 25 for i in range(25)])
 
 
 # --- audio -----------------------------------------------------------------------------------------
