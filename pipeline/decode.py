@@ -546,11 +546,11 @@ def _rotation_quarter_turns(frame: av.VideoFrame) -> int:
 
 
 def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
-    for side_data in frame.side_data or ():
-        if side_data.type.name == "DISPLAYMATRIX":
-            matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
-            return matrix if matrix.size == 9 else None
-    return None
+    side_data = frame.side_data.get("DISPLAYMATRIX")
+    if side_data is None:
+        return None
+    matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
+    return matrix if matrix.size == 9 else None
 
 
 def _orientation(frame: av.VideoFrame) -> Orientation:

@@ -253,8 +253,8 @@ def test_mirrored_display_matrix_is_shown_as_ffmpeg_players_show_it(
                          rotation_deg=rotation_deg, hflip=hflip, vflip=vflip)
     with av.open(str(path)) as container:
         frame = next(container.decode(video=0))
-        written = [sd for sd in frame.side_data if sd.type.name == "DISPLAYMATRIX"]
-        matrix = np.frombuffer(bytes(written[0]), dtype=np.int32).tolist() if written else mf.display_matrix(0)
+        written = frame.side_data.get("DISPLAYMATRIX")
+        matrix = np.frombuffer(bytes(written), dtype=np.int32).tolist() if written else mf.display_matrix(0)
     assert matrix == mf.display_matrix(rotation_deg, hflip, vflip)  # the factory knows the matrix it wrote
     chunks = decode(path)
     info = chunks[-1].info
