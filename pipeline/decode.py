@@ -549,7 +549,7 @@ def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
     side_data = frame.side_data.get("DISPLAYMATRIX")
     if side_data is None:
         return None
-    matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
+    matrix = np.frombuffer(memoryview(side_data), dtype=np.int32).copy()  # type: ignore[arg-type]
     return matrix if matrix.size == 9 else None
 
 
