@@ -726,6 +726,7 @@ class _VideoRun:
         self.width = self.height = 0
         self.bad_packets = 0
         self.first_error = ""  # where and how the first corrupt packet failed
+        self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
 
         self.audio: _AudioTimeline | None = None
         self.resampler: av.AudioResampler | None = None
@@ -765,10 +766,24 @@ class _VideoRun:
                 raise MediaError(
                     self.uri,
                     "decode_error",
-                    f"the file is damaged after {max(self.last_t_s, 0.0):.1f} s and cannot be read further "
+                    f"the file is damaged after {self._position_s(self.last_packet):.1f} s and cannot be read further "
                     f"(FFmpeg: {_ffmpeg_message(e)}); re-encode or re-download it",
                 ) from e
+            self.last_packet = packet
             yield packet
+
+    def _position_s(self, packet: av.Packet | None) -> float:
+        """Where ``packet`` lies on the video's timeline (seconds, for messages about damage).
+
+        Taken from the packet, not from the last decoded frame: frames that skipping leaves out, or
+        that a held GOP has not decoded yet, would otherwise make the place depend on skipping.
+        """
+        ts = None if packet is None else packet.pts if packet.pts is not None else packet.dts
+        if packet is None or ts is None or packet.time_base is None:
+            return max(self.last_t_s, 0.0)
+        origin = self.origin_pts if self.origin_pts is not None else self.vstream.start_time
+        origin_s = float(origin * self.time_base) if origin is not None else 0.0
+        return max(float(ts * packet.time_base) - origin_s, 0.0)
 
     def _decode(self, packet: av.Packet) -> list:
         try:
@@ -778,7 +793,7 @@ class _VideoRun:
             # conceals; only many of them make the video a failure.
             self.bad_packets += 1
             if not self.first_error:
-                self.first_error = f"near {max(self.last_t_s, 0.0):.1f} s: {_ffmpeg_message(e)}"
+                self.first_error = f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(e)}"
             if self.bad_packets > MAX_BAD_PACKETS:
                 raise MediaError(
                     self.uri,

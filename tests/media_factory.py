@@ -479,6 +479,7 @@ def make_corrupt(
     source: str | os.PathLike[str] | None = None,
     keep_fraction: float = 0.02,
     bad_packets: Iterable[int] = (),
+    bad_stream: Literal["video", "audio"] = "video",
     size_bytes: int = 20_000,
     seed: int = 0,
 ) -> Path:
@@ -490,6 +491,8 @@ def make_corrupt(
             ``bad_packets``: ``source``'s video stream remuxed (same container type as ``path``)
             with the payload of the packets numbered in ``bad_packets`` (0-based, in file order)
             replaced by random bytes of the same size: a file that opens but fails to decode there.
+            With ``bad_stream="audio"`` the audio track is kept too and its packets are the ones
+            numbered and damaged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -505,7 +508,7 @@ def make_corrupt(
             data = Path(source).read_bytes()
             path.write_bytes(data[: max(1, int(len(data) * keep_fraction))])
         else:
-            _remux_with_bad_packets(Path(source), path, set(bad_packets), rng)
+            _remux_with_bad_packets(Path(source), path, set(bad_packets), rng, bad_stream)
     else:
         raise ValueError(
             f"unknown corrupt kind {kind!r}; choose one of: garbage, truncated, empty, bad_packets"
@@ -513,19 +516,23 @@ def make_corrupt(
     return path
 
 
-def _remux_with_bad_packets(source: Path, dest: Path, bad: set[int], rng: np.random.Generator) -> None:
+def _remux_with_bad_packets(
+    source: Path, dest: Path, bad: set[int], rng: np.random.Generator, bad_stream: str = "video"
+) -> None:
     with av.open(str(source)) as src, av.open(str(dest), "w") as out:
-        in_stream = src.streams.video[0]
-        out_stream = out.add_stream_from_template(in_stream)
+        in_streams = [src.streams.video[0]] + (list(src.streams.audio[:1]) if bad_stream == "audio" else [])
+        out_streams = {s.index: out.add_stream_from_template(s) for s in in_streams}
+        damaged = in_streams[-1]
         index = 0
-        for packet in src.demux(in_stream):
+        for packet in src.demux(in_streams):
             if packet.size == 0:  # the demuxer's end-of-stream marker
                 continue
             to_write: av.Packet = packet
-            if index in bad:
-                to_write = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
-                to_write.pts, to_write.dts = packet.pts, packet.dts
-                to_write.time_base, to_write.is_keyframe = packet.time_base, packet.is_keyframe
-            to_write.stream = out_stream
+            if packet.stream is damaged:
+                if index in bad:
+                    to_write = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                    to_write.pts, to_write.dts = packet.pts, packet.dts
+                    to_write.time_base, to_write.is_keyframe = packet.time_base, packet.is_keyframe
+                index += 1
+            to_write.stream = out_streams[packet.stream.index]
             out.mux(to_write)
-            index += 1

@@ -649,6 +649,24 @@ def test_a_few_corrupt_packets_are_tolerated_many_fail(media_dir: Path, tmp_path
     assert "corrupt packets" in err.message
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["skipping", "every_frame"])
+def test_where_the_damage_starts_is_said_from_the_packet(media_dir: Path, tmp_path: Path, skip: bool) -> None:
+    # Audio damaged from 1.5 s on, in a 4-s GOP: skipping holds the GOP's packets until its end, so
+    # no frame was decoded when the first bad packet came, and the place came out as "near 0.0 s"
+    # (every frame decoded: "near 1.4 s", the last frame before it).  The same file, the same message.
+    source = mf.make_video(media_dir / "to_damage_audio.mp4", duration_s=4.0, size=(96, 96), audio="tone",
+                           video_options={"x264-params": "keyint=100"})
+    with av.open(str(source)) as container:
+        first_bad_s = [float(p.pts * p.time_base) for p in container.demux(audio=0) if p.size][65]
+    assert 1.45 < first_bad_s < 1.55
+    damaged = mf.make_corrupt(tmp_path / "audio_damaged.mp4", kind="bad_packets", source=source,
+                              bad_packets=range(65, 110), bad_stream="audio")
+    with pytest.raises(MediaError) as info:
+        list(VideoDecoder(SamplingSpec(), ChunkingSpec(64, 8), skip_unsampled=skip).chunks(damaged))
+    assert info.value.error_kind == "decode_error"
+    assert "corrupt packets (first near 1.5 s:" in info.value.message
+
+
 @needs_media
 @pytest.mark.parametrize("name", [p.values[0] for p in SHARED],
                          ids=["bbb_5s_51", "bikes_noaudio", "bbb_clip_720p"])
