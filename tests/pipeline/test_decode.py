@@ -213,6 +213,26 @@ def test_video_codecs_and_containers(media_dir: Path, suffix: str, codec: str, c
     check_stamps(rows, [i / 25 for i in range(65)])
 
 
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_time_origin_is_the_first_frame_in_avi_with_b_frames(media_dir: Path, codec: str) -> None:
+    # AVI stores decode times: with B-frames the first frame's pts is one frame after the stream's
+    # start time (its first decode time).  Taking the start time for t = 0 made 3 s of video 3.04 s
+    # long, with a fourth segment holding only the last frame, and sampled every segment 40 ms early.
+    path = mf.make_video(media_dir / f"bframes_{codec}.avi", codec=codec, duration_s=3.0, size=(96, 96),
+                         audio="tone", audio_codec="libmp3lame", video_options={"bf": "2"})
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert next(container.decode(stream)).pts == stream.start_time + 1  # the case in point
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.duration_s == pytest.approx(3.0) and info.n_segments == 3
+    rows = core_rows(chunks)
+    np.testing.assert_allclose(rows["frame_pts_s"][:, 0], [0.48, 1.48, 2.48])
+    if codec == "mpeg4":  # (H.264's timestamps in AVI are FFmpeg's guesses, not always the picture's)
+        check_stamps(rows, [i / 25 for i in range(75)])
+    assert rows["audio_valid_samples"][:2].tolist() == [16_000, 16_000]  # the audio ends 40 ms before the video
+
+
 @pytest.mark.parametrize(("suffix", "codec"), [("mp4", "libx264"), ("webm", "libvpx-vp9")])
 def test_odd_frame_size(media_dir: Path, suffix: str, codec: str) -> None:
     path = mf.make_video(media_dir / f"odd_{codec}.{suffix}", codec=codec, duration_s=2.0, size=(317, 239))
