@@ -584,6 +584,23 @@ def _quarter_turns_to_deg(turns: int) -> int:
     return {0: 0, 1: 90, 2: 180, 3: -90}[turns % 4]
 
 
+def _duration_tag_s(text: str | None) -> float | None:
+    """A Matroska track's ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``), in seconds; None when absent or unreadable.
+
+    Matroska has no duration per track, only the file's (its longest track's); FFmpeg's and
+    mkvmerge's muxers write the video track's own end as this tag.  Without it, audio that outlasts
+    the video would make the file's duration stand for the video's end.
+    """
+    if not text:
+        return None
+    try:
+        hours, minutes, seconds = text.strip().split(":")
+        value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def _codec_name(stream: av.stream.Stream) -> str:
     codec = stream.codec_context.codec
     return getattr(codec, "canonical_name", None) or codec.name
@@ -758,6 +775,9 @@ class _VideoRun:
         origin = self.origin_pts if self.origin_pts is not None else (v.start_time or 0)
         if v.duration and v.start_time is not None:
             return float((v.start_time + v.duration - origin) * self.time_base)
+        tagged_end_s = _duration_tag_s(v.metadata.get("DURATION"))
+        if tagged_end_s is not None:
+            return tagged_end_s - float(origin * self.time_base)
         c = self.container
         if c.duration:
             start_us = c.start_time or 0

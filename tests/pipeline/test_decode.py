@@ -233,6 +233,23 @@ def test_time_origin_is_the_first_frame_in_avi_with_b_frames(media_dir: Path, co
     assert rows["audio_valid_samples"][:2].tolist() == [16_000, 16_000]  # the audio ends 40 ms before the video
 
 
+@pytest.mark.parametrize("suffix", ["mkv", "webm", "mp4"])
+def test_short_last_segment_is_sampled_at_its_centre_when_the_audio_outlasts_the_video(
+    media_dir: Path, suffix: str
+) -> None:
+    # 2.48 s of video, 10 s of audio.  Matroska gives no per-track duration, only the file's (the
+    # audio's 10 s); taken for the video's end, it left the short last segment [2, 2.48) sampled
+    # from the frames at hand (the last, 2.44) instead of the one shown at its centre (2.24).
+    path = mf.make_video(media_dir / f"long_audio.{suffix}", duration_s=2.48, size=(96, 96), audio="tone",
+                         audio_duration_s=10.0)
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.duration_s == pytest.approx(2.48) and info.n_segments == 3
+    rows = core_rows(chunks)
+    np.testing.assert_allclose(rows["frame_pts_s"][:, 0], [0.48, 1.48, 2.24])
+    check_stamps(rows, [i / 25 for i in range(62)])
+
+
 @pytest.mark.parametrize(("suffix", "codec"), [("mp4", "libx264"), ("webm", "libvpx-vp9")])
 def test_odd_frame_size(media_dir: Path, suffix: str, codec: str) -> None:
     path = mf.make_video(media_dir / f"odd_{codec}.{suffix}", codec=codec, duration_s=2.0, size=(317, 239))
