@@ -91,6 +91,22 @@ def crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _lock_holder(lock_file: Any, wait_s: float = 1.0) -> str:
+    """Which run holds a local OUT's lock, as its lock file says (written right after the lock is taken)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lock_file.seek(0)
+        try:
+            holder = json.loads(lock_file.read() or "null")
+        except ValueError:
+            holder = None
+        if isinstance(holder, dict):
+            return f"run {holder.get('run_id')}, pid {holder.get('pid')} on {holder.get('host')}"
+        if time.monotonic() >= deadline:
+            return "a run that has just started"
+        time.sleep(0.05)
+
+
 @dataclass
 class Commit:
     """One committed flush: the data files it made visible and the videos they hold."""
@@ -551,11 +567,16 @@ class OutputDir:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                who = _lock_holder(f)
                 f.close()
-                holder = self.last_progress()
-                raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')}, "
-                                  f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to finish "
+                raise ConfigError(f"another vidpipe run is writing to {self.uri} ({who}); wait for it to finish "
                                   "or stop it, then rerun to resume") from None
+            # Who holds OUT, for the message of a run refused: progress.json is written later (a run
+            # refused in between named the previous run, or none).
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
+            f.flush()
             self._lock_file = f
             try:
                 yield

@@ -676,3 +676,17 @@ def test_a_failing_run_says_it_ended_only_after_its_last_commit(tmp_path, monkey
     with pytest.raises(RuntimeError, match="a wave failed"):
         runner.JobRunner(spec).run()
     assert seen == ["running"] and made[0].state == "failed"
+
+
+def test_a_second_run_on_a_local_out_is_refused_naming_the_run_that_holds_it(tmp_path):
+    # The holder's progress.json comes seconds after its lock: a run refused in between named the
+    # previous run's progress ("run old-run") or, on a new OUT, "run None, pid None on None".
+    out = OutputDir(tmp_path / "out")
+    out.store.makedirs("_job")
+    out.write_json("_job/progress.json", {"run_id": "old-run", "pid": 1, "host": "elsewhere"})
+    with out.lock("new-run"):
+        with pytest.raises(ConfigError, match=rf"writing to .*\(run new-run, pid {os.getpid()} on "):
+            with OutputDir(tmp_path / "out").lock("third-run"):
+                pass
+    with OutputDir(tmp_path / "out").lock("third-run"):  # let go: the next run takes it
+        pass
