@@ -6,19 +6,20 @@ import glob
 import hashlib
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.idset import IdSet
 from pipeline.errors import ConfigError
-from pipeline.inputs import file_uri_path, path_uri
+from pipeline.inputs import file_uri_path, local_path, path_uri
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
 )
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".parquet"})
-_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+_SLUG = re.compile(r"[^\w.-]+")  # letters and digits of any script stay readable
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,31 @@ class VideoRef:
 
 
 def make_video_id(uri: str, relative: str) -> str:
-    """A stable id: a readable slug of the path relative to its input root + a hash of the full URI."""
+    """A stable id: a readable slug of the path relative to its input root + a hash of the full URI.
+
+    The slug keeps letters and digits of every script (NFC, so a name from macOS's decomposed form
+    gives the same slug); other characters become ``_``, folders ``__``.
+    """
     digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:10]
-    slug = _SLUG.sub("_", relative.replace(os.sep, "/").replace("/", "__")).strip("_.")[-80:]
+    text = unicodedata.normalize("NFC", relative.replace(os.sep, "/")).replace("/", "__")
+    slug = _SLUG.sub("_", text).strip("_.")[-80:]
     return f"{slug}-{digest}" if slug else digest
+
+
+def slug_source(uri: str, root: Path, given: str) -> str:
+    """What a local video's slug is made of: its file relative to the input's root (a folder, a manifest's
+    folder; resolved) where it lies there, whichever link, ``../`` or absolute path led to it; else the path as given.
+
+    So a folder and a manifest of the same files give the same ids, and a link to a file in the same
+    folder gives the file's id whichever of the two the walk meets first.
+    """
+    path = local_path(uri)
+    if path is not None:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return given
 
 
 def _canonical(path: Path) -> str:
@@ -177,9 +199,10 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
         return
     path = _local_path(item)
     if path.is_dir():
+        root = path.resolve()
         for p in _walk(path):
             uri = _canonical(p)
-            yield VideoRef(uri, make_video_id(uri, str(p.relative_to(path))))
+            yield VideoRef(uri, make_video_id(uri, slug_source(uri, root, str(p.relative_to(path)))))
         return
     # a file that exists is itself, even where its name looks like a pattern ('Movie [1080p].mp4')
     if glob.has_magic(item) and not path.is_file():

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs.discover import VideoRef, make_video_id
+from jobs.discover import VideoRef, make_video_id, slug_source
 from pipeline.errors import ConfigError
 from pipeline.inputs import file_uri_path, path_uri
 
@@ -53,7 +53,9 @@ class _Base:
 
 def _ref(entry: str, base: _Base) -> VideoRef:
     uri = base.resolve(entry)
-    return VideoRef(uri, make_video_id(uri, entry.strip().split("://", 1)[-1]))
+    entry = entry.strip()
+    given = file_uri_path(entry) if entry.startswith("file://") else entry.split("://", 1)[-1]
+    return VideoRef(uri, make_video_id(uri, given if base.local is None else slug_source(uri, base.local, given)))
 
 
 def _checked_ref(entry: str, base: _Base, where: str) -> VideoRef:

@@ -1,3 +1,4 @@
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -252,3 +253,36 @@ def test_a_missing_manifest_or_path_without_extension_is_a_usage_error(tmp_path)
     noext = _touch(tmp_path / "noext")  # a file named without an extension is run as a video, as before
     check_inputs([str(noext)])
     check_inputs(["http://example.invalid/stream"])  # another scheme: its failure row says it is not supported
+
+
+def test_a_folder_and_a_manifest_of_the_same_files_give_the_same_ids(tmp_path):
+    # A manifest's entries used to make the slug as written: an absolute line gave
+    # "tmp__...__arch__x_y_001.mp4", a file:// line kept its percent-escapes ("vid_C3_A9o_20009.mp4"),
+    # while the folder run said "x_y_001.mp4" (same hash): joins on video_id missed them.
+    arch = tmp_path / "arch"
+    names = ["x#y 001.mp4", "sub/vidéo 009.mp4", "sub/deep/c.mkv"]
+    for name in names:
+        _touch(arch / name)
+    folder = {Path(r.uri).name: r.video_id for r in discover([str(arch)])}
+    lines = [str(arch / names[0]), (arch / names[1]).as_uri(), "sub/deep/c.mkv", "./sub/../sub/deep/c.mkv"]
+    (arch / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    listed = {Path(r.uri).name: r.video_id for r in discover([str(arch / "list.txt")])}
+    assert listed == folder
+    assert folder["vidéo 009.mp4"].startswith("sub__vidéo_009.mp4-")
+
+
+def test_a_link_to_a_file_of_the_same_folder_gives_the_file_s_id_whichever_comes_first(tmp_path):
+    target = _touch(tmp_path / "arch" / "exact" / "two_s.mp4")
+    alone = list(discover([str(tmp_path / "arch")]))
+    for link in ("a_link.mp4", "z_link.mp4"):  # walked before the target, and after it
+        (tmp_path / "arch" / link).symlink_to(target)
+        refs = list(discover([str(tmp_path / "arch")]))
+        assert refs == alone and refs[0].video_id.startswith("exact__two_s.mp4-")
+        (tmp_path / "arch" / link).unlink()
+
+
+def test_slugs_keep_letters_of_every_script_in_one_normal_form():
+    composed = make_video_id("/a/ünï 日本.mp4", "ünï 日本.mp4")
+    assert composed.startswith("ünï_日本.mp4-")
+    decomposed = make_video_id("/a/ünï 日本.mp4", unicodedata.normalize("NFD", "ünï 日本.mp4"))
+    assert decomposed == composed
