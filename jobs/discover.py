@@ -208,7 +208,8 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
     if glob.has_magic(item) and not path.is_file():
         matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))
         if not matches:
-            raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell")
+            raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell "
+                              "(a name holding *, ? or [ is read as a pattern when no file has that name)")
         for m in matches:
             kind = _glob_kind(item, m)
             if kind in ("folder", "manifest"):
