@@ -154,6 +154,18 @@ class RunStatus:
     wave_size: int = 0
     retry_groups: int = 0
     message: str = ""
+    # when the run's first video finished (None before), and its counts then: the rate from there on leaves out
+    # the start (Ray, the models, the first videos' latency), which made an early ETA several times too long
+    first_result_at: float | None = None
+    first_result_videos: int = 0
+    first_result_video_seconds: float = 0.0
+
+    def note_results(self) -> None:
+        """Called after the counts change: remember when the first result came."""
+        if self.first_result_at is None and self.done + self.failed > 0:
+            self.first_result_at = time.time()
+            self.first_result_videos = self.done + self.failed
+            self.first_result_video_seconds = self.video_seconds
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -161,6 +173,11 @@ class RunStatus:
         d |= {"started_at": iso_utc(self.started), "updated_at": iso_utc(self.heartbeat), "elapsed_s": round(elapsed, 1),
               "video_seconds_per_s": round(self.video_seconds / elapsed, 3),
               "videos_per_s": round((self.done + self.failed) / elapsed, 4)}
+        since = self.heartbeat - self.first_result_at if self.first_result_at is not None else 0.0
+        more = self.done + self.failed - self.first_result_videos
+        if since > 0 and more > 0:  # the steady rate, once a second result has come
+            d |= {"steady_video_seconds_per_s": round((self.video_seconds - self.first_result_video_seconds) / since, 3),
+                  "steady_videos_per_s": round(more / since, 4)}
         return d
 
 

@@ -696,6 +696,7 @@ class JobRunner:
         status.done = writer.videos_done
         status.failed = writer.videos_failed
         status.video_seconds = writer.video_seconds_done
+        status.note_results()
         if feeder.exhausted and status.inputs_total is None:
             status.inputs_total = feeder.discovered
 

@@ -30,6 +30,7 @@ class JobStatus:
     eta_s: float | None
     ray_job: dict[str, Any] | None = None
     message: str = ""  # why the last run failed or stopped, as it recorded it
+    rate_since_first_result: bool = False  # the rates leave out the run's start (Ray, models, first latency)
     failed_retried: int = 0  # of the failed, videos whose every failure was transient: a rerun tries them again
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,14 +67,18 @@ def read_status(out_uri: str) -> JobStatus:
         run_id = progress.get("run_id")
         committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
         pending = _pending(progress, int(total), int(done) + int(failed), committed)
-    per_s = progress.get("videos_per_s") or None
+    # from the run's first result on when there is a second one: the start (Ray, models, the first videos'
+    # latency) made the average since the start, and so an early ETA, several times too slow
+    steady = bool(progress.get("steady_videos_per_s"))
+    per_s = progress.get("steady_videos_per_s") or progress.get("videos_per_s") or None
+    per_video_s = progress.get("steady_video_seconds_per_s") or progress.get("video_seconds_per_s") or None
     eta = pending / per_s if alive and per_s and pending is not None else None
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), failed_retried=int(counts["retried"]),
                      video_seconds=float(seconds),
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
-                     videos_per_s=per_s, video_seconds_per_s=progress.get("video_seconds_per_s") or None,
-                     eta_s=eta, message=str(progress.get("message") or ""))
+                     videos_per_s=per_s, video_seconds_per_s=per_video_s,
+                     eta_s=eta, message=str(progress.get("message") or ""), rate_since_first_result=steady)
 
 
 def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committed_by_run: int = 0) -> int:
@@ -152,7 +157,8 @@ def format_status(s: JobStatus) -> str:
     lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))
     if s.video_seconds_per_s is not None:
         which = "rate" if s.run_state == "running" else "rate of the last run"
-        lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s")
+        since = " (since its first video finished)" if s.rate_since_first_result else ""
+        lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s{since}")
     if s.eta_s is not None:
         lines.append(f"ETA: {_duration(s.eta_s)}")
     return "\n".join(lines) + "\n"

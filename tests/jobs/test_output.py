@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -690,3 +691,32 @@ def test_a_second_run_on_a_local_out_is_refused_naming_the_run_that_holds_it(tmp
                 pass
     with OutputDir(tmp_path / "out").lock("third-run"):  # let go: the next run takes it
         pass
+
+
+def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
+    """25 s into a run whose first 15 s went to Ray and the models, then 2 videos finished per second: the
+    average since the start (1.6 videos/s) gave an ETA far too long; the rate since the first result is 2."""
+    import jobs.progress as progress_mod
+    from jobs.progress import RunStatus
+    from jobs.status import format_status, read_status
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_mod.time, "time", lambda: clock[0])
+    run = RunStatus("r1", inputs_total=140)
+    clock[0] += 15.0
+    run.done, run.video_seconds = 0, 0.0
+    run.note_results()
+    assert run.first_result_at is None  # nothing yet
+    run.done, run.video_seconds = 1, 4.0
+    run.note_results()
+    assert "steady_videos_per_s" not in run.to_dict()  # one result says nothing of the rate yet
+    clock[0] += 10.0
+    run.done, run.video_seconds = 21, 84.0
+    run.note_results()
+    run.heartbeat = clock[0]
+    out, _ = writer_for(tmp_path)
+    out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})  # alive now
+    s = read_status(str(out.root))
+    assert (s.videos_per_s, s.video_seconds_per_s) == (2.0, 8.0)
+    assert s.pending and s.eta_s == pytest.approx(s.pending / 2.0)
+    assert "videos/s (since its first video finished)" in format_status(s)
