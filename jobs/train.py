@@ -159,7 +159,7 @@ class TrainResult:
     bundle: ModelBundle
     path: Path
     val_metrics: Metrics | None
-    history: list[dict[str, float]]
+    history: list[dict[str, float | None]]
     feature_cache_hits: int
     seconds: float
     n_failed: int = 0  # annotated videos that could not be decoded (left out)
@@ -472,8 +472,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     labels = ann.labels
     if len(labels) < 2:
         raise ConfigError(f"annotations {spec.annotations}: need at least 2 labels to train, found {labels}")
-    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(labels)} labels ({', '.join(labels)}), "
-        f"task {spec.task}")
+    # ``background`` added by read_annotations for the segments no annotation covers, not named by the file
+    implicit_bg = spec.unlabeled == "background" and BACKGROUND in labels and not any(
+        a.label == BACKGROUND for v in ann.videos for a in v.annotations)
+    named = [name for name in labels if not (implicit_bg and name == BACKGROUND)]
+    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(named)} labels ({_names(named)})"
+        + (f" and {BACKGROUND!r} for the segments no annotation covers" if implicit_bg else "") + f", task {spec.task}")
 
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
@@ -496,16 +500,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
 
     train_t = [targets_of(v, labels) for v in train_v]
     val_t = [targets_of(v, labels) for v in val_v]
-    # ``background`` added by read_annotations for the segments no annotation covers, not named by the file
-    implicit_bg = spec.unlabeled == "background" and BACKGROUND in labels and not any(
-        a.label == BACKGROUND for v in ann.videos for a in v.annotations)
     if implicit_bg and spec.task == "multilabel" and \
             _label_counts(train_t + val_t, len(labels))[labels.index(BACKGROUND)] == 0:
         # Every segment has a label, so background would be an output no segment ever has.  A multilabel head
         # says "nothing here" with no label active, so it needs none (eval scores such segments that way).
         labels = [name for name in labels if name != BACKGROUND]
         say(f"every segment of the annotated videos is annotated: no {BACKGROUND!r} label; labels "
-            f"{', '.join(labels)}")
+            f"{_names(labels)}")
         if len(labels) < 2:
             raise ConfigError(f"annotations {spec.annotations}: need at least 2 labels to train, found {labels} "
                               f"(every segment is annotated, so there is no {BACKGROUND!r} either)")
@@ -548,6 +549,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         raise ConfigError(f"annotations {spec.annotations}: no segment of the {len(train_data)} training videos has a "
                           "label to learn (--unlabeled ignore leaves out the segments no annotation covers); check "
                           "the times (seconds) and the video paths")
+    held_out = len(val_data)  # videos kept out of training, whether or not they have a segment to score
     if val_data and not n_val_seg:  # early stopping on nothing would keep epoch 1
         say(f"warning: the {len(val_data)} validation videos have no segment with a label ({val_text}); early "
             "stopping watches the training set instead")
@@ -562,7 +564,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         best: tuple[float, float] | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch, stale = 0, 0
-        history: list[dict[str, float]] = []
+        history: list[dict[str, float | None]] = []
+        # without a validation set, early stopping watches the training set: its figures are recorded as
+        # train_*, and the val_* ones are null (they used to carry the training set's figures)
         for epoch in range(1, spec.epochs + 1):
             t0 = time.monotonic()
             train_loss = trainer.epoch()
@@ -570,8 +574,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
             thresholds = tune_thresholds(np.concatenate(probs), np.concatenate(targets)) \
                 if spec.task == "multilabel" else None
             m = _metrics(probs, targets, labels, spec.task, thresholds)
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": m.accuracy,
-                            "val_macro_f1": m.macro_f1})
+            if val_data:
+                history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                "val_accuracy": m.accuracy, "val_macro_f1": m.macro_f1})
+            else:
+                history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": None, "val_accuracy": None,
+                                "val_macro_f1": None, "train_eval_loss": val_loss, "train_accuracy": m.accuracy,
+                                "train_macro_f1": m.macro_f1})
             improved = best is None or (m.macro_f1, -val_loss) > best
             say(f"epoch {epoch:3d}/{spec.epochs}: train loss {train_loss:.4f}  "
                 f"{'val' if val_data else 'train(no val)'} loss {val_loss:.4f}  acc {m.accuracy:.3f}  "
@@ -606,8 +615,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         "feature_key": fspec.key,
         "train_videos": len(train_data),
         "train_segments": n_train_seg,
-        "val_videos": len(val_data),
+        "val_videos": held_out,
         "val_segments": n_val_seg,
+        "early_stopping_on": "validation" if val_data else "training",
         "unlabeled_segments_left_out": left_out,
         "label_counts_train": counts,
         "epochs_run": len(history),
@@ -619,10 +629,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                                                           "lstm_hidden", "dropout")},
         **spec.extra_meta,
     }
-    if val_metrics is not None:
-        meta["val_accuracy"] = round(val_metrics.accuracy, 4)
-        meta["val_macro_f1"] = round(val_metrics.macro_f1, 4)
-        meta["val_loss"] = _json_number(val_loss)
+    meta["val_accuracy"] = round(val_metrics.accuracy, 4) if val_metrics is not None else None
+    meta["val_macro_f1"] = round(val_metrics.macro_f1, 4) if val_metrics is not None else None
+    meta["val_loss"] = _json_number(val_loss) if val_metrics is not None else None
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
     path = bundle.save(out, overwrite=True, keep=_KEPT)
@@ -652,7 +661,13 @@ def _segments_text(scored: int, left_out: int) -> str:
     return f"{scored} segments" + (f", {left_out} unlabelled left out" if left_out else "")
 
 
-def _json_number(value: float) -> float | None:
+def _names(labels: list[str]) -> str:
+    """Labels for a message: one holding a comma (or quotes, spaces at an end) is quoted, so the list reads once."""
+    return ", ".join(repr(name) if "," in name or "'" in name or '"' in name or name != name.strip() else name
+                     for name in labels)
+
+
+def _json_number(value: float | None) -> float | None:
     """A metric for the bundle's JSON meta: rounded, or None where it does not exist (NaN, e.g. no scored segment)."""
     if isinstance(value, float):
         return round(value, 5) if math.isfinite(value) else None

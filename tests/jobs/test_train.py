@@ -287,6 +287,9 @@ def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, r
                      **{**SMALL, "epochs": 2, "val_fraction": 0.5})  # type: ignore[arg-type]
     result = train(spec, say=lines.append)
     assert any(line.startswith("warning: no training segment has the labels") for line in lines)
+    # background, which no line of the file names, is said as what it is (multilabel training may drop it)
+    assert any("2 labels (bike, bunny) and 'background' for the segments no annotation covers" in line
+               for line in lines), lines[:2]
     meta = json.loads((result.path / "bundle.json").read_text(), parse_constant=_not_json)["meta"]
     assert meta["train_videos"] == meta["val_videos"] == 1 and meta["val_segments"] == 4
     losses = [h["val_loss"] for h in meta["history"]] + [meta["val_loss"]]
@@ -441,3 +444,17 @@ def test_a_validation_split_with_nothing_to_score_is_said_and_not_used(tmp_path,
     assert any("1 span starts after the video's end" in line for line in lines)
     assert any("train(no val) loss" in line for line in lines) and not any(" val loss" in line for line in lines)
     assert result.val_metrics is None
+    # The bundle's meta said val_videos 0 (one was held out) and carried the training set's figures, up to
+    # 1.0, under the val_* names: validation figures that do not exist are null, the watched ones train_*.
+    meta = json.loads((result.path / "bundle.json").read_text(), parse_constant=_not_json)["meta"]
+    assert (meta["val_videos"], meta["val_segments"], meta["early_stopping_on"]) == (1, 0, "training")
+    assert meta["val_accuracy"] is meta["val_macro_f1"] is meta["val_loss"] is None
+    for h in meta["history"]:
+        assert h["val_loss"] is h["val_accuracy"] is h["val_macro_f1"] is None
+        assert 0 <= h["train_accuracy"] <= 1 and 0 <= h["train_macro_f1"] <= 1 and h["train_eval_loss"] > 0
+
+
+def test_labels_holding_commas_are_quoted_in_messages():
+    from jobs.train import _names
+
+    assert _names(["dog, barking", "música", "speech"]) == "'dog, barking', música, speech"
