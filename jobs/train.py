@@ -476,6 +476,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     implicit_bg = spec.unlabeled == "background" and BACKGROUND in labels and not any(
         a.label == BACKGROUND for v in ann.videos for a in v.annotations)
     named = [name for name in labels if not (implicit_bg and name == BACKGROUND)]
+    if spec.fusion == "attention" and not spec.image_grid:
+        say("warning: --fusion attention without --image-grid attends over one region, the pooled image (no spatial "
+            "attention); pass --image-grid G (G x G regions of the image encoder's feature map, e.g. 3)")
     say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(named)} labels ({_names(named)})"
         + (f" and {BACKGROUND!r} for the segments no annotation covers" if implicit_bg else "") + f", task {spec.task}")
 
