@@ -133,6 +133,10 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
         if missing:
             raise ConfigError(f"annotations {path} line 1: missing columns {missing}; the header must name "
                               f"{', '.join(REQUIRED_COLUMNS)} (got {header})")
+        twice = [c for c in REQUIRED_COLUMNS if lowered.count(c) > 1]
+        if twice:  # which one holds the times or labels is anyone's guess
+            raise ConfigError(f"annotations {path} line 1: the header names {', '.join(twice)} more than once "
+                              f"(got {header}); keep one column of each")
         index = {c: lowered.index(c) for c in REQUIRED_COLUMNS}
         rows: list[tuple[int, dict[str, object]]] = []
         for lineno, row in enumerate(reader, start=2):

@@ -140,6 +140,7 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
     ("video,start_s,end_s,label\na.mp4,0,2,x\na.mp4,1,3,y\n", r"ann\.csv line 3: \[1, 3\) 'y' overlaps line 2"),
     ("video,start_s,end_s,label\na.mp4,-1,2,x\n", r"ann\.csv line 2: start_s must be"),
     ("", r"ann\.csv: the file is empty"),
+    ("video,Video,start_s,end_s,label\nnope.mp4,a.mp4,0,1,x\n", r"ann\.csv line 1: the header names video more than once"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, videos, text, match):
     with pytest.raises(ConfigError, match=match):
