@@ -115,6 +115,11 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
+        lowered = [n.strip().lower() for n in table.column_names]
+        twice = [c for c in REQUIRED_COLUMNS if lowered.count(c) > 1]
+        if twice:
+            raise ConfigError(f"annotations {path}: columns {', '.join(twice)} appear more than once "
+                              f"(has {table.column_names}); keep one of each")
         names = {n.strip().lower(): n for n in table.column_names}
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:

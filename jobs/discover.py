@@ -19,7 +19,7 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
 )
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".parquet"})
-_SLUG = re.compile(r"[^\w.-]+")  # letters and digits of any script stay readable
+_SLUG_KEPT = ".-_"
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,15 @@ def make_video_id(uri: str, relative: str) -> str:
     """
     digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:10]
     text = unicodedata.normalize("NFC", relative.replace(os.sep, "/")).replace("/", "__")
-    slug = _SLUG.sub("_", text).strip("_.")[-80:]
+    # letters, marks (an Indic vowel sign, a virama) and digits of any script are kept; other runs become _
+    kept = "".join(c if c in _SLUG_KEPT or unicodedata.category(c)[0] in "LMN" else "\0" for c in text)
+    slug = re.sub("\0+", "_", kept).strip("_.")[-80:]
     return f"{slug}-{digest}" if slug else digest
+
+
+def _no_match(pattern: str) -> str:
+    return (f"input pattern {pattern!r} matches no files; check the pattern and quote it in the shell (a name holding "
+            "*, ? or [ is read as a pattern when no file has that name)")
 
 
 def slug_source(uri: str, root: Path, given: str) -> str:
@@ -127,8 +134,7 @@ def check_inputs(inputs: list[str]) -> None:
                     break
             else:
                 if not matched:
-                    raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in "
-                                      "the shell")
+                    raise ConfigError(_no_match(item))
                 raise ConfigError(f"input pattern {item!r} matches {matched} files but no video file (extensions "
                                   f"{', '.join(sorted(VIDEO_EXTENSIONS))}) or folder"
                                   + ("" if _manifest_pattern(item) else ", and its files are not read as manifests "
@@ -208,8 +214,7 @@ def _discover_one(item: str) -> Iterator[VideoRef]:
     if glob.has_magic(item) and not path.is_file():
         matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))
         if not matches:
-            raise ConfigError(f"input pattern {item!r} matches no files; check the pattern and quote it in the shell "
-                              "(a name holding *, ? or [ is read as a pattern when no file has that name)")
+            raise ConfigError(_no_match(item))
         for m in matches:
             kind = _glob_kind(item, m)
             if kind in ("folder", "manifest"):

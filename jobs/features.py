@@ -36,7 +36,9 @@ from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT_VERSION = 3  # 2: BatchNorm-folded image encoders; 3: classic audio features per segment
+# 2: BatchNorm-folded image encoders; 3: classic audio features per segment; 4: decode's t = 0 in AVI, mirrored
+# display matrices and a Matroska video's end (2026-12-01)
+FEATURE_FORMAT_VERSION = 4
 # Features do not need head context: chunks of 64 segments without overlap keep memory bounded.
 _FEATURE_CHUNKING = ChunkingSpec(core_segments=64, context_segments=0)
 

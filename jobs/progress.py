@@ -163,9 +163,9 @@ class RunStatus:
     def note_results(self) -> None:
         """Called after the counts change: remember when the first result came."""
         if self.first_result_at is None and self.done + self.failed > 0:
-            self.first_result_at = time.time()
             self.first_result_videos = self.done + self.failed
             self.first_result_video_seconds = self.video_seconds
+            self.first_result_at = time.time()  # last: the progress thread reads the three without a lock
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

@@ -70,8 +70,8 @@ def read_status(out_uri: str) -> JobStatus:
     # from the run's first result on when there is a second one: the start (Ray, models, the first videos'
     # latency) made the average since the start, and so an early ETA, several times too slow
     steady = bool(progress.get("steady_videos_per_s"))
-    per_s = progress.get("steady_videos_per_s") or progress.get("videos_per_s") or None
-    per_video_s = progress.get("steady_video_seconds_per_s") or progress.get("video_seconds_per_s") or None
+    per_s = (progress.get("steady_videos_per_s") if steady else progress.get("videos_per_s")) or None
+    per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s")
     eta = pending / per_s if alive and per_s and pending is not None else None
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), failed_retried=int(counts["retried"]),
                      video_seconds=float(seconds),

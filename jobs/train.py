@@ -594,7 +594,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
             else:
                 stale += 1
                 if stale >= spec.patience:
-                    say(f"early stop: no better validation macro-F1 / loss for {spec.patience} epochs")
+                    watched = "validation" if val_data else "training-set"
+                    say(f"early stop: no better {watched} macro-F1 / loss for {spec.patience} epochs")
                     break
         if best_state is None:
             raise RuntimeError("training produced no model")

@@ -8,8 +8,8 @@ been decoded, so memory is bounded by the chunk size, not the video length.
 
 Conventions:
 
-- t = 0 is the first decoded video frame's presentation time (not ``stream.start_time``, which
-  can lie before it); audio before it is dropped.
+- t = 0 is the video stream's first presentation time (``stream.start_time``; in AVI, and where
+  the stream has none, the first decoded frame's); audio before it is dropped.
 - duration = end of the last video frame (pts + duration, or 1 / average fps) minus the origin.
   ``n_segments = ceil(duration / segment_seconds)``, except that a remainder under 1 ms does not
   make a segment; the last segment keeps its true (possibly shorter) end.
@@ -584,13 +584,17 @@ def _quarter_turns_to_deg(turns: int) -> int:
     return {0: 0, 1: 90, 2: 180, 3: -90}[turns % 4]
 
 
-def _duration_tag_s(text: str | None) -> float | None:
+def _duration_tag_s(metadata: dict[str, str]) -> float | None:
     """A Matroska track's ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``), in seconds; None when absent or unreadable.
+
+    FFmpeg names it ``DURATION-eng`` (its language) where the tag has one, as mkvmerge's often do.
 
     Matroska has no duration per track, only the file's (its longest track's); FFmpeg's and
     mkvmerge's muxers write the video track's own end as this tag.  Without it, audio that outlasts
     the video would make the file's duration stand for the video's end.
     """
+    text = next((value for key, value in metadata.items()
+                 if key.upper() == "DURATION" or key.upper().startswith("DURATION-")), None)
     if not text:
         return None
     try:
@@ -663,8 +667,8 @@ class _VideoRun:
 
     def _frame_gate(self) -> DisposableFrameGate | None:
         """A gate that skips unsampled disposable frames, where that is provably safe (H.264, known end)."""
-        if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.vstream.start_time is None:
-            return None  # (no start time: packets without timestamps)
+        if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.origin_pts is None:
+            return None
         if "avi" in self.container.format.name.split(","):
             return None  # AVI's packet times are in decode order, not presentation times
         extradata = self.vstream.codec_context.extradata
@@ -672,8 +676,8 @@ class _VideoRun:
         sps = h264_sps.skippable_sps(h264_sps.sps_from_extradata(extradata_bytes))
         if not sps:
             return None  # reorder depth unknown, interlaced coding, or no SPS to read
-        keep_from_s = self._gate_keep_from_s()
-        if keep_from_s is None:
+        end_s = self._estimated_end_s()
+        if end_s is None or not math.isfinite(end_s):
             return None
         seg_s, k = self.sampling.segment_seconds, self.sampling.frames_per_segment
         tb_num, tb_den = self.tb_num, self.tb_den
@@ -697,6 +701,8 @@ class _VideoRun:
                         return True
             return False
 
+        # Frames near the end are all decoded: the short last segment's targets depend on the true end.
+        keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
         may_reorder = any(info.may_reorder for info in sps)
         return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
                                    packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes))
@@ -725,10 +731,11 @@ class _VideoRun:
         # Per-frame times are computed in integers: float(n * time_base) is n * num / den, the same
         # correctly rounded value, without building Fractions for every frame and packet.
         self.tb_num, self.tb_den = self.time_base.numerator, self.time_base.denominator
-        # t = 0: the first decoded frame's pts.  Not the stream's start time, which can lie before it:
-        # AVI's is the first decode time (B-frames make the first pts later), an MPEG-TS cut mid-GOP
-        # starts with frames that cannot be decoded.
-        self.origin_pts: int | None = None
+        # t = 0: the stream's start time, as players count; in AVI the first decoded frame's pts, since
+        # AVI's start time is its first decode time, which B-frames put a frame or more before the first
+        # picture (3 s of video came out 3.04 s long, with a last segment of one frame).
+        avi = "avi" in self.container.format.name.split(",")
+        self.origin_pts: int | None = None if avi else self.vstream.start_time
         rate = self.vstream.average_rate or self.vstream.guessed_rate
         self.avg_fps = float(rate) if rate else 0.0
         sar = self.vstream.sample_aspect_ratio or vcc.sample_aspect_ratio
@@ -759,23 +766,16 @@ class _VideoRun:
     def _new_resampler(self) -> av.AudioResampler:
         return av.AudioResampler(format="flt", layout="mono", rate=self.sampling.audio_rate_hz)
 
-    def _gate_keep_from_s(self) -> float | None:
-        """From where the gate decodes every frame: the short last segment's targets depend on the true end."""
-        end_s = self._estimated_end_s()
-        if end_s is None or not math.isfinite(end_s):
-            return None
-        return end_s - 2 * self.sampling.segment_seconds - _TAIL_MARGIN_S - 1.0
-
     def _estimated_end_s(self) -> float | None:
         """End of the video as the header announces it, relative to the origin (None if unknown).
 
-        Before the first frame the origin is not known yet; the stream's start time stands in for it.
+        Before an AVI's first frame the origin is not known yet; the stream's start time stands in for it.
         """
         v = self.vstream
         origin = self.origin_pts if self.origin_pts is not None else (v.start_time or 0)
         if v.duration and v.start_time is not None:
             return float((v.start_time + v.duration - origin) * self.time_base)
-        tagged_end_s = _duration_tag_s(v.metadata.get("DURATION"))
+        tagged_end_s = _duration_tag_s(v.metadata)
         if tagged_end_s is not None:
             return tagged_end_s - float(origin * self.time_base)
         c = self.container
@@ -842,18 +842,17 @@ class _VideoRun:
             # No timestamp (some raw streams): assume it follows the previous frame.
             step = 1 / self.avg_fps if self.avg_fps else 0.04
             return self.last_t_s + step if self.n_frames else 0.0
-        assert self.origin_pts is not None  # set at the first frame
+        if self.origin_pts is None:
+            self.origin_pts = frame.pts
+            self._flush_pending_audio()
         return (frame.pts - self.origin_pts) * self.tb_num / self.tb_den  # = float((pts - origin) * time_base)
 
     def _on_video_frame(self, frame: av.VideoFrame) -> None:
-        if self.origin_pts is None:  # the first frame
-            self.origin_pts = frame.pts if frame.pts is not None else 0
+        if self.gate is not None:
+            self.gate.started = True
+        if self.origin_pts is None and frame.pts is None:
+            self.origin_pts = self.vstream.start_time or 0
             self._flush_pending_audio()
-            if self.gate is not None:
-                # The gate passed every packet until now; from here on it skips, knowing the origin.
-                keep_from_s = self._gate_keep_from_s()
-                self.gate.keep_from_s = keep_from_s if keep_from_s is not None else -math.inf
-                self.gate.started = True
         t_s = self._frame_time_s(frame)
         # Out-of-order timestamps (broken files) are treated as shown right after the previous frame.
         t_s = max(t_s, self.last_t_s)

@@ -286,3 +286,11 @@ def test_slugs_keep_letters_of_every_script_in_one_normal_form():
     assert composed.startswith("ünï_日本.mp4-")
     decomposed = make_video_id("/a/ünï 日本.mp4", unicodedata.normalize("NFD", "ünï 日本.mp4"))
     assert decomposed == composed
+    assert make_video_id("/a/हिन्दी.mp4", "हिन्दी.mp4").startswith("हिन्दी.mp4-")  # vowel signs and virama are marks
+
+
+def test_a_missing_name_that_looks_like_a_pattern_says_so_before_any_work(tmp_path):
+    name = str(tmp_path / "[raw] 073.mp4")  # a file name, gone: read as a glob that matches nothing
+    for check in (lambda: list(check_inputs([name])), lambda: list(discover([name]))):
+        with pytest.raises(ConfigError, match=r"matches no files.*a name holding \*, \? or \[ is read as a pattern"):
+            check()

@@ -701,7 +701,11 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     from jobs.status import format_status, read_status
 
     clock = [1000.0]
-    monkeypatch.setattr(progress_mod.time, "time", lambda: clock[0])
+
+    class Clock:  # the progress module's clock only
+        time = staticmethod(lambda: clock[0])
+
+    monkeypatch.setattr(progress_mod, "time", Clock)
     run = RunStatus("r1", inputs_total=140)
     clock[0] += 15.0
     run.done, run.video_seconds = 0, 0.0
@@ -715,7 +719,7 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     run.note_results()
     run.heartbeat = clock[0]
     out, _ = writer_for(tmp_path)
-    out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})  # alive now
+    out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})  # (real clock) alive now
     s = read_status(str(out.root))
     assert (s.videos_per_s, s.video_seconds_per_s) == (2.0, 8.0)
     assert s.pending and s.eta_s == pytest.approx(s.pending / 2.0)

@@ -250,6 +250,13 @@ def test_short_last_segment_is_sampled_at_its_centre_when_the_audio_outlasts_the
     check_stamps(rows, [i / 25 for i in range(62)])
 
 
+def test_matroska_duration_tags_as_ffmpeg_names_them() -> None:
+    tag = decode_mod._duration_tag_s
+    assert tag({"DURATION": "00:00:02.480000000"}) == pytest.approx(2.48)
+    assert tag({"ENCODER": "x", "DURATION-eng": "01:02:03.5"}) == pytest.approx(3723.5)  # a tag with a language
+    assert tag({}) is tag({"DURATION": "n/a"}) is tag({"DURATION": "00:00:00.000"}) is None
+
+
 @pytest.mark.parametrize(("suffix", "codec"), [("mp4", "libx264"), ("webm", "libvpx-vp9")])
 def test_odd_frame_size(media_dir: Path, suffix: str, codec: str) -> None:
     path = mf.make_video(media_dir / f"odd_{codec}.{suffix}", codec=codec, duration_s=2.0, size=(317, 239))
