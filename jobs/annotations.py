@@ -114,12 +114,13 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        lowered = [n.strip().lower() for n in table.column_names]
+        columns = pq.read_schema(path).names  # before reading: pyarrow refuses a column named twice, unnamed
+        lowered = [n.strip().lower() for n in columns]
         twice = [c for c in REQUIRED_COLUMNS if lowered.count(c) > 1]
         if twice:
             raise ConfigError(f"annotations {path}: columns {', '.join(twice)} appear more than once "
-                              f"(has {table.column_names}); keep one of each")
+                              f"(has {columns}); keep one of each")
+        table = pq.read_table(path)
         names = {n.strip().lower(): n for n in table.column_names}
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
