@@ -23,9 +23,11 @@ Conventions:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -533,6 +535,41 @@ def _mono_samples(frame: av.AudioFrame) -> np.ndarray:
 # --- one video ----------------------------------------------------------------------------------------
 
 
+class _GuessedPtsReorder:
+    """Puts an AVI's guessed timestamps back on the frames they belong to.
+
+    AVI stores no presentation times: FFmpeg guesses them from the decode order, and for H.264 with
+    B-frames it can attach them to the wrong frames (pts 1, 2, 4, 3, 6, 5, ... on frames the decoder
+    outputs in presentation order), which sampled a segment's frame one frame early.  The decoder's
+    output order is right, and so is the set of timestamps: the k-th frame out gets the smallest
+    timestamp not yet given, over a window of ``depth`` frames (more than a B-pyramid reorders).
+    With timestamps already in order this changes nothing.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self.frames: deque[av.VideoFrame] = deque()
+        self.pts: list[int] = []  # a heap of the held frames' timestamps
+
+    def push(self, frame: av.VideoFrame) -> list[av.VideoFrame]:
+        if frame.pts is None:  # no timestamp to move: keep the order
+            return [*self.drain(), frame]
+        self.frames.append(frame)
+        heapq.heappush(self.pts, frame.pts)
+        out = []
+        while len(self.frames) > self.depth:
+            out.append(self._next())
+        return out
+
+    def drain(self) -> list[av.VideoFrame]:
+        return [self._next() for _ in range(len(self.frames))]
+
+    def _next(self) -> av.VideoFrame:
+        frame = self.frames.popleft()
+        frame.pts = heapq.heappop(self.pts)
+        return frame
+
+
 def _rotation_quarter_turns(frame: av.VideoFrame) -> int:
     """The display matrix's angle (as ffprobe reports it) in counter-clockwise quarter turns."""
     try:
@@ -641,7 +678,7 @@ class _VideoRun:
         for packet in self._demux():
             if packet.stream is self.vstream:
                 for p in gate.push(packet) if gate is not None else (packet,):
-                    for frame in self._decode(p):
+                    for frame in self._reordered(self._decode(p)):
                         self._on_video_frame(frame)
                         # Checked per frame, not per packet, so no more than one segment past the
                         # chunk's right context is ever held.
@@ -663,7 +700,15 @@ class _VideoRun:
             self.frames_skipped = gate.skipped
             # a skipped frame may be the one shown last (a packet duration reaching past the others)
             self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
+        if self.reorder is not None:
+            for frame in self.reorder.drain():
+                self._on_video_frame(frame)
         yield from self._finish()
+
+    def _reordered(self, frames: list) -> list:
+        if self.reorder is None:
+            return frames
+        return [out for frame in frames for out in self.reorder.push(frame)]
 
     def _frame_gate(self) -> DisposableFrameGate | None:
         """A gate that skips unsampled disposable frames, where that is provably safe (H.264, known end)."""
@@ -736,6 +781,7 @@ class _VideoRun:
         # picture (3 s of video came out 3.04 s long, with a last segment of one frame).
         avi = "avi" in self.container.format.name.split(",")
         self.origin_pts: int | None = None if avi else self.vstream.start_time
+        self.reorder = _GuessedPtsReorder() if avi else None
         rate = self.vstream.average_rate or self.vstream.guessed_rate
         self.avg_fps = float(rate) if rate else 0.0
         sar = self.vstream.sample_aspect_ratio or vcc.sample_aspect_ratio
