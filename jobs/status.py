@@ -31,6 +31,7 @@ class JobStatus:
     ray_job: dict[str, Any] | None = None
     message: str = ""  # why the last run failed or stopped, as it recorded it
     rate_since_first_result: bool = False  # the rates leave out the run's start (Ray, models, first latency)
+    finished_uncommitted: int = 0  # of the pending, videos the live run has finished and will commit
     failed_retried: int = 0  # of the failed, videos whose every failure was transient: a rerun tries them again
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,24 +62,30 @@ def read_status(out_uri: str) -> JobStatus:
     if state == "running" and not alive:
         state = "dead"  # killed without a word: rerun the same command to resume
     total = progress.get("inputs_total")
-    pending = None
+    pending = left = None
     if total is not None:
         # the run's own commits (their names start with its id): progress.json lags them by up to a heartbeat
         run_id = progress.get("run_id")
         committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
         pending = _pending(progress, int(total), int(done) + int(failed), committed)
+        left = _left_to_run(progress, int(total)) if alive else None
     # from the run's first result on when there is a second one: the start (Ray, models, the first videos'
     # latency) made the average since the start, and so an early ETA, several times too slow
     steady = bool(progress.get("steady_videos_per_s"))
     per_s = (progress.get("steady_videos_per_s") if steady else progress.get("videos_per_s")) or None
     per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s")
-    eta = pending / per_s if alive and per_s and pending is not None else None
+    # a live run's ETA: the videos it has not finished, committed or not (a run of short clips finishes
+    # many between its commits, 60 s apart, and the committed count made the ETA several times too long)
+    to_go = left if left is not None and pending is not None and left < pending else pending
+    eta = to_go / per_s if alive and per_s and to_go is not None else None
+    uncommitted = pending - to_go if pending is not None and to_go is not None else 0
     return JobStatus(out=out.uri, done=int(done), failed=int(failed), failed_retried=int(counts["retried"]),
                      video_seconds=float(seconds),
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
                      videos_per_s=per_s, video_seconds_per_s=per_video_s,
-                     eta_s=eta, message=str(progress.get("message") or ""), rate_since_first_result=steady)
+                     eta_s=eta, message=str(progress.get("message") or ""), rate_since_first_result=steady,
+                     finished_uncommitted=uncommitted)
 
 
 def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committed_by_run: int = 0) -> int:
@@ -100,6 +107,16 @@ def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committ
         by_run = max(committed_by_run, sum(int(progress.get(k) or 0) for k in ("done", "failed")))
         pending = max(pending, total - int(before) - by_run)
     return max(pending, 0)
+
+
+def _left_to_run(progress: dict[str, Any], total: int) -> int | None:
+    """Of its ``total`` inputs, how many the (live) run has not finished by its own count; None before it knows."""
+    before = progress.get("inputs_finished")
+    if before is None and int(progress.get("discovered") or 0) >= total:
+        before = progress.get("skipped")
+    if before is None:
+        return None
+    return max(total - int(before) - sum(int(progress.get(k) or 0) for k in ("done", "failed")), 0)
 
 
 def _gone(progress: dict[str, Any]) -> bool:
@@ -146,7 +163,8 @@ def format_status(s: JobStatus) -> str:
     lines.append(f"output {s.out}")
     retried = (f" ({s.failed_retried:,} of them only with read errors, which a rerun tries again)"
                if s.failed_retried else "")
-    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}; {pending} pending of the last run's "
+    soon = f" ({s.finished_uncommitted:,} of them finished, to be committed)" if s.finished_uncommitted else ""
+    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}; {pending} pending{soon} of the last run's "
                  f"{total} input videos")
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
     run = s.run_state or "no run recorded"

@@ -706,7 +706,7 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
         time = staticmethod(lambda: clock[0])
 
     monkeypatch.setattr(progress_mod, "time", Clock)
-    run = RunStatus("r1", inputs_total=140)
+    run = RunStatus("r1", inputs_total=140, inputs_finished=0)
     clock[0] += 15.0
     run.done, run.video_seconds = 0, 0.0
     run.note_results()
@@ -722,5 +722,8 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})  # (real clock) alive now
     s = read_status(str(out.root))
     assert (s.videos_per_s, s.video_seconds_per_s) == (2.0, 8.0)
-    assert s.pending and s.eta_s == pytest.approx(s.pending / 2.0)
-    assert "videos/s (since its first video finished)" in format_status(s)
+    # 21 finished, none committed yet (a commit every 60 s): the ETA is for the 119 left, not the 140 pending
+    assert (s.pending, s.finished_uncommitted) == (140, 21) and s.eta_s == pytest.approx(119 / 2.0)
+    said = format_status(s)
+    assert "140 pending (21 of them finished, to be committed) of the last run's 140 input videos" in said
+    assert "videos/s (since its first video finished)" in said
