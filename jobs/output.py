@@ -575,7 +575,11 @@ class OutputDir:
             # refused in between named the previous run, or none).
             f.seek(0)
             f.truncate()
-            f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
+            from jobs import supervise
+
+            # the process the user started (`vidpipe run`, which supervises this driver), else this one
+            pid = supervise.SUPERVISOR_PID or os.getpid()
+            f.write(json.dumps({"run_id": run_id, "pid": pid, "host": socket.gethostname()}))
             f.flush()
             self._lock_file = f
             try:
