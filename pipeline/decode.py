@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 SEGMENT_TOLERANCE_S = 1e-3  # a remainder shorter than this after the last full segment is dropped
 _TIE_S = 1e-6  # a frame starting within 1 µs after a target time counts as shown at it (float noise)
 MAX_BAD_PACKETS = 10  # corrupt packets tolerated per video (FFmpeg conceals them) before failing
+# A frame that ends further than this (or than half the announced length) past the end the header
+# announces has a damaged timestamp: a damaged MP4 index gave a 60-s video frames at 140,400 s, and the
+# segments up to there, held in memory, took the machine's 21 GB.  It is dropped and counted as corrupt.
+_PAST_END_S = 60.0
+# Without an announced end, the most segments one gap between frames may fill (each holds its frames in
+# memory until its chunk goes: ~150 KB at 224 px): more is a damaged timestamp, not a pause.
+_MAX_GAP_SEGMENTS = 10_000
 # How far decoded video may run ahead of the audio before the missing audio is taken as absent: a
 # short audio track must not make the decoder hold the whole video, yet badly interleaved files
 # (audio tens of seconds behind the video in file order) still come out right.  Costs at most this
@@ -798,6 +805,7 @@ class _VideoRun:
         self.bad_packets = 0
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
+        self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
 
         self.audio: _AudioTimeline | None = None
         self.resampler: av.AudioResampler | None = None
@@ -869,17 +877,21 @@ class _VideoRun:
         except av.error.FFmpegError as e:
             # Broad on purpose: any libav error here concerns this one packet, which FFmpeg
             # conceals; only many of them make the video a failure.
-            self.bad_packets += 1
-            if not self.first_error:
-                self.first_error = f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(e)}"
-            if self.bad_packets > MAX_BAD_PACKETS:
-                raise MediaError(
-                    self.uri,
-                    "decode_error",
-                    f"more than {MAX_BAD_PACKETS} corrupt packets (first {self.first_error}); "
-                    "the file is damaged: re-encode or re-download it",
-                ) from e
+            self._count_bad(lambda error=e: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e)
             return []
+
+    def _count_bad(self, where: Any, error: BaseException | None = None) -> None:
+        """One more corrupt packet or frame (``where()`` says where and how); past MAX_BAD_PACKETS the video fails."""
+        self.bad_packets += 1
+        if not self.first_error:
+            self.first_error = where()
+        if self.bad_packets > MAX_BAD_PACKETS:
+            raise MediaError(
+                self.uri,
+                "decode_error",
+                f"more than {MAX_BAD_PACKETS} corrupt packets (first {self.first_error}); "
+                "the file is damaged: re-encode or re-download it",
+            ) from error
 
     # -- video -----------------------------------------------------------------------------------------
 
@@ -909,16 +921,30 @@ class _VideoRun:
             dur_s = 1 / self.avg_fps
         else:
             dur_s = t_s - self.last_t_s if self.n_frames and t_s > self.last_t_s else 0.04
+        if self._damaged_time(t_s, t_s + dur_s):
+            return
         sampler.push(t_s, frame)
         self.n_frames += 1
         self.last_t_s = t_s
         self.video_end_s = max(self.video_end_s, t_s + dur_s)
 
+    def _damaged_time(self, t_s: float, end_s: float) -> bool:
+        """Whether a frame's time cannot be right (counted as a corrupt frame, and the frame dropped)."""
+        announced = self.announced_end_s
+        if announced is not None and end_s > announced + max(_PAST_END_S, announced / 2):
+            what = f"its timestamp says {t_s:,.1f} s, past the video's end the header announces ({announced:,.1f} s)"
+        elif (t_s - max(self.last_t_s, 0.0)) / self.sampling.segment_seconds > _MAX_GAP_SEGMENTS:
+            what = f"its timestamp jumps from {max(self.last_t_s, 0.0):,.1f} s to {t_s:,.1f} s"
+        else:
+            return False
+        self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: a frame's time is damaged ({what})")
+        return True
+
     def _start_sampling(self, frame: av.VideoFrame) -> _FrameSampler:
         self.width, self.height = frame.width, frame.height
         self.quarter_turns = _rotation_quarter_turns(frame)
         self.converter = _Converter(self.sampling.image_size, self.sample_aspect, _orientation(frame))
-        end_s = self._estimated_end_s()
+        end_s = self.announced_end_s = self._estimated_end_s()
         tail_start_s = math.inf
         if end_s is not None:
             tail_start_s = end_s - 2 * self.sampling.segment_seconds - _TAIL_MARGIN_S

@@ -697,6 +697,33 @@ def test_a_few_corrupt_packets_are_tolerated_many_fail(media_dir: Path, tmp_path
     assert "corrupt packets" in err.message
 
 
+def test_a_frame_timestamp_far_past_the_announced_end_is_damage_not_a_gap(media_dir: Path, tmp_path: Path) -> None:
+    # A damaged MP4 index gave a 60-s video frames at 140,400 s: every segment up to there was filled with
+    # the frame before (the one on screen through a gap) and held in memory, and bench took 21 GB before the
+    # kernel killed it.  Such a frame is now dropped as corrupt: one is concealed, many fail the video.
+    source = mf.make_video(media_dir / "to_retime.mp4", duration_s=4.0, size=(96, 96), video_options={"bf": "0"})
+
+    def retimed(name: str, packets: set[int]) -> Path:
+        dest = tmp_path / name
+        with av.open(str(source)) as src, av.open(str(dest), "w") as out:
+            stream = src.streams.video[0]
+            out_stream = out.add_stream_from_template(stream)
+            for index, packet in enumerate(p for p in src.demux(stream) if p.size):
+                if index in packets:
+                    packet.pts += int(100_000 / stream.time_base)  # the decode times (the MP4 index) stay
+                packet.stream = out_stream
+                out.mux(packet)
+        return dest
+
+    chunks = decode(retimed("one.mp4", {30}))
+    info = chunks[-1].info
+    assert info is not None and (info.duration_s, info.n_segments) == (pytest.approx(4.0), 4)
+    with pytest.raises(MediaError) as failed:
+        decode(retimed("many.mp4", set(range(30, 50))))
+    assert failed.value.error_kind == "decode_error"
+    assert "100,001.2 s, past the video's end the header announces (4.0 s)" in failed.value.message
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skipping", "every_frame"])
 def test_where_the_damage_starts_is_said_from_the_packet(media_dir: Path, tmp_path: Path, skip: bool) -> None:
     # Audio damaged from 1.5 s on, in a 4-s GOP: skipping holds the GOP's packets until its end, so
