@@ -200,7 +200,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                     "and peak memory.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="local video files, folders or globs")
     _add_pipeline_flags(p)
-    p.add_argument("--allow-untrained", action="store_true", help="bench with an untrained head if no bundle exists")
+    p.add_argument("--allow-untrained", action="store_true", help="bench an UNTRAINED model (resnet18 + the CNN audio encoder, "
+                   "for other sampling) instead of the packaged default bundle")
     p.add_argument("--address", metavar="ADDR", help="an existing Ray cluster for (b)")
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline (c)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
