@@ -328,6 +328,8 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     if ratios["pipeline_over_naive"] is not None:
         line(f"pipeline / naive baseline  = {ratios['pipeline_over_naive']:.2f}")
     line(f"orchestration efficiency   = {ratios['orchestration_efficiency']:.2f}  (pipeline / ideal)")
+    line("video-s/s: seconds of video per second of wall time, higher is better; (b) near (a) means the pipeline "
+         "runs at the decoders' ceiling, (b) over (c) is its speed-up over a plain loop")
     line(f"(b) excludes starting Ray and Ray Data ({r['pipeline']['ray_session_start_s']:.1f} s, once per session); "
          "its workers' and models' start is included")
     line(f"encoder precision {r['precision']}: labels agree with float32 on "
@@ -341,3 +343,5 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
         frac = f"{d['busy_fraction']:.2f}" if d["busy_fraction"] is not None else "-"
         line(f"{s:<15} {d['workers']:>7} {iso[s] * 1000:>15.2f} {d['busy_s']:>8.2f} {rate:>10} {frac:>9} "
              f"{d['peak_rss_mb']:>12.0f}")
+    line("isolated ms/seg: a stage's cost per segment alone on this machine; busy s: the time its workers spent "
+         "on segments in (b); busy frac: busy s / ((b)'s wall time x workers); peak RSS: the largest worker's memory")
