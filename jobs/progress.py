@@ -175,7 +175,7 @@ class RunStatus:
               "videos_per_s": round((self.done + self.failed) / elapsed, 4)}
         since = self.heartbeat - self.first_result_at if self.first_result_at is not None else 0.0
         more = self.done + self.failed - self.first_result_videos
-        if since > 0 and more > 0:  # the steady rate, once a second result has come
+        if since >= 5.0 and more > 0:  # the steady rate, once a second result has come and over a heartbeat at least
             d |= {"steady_video_seconds_per_s": round((self.video_seconds - self.first_result_video_seconds) / since, 3),
                   "steady_videos_per_s": round(more / since, 4)}
         return d

@@ -71,7 +71,8 @@ def read_status(out_uri: str) -> JobStatus:
         left = _left_to_run(progress, int(total)) if alive else None
     # from the run's first result on when there is a second one: the start (Ray, models, the first videos'
     # latency) made the average since the start, and so an early ETA, several times too slow
-    steady = bool(progress.get("steady_videos_per_s"))
+    # while the run lives (its ETA); a finished run's rate is its average, start included
+    steady = alive and bool(progress.get("steady_videos_per_s"))
     per_s = (progress.get("steady_videos_per_s") if steady else progress.get("videos_per_s")) or None
     per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s")
     # a live run's ETA: the videos it has not finished, committed or not (a run of short clips finishes
