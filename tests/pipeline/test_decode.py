@@ -46,6 +46,17 @@ def core_rows(chunks: list[Chunk]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def rows_sampled_at(path: Path, duration_s: float, first_frame_s: list[float]) -> dict[str, np.ndarray]:
+    """Decode ``path``; check its duration, one segment per listed time and each segment's first frame's time."""
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.duration_s == pytest.approx(duration_s)
+    assert info.n_segments == len(first_frame_s)
+    rows = core_rows(chunks)
+    np.testing.assert_allclose(rows["frame_pts_s"][:, 0], first_frame_s)
+    return rows
+
+
 def rms(audio: np.ndarray) -> np.ndarray:
     return np.sqrt((audio.astype(np.float64) ** 2).mean(axis=-1))
 
@@ -223,11 +234,7 @@ def test_time_origin_is_the_first_frame_in_avi_with_b_frames(media_dir: Path, co
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert next(container.decode(stream)).pts == stream.start_time + 1  # the case in point
-    chunks = decode(path)
-    info = chunks[-1].info
-    assert info is not None and info.duration_s == pytest.approx(3.0) and info.n_segments == 3
-    rows = core_rows(chunks)
-    np.testing.assert_allclose(rows["frame_pts_s"][:, 0], [0.48, 1.48, 2.48])
+    rows = rows_sampled_at(path, 3.0, [0.48, 1.48, 2.48])
     # H.264 in AVI: FFmpeg's guessed pts come out on the wrong frames (1, 2, 4, 3, 6, 5, ...), which sampled
     # frames 11 and 61 at 0.5 s and 2.5 s; put back in order, the frames are those shown then
     check_stamps(rows, [i / 25 for i in range(75)])
@@ -246,12 +253,7 @@ def test_short_last_segment_is_sampled_at_its_centre_when_the_audio_outlasts_the
     # from the frames at hand (the last, 2.44) instead of the one shown at its centre (2.24).
     path = mf.make_video(media_dir / f"long_audio.{suffix}", duration_s=2.48, size=(96, 96), audio="tone",
                          audio_duration_s=10.0)
-    chunks = decode(path)
-    info = chunks[-1].info
-    assert info is not None and info.duration_s == pytest.approx(2.48) and info.n_segments == 3
-    rows = core_rows(chunks)
-    np.testing.assert_allclose(rows["frame_pts_s"][:, 0], [0.48, 1.48, 2.24])
-    check_stamps(rows, [i / 25 for i in range(62)])
+    check_stamps(rows_sampled_at(path, 2.48, [0.48, 1.48, 2.24]), [i / 25 for i in range(62)])
 
 
 def test_matroska_duration_tags_as_ffmpeg_names_them() -> None:
