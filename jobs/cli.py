@@ -450,8 +450,6 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import TrainSpec, train
 
-    _stop_on_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130), not with Ray's SIGTERM trace
-
     weights = args.image_weights or ("default" if args.image_encoder == "efficientnet_lite0" else "none")
     spec = TrainSpec(annotations=args.annotations, videos=args.videos, out=args.out, fusion=args.fusion,
                      task=args.task, unlabeled=args.unlabeled, epochs=args.epochs, patience=args.patience,
@@ -470,7 +468,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs.models import resolve_bundle
     from jobs.spec import runs_here
 
-    _stop_on_signals()
     bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
                       cache=args.cache, address=args.address, device=args.device, precision=args.precision,

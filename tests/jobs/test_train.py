@@ -458,31 +458,3 @@ def test_labels_holding_commas_are_quoted_in_messages():
     from jobs.train import _names
 
     assert _names(["dog, barking", "música", "speech"]) == "'dog, barking', música, speech"
-
-
-@pytest.mark.slow
-def test_train_stopped_by_sigterm_says_so_and_leaves_the_bundle(tmp_path):
-    """SIGTERM (a scheduler's stop) ended `train` with status 15 and Ray's raw trace; Ctrl-C said what to do."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    videos, ann = _two_clips(tmp_path, seed=6)
-    exe = Path(sys.executable).with_name("vidpipe")
-    proc = subprocess.Popen([str(exe), "train", "--annotations", str(ann), "--videos", str(videos), "--out",
-                             str(tmp_path / "m"), "--epochs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stderr is not None
-    said = []
-    for line in proc.stderr:  # extraction (Ray) has started
-        said.append(line)
-        if line.startswith("extracting features"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    err = "".join(said) + err
-    assert proc.returncode == 130, err[-2000:]
-    assert "vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume" in err
-    assert not (tmp_path / "m" / "bundle.json").exists()
