@@ -69,9 +69,9 @@ def read_status(out_uri: str) -> JobStatus:
         committed = sum(c.n_videos + c.n_failures for c in out.commits() if run_id and c.name.startswith(f"{run_id}-"))
         pending = _pending(progress, int(total), int(done) + int(failed), committed)
         left = _left_to_run(progress, int(total)) if alive else None
-    # from the run's first result on when there is a second one: the start (Ray, models, the first videos'
-    # latency) made the average since the start, and so an early ETA, several times too slow
-    # while the run lives (its ETA); a finished run's rate is its average, start included
+    # a live run's rate from its first result on, once there is a second one: the start (Ray, models, the
+    # first videos' latency) made the average, and so an early ETA, several times too slow; a run that has
+    # ended shows its average, start included
     steady = alive and bool(progress.get("steady_videos_per_s"))
     per_s = (progress.get("steady_videos_per_s") if steady else progress.get("videos_per_s")) or None
     per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s")
@@ -101,23 +101,29 @@ def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committ
     already).
     """
     pending = total - finished_in_out
+    before = _finished_before(progress, total)
+    if before is not None:
+        by_run = max(committed_by_run, _finished_by_run(progress))
+        pending = max(pending, total - before - by_run)
+    return max(pending, 0)
+
+
+def _finished_before(progress: dict[str, Any], total: int) -> int | None:
+    """Of the run's ``total`` inputs, how many earlier runs had finished; None before the run knows."""
     before = progress.get("inputs_finished")
     if before is None and int(progress.get("discovered") or 0) >= total:
         before = progress.get("skipped")
-    if before is not None:
-        by_run = max(committed_by_run, sum(int(progress.get(k) or 0) for k in ("done", "failed")))
-        pending = max(pending, total - int(before) - by_run)
-    return max(pending, 0)
+    return None if before is None else int(before)
+
+
+def _finished_by_run(progress: dict[str, Any]) -> int:
+    return sum(int(progress.get(k) or 0) for k in ("done", "failed"))
 
 
 def _left_to_run(progress: dict[str, Any], total: int) -> int | None:
     """Of its ``total`` inputs, how many the (live) run has not finished by its own count; None before it knows."""
-    before = progress.get("inputs_finished")
-    if before is None and int(progress.get("discovered") or 0) >= total:
-        before = progress.get("skipped")
-    if before is None:
-        return None
-    return max(total - int(before) - sum(int(progress.get(k) or 0) for k in ("done", "failed")), 0)
+    before = _finished_before(progress, total)
+    return None if before is None else max(total - before - _finished_by_run(progress), 0)
 
 
 def _gone(progress: dict[str, Any]) -> bool:

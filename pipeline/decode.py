@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, BinaryIO
@@ -631,11 +631,10 @@ def _quarter_turns_to_deg(turns: int) -> int:
 def _duration_tag_s(metadata: dict[str, str]) -> float | None:
     """A Matroska track's ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``), in seconds; None when absent or unreadable.
 
-    FFmpeg names it ``DURATION-eng`` (its language) where the tag has one, as mkvmerge's often do.
-
     Matroska has no duration per track, only the file's (its longest track's); FFmpeg's and
-    mkvmerge's muxers write the video track's own end as this tag.  Without it, audio that outlasts
-    the video would make the file's duration stand for the video's end.
+    mkvmerge's muxers write the video track's own end as this tag (FFmpeg names it ``DURATION-eng``,
+    with its language, where the tag has one, as mkvmerge's often do).  Without it, audio that
+    outlasts the video would make the file's duration stand for the video's end.
     """
     text = next((value for key, value in metadata.items()
                  if key.upper() == "DURATION" or key.upper().startswith("DURATION-")), None)
@@ -821,12 +820,9 @@ class _VideoRun:
         return av.AudioResampler(format="flt", layout="mono", rate=self.sampling.audio_rate_hz)
 
     def _estimated_end_s(self) -> float | None:
-        """End of the video as the header announces it, relative to the origin (None if unknown).
-
-        Before an AVI's first frame the origin is not known yet; the stream's start time stands in for it.
-        """
+        """End of the video as the header announces it, relative to the origin (None if unknown)."""
         v = self.vstream
-        origin = self.origin_pts if self.origin_pts is not None else (v.start_time or 0)
+        origin = self._origin_or_start()
         if v.duration and v.start_time is not None:
             return float((v.start_time + v.duration - origin) * self.time_base)
         tagged_end_s = _duration_tag_s(v.metadata)
@@ -867,9 +863,11 @@ class _VideoRun:
         ts = None if packet is None else packet.pts if packet.pts is not None else packet.dts
         if packet is None or ts is None or packet.time_base is None:
             return max(self.last_t_s, 0.0)
-        origin = self.origin_pts if self.origin_pts is not None else self.vstream.start_time
-        origin_s = float(origin * self.time_base) if origin is not None else 0.0
-        return max(float(ts * packet.time_base) - origin_s, 0.0)
+        return max(float(ts * packet.time_base) - float(self._origin_or_start() * self.time_base), 0.0)
+
+    def _origin_or_start(self) -> int:
+        """The origin's pts; before an AVI's first frame, the stream's start time stands in for it."""
+        return self.origin_pts if self.origin_pts is not None else (self.vstream.start_time or 0)
 
     def _decode(self, packet: av.Packet) -> list:
         try:
@@ -877,10 +875,11 @@ class _VideoRun:
         except av.error.FFmpegError as e:
             # Broad on purpose: any libav error here concerns this one packet, which FFmpeg
             # conceals; only many of them make the video a failure.
-            self._count_bad(lambda error=e: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e)
+            error = e  # (``e`` is unbound after the except clause; the message is built only for the first)
+            self._count_bad(lambda: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e)
             return []
 
-    def _count_bad(self, where: Any, error: BaseException | None = None) -> None:
+    def _count_bad(self, where: Callable[[], str], error: BaseException | None = None) -> None:
         """One more corrupt packet or frame (``where()`` says where and how); past MAX_BAD_PACKETS the video fails."""
         self.bad_packets += 1
         if not self.first_error:
