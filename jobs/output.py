@@ -876,15 +876,36 @@ class ResultWriter:
                         n_failures=len(self._ready_failures), n_segments=n_segments)
         crash_point("staged")
         self.out.check_held()  # again: staging took a while
-        self.out.store.write_atomic(f"{COMMITS}/{name}.json", commit.to_json().encode("utf-8"))  # the commit
+        record = f"{COMMITS}/{name}.json"
+        try:
+            self.out.store.write_atomic(record, commit.to_json().encode("utf-8"))  # the commit
+        except BaseException:
+            # A write that broke off (an S3 timeout, a stop) may have landed all the same: then the videos are
+            # committed, and a second record would double their rows. Where that cannot be told, this run does
+            # not write them again either (the next run does, if the record is not there).
+            landed = self._landed(record)
+            if landed is not False:
+                self._committed(n_segments if landed else 0)
+            raise
+        # Committed: from here on these videos are the record's, whatever breaks off the moves below (an S3
+        # error, a stop): readers and the next run's recovery find the files still in staging by the record.
+        self._committed(n_segments)
         crash_point("recorded")
         for table, fname in files.items():
             self.out.store.move(f"{STAGING}/{fname}", f"{table}/{fname}")
             crash_point("moved")
+        return commit
+
+    def _committed(self, n_segments: int) -> None:
         self.segments_written += n_segments
         self._ready_segments, self._ready_videos, self._ready_failures = [], [], []
         self._ready_n_segments = 0
-        return commit
+
+    def _landed(self, rel: str) -> bool | None:
+        try:
+            return self.out.store.exists(rel)
+        except Exception:  # noqa: BLE001 - not known (None): the next run finds out, by the record or its absence
+            return None
 
     def _stage(self, table: pa.Table, name: str) -> str:
         # staging is shared by the three tables: the random suffix keeps their names apart

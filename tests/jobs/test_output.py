@@ -732,3 +732,64 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     out.write_json("_job/progress.json", run.to_dict() | {"state": "finished"})
     s = read_status(str(out.root))
     assert (s.videos_per_s, s.rate_since_first_result) == (pytest.approx(21 / 25), False)
+
+
+@pytest.mark.parametrize("fails", [OSError("the connection dropped"), KeyboardInterrupt("stopped by SIGTERM")])
+def test_a_flush_broken_off_after_its_commit_record_is_not_committed_twice(tmp_path, monkeypatch, fails):
+    """A flush that broke off while moving its files into place (an S3 error; a stop arriving there) left
+    its videos ready, and the stop's own flush committed them a second time: every row twice."""
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    moves = []
+    real_move = out.store.move
+
+    def move(src, dst):  # noqa: ANN001, ANN202
+        moves.append(src)
+        if len(moves) == 1:
+            raise fails
+        return real_move(src, dst)
+
+    monkeypatch.setattr(out.store, "move", move)
+    with pytest.raises(type(fails)):
+        w.flush()
+    assert w.flush() is None  # what the runner does on its way out: nothing is left to commit
+    assert len(out.commits()) == 1
+    assert run_query(out.root, "SELECT count(*) n FROM segments").column("n")[0].as_py() == 3
+    assert w.segments_written == 3 and w.videos_done == 1
+    out.recover()  # the next run moves the staged file into place
+    assert run_query(out.root, "SELECT count(*) n, count(DISTINCT segment_index) k FROM segments").to_pylist() == [
+        {"n": 3, "k": 3}]
+
+
+@pytest.mark.parametrize("landed", [True, False, None])
+def test_a_commit_record_whose_write_broke_off_is_never_written_twice(tmp_path, monkeypatch, landed):
+    """A record's write that raised may have landed (an S3 PUT timing out late): writing the same videos in a
+    second record doubled their rows. One known not to have landed is written again; where it cannot be told
+    (None: the check fails too), the videos are left to the next run."""
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    real_write, real_exists = out.store.write_atomic, out.store.exists
+
+    def write_atomic(rel, data):  # noqa: ANN001, ANN202
+        if landed:
+            real_write(rel, data)
+        raise OSError("the request timed out")
+
+    def exists(rel):  # noqa: ANN001, ANN202
+        if landed is None:
+            raise OSError("the endpoint is unreachable")
+        return real_exists(rel)
+
+    monkeypatch.setattr(out.store, "write_atomic", write_atomic)
+    monkeypatch.setattr(out.store, "exists", exists)
+    with pytest.raises(OSError):
+        w.flush()
+    monkeypatch.setattr(out.store, "write_atomic", real_write)
+    monkeypatch.setattr(out.store, "exists", real_exists)
+    again = w.flush()  # what the runner does on its way out
+    assert (again is not None) == (landed is False)
+    assert w.segments_written == (0 if landed is None else 3)
+    out.recover()  # the next run: the staged files of a record that did not land are deleted
+    rows = run_query(out.root, "SELECT count(*) n FROM segments").column("n")[0].as_py()
+    assert rows == (0 if landed is None else 3)
+    assert out.finished_video_ids() == (set() if landed is None else {"v1"})
