@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs import stopping
     from jobs.runner import JobRunner
     from jobs.spec import JobSpec
 
@@ -244,7 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    decode_device=args.decode_device, precision=args.precision,
                    video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
                    commit_seconds=args.commit_seconds)
-    _stop_on_signals()
+    stopping.install()  # Ctrl-C, SIGTERM, SIGHUP: stop, committing the finished videos
     _outlive_readers()
     try:
         result = JobRunner(spec).run()
@@ -311,32 +312,6 @@ def _outlive_readers() -> None:
     # terminal): the videos go on (or, on SIGHUP, the finished ones are committed), the lines are dropped.
     sys.stdout = _Outliving(sys.stdout)  # type: ignore[assignment]
     sys.stderr = _Outliving(sys.stderr)  # type: ignore[assignment]
-
-
-def _stop_on_signals() -> None:
-    # Ctrl-C; 'ray job stop', a scheduler or systemd (SIGTERM); a terminal that closed, an ssh connection
-    # lost (SIGHUP, unless nohup ignores it): stop like Ctrl-C, committing the finished videos
-    import signal
-    import threading
-    import time
-
-    from jobs.supervise import stop_reason, stop_signals
-
-    stops: list[float] = []
-
-    def stop(signum: int, frame: object) -> None:
-        # A process group's signal can come twice (directly and through the supervisor, jobs.supervise),
-        # and a second KeyboardInterrupt would break off the stop that commits the finished videos: SIGTERM
-        # and SIGHUP stop once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks.
-        now = time.monotonic()
-        if stops and (signum != signal.SIGINT or now - stops[0] < 1.0):
-            return
-        stops.append(now)
-        raise KeyboardInterrupt(stop_reason(signum))
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in stop_signals():
-            signal.signal(sig, stop)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -448,7 +423,10 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jobs import stopping
     from jobs.train import TrainSpec, train
+
+    stopping.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130), not with Ray's SIGTERM trace
 
     weights = args.image_weights or ("default" if args.image_encoder == "efficientnet_lite0" else "none")
     spec = TrainSpec(annotations=args.annotations, videos=args.videos, out=args.out, fusion=args.fusion,
@@ -464,9 +442,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from jobs import stopping
     from jobs.evaluate import evaluate, write_report
     from jobs.models import resolve_bundle
     from jobs.spec import runs_here
+
+    stopping.install()
 
     bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,

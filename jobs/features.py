@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from jobs import stopping
 from pipeline.inputs import local_path
 from pipeline.media import ChunkingSpec, Failure, SamplingSpec
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
@@ -237,7 +238,8 @@ def extract_features(
             f"audio {spec.audio.kind}, {spec.precision}) into {cache.dir}")
         for feats in _run_stages(todo, spec, audio_state, address=address, device=device, failures=failures,
                                  say=say):
-            cache.save(feats)
+            with stopping.deferred():  # a stop between write and rename would leave a temporary file
+                cache.save(feats)
             found[feats.uri] = feats
     return FeatureResult(features=found, failures=failures, cache_hits=hits, extracted=len(todo) - len(failures),
                          cache_dir=cache.dir)

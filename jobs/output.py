@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from jobs import stopping
 from jobs.fs import Store
 from jobs.idset import IdSet
 from pipeline.errors import ConfigError
@@ -855,7 +856,11 @@ class ResultWriter:
             self.flush()
 
     def flush(self) -> Commit | None:
-        """Commit every complete video collected so far."""
+        """Commit every complete video collected so far (a stop arriving meanwhile waits for its end)."""
+        with stopping.deferred():
+            return self._flush()
+
+    def _flush(self) -> Commit | None:
         self._last_flush = time.monotonic()
         if not (self._ready_videos or self._ready_failures):
             return None

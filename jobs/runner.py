@@ -47,6 +47,7 @@ from typing import Any, TextIO
 
 import pyarrow.compute as pc
 
+from jobs import stopping
 from jobs.discover import VideoRef, check_inputs, count_videos, discover
 from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
@@ -123,11 +124,18 @@ def init_ray(address: str | None) -> None:
         raise ConfigError(f"the current folder {os.getcwd()!r} has a name that is not UTF-8, which Ray cannot "
                           "start from; run vidpipe from another folder (inputs and OUT may stay where they are)"
                           ) from None
+    # Ray sets that handler first thing, before it starts the node's processes, and a SIGTERM that met it as Ray
+    # forked one was swallowed there with logging's lock held (jobs/stopping.py): the CLI's handler stays.
+    ray_utils = ray._private.utils
+    set_handler = ray_utils.set_sigterm_handler
+    if callable(on_sigterm):
+        ray_utils.set_sigterm_handler = lambda handler: None
     try:
         if address:
             _check_reachable(address, from_env=address != given)
             try:
-                ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
+                with stopping.deferred():  # Ray forks its processes: a stop in there hangs (jobs/stopping.py)
+                    ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
                 if address == "auto":
                     raise ConfigError(f"--address auto: could not join a Ray cluster running on this machine ({exc}); "
@@ -145,8 +153,9 @@ def init_ray(address: str | None) -> None:
                     f"cannot join the Ray cluster at {address} ({exc}). {how}; otherwise check that "
                     "the address is the cluster's GCS address ('ray start --head' prints it)") from None
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
-                     configure_logging=False)
+            with stopping.deferred():
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
+                         configure_logging=False)
     except SystemExit as exc:
         # a SIGTERM while Ray starts meets Ray's handler (sys.exit(15)): stop as the CLI's own handler would
         if callable(on_sigterm) and exc.code == signal.SIGTERM:
@@ -155,6 +164,7 @@ def init_ray(address: str | None) -> None:
             raise KeyboardInterrupt(stop_reason(signal.SIGTERM)) from None
         raise
     finally:
+        ray_utils.set_sigterm_handler = set_handler
         if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
             signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -528,6 +538,7 @@ class JobRunner:
         progress = Progress(None, self.stream, enabled=spec.progress)
         ray_started = False
         while True:
+            stopping.check()
             if self._input_error is not None:
                 finished = writer.videos_done + writer.videos_failed
                 said = (f"the {finished} videos this run finished are committed: fix it and rerun the same command "
@@ -612,6 +623,7 @@ class JobRunner:
                 break
             for row in iter_rows(batch):
                 writer.add_row(row)
+            stopping.check()  # a stop that came during a commit that failed (and was retried)
             status.in_flight = len(group) - (writer.videos_done + writer.videos_failed - finished_before)
             self._sync(status, writer, feeder)
             progress.total, progress.skipped = status.inputs_total, feeder.skipped

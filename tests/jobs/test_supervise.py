@@ -37,7 +37,7 @@ from tests.jobs.conftest import (
 _DRIVER = """
 import json, os, signal, sys, time
 from jobs import supervise
-from jobs.cli import _stop_on_signals
+from jobs.stopping import install
 from jobs.progress import RunStatus
 
 out, mode = sys.argv[1], sys.argv[2]
@@ -63,7 +63,7 @@ def command():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: seen.append(signal.Signals(signum).name))
     else:
-        _stop_on_signals()  # the run's own handlers
+        install()  # the run's own handlers
     if mode == "agent":  # as Ray's raylet and agents: in the driver's group, outliving it; and as Ray's
         import subprocess  # workers: the raylet's children, in process groups of their own
         agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; w = subprocess.Popen("

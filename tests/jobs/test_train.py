@@ -458,3 +458,38 @@ def test_labels_holding_commas_are_quoted_in_messages():
     from jobs.train import _names
 
     assert _names(["dog, barking", "música", "speech"]) == "'dog, barking', música, speech"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.3, 1.5])
+def test_train_stopped_by_sigterm_as_ray_starts_says_so_and_writes_no_bundle(tmp_path, delay_s):
+    """SIGTERM (a scheduler's stop) ended `train` with status 15 and Ray's raw trace; stopping like Ctrl-C
+    then hung once in CI, the stop landing in logging's at-fork handler as Ray started (jobs/stopping.py)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    videos, ann = _two_clips(tmp_path, seed=6)
+    exe = Path(sys.executable).with_name("vidpipe")
+    proc = subprocess.Popen([str(exe), "train", "--annotations", str(ann), "--videos", str(videos), "--out",
+                             str(tmp_path / "m"), "--epochs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stderr is not None
+    said = []
+    try:
+        for line in proc.stderr:  # extraction, and Ray's start, begin
+            said.append(line)
+            if line.startswith("extracting features"):
+                break
+        time.sleep(delay_s)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(said) + err
+    assert proc.returncode == 130, err[-2000:]
+    assert "vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume" in err
+    assert "Exception ignored" not in err
+    assert not (tmp_path / "m" / "bundle.json").exists()
