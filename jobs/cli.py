@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from jobs import stopping
+
+    # Ctrl-C, SIGTERM, SIGHUP: stop, committing the finished videos. First: the imports below take seconds,
+    # and a stop there killed the run by the signal, where it is a stop like any other
+    stopping.install()
     from jobs.runner import JobRunner
     from jobs.spec import JobSpec
 
@@ -245,7 +249,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    decode_device=args.decode_device, precision=args.precision,
                    video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
                    commit_seconds=args.commit_seconds)
-    stopping.install()  # Ctrl-C, SIGTERM, SIGHUP: stop, committing the finished videos
     _outlive_readers()
     try:
         result = JobRunner(spec).run()

@@ -478,3 +478,26 @@ def test_a_path_that_is_not_utf8_named_on_the_command_line_runs(tmp_path, shared
     assert stopped.returncode == EXIT_USAGE, stopped.stderr[-3000:]
     assert "has a name that is not UTF-8, which Ray cannot start from; run vidpipe from another folder" in \
         stopped.stderr
+
+
+_HANDLER_AT_HEAVY_IMPORTS = """
+import signal, sys
+from jobs import cli
+
+class Watch:  # notes the SIGTERM handler when the runner (torch, pyarrow, Ray's adapter) starts loading
+    def find_spec(self, name, path=None, target=None):
+        if name == "jobs.runner":
+            print(getattr(signal.getsignal(signal.SIGTERM), "__module__", "default"), flush=True)
+            sys.exit(0)
+
+sys.meta_path.insert(0, Watch())
+cli.main(["run", "in.mp4", "--out", "out"])
+"""
+
+
+def test_the_stop_handler_is_in_place_before_the_run_loads_its_libraries():
+    """The runner's imports take 2-4 s: a SIGTERM then killed `vidpipe run` by the signal (status 143,
+    "the run was killed by SIGTERM") where any later one stops it as interrupted (130)."""
+    r = subprocess.run([sys.executable, "-c", _HANDLER_AT_HEAVY_IMPORTS], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[2], timeout=120)
+    assert (r.returncode, r.stdout) == (0, "jobs.stopping\n"), r.stderr[-2000:]
