@@ -427,9 +427,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jobs import stopping
-    from jobs.train import TrainSpec, train
 
-    stopping.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130), not with Ray's SIGTERM trace
+    stopping.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130); before the imports (seconds)
+    from jobs.train import TrainSpec, train
 
     weights = args.image_weights or ("default" if args.image_encoder == "efficientnet_lite0" else "none")
     spec = TrainSpec(annotations=args.annotations, videos=args.videos, out=args.out, fusion=args.fusion,
@@ -446,11 +446,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs import stopping
+
+    stopping.install()
     from jobs.evaluate import evaluate, write_report
     from jobs.models import resolve_bundle
     from jobs.spec import runs_here
-
-    stopping.install()
 
     bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
