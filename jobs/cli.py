@@ -525,8 +525,12 @@ def entry() -> None:
 
 
 def _command() -> int:
+    from jobs import supervise
+
     try:
-        return main()
+        code = main()
+        supervise.finished(code)  # the command's status stands, however the end below goes
+        return code
     finally:  # also after an error that escapes main (its traceback follows)
         import signal
 
@@ -534,7 +538,7 @@ def _command() -> int:
 
         # the command is over: a stop that comes now (a 'ray job stop' as the run finishes) has nothing left
         # to stop, and a KeyboardInterrupt raised inside Ray's shutdown would turn a finished run into an error
-        for stop in (signal.SIGINT, signal.SIGTERM):
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(stop, signal.SIG_IGN)
 
         if "ray" in sys.modules:

@@ -238,7 +238,7 @@ def extract_features(
             f"audio {spec.audio.kind}, {spec.precision}) into {cache.dir}")
         for feats in _run_stages(todo, spec, audio_state, address=address, device=device, failures=failures,
                                  say=say):
-            with stopping.deferred():  # a stop between write and rename would leave a temporary file
+            with stopping.deferred("a feature-cache write"):  # a stop between write and rename would leave a temporary file
                 cache.save(feats)
             found[feats.uri] = feats
     return FeatureResult(features=found, failures=failures, cache_hits=hits, extracted=len(todo) - len(failures),

@@ -729,6 +729,7 @@ class ResultWriter:
         self._ready_videos: list[dict[str, Any]] = []
         self._ready_failures: list[dict[str, Any]] = []
         self._ready_n_segments = 0
+        self._unrecorded: Commit | None = None  # staged, its record's write broke off: written again first
         self._last_flush = time.monotonic()
         self.videos_done = 0
         self.videos_failed = 0
@@ -852,23 +853,32 @@ class ResultWriter:
     # -- committing -----------------------------------------------------------------------------------------
     def maybe_flush(self) -> None:
         due = time.monotonic() - self._last_flush >= self.flush_seconds
-        if self._ready_n_segments >= self.flush_segments or (due and (self._ready_videos or self._ready_failures)):
+        if self._ready_n_segments >= self.flush_segments or (
+                due and (self._ready_videos or self._ready_failures or self._unrecorded is not None)):
             self.flush()
 
     def flush(self) -> Commit | None:
         """Commit every complete video collected so far (a stop arriving meanwhile waits for its end)."""
-        with stopping.deferred():
+        with stopping.deferred("the commit of the finished videos"):
             return self._flush()
 
     def _flush(self) -> Commit | None:
         self._last_flush = time.monotonic()
-        if not (self._ready_videos or self._ready_failures):
-            return None
-        self.out.check_held()
+        commit = None
+        if self._unrecorded is not None:  # a record whose write broke off: the same record again, first
+            commit = self._record(self._unrecorded)
+        if self._ready_videos or self._ready_failures:
+            self.out.check_held()
+            self._unrecorded = self._stage_ready()
+            crash_point("staged")
+            commit = self._record(self._unrecorded)
+        return commit
+
+    def _stage_ready(self) -> Commit:
+        """Write the ready videos' rows into staging; they are then the returned (not yet recorded) commit's."""
         self._seq += 1
         name = f"{self.run_id}-{self._seq:05d}"
         files: dict[str, str] = {}
-        n_segments = self._ready_n_segments
         if self._ready_videos:
             seg = pa.concat_tables(self._ready_segments).sort_by([("video_id", "ascending"),
                                                                   ("segment_index", "ascending")])
@@ -878,39 +888,28 @@ class ResultWriter:
             files["failures"] = self._stage(pa.Table.from_pylist(self._ready_failures, schema=FAILURES_SCHEMA),
                                             name)
         commit = Commit(name=name, files=files, n_videos=len(self._ready_videos),
-                        n_failures=len(self._ready_failures), n_segments=n_segments)
-        crash_point("staged")
+                        n_failures=len(self._ready_failures), n_segments=self._ready_n_segments)
+        self._ready_segments, self._ready_videos, self._ready_failures = [], [], []
+        self._ready_n_segments = 0
+        return commit
+
+    def _record(self, commit: Commit) -> Commit:
+        """Write ``commit``'s record (the commit itself), then move its files into place.
+
+        A record's write that breaks off (an S3 timeout, a stop) may land all the same, even later: it is
+        written again under the same name, never its videos under another (that would double their rows).
+        """
         self.out.check_held()  # again: staging took a while
-        record = f"{COMMITS}/{name}.json"
-        try:
-            self.out.store.write_atomic(record, commit.to_json().encode("utf-8"))  # the commit
-        except BaseException:
-            # A write that broke off (an S3 timeout, a stop) may have landed all the same: then the videos are
-            # committed, and a second record would double their rows. Where that cannot be told, this run does
-            # not write them again either (the next run does, if the record is not there).
-            landed = self._landed(record)
-            if landed is not False:
-                self._committed(n_segments if landed else 0)
-            raise
-        # Committed: from here on these videos are the record's, whatever breaks off the moves below (an S3
-        # error, a stop): readers and the next run's recovery find the files still in staging by the record.
-        self._committed(n_segments)
+        self.out.store.write_atomic(f"{COMMITS}/{commit.name}.json", commit.to_json().encode("utf-8"))
+        # Committed: whatever breaks off the moves below (an S3 error, a stop), readers and the next run's
+        # recovery find the files still in staging by the record.
+        self._unrecorded = None
+        self.segments_written += commit.n_segments
         crash_point("recorded")
-        for table, fname in files.items():
+        for table, fname in commit.files.items():
             self.out.store.move(f"{STAGING}/{fname}", f"{table}/{fname}")
             crash_point("moved")
         return commit
-
-    def _committed(self, n_segments: int) -> None:
-        self.segments_written += n_segments
-        self._ready_segments, self._ready_videos, self._ready_failures = [], [], []
-        self._ready_n_segments = 0
-
-    def _landed(self, rel: str) -> bool | None:
-        try:
-            return self.out.store.exists(rel)
-        except Exception:  # noqa: BLE001 - not known (None): the next run finds out, by the record or its absence
-            return None
 
     def _stage(self, table: pa.Table, name: str) -> str:
         # staging is shared by the three tables: the random suffix keeps their names apart

@@ -128,14 +128,13 @@ def init_ray(address: str | None) -> None:
     # forked one was swallowed there with logging's lock held (jobs/stopping.py): the CLI's handler stays.
     ray_utils = ray._private.utils
     set_handler = ray_utils.set_sigterm_handler
-    if callable(on_sigterm):
-        ray_utils.set_sigterm_handler = lambda handler: None
     try:
+        if callable(on_sigterm):
+            ray_utils.set_sigterm_handler = lambda handler: None
         if address:
             _check_reachable(address, from_env=address != given)
             try:
-                with stopping.deferred():  # Ray forks its processes: a stop in there hangs (jobs/stopping.py)
-                    ray.init(address=address, log_to_driver=show_logs, configure_logging=False)
+                ray.init(address=address, log_to_driver=show_logs, configure_logging=False)  # starts no process
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
                 if address == "auto":
                     raise ConfigError(f"--address auto: could not join a Ray cluster running on this machine ({exc}); "
@@ -153,7 +152,7 @@ def init_ray(address: str | None) -> None:
                     f"cannot join the Ray cluster at {address} ({exc}). {how}; otherwise check that "
                     "the address is the cluster's GCS address ('ray start --head' prints it)") from None
         else:
-            with stopping.deferred():
+            with stopping.deferred("Ray's start"):  # it forks its processes: a stop in there hangs (jobs/stopping.py)
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                          configure_logging=False)
     except SystemExit as exc:

@@ -13,12 +13,13 @@ Such an exception lands between any two bytecodes, and two kinds of places must 
   log line hangs (``vidpipe train`` stopped by SIGTERM as Ray started hung past 120 s in CI);
 - where a half-done step would be worse than a finished one: a commit, a bundle's save.
 
-Inside :func:`deferred` a stop is noted and raised where the outermost such block ends. A second Ctrl-C
-(a second or more after the first) is raised at once even there: the user insists.
+Inside :func:`deferred` a stop is noted and raised where the outermost such block ends; a Ctrl-C given
+again meanwhile says what the command is finishing (``kill -9`` still ends it at once).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ from jobs.supervise import stop_reason, stop_signals
 _taken: list[float] = []  # when each stop that counted arrived
 _depth = 0  # deferred() blocks the main thread is in
 _pending: str | None = None  # a stop that came inside one, not raised yet
+_what: list[str] = []  # what the blocks do, innermost last
 
 
 def install() -> None:
@@ -43,23 +45,37 @@ def _on_signal(signum: int, frame: object) -> None:
     global _pending
     # A process group's signal can come twice (directly and through the supervisor, jobs.supervise), and a
     # second KeyboardInterrupt would break off the stop that commits the finished videos: SIGTERM and SIGHUP
-    # stop once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks.
+    # stop once; a Ctrl-C a second or more after the first breaks off the stop, as the user asks (but not a
+    # deferred block: there it says what it waits for).
     now = time.monotonic()
-    if _taken and (signum != signal.SIGINT or now - _taken[0] < 1.0):
+    again = bool(_taken)
+    if again and (signum != signal.SIGINT or now - _taken[0] < 1.0):
         return
     _taken.append(now)
-    if _depth and len(_taken) == 1:
-        _pending = stop_reason(signum)
+    if _depth:
+        if again:
+            _say(f"vidpipe: stopping once {_what[-1]} has ended ('kill -9 {os.getpid()}' ends it at once)\n")
+        _pending = _pending or stop_reason(signum)
         return
-    _pending = None
     raise KeyboardInterrupt(stop_reason(signum))
 
 
+def _say(text: str) -> None:
+    try:  # not through sys.stderr: the handler may run inside its write
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
 class _Deferred:
+    def __init__(self, what: str) -> None:
+        self.what = what
+
     def __enter__(self) -> None:
         global _depth
         self.counts = threading.current_thread() is threading.main_thread()  # handlers run in the main thread
         if self.counts:
+            _what.append(self.what)
             _depth += 1
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -67,6 +83,7 @@ class _Deferred:
         if not self.counts:
             return
         _depth -= 1
+        _what.pop()
         if _depth or _pending is None or kind is not None:
             return  # an error ending the block goes first; the stop waits for the next block's end, or check()
         reason, _pending = _pending, None
@@ -74,10 +91,11 @@ class _Deferred:
             raise KeyboardInterrupt(reason)
 
 
-def deferred() -> _Deferred:
-    """A block that a stop does not break off: a stop arriving inside is raised where the block ends
-    (unless the block ends with an error, or inside an ``except`` block: the command is stopping then)."""
-    return _Deferred()
+def deferred(what: str) -> _Deferred:
+    """A block that a stop does not break off (``what`` it does, for the message if Ctrl-C is given again):
+    a stop arriving inside is raised where the block ends, unless the block ends with an error, or inside
+    an ``except`` block (the command is stopping then)."""
+    return _Deferred(what)
 
 
 def check() -> None:

@@ -35,6 +35,7 @@ from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED
 
 _PR_SET_PDEATHSIG = 1
 _DONE = b"d"
+_done_pipe: int | None = None  # in the supervised child: where to say that the command is over
 _REAP = b"k"  # to the reaper: the driver has ended, end what is left of the run now
 # stop signals passed on to the child; SIGHUP (a terminal that closed: an ssh connection lost) too, unless
 # ignored (``nohup``), when the child inherits that
@@ -62,19 +63,20 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     A child killed by a signal makes this process die by the same signal (after the explanation), so
     callers see what they saw before (``-9`` from subprocess, 137 in a shell).
     """
-    global SUPERVISOR_PID
+    global SUPERVISOR_PID, _done_pipe
     parent = os.getpid()
     r, w = os.pipe()
     stops = stop_signals()
     watched = {*stops, signal.SIGCHLD, signal.SIGTSTP}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     pid = os.fork()
-    if pid == 0:  # the child: the command, then the "done" byte
+    if pid == 0:  # the child: the command, then the "done" byte and its status
         _own_process_group()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(r)
         _die_with_parent(parent)
         SUPERVISOR_PID = parent
+        _done_pipe = w
         code = EXIT_INTERNAL
         try:
             code = command()
@@ -86,7 +88,7 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
             traceback.print_exc()
         finally:
             flush_std_streams()
-            os.write(w, _DONE)
+            finished(code)
             os._exit(code)
     os.close(w)
     try:
@@ -104,16 +106,19 @@ def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.set_blocking(r, False)
     try:
-        done = os.read(r, 1) == _DONE
+        said = os.read(r, 2)
     except BlockingIOError:
-        done = False
+        said = b""
     os.close(r)
+    done = len(said) == 2 and said[:1] == _DONE
     # what is left of the run: Ray's agents of an embedded node outlived even some clean ends by ~60 s, its
     # workers a killed driver by 23-26 s (the reaper, scanning while the raylet lives, finds them)
     _reap(reaper)
     _end_process_group(pid)  # done by the reaper already, unless none could be forked (or it did not finish)
-    if done and os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
+    if done:
+        # the command had finished (its videos committed, its status said): Ray's core worker may end the
+        # process with status 1 as Ray shuts down, and that is no failure of the run
+        return said[1]
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         what = f"was killed by {_signal_name(sig)}"
@@ -290,6 +295,17 @@ def _own_process_group() -> None:
     # a background process group that writes to its terminal is stopped (SIGTTOU) where the terminal says
     # 'tostop'; the driver's progress line and messages must not be
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+
+
+def finished(code: int) -> None:
+    """In the supervised child: the command is over with status ``code`` (what follows is cleanup)."""
+    global _done_pipe
+    if _done_pipe is not None:
+        try:
+            os.write(_done_pipe, _DONE + bytes([code & 0xFF]))
+        except OSError:  # the supervisor is gone: nobody to tell
+            pass
+        _done_pipe = None
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

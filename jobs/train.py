@@ -639,7 +639,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     meta["val_loss"] = _json_number(val_loss) if val_metrics is not None else None
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
-    with stopping.deferred():  # a stop amid the swap of directories would leave the old bundle aside
+    with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
         path = bundle.save(out, overwrite=True, keep=_KEPT)
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
         + (f", validation accuracy {val_metrics.accuracy:.3f}, macro-F1 {val_metrics.macro_f1:.3f}" if val_metrics else "")

@@ -386,13 +386,15 @@ _STOP_AFTER_THE_RUN = """
 import os, signal, sys, time
 from jobs import cli, runner, stopping
 
+sig = getattr(signal, sys.argv[1])
+
 def main():
     stopping.install()  # as 'vidpipe run' does
     print("run finished", flush=True)
     return 0
 
-def shutdown_ray():  # the stop arrives while Ray shuts down ('ray job stop' as the run ends)
-    os.kill(os.getpid(), signal.SIGTERM)
+def shutdown_ray():  # the stop arrives while Ray shuts down ('ray job stop' as the run ends, a terminal closing)
+    os.kill(os.getpid(), sig)
     time.sleep(0.3)
     print("ray stopped", flush=True)
 
@@ -402,12 +404,40 @@ sys.exit(cli._command())
 """
 
 
-def test_a_stop_after_the_run_has_finished_does_not_break_off_its_end():
-    """A SIGTERM that comes once the command is over (during Ray's shutdown) has nothing left to stop: the
-    command ends with the run's own status, not a KeyboardInterrupt traceback and status 1."""
-    r = subprocess.run([sys.executable, "-c", _STOP_AFTER_THE_RUN], capture_output=True, text=True,
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_after_the_run_has_finished_does_not_break_off_its_end(sig):
+    """A SIGTERM or SIGHUP that comes once the command is over (during Ray's shutdown) has nothing left to stop:
+    the command ends with the run's own status, not a KeyboardInterrupt traceback and status 1 (SIGHUP did)."""
+    r = subprocess.run([sys.executable, "-c", _STOP_AFTER_THE_RUN, sig], capture_output=True, text=True,
                        cwd=Path(__file__).parents[2], timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (0, "run finished\nray stopped\n", "")
+
+
+_RAY_ENDS_THE_PROCESS_AS_IT_SHUTS_DOWN = """
+import os, sys
+from jobs import cli, runner, supervise
+
+def main():
+    print("vidpipe: interrupted (stopped by Ctrl-C (SIGINT)); rerun the same command to resume", flush=True)
+    return 130
+
+def shutdown_ray():
+    os._exit(1)  # as Ray's core worker once ended a stopped run's driver while Ray shut down
+
+cli.main, runner.shutdown_ray = main, shutdown_ray
+sys.modules.setdefault("ray", type(sys)("ray"))
+sys.exit(supervise.supervise(["run", "in.mp4", "--out", sys.argv[1]], cli._command))
+"""
+
+
+def test_a_driver_that_ray_ends_after_the_command_finished_keeps_the_commands_status(tmp_path):
+    """A run stopped by Ctrl-C said "interrupted" and committed its videos; Ray's core worker then ended the
+    driver with status 1 as Ray shut down, and the supervisor reported "the run was stopped by SIGINT and
+    ended abruptly ... Ray's local processes had the signal too", recording the run as interrupted there."""
+    r = subprocess.run([sys.executable, "-c", _RAY_ENDS_THE_PROCESS_AS_IT_SHUTS_DOWN, str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120)
+    assert (r.returncode, r.stderr) == (130, ""), r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()  # no record of an abrupt end
 
 
 def test_a_reader_that_goes_away_does_not_fail_the_run(shared_media, tmp_path):
