@@ -164,7 +164,10 @@ def init_ray(address: str | None) -> None:
         raise
     finally:
         ray_utils.set_sigterm_handler = set_handler
-        if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+        if callable(on_sigterm):
+            # Always, even where Python still names ours: Ray's core worker put abseil's failure handler under
+            # it at the C level, which prints a crash trace on SIGTERM and aborts the process 3 s later
+            # (SIGABRT: a stop whose commit and Ray's shutdown took longer died, recorded as failed)
             signal.signal(signal.SIGTERM, on_sigterm)
 
 

@@ -531,3 +531,32 @@ def test_the_stop_handler_is_in_place_before_the_run_loads_its_libraries():
     r = subprocess.run([sys.executable, "-c", _HANDLER_AT_HEAVY_IMPORTS], capture_output=True, text=True,
                        cwd=Path(__file__).parents[2], timeout=120)
     assert (r.returncode, r.stdout) == (0, "jobs.stopping\n"), r.stderr[-2000:]
+
+
+_SLOW_STOP_AFTER_RAY_STARTED = """
+import os, signal, sys, time
+from jobs.stopping import install
+from jobs.runner import init_ray, shutdown_ray
+
+install()
+init_ray(None)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+except KeyboardInterrupt as exc:
+    print(f"interrupted: {exc}", flush=True)
+time.sleep(4.5)  # a stop that takes a while: the finished videos' commit on S3, Ray's shutdown
+print("still here", flush=True)
+shutdown_ray()
+"""
+
+
+def test_a_stop_that_takes_more_than_3_s_after_ray_has_started_is_not_aborted():
+    """Ray's core worker installs abseil's failure handler for SIGTERM under the CLI's: a SIGTERM printed a
+    crash trace ("*** SIGTERM received ...") and armed a 3-s alarm that aborted the driver (SIGABRT)."""
+    from tests.jobs.conftest import vidpipe_env
+
+    r = subprocess.run([sys.executable, "-c", _SLOW_STOP_AFTER_RAY_STARTED], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300)
+    assert (r.returncode, r.stdout) == (0, "interrupted: stopped by SIGTERM\nstill here\n"), r.stderr[-3000:]
+    assert "SIGTERM received" not in r.stderr
