@@ -104,13 +104,27 @@ def _client(address: str) -> Any:
                           "('ray start' wrote it there on the head node)") from None
 
 
+def _refused(said: str, options: SubmitOptions) -> str:
+    """What to do about a job the job server refused (``said``: its answer, often a whole traceback)."""
+    reason = next((line.strip() for line in reversed(said.splitlines()) if re.search(r"[^\W\d_]", line)), said)
+    if "already exists" in said and options.job_id:
+        return (f"--job-id {options.job_id}: the Ray job server at {options.address} already has a job of that id "
+                "(a job id names one submission, finished or not; 'ray job list' shows them): give another "
+                "--job-id, or leave it out for a new one (a rerun with the same OUT resumes its job)")
+    return (f"the Ray job server at {options.address} refused the job: {reason[:300].rstrip('.')}; check the cluster "
+            "('ray status' on its head node; the dashboard agent may not have started) and submit again")
+
+
 def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str], None] = print) -> tuple[str, int]:
     """Submit the job; with ``wait``, follow it to the end.  Returns (job id, exit status)."""
     client = _client(options.address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    job_id = client.submit_job(entrypoint=entry, submission_id=options.job_id,
-                               runtime_env={"env_vars": env} if env else None,
-                               metadata={"vidpipe_out": out})
+    try:
+        job_id = client.submit_job(entrypoint=entry, submission_id=options.job_id,
+                                   runtime_env={"env_vars": env} if env else None,
+                                   metadata={"vidpipe_out": out})
+    except RuntimeError as exc:  # the job server's answer: "Request failed with status code 500: ..."
+        raise ConfigError(_refused(str(exc), options)) from None
     say(job_id)
     if not options.wait:
         return job_id, 0

@@ -58,6 +58,14 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
     status = json.loads(st.stdout)
     assert status["ray_job"]["status"] == "SUCCEEDED" and status["out"] == str(out)
     assert (status["done"], status["failed"], status["pending"], status["run_state"]) == (20, 0, 0, "finished")
+    # the same job id again (a job stopped and resubmitted by its name): the server's 500 and traceback were raw
+    again = _vidpipe(cluster, ["submit", str(small_archive), "--out", str(out), *RUN_FLAGS,
+                               "--address", cluster.dashboard_url, "--job-id", job_id])
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.splitlines()[-1] == (
+        f"vidpipe submit: error: --job-id {job_id}: the Ray job server at {cluster.dashboard_url} already has a job "
+        "of that id (a job id names one submission, finished or not; 'ray job list' shows them): give another "
+        "--job-id, or leave it out for a new one (a rerun with the same OUT resumes its job)")
 
 
 def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_path):
