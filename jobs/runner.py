@@ -156,7 +156,7 @@ def init_ray(address: str | None) -> None:
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                          configure_logging=False)
     except SystemExit as exc:
-        # a SIGTERM while Ray starts meets Ray's handler (sys.exit(15)): stop as the CLI's own handler would
+        # a SIGTERM that met a handler of Ray's after all (sys.exit(15); another Ray version): stop as ours would
         if callable(on_sigterm) and exc.code == signal.SIGTERM:
             from jobs.supervise import stop_reason
 
@@ -169,6 +169,8 @@ def init_ray(address: str | None) -> None:
             # it at the C level, which prints a crash trace on SIGTERM and aborts the process 3 s later
             # (SIGABRT: a stop whose commit and Ray's shutdown took longer died, recorded as failed)
             signal.signal(signal.SIGTERM, on_sigterm)
+            signal.alarm(0)  # a SIGTERM that met abseil's handler in ray.init's last steps armed that alarm
+
 
 
 def _check_reachable(address: str, *, from_env: bool = False) -> None:
