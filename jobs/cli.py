@@ -253,8 +253,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = JobRunner(spec).run()
     except OSError as exc:  # the output's storage gone mid-run (an S3 endpoint, a network file system)
-        print(f"vidpipe run: error: {exc}\nthe videos committed before it are kept; rerun the same command to "
-              "resume", file=sys.stderr)
+        where = ("; check that the S3 endpoint is reachable (AWS_ENDPOINT_URL, the network) and the credentials "
+                 "still valid. Its end may not be recorded in OUT: a rerun waits out the run's lease (30 s)"
+                 if args.out.startswith("s3://") else "")
+        print(f"vidpipe run: error: {exc}{where}\nthe videos committed before it are kept; rerun the same command "
+              "to resume", file=sys.stderr)
         return EXIT_INTERNAL
     earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
     print(f"done: {result.videos_done} videos ok, {result.videos_failed} failed, {result.videos_skipped} skipped "

@@ -176,7 +176,8 @@ def format_status(s: JobStatus) -> str:
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
     run = s.run_state or "no run recorded"
     if s.run_state == "dead":
-        run = "stopped without finishing (driver killed?); rerun the same command to resume"
+        run = ("stopped without recording why (killed, or its OUT out of reach as it ended); rerun the same "
+               "command to resume")
     if s.run_state in ("failed", "interrupted") and s.message:
         run = f"{run}: {s.message}"
     lines.append(f"last run {s.run_id or '-'}: {run}" + (f", updated {s.updated_at}" if s.updated_at else ""))

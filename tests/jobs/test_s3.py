@@ -401,3 +401,41 @@ def test_a_run_stalled_past_its_lease_commits_nothing_after_another_took_over(s3
     assert "refused: another run took over s3://vidpipe-out/stall" in stdout
     assert [c.name.split("-0")[0] for c in out.commits()] == ["run-b"]  # run-a committed nothing
     assert run_query(out.uri, "SELECT count(*) n FROM segments").column("n")[0].as_py() == 2
+
+
+def test_an_s3_out_lost_mid_run_ends_the_run_saying_what_to_check(s3_server, tmp_path):
+    """The endpoint going away mid-run ended the run with pyarrow's error alone; `status` then guessed
+    "driver killed?" and the rerun waited for a lease without a word of why."""
+    import subprocess
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.jobs.clusters import free_port
+    from tests.jobs.conftest import VIDPIPE, wait_for
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = vidpipe_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        client.create_bucket(Bucket="lost")
+        archive = make_archive(tmp_path / "in", 16, duration_s=3.0)
+        proc = subprocess.Popen([str(VIDPIPE), "run", str(archive), "--out", "s3://lost/o", *RUN_FLAGS,
+                                 "--commit-seconds", "1", "--wave-size", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_for(lambda: any(o["Key"].startswith("o/_job/commits/")
+                                 for o in client.list_objects_v2(Bucket="lost").get("Contents", [])),
+                     240, "a first commit")
+        finally:
+            server.stop()  # the endpoint goes away
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert ("check that the S3 endpoint is reachable (AWS_ENDPOINT_URL, the network) and the credentials still "
+            "valid. Its end may not be recorded in OUT: a rerun waits out the run's lease (30 s)") in err, err[-3000:]
+    assert err.rstrip().endswith("the videos committed before it are kept; rerun the same command to resume")
