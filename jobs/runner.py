@@ -172,7 +172,6 @@ def init_ray(address: str | None) -> None:
             signal.alarm(0)  # a SIGTERM that met abseil's handler in ray.init's last steps armed that alarm
 
 
-
 def _check_reachable(address: str, *, from_env: bool = False) -> None:
     """Fail in seconds, naming the address, where ray.init would retry connecting for minutes."""
     import socket
@@ -627,7 +626,7 @@ class JobRunner:
                 break
             for row in iter_rows(batch):
                 writer.add_row(row)
-            stopping.check()  # a stop that came during a commit that failed (and was retried)
+            stopping.check()  # a stop noted in a commit that then ended with an error, handled since
             status.in_flight = len(group) - (writer.videos_done + writer.videos_failed - finished_before)
             self._sync(status, writer, feeder)
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
