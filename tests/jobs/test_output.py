@@ -792,3 +792,25 @@ def test_a_commit_record_whose_write_broke_off_is_written_again_under_its_own_na
     out.recover()  # the next run
     rows = run_query(out.root, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1").to_pylist()
     assert rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
+
+
+def test_a_claim_whose_read_fails_as_its_run_deletes_it_is_read_again(tmp_path, monkeypatch):
+    """Three runs racing for an S3 OUT: one's claim, deleted while another read it, failed the read with
+    moto's INTERNAL_FAILURE, and the reading run ended with a traceback (exit 1) instead of waiting."""
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    out.store.makedirs("_job/claims")
+    out.store.write_atomic("_job/claims/run-b.json", json.dumps({"heartbeat": time.time()}).encode())
+    out.store.write_atomic("_job/claims/run-c.json", json.dumps({"heartbeat": time.time()}).encode())
+    real_read = out.store.read_text
+    reads = []
+
+    def read_text(rel):  # noqa: ANN001, ANN202
+        reads.append(rel)
+        if rel.endswith("run-b.json") and reads.count(rel) == 1:
+            os.remove(out.store.full(rel))  # its run lets go as the read runs
+            raise OSError("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream")
+        return real_read(rel)
+
+    monkeypatch.setattr(out.store, "read_text", read_text)
+    assert out._live_claims("run-a", {}, 30.0) == ["run-c"]
