@@ -239,8 +239,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Ctrl-C, SIGTERM, SIGHUP: stop, committing the finished videos. First: the imports below take seconds,
     # and a stop there killed the run by the signal, where it is a stop like any other
     stopping.install()
-    from jobs.runner import JobRunner
-    from jobs.spec import JobSpec
+    with stopping.deferred("loading"):  # a stop inside an import leaves a half-made module the cleanup then meets
+        from jobs.runner import JobRunner
+        from jobs.spec import JobSpec
 
     spec = JobSpec(inputs=args.inputs, out=args.out, model=args.model, allow_untrained=args.allow_untrained,
                    segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,

@@ -247,17 +247,18 @@ def extract_features(
 
 def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dict[str, torch.Tensor] | None, *,
                 address: str | None, device: str, failures: list[Failure], say: Callable[[str], None]):  # noqa: ANN202
-    import ray
-    import ray.data
+    with stopping.deferred("loading"):  # a stop inside an import leaves a half-made module the cleanup then meets
+        import ray
+        import ray.data
 
-    from jobs.plan import cluster_nodes, plan_for_cluster
-    from jobs.runner import _quiet_ray_data, init_ray
-    from pipeline.image_encoder import IMAGE_ENCODER_DIMS
-    from workers.decode_stage import DecodeStage
-    from workers.encoder_stages import AudioEncoderStage, ImageEncoderStage
-    from workers.ray_adapter import add_stage
-    from workers.rows import is_failure, iter_rows, row_failure, row_info
-    from workers.stage import ChainStage, Stage, StagePlan
+        from jobs.plan import cluster_nodes, plan_for_cluster
+        from jobs.runner import _quiet_ray_data, init_ray
+        from pipeline.image_encoder import IMAGE_ENCODER_DIMS
+        from workers.decode_stage import DecodeStage
+        from workers.encoder_stages import AudioEncoderStage, ImageEncoderStage
+        from workers.ray_adapter import add_stage
+        from workers.rows import is_failure, iter_rows, row_failure, row_info
+        from workers.stage import ChainStage, Stage, StagePlan
 
     init_ray(address)
     _quiet_ray_data()
