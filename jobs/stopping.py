@@ -84,11 +84,12 @@ class _Deferred:
             return
         _depth -= 1
         _what.pop()
-        if _depth or _pending is None or kind is not None:
+        if _depth or kind is not None:
             return  # an error ending the block goes first; the stop waits for the next block's end, or check()
-        reason, _pending = _pending, None
-        if sys.exc_info()[0] is None:  # inside an except block the command is already stopping
-            raise KeyboardInterrupt(reason)
+        if sys.exc_info()[0] is not None:  # inside an except block the command is already stopping
+            _pending = None
+            return
+        check()
 
 
 def deferred(what: str) -> _Deferred:
