@@ -433,7 +433,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jobs import stopping
 
     stopping.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130); before the imports (seconds)
-    from jobs.train import TrainSpec, train
+    with stopping.deferred("loading"):
+        from jobs.train import TrainSpec, train
 
     weights = args.image_weights or ("default" if args.image_encoder == "efficientnet_lite0" else "none")
     spec = TrainSpec(annotations=args.annotations, videos=args.videos, out=args.out, fusion=args.fusion,
@@ -452,9 +453,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs import stopping
 
     stopping.install()
-    from jobs.evaluate import evaluate, write_report
-    from jobs.models import resolve_bundle
-    from jobs.spec import runs_here
+    with stopping.deferred("loading"):
+        from jobs.evaluate import evaluate, write_report
+        from jobs.models import resolve_bundle
+        from jobs.spec import runs_here
 
     bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
@@ -545,10 +547,9 @@ def _command() -> int:
         for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(stop, signal.SIG_IGN)
 
-        if "ray" in sys.modules:
-            from jobs.runner import shutdown_ray
+        from jobs.raystop import shutdown_ray  # imports nothing a stop may have left half-imported
 
-            shutdown_ray()
+        shutdown_ray()
         logging.shutdown()
         flush_std_streams()
 

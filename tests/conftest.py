@@ -33,6 +33,6 @@ def ray_session():
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     yield ray
-    from jobs.runner import shutdown_ray
+    from jobs.raystop import shutdown_ray
 
     shutdown_ray()

@@ -131,3 +131,28 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):  
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+_STOP_INSIDE_AN_IMPORT = """
+import os, signal, sys
+from jobs import cli
+
+module = sys.argv[1]
+
+class StopThere:  # SIGTERM as a module is found, before it loads: the stop lands inside the import chain
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, StopThere())
+sys.argv = ["vidpipe", *sys.argv[2:]]
+sys.exit(cli._command())  # the command, then the cleanup every command ends with (Ray's stop)
+"""
+
+
+def stop_inside_an_import(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    """Run ``vidpipe ARGS`` in this checkout with a SIGTERM sent to it as ``module`` is being imported."""
+    return subprocess.run([sys.executable, "-c", _STOP_INSIDE_AN_IMPORT, module, *args], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300, **kwargs)

@@ -346,7 +346,8 @@ def test_sigterm_while_ray_starts_stops_like_ctrl_c():
 _STOP_AS_RAY_FORKS = """
 import logging, os, signal, sys, threading
 from jobs.stopping import install
-from jobs.runner import init_ray, shutdown_ray
+from jobs.raystop import shutdown_ray
+from jobs.runner import init_ray
 
 install()
 forks = []
@@ -384,7 +385,7 @@ def test_a_stop_as_ray_forks_its_processes_is_taken_after_ray_has_started():
 
 _STOP_AFTER_THE_RUN = """
 import os, signal, sys, time
-from jobs import cli, runner, stopping
+from jobs import cli, raystop, stopping
 
 sig = getattr(signal, sys.argv[1])
 
@@ -398,8 +399,7 @@ def shutdown_ray():  # the stop arrives while Ray shuts down ('ray job stop' as 
     time.sleep(0.3)
     print("ray stopped", flush=True)
 
-cli.main, runner.shutdown_ray = main, shutdown_ray
-sys.modules.setdefault("ray", type(sys)("ray"))  # _command stops Ray only where it was imported
+cli.main, raystop.shutdown_ray = main, shutdown_ray
 sys.exit(cli._command())
 """
 
@@ -415,7 +415,7 @@ def test_a_stop_after_the_run_has_finished_does_not_break_off_its_end(sig):
 
 _RAY_ENDS_THE_PROCESS_AS_IT_SHUTS_DOWN = """
 import os, sys
-from jobs import cli, runner, supervise
+from jobs import cli, raystop, supervise
 
 def main():
     print("vidpipe: interrupted (stopped by Ctrl-C (SIGINT)); rerun the same command to resume", flush=True)
@@ -424,8 +424,7 @@ def main():
 def shutdown_ray():
     os._exit(1)  # as Ray's core worker once ended a stopped run's driver while Ray shut down
 
-cli.main, runner.shutdown_ray = main, shutdown_ray
-sys.modules.setdefault("ray", type(sys)("ray"))
+cli.main, raystop.shutdown_ray = main, shutdown_ray
 sys.exit(supervise.supervise(["run", "in.mp4", "--out", sys.argv[1]], cli._command))
 """
 
@@ -533,10 +532,57 @@ def test_the_stop_handler_is_in_place_before_the_run_loads_its_libraries():
     assert (r.returncode, r.stdout) == (0, "jobs.stopping\n"), r.stderr[-2000:]
 
 
+def test_a_stop_inside_the_runs_imports_is_taken_once_they_are_done(tmp_path):
+    """A SIGTERM inside the run's imports (seconds: torch, PyAV, pyarrow) is taken once they are done: the run
+    ends as interrupted, with nothing written and no half-imported package left for its cleanup to meet."""
+    from tests.jobs.conftest import stop_inside_an_import
+
+    r = stop_inside_an_import("av.container", ["run", str(tmp_path / "in.mp4"), "--out", str(tmp_path / "out")])
+    assert (r.returncode, r.stderr) == (130, "vidpipe: interrupted (stopped by SIGTERM); rerun the same command "
+                                             "to resume\n")
+    assert not (tmp_path / "out").exists()
+
+
+_BROKEN_OFF_IMPORT = """
+import os, signal, sys
+from jobs import cli, stopping
+
+class StopThere:
+    def find_spec(self, name, path=None, target=None):
+        if name == "av.container":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+def main():  # a command whose stop lands in a lazy import no deferral covers, with Ray imported
+    import ray
+    stopping.install()
+    sys.meta_path.insert(0, StopThere())
+    try:
+        import pipeline.decode  # noqa: F401  (imports PyAV)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}", flush=True)
+        return 130
+    return 0
+
+cli.main = main
+sys.exit(cli._command())
+"""
+
+
+def test_the_cleanup_after_a_stop_does_not_meet_a_half_imported_module():
+    """The cleanup every command ends with imported the runner to stop Ray; after a stop inside `import av`
+    that import met the half-made package and the stopped command ended with a traceback (status 1)."""
+    r = subprocess.run([sys.executable, "-c", _BROKEN_OFF_IMPORT], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[2], timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "interrupted: stopped by SIGTERM\n", "")
+
+
 _SLOW_STOP_AFTER_RAY_STARTED = """
 import os, signal, sys, time
 from jobs.stopping import install
-from jobs.runner import init_ray, shutdown_ray
+from jobs.raystop import shutdown_ray
+from jobs.runner import init_ray
 
 install()
 init_ray(None)

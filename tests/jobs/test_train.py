@@ -460,6 +460,20 @@ def test_labels_holding_commas_are_quoted_in_messages():
     assert _names(["dog, barking", "música", "speech"]) == "'dog, barking', música, speech"
 
 
+def test_train_stopped_inside_an_import_of_its_feature_extraction_says_so(tmp_path):
+    """Found by CI: a SIGTERM landed inside feature extraction's `import av`, with Ray imported; `train` said
+    "interrupted", then its cleanup's import of the runner met the half-made PyAV package and the command
+    ended with a traceback, status 1. The stop now waits for those imports; the cleanup imports nothing."""
+    from tests.jobs.conftest import stop_inside_an_import
+
+    videos, ann = _two_clips(tmp_path, seed=6)
+    r = stop_inside_an_import("av.container", ["train", "--annotations", str(ann), "--videos", str(videos),
+                                               "--out", str(tmp_path / "m"), "--epochs", "2"])
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert r.stderr.endswith("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume\n")
+    assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay_s", [0.3, 1.5])
 def test_train_stopped_by_sigterm_as_ray_starts_says_so_and_writes_no_bundle(tmp_path, delay_s):
