@@ -1098,7 +1098,7 @@ class _VideoRun:
         n_rows = rows_end - first
         spp = s.samples_per_segment
         start_s = np.arange(first, rows_end, dtype=np.float64) * seg_s
-        end_s = start_s + seg_s
+        end_s = np.arange(first + 1, rows_end + 1, dtype=np.float64) * seg_s  # each the next one's start_s, exactly
         if duration_s is not None:
             end_s = np.minimum(end_s, duration_s)
         frames = np.zeros((n_rows, s.frames_per_segment, s.image_size, s.image_size, 3), dtype=np.uint8)

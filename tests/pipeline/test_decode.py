@@ -139,7 +139,7 @@ def test_shared_media_segments_audio_and_info(name, n_frames, fps, channels, rat
 
 
 @pytest.mark.parametrize(
-    ("segment_s", "k"), [(1.0, 1), (1.0, 3), (0.4, 2)], ids=["1s-k1", "1s-k3", "0.4s-k2"]
+    ("segment_s", "k"), [(1.0, 1), (1.0, 3), (0.4, 2), (0.1, 1)], ids=["1s-k1", "1s-k3", "0.4s-k2", "0.1s-k1"]
 )
 def test_sampled_frames_are_those_shown_at_target_times(media_dir: Path, segment_s: float, k: int) -> None:
     # 3.4 s: the last segment is partial and must be sampled within its true end.
@@ -149,6 +149,10 @@ def test_sampled_frames_are_those_shown_at_target_times(media_dir: Path, segment
     n = count_segments(3.4, segment_s)
     assert chunks[-1].info is not None and chunks[-1].info.n_segments == n == len(rows["start_s"])
     assert rows["end_s"][-1] == pytest.approx(3.4)
+    # segments tile the video: each ends exactly where the next starts (0.1 s ones overlapped by 1e-16 s, so a
+    # lookup `start_s <= t < end_s` found two segments)
+    np.testing.assert_array_equal(rows["end_s"][:-1], rows["start_s"][1:])
+    np.testing.assert_array_equal(rows["start_s"], np.arange(n) * segment_s)
     check_stamps(rows, [i / 25 for i in range(85)])
 
 
