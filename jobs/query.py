@@ -13,6 +13,7 @@ import decimal
 import io
 import json
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,27 +206,64 @@ def _json_cell(v: Any) -> Any:
     return v
 
 
+def _unique_names(names: list[str]) -> list[str]:
+    """Column names made unique as DuckDB makes them (``a``, ``a_1``, ...): JSON objects need distinct keys."""
+    taken = set(names)
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            n = 1
+            while f"{name}_{n}" in taken:
+                n += 1
+            name = f"{name}_{n}"
+            taken.add(name)
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _text_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _shown(text: str, max_width: int) -> str:
+    # a control character in a cell (a file name holding a newline) must not break the table's rows
+    text = text.translate(_CONTROL_ESCAPES)
+    return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F)}
+
+
 def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int = 100, max_width: int = 48) -> str:
-    """Render query results for a terminal (aligned table), or as CSV / JSON lines."""
-    rows = table.to_pylist()
+    """Render query results for a terminal (aligned table), or as CSV / JSON lines.
+
+    Columns are taken by position: a result may name two alike (``SELECT a.start_s, b.start_s``)."""
     names = table.column_names
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    rows = list(zip(*columns, strict=True)) if columns else [() for _ in range(table.num_rows)]
     if fmt == "json":  # strict JSON: NaN and infinities as null, bytes as base64
-        return "".join(json.dumps({k: _json_cell(v) for k, v in r.items()}, default=str, allow_nan=False) + "\n"
-                       for r in rows)
+        keys = _unique_names(names)
+        return "".join(json.dumps({k: _json_cell(v) for k, v in zip(keys, r, strict=True)}, default=str,
+                                  allow_nan=False) + "\n" for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(names)
         for r in rows:
-            w.writerow([_csv_cell(r[n]) for n in names])
+            w.writerow([_csv_cell(v) for v in r])
         return buf.getvalue()
     shown = rows[:max_rows]
-    cells = [[_cell(r[n]) for n in names] for r in shown]
-    cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in row] for row in cells]
-    widths = [max([len(n)] + [len(row[i]) for row in cells]) for i, n in enumerate(names)]
-    lines = [" | ".join(n.ljust(widths[i]) for i, n in enumerate(names)),
-             "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(widths[i]) for i, c in enumerate(row)) for row in cells]
+    cells = [[_shown(_cell(v), max_width) for v in r] for r in shown]
+    heads = [_shown(n, max_width) for n in names]
+    widths = [max([_text_width(h)] + [_text_width(row[i]) for row in cells]) for i, h in enumerate(heads)]
+
+    def line(row: list[str], sep: str = " | ") -> str:
+        return sep.join(c + " " * (widths[i] - _text_width(c)) for i, c in enumerate(row))
+
+    lines = [line(heads), "-+-".join("-" * w for w in widths)] + [line(row) for row in cells]
     footer = f"({len(rows)} row{'s' if len(rows) != 1 else ''})"
     if len(rows) > max_rows:
         footer = f"({len(rows)} rows, first {max_rows} shown; use --format csv or --max-rows for all)"

@@ -222,6 +222,34 @@ def test_format_table_csv_json():
     assert json.loads(format_table(t, "json").splitlines()[1])["label"] == "b"
 
 
+def test_columns_of_the_same_name_each_show_their_own_values(tmp_path, capsys):
+    """`SELECT a.start_s, b.start_s` over a join showed the last one's values in both columns (rows were dicts
+    by name), and JSON dropped one; found by a helper. JSON keys are made unique as DuckDB makes them."""
+    from jobs.cli import main
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    sql = ("SELECT a.segment_index, a.start_s, b.start_s, 0 AS start_s_1 FROM segments a JOIN segments b "
+           "ON a.video_id = b.video_id AND b.segment_index = a.segment_index + 1 ORDER BY 1")
+    assert main(["query", str(out.root), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "segment_index,start_s,start_s,start_s_1\n0,0.0,1.0,0\n1,1.0,2.0,0\n"
+    assert main(["query", str(out.root), sql, "--format", "json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"segment_index": i, "start_s": float(i), "start_s_2": i + 1.0, "start_s_1": 0} for i in (0, 1)]
+    assert main(["query", str(out.root), sql]) == 0
+    assert capsys.readouterr().out.splitlines()[2:4] == ["0             | 0       | 1       | 0        ",
+                                                         "1             | 1       | 2       | 0        "]
+
+
+def test_the_table_keeps_one_line_per_row_and_aligns_wide_characters():
+    import pyarrow as pa
+
+    t = pa.table({"uri": ["a\nb.mp4", "漢字.mp4", "e\u0301.mp4"], "n": [1, 2, 3]})
+    lines = format_table(t, "table").splitlines()
+    assert lines[2:5] == ["a\\nb.mp4 | 1", "漢字.mp4 | 2", "e\u0301.mp4    | 3"]
+
+
 def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, capsys):
     """NaN and infinities were written as NaN/Infinity (not JSON), bytes as b'...'; empty SQL printed nothing
     with status 0 and --max-rows -1 was taken."""
