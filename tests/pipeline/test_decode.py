@@ -627,6 +627,19 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "no such file" in err.message
 
 
+def test_a_link_to_a_missing_file_says_so(tmp_path: Path) -> None:
+    """A dangling link said "no such file", while `ls` shows the name (found by a helper)."""
+    from pipeline.errors import MediaError
+    from pipeline.inputs import open_input
+
+    (tmp_path / "clip.mp4").symlink_to(tmp_path / "gone" / "clip.mp4")
+    with pytest.raises(MediaError) as info, open_input(str(tmp_path / "clip.mp4")):
+        pass
+    assert info.value.error_kind == "not_found"
+    assert info.value.message == (f"a symbolic link to {str(tmp_path / 'gone' / 'clip.mp4')!r}, which does not "
+                                  "exist; restore the file or fix the link")
+
+
 def test_directory_is_unreadable(tmp_path: Path) -> None:
     expect_error(tmp_path, "unreadable")
 
