@@ -11,7 +11,9 @@ Such an exception lands between any two bytecodes, and two kinds of places must 
   interpreter runs its at-fork handlers, logging's among them. An exception raised in logging's
   ``_releaseLock`` is printed and swallowed with logging's lock held: the stop is lost and the next
   log line hangs (``vidpipe train`` stopped by SIGTERM as Ray started hung past 120 s in CI);
-- where a half-done step would be worse than a finished one: a commit, a bundle's save.
+- where a half-done step would be worse than a finished one: a commit, a bundle's save, a heavy import
+  (a package left half-imported, ``import av`` broken off, fails every later import that meets it; the
+  cleanup every command ends with, :mod:`jobs.raystop`, imports nothing for that reason).
 
 Inside :func:`deferred` a stop is noted and raised where the outermost such block ends; a Ctrl-C given
 again meanwhile says what the command is finishing (``kill -9`` still ends it at once).
