@@ -98,9 +98,18 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
     return path_uri(str(path.resolve()))
 
 
+def label_list(labels: list[str]) -> str:
+    """Labels for a message: one holding a comma (or quotes, spaces at an end) is quoted, so the list reads once."""
+    return ", ".join(repr(name) if "," in name or "'" in name or '"' in name or name != name.strip() else name
+                     for name in labels)
+
+
 def _number(value: object, column: str, where: str) -> float:
     try:
-        x = float(str(value).strip())
+        text = str(value).strip()
+        if "_" in text:  # Python's float() reads "1_0" as 10: a typo, not a number a table holds
+            raise ValueError(text)
+        x = float(text)
     except ValueError:
         raise ConfigError(f"{where}: {column} {value!r} is not a number of seconds") from None
     if not math.isfinite(x) or x < 0:
@@ -238,6 +247,8 @@ def read_annotations(
         line = f" line {number}" if number is not None else ""
         raise ConfigError(f"annotations {path}{line}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV/TSV, or "
                           "as Parquet") from None
+    except ConfigError:  # a readable file with wrong contents (a missing column): said as it is
+        raise
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a Parquet file
         if path.suffix.lower() != ".parquet":
             raise
@@ -258,7 +269,7 @@ def read_annotations(
         if not label:
             raise ConfigError(f"{where}: empty label")
         if labels is not None and label not in labels:
-            raise ConfigError(f"{where}: label {label!r} is not one of the model's labels ({', '.join(labels)})")
+            raise ConfigError(f"{where}: label {label!r} is not one of the model's labels ({label_list(labels)})")
         if uri not in by_uri:
             order.append(uri)
         by_uri[uri].append(Annotation(uri, start, end, label, lineno))

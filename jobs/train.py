@@ -44,6 +44,7 @@ from jobs.annotations import (
     AnnotationSet,
     TaskKind,
     UnlabeledMode,
+    label_list,
     read_annotations,
     segment_targets,
     warn_spans_past_the_end,
@@ -402,7 +403,8 @@ class _Trainer:
 
 
 def tune_thresholds(probs: np.ndarray, truth: np.ndarray) -> tuple[float, ...]:
-    """Per-label threshold in 0.05..0.95 that maximises that label's F1 on validation (0.5 without positives)."""
+    """Per-label threshold in 0.05..0.95 that maximises that label's F1 on validation (0.5 without positives;
+    where several do, the middle of the longest run of them)."""
     keep = (truth >= 0).all(axis=1)
     probs, truth = probs[keep], truth[keep] > 0.5
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -411,14 +413,15 @@ def tune_thresholds(probs: np.ndarray, truth: np.ndarray) -> tuple[float, ...]:
         if not truth[:, j].any():
             out.append(0.5)
             continue
-        best, best_f1 = 0.5, -1.0
-        for t in grid:
-            pred = probs[:, j] >= t
-            tp = int((pred & truth[:, j]).sum())
-            f1 = 2 * tp / (int(pred.sum()) + int(truth[:, j].sum()))
-            if f1 > best_f1 + 1e-12:
-                best, best_f1 = float(t), f1
-        out.append(best)
+        pred = probs[None, :, j] >= grid[:, None]  # (threshold, segment)
+        f1 = 2 * (pred & truth[None, :, j]).sum(axis=1) / (pred.sum(axis=1) + truth[:, j].sum())
+        # Separable validation data ties over a range of thresholds: the lowest of them (the first tried) sits
+        # just over the highest negative and labelled new videos' near misses (0.06-0.28) positive; the middle
+        # of the longest run of tied thresholds keeps a margin on both sides
+        tied = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        runs = np.split(tied, np.flatnonzero(np.diff(tied) > 1) + 1)
+        longest = max(runs, key=len)
+        out.append(float(grid[longest[len(longest) // 2]]))
     return tuple(out)
 
 
@@ -480,8 +483,10 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if spec.fusion == "attention" and not spec.image_grid:
         say("warning: --fusion attention without --image-grid attends over one region, the pooled image (no spatial "
             "attention); pass --image-grid G (G x G regions of the image encoder's feature map, e.g. 3)")
-    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(named)} labels ({_names(named)})"
-        + (f" and {BACKGROUND!r} for the segments no annotation covers" if implicit_bg else "") + f", task {spec.task}")
+    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(named)} labels ({label_list(named)})"
+        + (f" and {BACKGROUND!r} for the segments no annotation covers"
+           + (" (if there are any)" if spec.task == "multilabel" else "") if implicit_bg else "")
+        + f", task {spec.task}")
 
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
@@ -510,7 +515,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         # says "nothing here" with no label active, so it needs none (eval scores such segments that way).
         labels = [name for name in labels if name != BACKGROUND]
         say(f"every segment of the annotated videos is annotated: no {BACKGROUND!r} label; labels "
-            f"{_names(labels)}")
+            f"{label_list(labels)}")
         if len(labels) < 2:
             raise ConfigError(f"annotations {spec.annotations}: need at least 2 labels to train, found {labels} "
                               f"(every segment is annotated, so there is no {BACKGROUND!r} either)")
@@ -665,12 +670,6 @@ def _label_counts(targets: list[np.ndarray], n_labels: int) -> np.ndarray:
 
 def _segments_text(scored: int, left_out: int) -> str:
     return f"{scored} segments" + (f", {left_out} unlabelled left out" if left_out else "")
-
-
-def _names(labels: list[str]) -> str:
-    """Labels for a message: one holding a comma (or quotes, spaces at an end) is quoted, so the list reads once."""
-    return ", ".join(repr(name) if "," in name or "'" in name or '"' in name or name != name.strip() else name
-                     for name in labels)
 
 
 def _json_number(value: float | None) -> float | None:

@@ -60,8 +60,16 @@ def test_parquet_annotations(tmp_path, videos):
         twice = pa.table([pa.array(["nope.mp4"]), pa.array(["a.mp4"]), pa.array([0.0]), pa.array([1.0]),
                           pa.array(["x"])], names=["video", second, "start_s", "end_s", "label"])
         pq.write_table(twice, path)
-        with pytest.raises(ConfigError, match=r"ann\.parquet: columns video appear more than once"):
+        with pytest.raises(ConfigError, match=r"ann\.parquet: columns video appear more than once") as info:
             read_annotations(path, videos)
+        assert "not a readable Parquet file" not in str(info.value)
+    # a readable file with a column missing was "not a readable Parquet file (...); write it with a Parquet
+    # writer" (the check's own error re-wrapped; found by a helper)
+    pq.write_table(pa.table({"Video": ["a.mp4"], "start_s": [0.0], "end_s": [4.0]}), path)
+    with pytest.raises(ConfigError) as info:
+        read_annotations(path, videos)
+    assert str(info.value) == (f"annotations {path}: missing columns ['label']; need video, start_s, end_s, label "
+                               "(has ['Video', 'start_s', 'end_s'])")
 
 
 def test_labelling_rule_half_coverage_and_background():
@@ -145,6 +153,7 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
     ("video,start_s,end_s,label\na.mp4,0,1\n", r"ann\.csv line 2: 3 fields"),
     ("video,start_s,end_s,label\na.mp4,0,2,x\na.mp4,1,3,y\n", r"ann\.csv line 3: \[1, 3\) 'y' overlaps line 2"),
     ("video,start_s,end_s,label\na.mp4,-1,2,x\n", r"ann\.csv line 2: start_s must be"),
+    ("video,start_s,end_s,label\na.mp4,0,1_0,x\n", r"ann\.csv line 2: end_s '1_0' is not a number"),  # float(): 10
     ("", r"ann\.csv: the file is empty"),
     ("video,Video,start_s,end_s,label\nnope.mp4,a.mp4,0,1,x\n", r"ann\.csv line 1: the header names video more than once"),
 ])
@@ -159,6 +168,8 @@ def test_relative_video_needs_videos_dir_and_label_vocabulary(tmp_path, videos):
         read_annotations(ann, None)
     with pytest.raises(ConfigError, match=r"line 2: label 'x' is not one of the model's labels \(y, background\)"):
         read_annotations(ann, videos, labels=["y", "background"])
+    with pytest.raises(ConfigError, match=r"labels \('blue, noise', red\)"):  # read as three labels unquoted
+        read_annotations(ann, videos, labels=["blue, noise", "red"])
     with pytest.raises(ConfigError, match="no 'background' label.*--unlabeled ignore"):
         read_annotations(ann, videos, labels=["x"])
     assert read_annotations(ann, videos, labels=["x"], unlabeled="ignore").labels == ["x"]

@@ -70,6 +70,9 @@ def test_multilabel_annotations_covering_every_segment_get_no_background_label(c
     assert bundle.labels == ["blue", "clip", "red"]
     assert len(bundle.head.thresholds) == 3
     assert "every segment of the annotated videos is annotated: no 'background' label; labels blue, clip, red" in lines
+    # said before the videos' lengths are known: no promise the next line takes back
+    assert lines[0].endswith("3 labels (blue, clip, red) and 'background' for the segments no annotation covers "
+                             "(if there are any), task multilabel")
     assert set(meta["label_counts_train"]) == {"blue", "clip", "red"}
     assert meta["label_counts_train"]["clip"] == meta["train_segments"] == 3 * SECONDS
 
