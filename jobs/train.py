@@ -488,6 +488,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
            + (" (if there are any)" if spec.task == "multilabel" else "") if implicit_bg else "")
         + f", task {spec.task}")
 
+    alike: dict[str, list[str]] = defaultdict(list)
+    for name in named:
+        alike[" ".join(name.casefold().split())].append(name)
+    for names in alike.values():
+        if len(names) > 1:  # 'Red Tone' and 'red tone' are two labels: a typo, most often
+            say(f"warning: labels {label_list(names)} differ only in case or spacing and are trained as different "
+                "labels; write them alike in the annotations if they mean the same")
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     if spec.cache:

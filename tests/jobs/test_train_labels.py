@@ -110,6 +110,17 @@ def test_multiclass_background_without_training_segments_is_warned_about(clips, 
             "to train without it") in lines
 
 
+def test_labels_that_differ_only_in_case_or_spacing_are_warned_about(clips, tmp_path):
+    """'Red Tone' and ' red  tone' became two labels without a word (found by a helper)."""
+    rows = [f"{name},0,{SECONDS},{('Red Tone', 'red  tone', 'y', 'y')[i]}" for i, name in enumerate(NAMES)]
+    bundle, lines, _ = _train(_annotations(tmp_path / "case.csv", rows), clips, tmp_path / "case",
+                              unlabeled="ignore")
+    assert bundle.labels == ["Red Tone", "red  tone", "y"]  # still two labels: the file is the user's to mend
+    assert ("warning: labels Red Tone, red  tone differ only in case or spacing and are trained as different labels; "
+            "write them alike in the annotations if they mean the same") in lines
+    assert sum("differ only" in line for line in lines) == 1
+
+
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_unlabeled_ignore_counts_only_the_labelled_segments(clips, tmp_path, task):
     # the last 2 of each clip's 6 segments are covered by no annotation
