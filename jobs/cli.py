@@ -421,6 +421,11 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"{out.uri}: every committed file is in place"
               + (" and reads whole" if args.verify else "") + "; nothing to drop"
               + ("" if args.verify else " (--verify also reads every data page)"))
+    try:  # not repair's to rewrite, but a run refuses OUT until it is mended: say so here too
+        out.read_json("_job/job.json")
+    except ConfigError as exc:
+        print(f"vidpipe repair: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if unrecorded:  # only a dry run gets here with some
         print(f"{len(unrecorded)} data files that no commit names are in the way: move them out of {out.uri} "
               "(repair and run refuse it until then): " + ", ".join(out.store.uri_of(r) for r in unrecorded),

@@ -146,6 +146,9 @@ class MissingCommitted(ConfigError):
             "videos' results, so that rerunning the job does them again.")
 
 
+FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer's key-value metadata
+
+
 def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "") -> str:
     """What to say of a committed data file whose footer cannot be read (``more``: the others, if any)."""
     return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)}{more} cannot be read "
@@ -239,10 +242,15 @@ class OutputDir:
             return None
         try:
             obj = json.loads(text)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
         except ValueError as exc:
-            raise ConfigError(_damaged(self.store.uri_of(rel), exc)) from None
-        if not isinstance(obj, dict):
-            raise ConfigError(_damaged(self.store.uri_of(rel), "not a JSON object"))
+            message = _damaged(self.store.uri_of(rel), exc)
+            if rel == f"{JOB}/job.json":  # the job's identity: a run rebuilds it, checked against the committed rows
+                message += (", or move it out of OUT and rerun the job's own command: the run records the job "
+                            "again, refusing settings other than the committed rows' (model, segment length, "
+                            "--top-k, --embeddings)")
+            raise ConfigError(message) from None
         return obj
 
     def last_progress(self) -> dict[str, Any]:
@@ -471,7 +479,11 @@ class OutputDir:
         file cut short, overwritten or with damaged bytes; None where it can.  A failure to reach it
         (permissions, the network, S3) is raised, not taken as damage."""
         try:
-            self.store.read_metadata(rel)
+            named = (self.store.read_metadata(rel).metadata or {}).get(FILE_NAME_KEY)
+            own = rel.rsplit("/", 1)[-1].encode()
+            if named is not None and named != own:  # files written before 2026-12-02 do not name themselves
+                return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over "
+                                  "it")
             if pages:
                 self.store.read_table(rel, verify=True)
         except ValueError as exc:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes, a bad page
@@ -928,6 +940,9 @@ class ResultWriter:
     def _stage(self, table: pa.Table, name: str) -> str:
         # staging is shared by the three tables: the random suffix keeps their names apart
         fname = f"part-{name}-{uuid.uuid4().hex[:8]}.parquet"
+        # its own name in its footer: another of OUT's files copied over it reads whole, and would double some
+        # videos' rows and lose others' (see OutputDir.footer_error)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), FILE_NAME_KEY: fname.encode()})
         # page CRCs: 'vidpipe repair --verify' tells a damaged page from a whole one
         self.out.store.write_parquet(table, f"{STAGING}/{fname}", compression="zstd", write_page_checksum=True)
         return fname

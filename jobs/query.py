@@ -207,7 +207,8 @@ def _json_cell(v: Any) -> Any:
 
 
 def _unique_names(names: list[str]) -> list[str]:
-    """Column names made unique as DuckDB makes them (``a``, ``a_1``, ...): JSON objects need distinct keys."""
+    """Column names made unique for JSON objects' keys: a repeated name gets ``_1``, ``_2``, ..., skipping names
+    the result has already (the names the SQL chose stay as they are)."""
     taken = set(names)
     out: list[str] = []
     seen: set[str] = set()
@@ -224,17 +225,23 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def _text_width(text: str) -> int:
-    """Terminal columns ``text`` takes: wide (CJK) characters two, combining marks none."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Terminal columns ``text`` takes: wide (CJK) characters two, marks and format characters none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
+
+
+def _escaped(c: str) -> str:
+    # line and paragraph breaks of any kind, control characters, bidi overrides (which reorder what a terminal
+    # shows): written as escapes, so a file name holding one cannot break or disguise the table's rows
+    if unicodedata.category(c) in ("Cc", "Zl", "Zp") or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069":
+        return c.encode("unicode_escape").decode("ascii")
+    return c
 
 
 def _shown(text: str, max_width: int) -> str:
-    # a control character in a cell (a file name holding a newline) must not break the table's rows
-    text = text.translate(_CONTROL_ESCAPES)
+    if not text.isprintable():
+        text = "".join(map(_escaped, text))
     return text if len(text) <= max_width else text[: max_width - 1] + "…"
-
-
-_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F)}
 
 
 def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int = 100, max_width: int = 48) -> str:

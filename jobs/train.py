@@ -26,6 +26,7 @@ import dataclasses
 import math
 import os
 import time
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -404,7 +405,8 @@ class _Trainer:
 
 def tune_thresholds(probs: np.ndarray, truth: np.ndarray) -> tuple[float, ...]:
     """Per-label threshold in 0.05..0.95 that maximises that label's F1 on validation (0.5 without positives;
-    where several do, the middle of the longest run of them)."""
+    where several do, the middle of the longest run of them, the upper of two middles; where none finds a
+    positive, F1 0 everywhere, 0.5)."""
     keep = (truth >= 0).all(axis=1)
     probs, truth = probs[keep], truth[keep] > 0.5
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -489,12 +491,12 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         + f", task {spec.task}")
 
     alike: dict[str, list[str]] = defaultdict(list)
-    for name in named:
-        alike[" ".join(name.casefold().split())].append(name)
+    for name in labels:  # the implicit background too: 'Background' in a file is another label
+        alike[" ".join(unicodedata.normalize("NFKC", name).casefold().split())].append(name)
     for names in alike.values():
         if len(names) > 1:  # 'Red Tone' and 'red tone' are two labels: a typo, most often
-            say(f"warning: labels {label_list(names)} differ only in case or spacing and are trained as different "
-                "labels; write them alike in the annotations if they mean the same")
+            say(f"warning: labels {', '.join(map(repr, names))} differ only in case or spacing and are trained as "
+                "different labels; write them alike in the annotations if they mean the same")
     fspec = FeatureSpec(sampling=sampling, image=image, audio=audio, audio_weights=None)
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     if spec.cache:

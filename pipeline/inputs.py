@@ -113,8 +113,8 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
             size = os.path.getsize(path)
         except FileNotFoundError:
             if os.path.islink(path):  # the link is there, what it points to is not
-                raise MediaError(uri, "not_found", f"a symbolic link to {os.readlink(path)!r}, which does not exist; "
-                                 "restore the file or fix the link") from None
+                raise MediaError(uri, "not_found", f"a symbolic link to {os.path.realpath(path)!r}, which does not "
+                                 "exist; restore the file or fix the link") from None
             raise MediaError(uri, "not_found", "no such file; check the path or the manifest entry") from None
         except PermissionError:
             raise MediaError(uri, "unreadable", "permission denied; make the file readable by this user") from None

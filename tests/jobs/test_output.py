@@ -224,7 +224,7 @@ def test_format_table_csv_json():
 
 def test_columns_of_the_same_name_each_show_their_own_values(tmp_path, capsys):
     """`SELECT a.start_s, b.start_s` over a join showed the last one's values in both columns (rows were dicts
-    by name), and JSON dropped one; found by a helper. JSON keys are made unique as DuckDB makes them."""
+    by name), and JSON dropped one; found by a helper. JSON keys are made unique."""
     from jobs.cli import main
 
     out, w = writer_for(tmp_path)
@@ -245,9 +245,12 @@ def test_columns_of_the_same_name_each_show_their_own_values(tmp_path, capsys):
 def test_the_table_keeps_one_line_per_row_and_aligns_wide_characters():
     import pyarrow as pa
 
-    t = pa.table({"uri": ["a\nb.mp4", "漢字.mp4", "e\u0301.mp4"], "n": [1, 2, 3]})
+    t = pa.table({"uri": ["a\nb.mp4", "漢字.mp4", "e\u0301.mp4", "c\u2028d\x85e.mp4", "x\u202evom.mp4", "नमस्ते"],
+                  "n": [1, 2, 3, 4, 5, 6]})
     lines = format_table(t, "table").splitlines()
-    assert lines[2:5] == ["a\\nb.mp4 | 1", "漢字.mp4 | 2", "e\u0301.mp4    | 3"]
+    assert lines[2:8] == ["a\\nb.mp4          | 1", "漢字.mp4          | 2", "e\u0301.mp4             | 3",
+                          "c\\u2028d\\x85e.mp4 | 4", "x\\u202evom.mp4    | 5", "नमस्ते              | 6"]
+    assert len(lines) == 9
 
 
 def test_json_and_csv_output_is_strict_for_any_value_sql_can_give(tmp_path, capsys):
@@ -301,9 +304,15 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path):
     out.write_json("_job/job.json", {"model_id": "m1"})
     (out.job_dir / "progress.json").write_text("{not json")
     assert read_status(str(out.root)).done == 1
-    (out.job_dir / "job.json").write_text("")
-    with pytest.raises(ConfigError, match=r"job\.json is damaged"):
+    (out.job_dir / "job.json").write_text('{"model_id": "x"')
+    with pytest.raises(ConfigError, match=r"job\.json is damaged .*or move it out of OUT and rerun the job's own "
+                                          r"command: the run records the job again"):
         out.read_json("_job/job.json")
+    # repair said "every committed file is in place; nothing to drop" and exited 0 (a helper): a run refuses OUT
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    assert main(["repair", str(out.root)]) == EXIT_USAGE
     record = sorted(out.commits_dir.glob("*.json"))[0]
     record.write_text("")
     with pytest.raises(ConfigError, match=f"{record.name} is damaged .*a commit record names the files"):
@@ -420,6 +429,35 @@ def test_a_damaged_committed_file_is_named_and_repair_drops_its_commit(tmp_path,
     assert not damaged.exists() and [c.name for c in out.commits()] == [first.name]
     assert main(["query", str(out.root), "SELECT count(*) n FROM segments", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "3"]
+
+
+def test_a_committed_file_copied_over_another_is_damage_that_repair_drops(tmp_path, capsys):
+    """Another of OUT's files copied over a committed one reads whole: run, repair and repair --verify called
+    OUT healthy while segments held the copied videos' rows twice and none of the replaced ones' (a helper)."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, w = writer_for(tmp_path)
+    commits = []
+    for vid in ("v1", "v2"):  # the same number of rows in each: a count in the record would not tell them apart
+        w.add_row(head_row(vid, 0, 0, 3, is_last=True, n_total=3))
+        commits.append(w.flush())
+    first, second = (out.table_dir("segments") / c.files["segments"] for c in commits)
+    first.write_bytes(second.read_bytes())
+    for argv in (["repair", str(out.root), "--dry-run"], ["repair", str(out.root), "--dry-run", "--verify"]):
+        assert main(argv) == 0
+        assert f"would drop commit {commits[0].name}" in capsys.readouterr().out
+    run = ["run", str(tmp_path / "v9.mp4"), "--out", str(out.root), "--allow-untrained", "--no-progress"]
+    assert main(run) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert (f"a committed file of {out.root} is damaged: {first} cannot be read (it holds the rows of "
+            f"{second.name}, another file copied over it); restore it, or run 'vidpipe repair {out.root}'") in err
+    assert main(["repair", str(out.root)]) == 0
+    capsys.readouterr()
+    assert [c.name for c in out.commits()] == [commits[1].name] and not first.exists()
+    assert main(["query", str(out.root), "SELECT video_id, count(*) n FROM segments GROUP BY 1", "--format",
+                 "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["video_id,n", "v2,3"]
 
 
 def test_damaged_pages_behind_a_whole_footer_are_named_and_repair_verify_drops_them(tmp_path, capsys):

@@ -116,9 +116,14 @@ def test_labels_that_differ_only_in_case_or_spacing_are_warned_about(clips, tmp_
     bundle, lines, _ = _train(_annotations(tmp_path / "case.csv", rows), clips, tmp_path / "case",
                               unlabeled="ignore")
     assert bundle.labels == ["Red Tone", "red  tone", "y"]  # still two labels: the file is the user's to mend
-    assert ("warning: labels Red Tone, red  tone differ only in case or spacing and are trained as different labels; "
-            "write them alike in the annotations if they mean the same") in lines
+    assert ("warning: labels 'Red Tone', 'red  tone' differ only in case or spacing and are trained as different "
+            "labels; write them alike in the annotations if they mean the same") in lines
     assert sum("differ only" in line for line in lines) == 1
+    # the background label that segments no annotation covers get, against one the file names
+    rows[-1] = f"{NAMES[-1]},0,{SECONDS - 2},Background"
+    bundle, lines, _ = _train(_annotations(tmp_path / "bg.csv", rows), clips, tmp_path / "bg")
+    assert "background" in bundle.labels and "Background" in bundle.labels
+    assert any(line.startswith("warning: labels 'Background', 'background' differ only") for line in lines), lines
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
