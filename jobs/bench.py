@@ -26,6 +26,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, MediaError
 from pipeline.inputs import local_path
 from pipeline.media import ChunkingSpec, SamplingSpec
+from pipeline.precision import encoder_precision
 
 STAGES = ("decode", "image_encoder", "audio_encoder", "head")
 
@@ -279,6 +280,7 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
         raise _not_measurable([e]) from e
     costs = isolated_costs(paths[0], bundle, cpus, precision=precision)
     report["precision"] = precision
+    report["sample_precision"] = encoder_precision(precision, "cpu")  # what the sample segments ran in (on CPU)
     report["fp32_label_agreement"] = costs["fp32_label_agreement"]
     report["agreement_segments"] = costs["segments_measured"]
     per_seg_video_s = report["decode_only"]["video_s"] / max(report["decode_only"]["segments"], 1)
@@ -305,7 +307,7 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     def line(text: str = "") -> None:
         print(text, file=stream)
 
-    line(f"vidpipe bench: {r['files']} files, {r['cpus']} CPUs, model {r['model_id']} "
+    line(f"vidpipe bench: {r['files']} file{'s' if r['files'] != 1 else ''}, {r['cpus']} CPUs, model {r['model_id']} "
          f"({r['image_encoder']} + {r['audio_encoder']} audio), segment {r['sampling']['segment_seconds']} s, "
          f"{r['sampling']['frames_per_segment']} frame(s)/segment at {r['sampling']['image_size']} px")
     line()
@@ -329,11 +331,12 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
         line(f"pipeline / naive baseline  = {ratios['pipeline_over_naive']:.2f}")
     line(f"orchestration efficiency   = {ratios['orchestration_efficiency']:.2f}  (pipeline / ideal)")
     line("video-s/s: seconds of video per second of wall time, higher is better; (b) near (a) means the pipeline "
-         "runs at the decoders' ceiling, (b) over (c) is its speed-up over a plain loop")
+         "runs at the decoders' ceiling" + (", (b) over (c) is its speed-up over a plain loop" if "naive" in r else ""))
     line(f"(b) excludes starting Ray and Ray Data ({r['pipeline']['ray_session_start_s']:.1f} s, once per session); "
          "its workers' and models' start is included")
-    line(f"encoder precision {r['precision']}: labels agree with float32 on "
-         f"{r['fp32_label_agreement'] * 100:.1f} % of {r['agreement_segments']} sample segments")
+    used = f" ({r['sample_precision']} on this machine's CPU)" if r["precision"] == "auto" else ""
+    line(f"encoder precision {r['precision']}{used}: labels agree with float32 on "
+         f"{r['fp32_label_agreement'] * 100:.1f} % of {r['agreement_segments']} sample segments of the first file")
     line()
     line(f"{'stage':<15} {'workers':>7} {'isolated ms/seg':>15} {'busy s':>8} {'seg/busy-s':>10} {'busy frac':>9} "
          f"{'peak RSS MiB':>12}")

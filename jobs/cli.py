@@ -198,7 +198,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                     "one kept per segment, same image model). Prints video-seconds per wall-second, the ratios "
                     "(b)/(a) and (b)/(c), the orchestration efficiency, and per-stage throughput, busy fraction "
                     "and peak memory.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="local video files, folders or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="local video files, folders, globs or manifests")
     _add_pipeline_flags(p)
     p.add_argument("--allow-untrained", action="store_true", help="bench an UNTRAINED model (resnet18 + the CNN audio encoder, "
                    "for other sampling) instead of the packaged default bundle")

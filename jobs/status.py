@@ -74,7 +74,7 @@ def read_status(out_uri: str) -> JobStatus:
     # ended shows its average, start included
     steady = alive and bool(progress.get("steady_videos_per_s"))
     per_s = (progress.get("steady_videos_per_s") if steady else progress.get("videos_per_s")) or None
-    per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s")
+    per_video_s = progress.get("steady_video_seconds_per_s" if steady else "video_seconds_per_s") or None
     # a live run's ETA: the videos it has not finished, committed or not (a run of short clips finishes
     # many between its commits, 60 s apart, and the committed count made the ETA several times too long)
     to_go = left if left is not None and pending is not None and left < pending else pending
@@ -185,6 +185,8 @@ def format_status(s: JobStatus) -> str:
         which = "rate" if s.run_state == "running" else "rate of the last run"
         since = " (since its first video finished)" if s.rate_since_first_result else ""
         lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s{since}")
+    elif s.run_state == "running":  # 0.00 video-s/s read as a stalled run
+        lines.append("rate: not known yet (no video finished)")
     if s.eta_s is not None:
         lines.append(f"ETA: {_duration(s.eta_s)}")
     return "\n".join(lines) + "\n"

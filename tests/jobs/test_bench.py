@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -40,13 +41,18 @@ def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
         assert 0 < stage["busy_fraction"] <= 1.0, name  # a worker cannot be busy longer than the run
         assert stage["peak_rss_mb"] > 20, name  # every stage reports its worker's memory
     assert 0.0 <= r["fp32_label_agreement"] <= 1.0 and r["agreement_segments"] > 0
+    assert r["precision"] == "auto" and r["sample_precision"] in ("bf16", "fp32")
     assert pipeline["ray_session_start_s"] >= 0  # reported apart from (b)'s clock
 
 
 def test_bench_text_report_names_what_it_excludes(ray_session, capsys):
     assert main(["bench", str(SAMPLES / "bbb_5s_51.mp4"), "--skip-naive"]) == 0
     out = capsys.readouterr().out
-    assert "(b) pipeline" in out and "(c) naive" not in out
+    assert "(b) pipeline" in out and "(c) naive" not in out and "(b) over (c)" not in out
+    assert out.startswith("vidpipe bench: 1 file, ")
+    # what "auto" meant for the sample segments, not only the flag (a helper could not tell)
+    assert re.search(r"encoder precision auto \((bf16|fp32) on this machine's CPU\): labels agree with float32 on "
+                     r"[\d.]+ % of \d+ sample segments of the first file", out), out
     assert "excludes starting Ray and Ray Data" in out and "orchestration efficiency" in out
     assert "nan" not in out.lower()
     ideal = next(row for row in out.splitlines() if row.strip().startswith("ideal from isolated stage costs"))

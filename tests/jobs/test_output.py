@@ -777,6 +777,12 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     run.done, run.video_seconds = 0, 0.0
     run.note_results()
     assert run.first_result_at is None  # nothing yet
+    out, _ = writer_for(tmp_path)
+    out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})
+    s = read_status(str(out.root))
+    # text said "rate: 0.00 video-s/s, 0.000 videos/s" where JSON said null (a helper)
+    assert (s.videos_per_s, s.video_seconds_per_s, s.eta_s) == (None, None, None)
+    assert "rate: not known yet (no video finished)" in format_status(s)
     run.done, run.video_seconds = 1, 4.0
     run.note_results()
     assert "steady_videos_per_s" not in run.to_dict()  # one result says nothing of the rate yet
@@ -784,7 +790,6 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     run.done, run.video_seconds = 21, 84.0
     run.note_results()
     run.heartbeat = clock[0]
-    out, _ = writer_for(tmp_path)
     out.write_json("_job/progress.json", run.to_dict() | {"heartbeat": time.time()})  # (real clock) alive now
     s = read_status(str(out.root))
     assert (s.videos_per_s, s.video_seconds_per_s) == (2.0, 8.0)

@@ -479,9 +479,10 @@ def test_labels_holding_commas_are_quoted_in_messages():
 
 
 def test_train_stopped_inside_an_import_of_its_feature_extraction_says_so(tmp_path):
-    """Found by CI: a SIGTERM landed inside feature extraction's `import av`, with Ray imported; `train` said
-    "interrupted", then its cleanup's import of the runner met the half-made PyAV package and the command
-    ended with a traceback, status 1. The stop now waits for those imports; the cleanup imports nothing."""
+    """Found by CI (6ab8235, where this test fails): a SIGTERM landed inside feature extraction's `import av`,
+    with Ray imported; `train` said "interrupted", then its cleanup's import of the runner met the half-made PyAV
+    package and the command ended with a traceback, status 1. The stop waits for those imports (9c36d47), and
+    the cleanup imports nothing heavy (jobs/raystop.py; tested alone in test_run.py)."""
     from tests.jobs.conftest import stop_inside_an_import
 
     videos, ann = _two_clips(tmp_path, seed=6)
