@@ -267,8 +267,8 @@ def format_table(table: pa.Table, fmt: OutputFormat = "table", *, max_rows: int 
     heads = [_shown(n, max_width) for n in names]
     widths = [max([_text_width(h)] + [_text_width(row[i]) for row in cells]) for i, h in enumerate(heads)]
 
-    def line(row: list[str], sep: str = " | ") -> str:
-        return sep.join(c + " " * (widths[i] - _text_width(c)) for i, c in enumerate(row))
+    def line(row: list[str]) -> str:
+        return " | ".join(c + " " * (widths[i] - _text_width(c)) for i, c in enumerate(row))
 
     lines = [line(heads), "-+-".join("-" * w for w in widths)] + [line(row) for row in cells]
     footer = f"({len(rows)} row{'s' if len(rows) != 1 else ''})"
