@@ -278,9 +278,11 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
         report["decode_only"] = decode_ceiling(paths, bundle.sampling, chunking, cpus)
     except MediaError as e:  # damage past the first segment shows only in the full decode
         raise _not_measurable([e]) from e
-    costs = isolated_costs(paths[0], bundle, cpus, precision=precision)
+    # auto is fp32 for a bundle whose training found bf16 scoring it lower, in the pipeline (b) as here
+    models = "fp32" if precision == "auto" and bundle.fp32_reason() else precision
+    costs = isolated_costs(paths[0], bundle, cpus, precision=models)
     report["precision"] = precision
-    report["sample_precision"] = encoder_precision(precision, "cpu")  # what the sample segments ran in (on CPU)
+    report["sample_precision"] = encoder_precision(models, "cpu")  # what the sample segments ran in (on CPU)
     report["fp32_label_agreement"] = costs["fp32_label_agreement"]
     report["agreement_segments"] = costs["segments_measured"]
     per_seg_video_s = report["decode_only"]["video_s"] / max(report["decode_only"]["segments"], 1)
@@ -293,7 +295,7 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
         "frames_per_segment": frames_per_segment, "chunk_seconds": chunk_seconds, "address": address,
         "device": device, "precision": precision}, cpus)
     if not skip_naive:
-        report["naive"] = naive_baseline(paths, bundle, cpus, precision=precision)
+        report["naive"] = naive_baseline(paths, bundle, cpus, precision=models)
     b = report["pipeline"]["video_s_per_s"]
     report["ratios"] = {
         "pipeline_over_decode": b / report["decode_only"]["video_s_per_s"],

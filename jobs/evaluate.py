@@ -212,7 +212,10 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
     pick_device(device, here=runs_here(address))  # cuda without CUDA: refused
     check_precision(precision)
-    encoders = job_precision(precision, device, address)  # on a cluster, its nodes say what auto means, as for run
+    if precision == "auto" and bundle.fp32_reason():
+        say(f"--precision auto: {bundle.fp32_reason()}")
+    # on a cluster, its nodes say what auto means, as for run
+    encoders = job_precision(precision, device, address, bundle)
     cache_root = cache or default_cache_root()
     check_writable_dir(cache_root, "--cache")
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)

@@ -6,8 +6,12 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from workers.stage import PipelinePlan, Resources, StagePlan
+
+if TYPE_CHECKING:
+    from pipeline.bundle import ModelBundle
 
 # CPU only: a wave with at least this many videos per core decodes them one thread per video, one
 # decoder per core; with fewer (one long film), FFmpeg's frame threads split each video over two cores.
@@ -29,8 +33,11 @@ def cluster_nodes() -> list[Node]:
              float(n["Resources"].get("memory", 0.0))) for n in ray.nodes() if n.get("Alive")]
 
 
-def job_precision(precision: str, device: str, address: str | None) -> str:
+def job_precision(precision: str, device: str, address: str | None, bundle: ModelBundle | None = None) -> str:
     """What ``--precision P --device D`` means for a whole job, decided once at its start: "bf16" or "fp32".
+
+    ``auto`` is fp32 for a ``bundle`` whose training found that bf16 encoders score it lower
+    (``ModelBundle.fp32_reason``; the callers say so).
 
     ``auto`` is bf16 where the encoders compute it natively: on GPUs, and on CPUs with native bf16 (on a
     cluster, only when every node's CPU has it).  Each worker deciding for itself mixed bf16 and float32
@@ -41,6 +48,8 @@ def job_precision(precision: str, device: str, address: str | None) -> str:
     from jobs.spec import runs_here
     from pipeline.precision import encoder_precision
 
+    if precision == "auto" and bundle is not None and bundle.fp32_reason():
+        return "fp32"
     local = runs_here(address)
     if precision != "auto" or local:
         return encoder_precision(precision, device, here=local)

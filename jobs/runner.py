@@ -422,7 +422,7 @@ class JobRunner:
         with out.lock(run_id):
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
-            self.precision = self._job_precision(out)
+            self.precision = self._job_precision(out, bundle)
             check_job_identity(out, bundle, spec, self.precision)
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
             if is_untrained(bundle):
@@ -463,22 +463,26 @@ class JobRunner:
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
 
-    def _job_precision(self, out: OutputDir) -> str:
+    def _job_precision(self, out: OutputDir, bundle: ModelBundle) -> str:
         """The encoders' precision of this run: as given; for ``auto``, the job's own where it has committed
-        rows (a resumed job goes on in its precision wherever it runs now), else what auto means here."""
+        rows (a resumed job goes on in its precision wherever it runs now), else what auto means here for
+        ``bundle`` (fp32 for a bundle whose training found bf16 scoring it lower)."""
         spec = self.spec
         if spec.precision != "auto":
             return spec.precision
         recorded = (out.read_json("_job/job.json") or {}).get("precision")
         if recorded in ("bf16", "fp32") and out.commits():
-            mine = job_precision("auto", spec.device, spec.address) if runs_here(spec.address) else recorded
+            mine = job_precision("auto", spec.device, spec.address, bundle) if runs_here(spec.address) else recorded
             if mine != recorded:
                 why = ("this machine has no GPU and no CPU with native bf16: slower here" if recorded == "bf16"
                        else "bf16 would be faster here")
                 self._say(f"vidpipe: --precision auto: resuming in the job's precision, {recorded} ({why}); a new "
                           f"--out starts a job in {mine}")
             return recorded
-        return job_precision(spec.precision, spec.device, spec.address)
+        reason = bundle.fp32_reason()
+        if reason:
+            self._say(f"vidpipe: --precision auto: {reason}")
+        return job_precision(spec.precision, spec.device, spec.address, bundle)
 
     # -- waves -----------------------------------------------------------------------------------------
     def _run_waves(self, bundle: ModelBundle, feeder: WaveFeeder, writer: ResultWriter, status: RunStatus,

@@ -6,8 +6,9 @@ pipeline's own Ray stages into the feature cache (``jobs.features``; ``<OUT>/wor
 train the head on windows shaped exactly like the ones ``HeadRunner`` labels at inference (``W`` output
 segments with up to ``X`` context segments on each side, clipped at the video's ends; each epoch shifts
 the window grid of every video by a random offset, so more distinct windows are seen); stop early on
-validation macro-F1 (ties: validation loss); write a trained ``ModelBundle`` that ``vidpipe run --model``
-loads.
+validation macro-F1 (ties: validation loss); label the validation videos again from bf16 encoder features
+(``bf16_check``: where bf16 scores them lower, the bundle asks ``--precision auto`` for fp32); write a
+trained ``ModelBundle`` that ``vidpipe run --model`` loads.
 
 Inputs are standardised per feature during training (mean / std over the training segments); the
 standardisation is then folded into the head's first linear layers, so the saved head takes raw
@@ -50,13 +51,13 @@ from jobs.annotations import (
     segment_targets,
     warn_spans_past_the_end,
 )
-from jobs.evaluate import Metrics, multiclass_metrics, multilabel_metrics
+from jobs.evaluate import Metrics, decide, multiclass_metrics, multilabel_metrics, predict_video
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
 from jobs.spec import check_segment_seconds, check_writable_dir
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, WeightsNotFoundError
-from pipeline.head import FusionHead, build_head, window_plan
+from pipeline.head import FusionHead, HeadRunner, build_head, window_plan
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, file_sha256, resolve_image_weights
 from pipeline.media import SamplingSpec
 from pipeline.precision import pick_device
@@ -650,6 +651,10 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     meta["val_loss"] = _json_number(val_loss) if val_metrics is not None else None
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
+    checked, on = (val_v, "validation") if val_data else (train_v, "training")
+    meta["bf16_check"] = bf16_check(bundle, [(v, fres.features[v.uri], targets_of(v, labels)) for v in checked],
+                                    dataclasses.replace(fspec, precision="bf16"), cache_root, on=on,
+                                    address=spec.address, device=spec.device, say=say)
     with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
         path = bundle.save(out, overwrite=True, keep=_KEPT)
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
@@ -657,6 +662,59 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         + f"; {seconds:.0f} s)")
     return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
                        feature_cache_hits=fres.cache_hits, seconds=seconds, n_failed=len(fres.failures))
+
+
+# bf16 encoders may lower a trained head's validation accuracy and macro-F1 by this much before
+# ``--precision auto`` runs the bundle's encoders in float32 instead
+BF16_TOLERANCE = 0.005
+
+
+def bf16_check(bundle: ModelBundle, videos: list[tuple[AnnotatedVideo, VideoFeatures, np.ndarray]],
+               bf16_spec: FeatureSpec, cache_root: Path, *, on: str, address: str | None, device: str,
+               say: Callable[[str], None]) -> dict[str, Any]:
+    """Label ``videos`` with the trained ``bundle`` from bf16 encoder features as well as from the float32 ones it
+    was trained on, as ``vidpipe run`` would, and say whether ``--precision auto`` may use bf16 for it.
+
+    bf16 encoders (what ``auto`` uses on GPUs and on CPUs with native bf16) round every layer; a head trained on
+    float32 features that hardly vary (solid colours, a constant background) can be far off under them.  Where the
+    bf16 labels score lower than the float32 ones (``BF16_TOLERANCE``), the result says ``auto_precision`` "fp32"
+    and the bundle records it (``ModelBundle.fp32_reason``).  ``videos``: (video, float32 features, targets).
+    """
+    found = extract_features([(v.uri, v.video_id) for v, _, _ in videos], bf16_spec, cache_root, address=address,
+                             device=device, say=say).features
+    runner = HeadRunner(bundle.head, bundle.head_state(), device="cpu", precision="fp32")
+    truths, fp32_pred, bf16_pred = [], [], []
+    for video, feats, target in videos:
+        other = found.get(video.uri)
+        if other is None or other.n_segments != feats.n_segments:  # not decoded again alike: nothing to compare
+            continue
+        truths.append(target)
+        fp32_pred.append(decide(predict_video(runner, feats), bundle))
+        bf16_pred.append(decide(predict_video(runner, other), bundle))
+    result: dict[str, Any] = {"on": on, "videos": len(truths), "auto_precision": "bf16"}
+    if not truths:
+        say("bf16 check: no video could be labelled from bf16 encoder features; --precision auto may use bf16 "
+            "for this model unchecked")
+        return result
+    truth, p32, p16 = np.concatenate(truths), np.concatenate(fp32_pred), np.concatenate(bf16_pred)
+    alike = (p32 == p16) if p32.ndim == 1 else (p32 == p16).all(axis=1)
+    labels = list(bundle.labels)
+    score = multilabel_metrics if bundle.head.task == "multilabel" else multiclass_metrics
+    m32, m16 = score(truth, p32, labels), score(truth, p16, labels)
+    lower = m16.accuracy < m32.accuracy - BF16_TOLERANCE or m16.macro_f1 < m32.macro_f1 - BF16_TOLERANCE
+    result.update({"segments": int(alike.size), "segments_alike": int(alike.sum()),
+                   "fp32": {"accuracy": round(m32.accuracy, 4), "macro_f1": round(m32.macro_f1, 4)},
+                   "bf16": {"accuracy": round(m16.accuracy, 4), "macro_f1": round(m16.macro_f1, 4)},
+                   "auto_precision": "fp32" if lower else "bf16"})
+    said = (f"bf16 check on the {len(truths)} {on} videos: bf16 encoders label {int(alike.sum())} of {alike.size} "
+            f"segments as float32 ones do (accuracy {m32.accuracy:.3f} -> {m16.accuracy:.3f}, macro-F1 "
+            f"{m32.macro_f1:.3f} -> {m16.macro_f1:.3f})")
+    if lower:
+        say(f"warning: {said}: lower, so the bundle records that --precision auto runs its encoders in fp32 "
+            "(slower on CPUs with native bf16; --precision bf16 overrides)")
+    else:
+        say(f"{said}: --precision auto may use bf16 for this model")
+    return result
 
 
 def _scored(target: torch.Tensor) -> int:

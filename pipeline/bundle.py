@@ -124,6 +124,28 @@ class ModelBundle:
         state = {k[len("audio.") :]: v for k, v in self.tensors.items() if k.startswith("audio.")}
         return state or None
 
+    def fp32_reason(self) -> str | None:
+        """Why ``--precision auto`` runs this bundle's encoders in float32 rather than bf16, or None.
+
+        ``vidpipe train`` labels its validation segments with bf16 encoders as well as float32 ones and records the
+        outcome in ``meta["bf16_check"]``; where bf16 scored them lower, ``auto_precision`` is "fp32".  (``meta`` is
+        not part of ``model_id``: the check advises how to run the model, it does not change what it computes.)
+        """
+        check = self.meta.get("bf16_check")
+        if not isinstance(check, dict) or check.get("auto_precision") != "fp32":
+            return None
+        fp32, bf16 = check.get("fp32") or {}, check.get("bf16") or {}
+
+        def figure(d: dict[str, Any], key: str) -> str:
+            value = d.get(key)
+            return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
+
+        return (f"model {self.model_id}: at training, bf16 encoders labelled {check.get('segments_alike', '?')} of "
+                f"its {check.get('segments', '?')} {check.get('on', 'validation')} segments as float32 ones did and "
+                f"scored them lower (accuracy {figure(fp32, 'accuracy')} -> {figure(bf16, 'accuracy')}, macro-F1 "
+                f"{figure(fp32, 'macro_f1')} -> {figure(bf16, 'macro_f1')}), so --precision auto runs its encoders "
+                "in fp32 (--precision bf16 overrides)")
+
     def _document(self) -> dict[str, Any]:
         return {
             "format_version": BUNDLE_FORMAT_VERSION,

@@ -363,7 +363,9 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     assert main(["eval", "--model", bundle, "--annotations", str(test_ann), "--videos", str(videos), "--cache",
                  str(cache), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["precision"] == encoder_precision("auto", "auto")
+    # what run used: auto, unless the bundle's bf16 check asks for fp32
+    assert report["precision"] == ("fp32" if results["audio"][0].bundle.fp32_reason() else
+                                   encoder_precision("auto", "auto"))
     assert report["n_segments"] == sum(written.values()) == N_TEST * SECONDS
     assert {k: c["predicted"] for k, c in report["per_class"].items() if c["predicted"]} == written
 
@@ -386,6 +388,79 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
     assert "no segment of the 1 decoded videos has a label to score" in err
+
+
+@pytest.mark.parametrize("kind", ["audio", "both"])
+def test_the_bf16_check_scores_the_validation_videos_as_eval_does_at_each_precision(kind, corpus, trained, tmp_path):
+    """A head trained on float32 features could score lower under run's bf16 encoders, unchecked (a helper's
+    multilabel bundle: exact-match 1.000 with fp32 encoders, 0.792 with bf16).  train now labels its validation
+    videos both ways: its figures must be eval's at --precision fp32 and bf16 on the same videos."""
+    from jobs.train import BF16_TOLERANCE, split_videos
+
+    root, videos, files = corpus
+    results, cache = trained
+    result, lines = results[kind]
+    check = result.bundle.meta["bf16_check"]
+    ann_file = files[(kind, "train")]
+    annotated = read_annotations(ann_file, videos)
+    _, val = split_videos(annotated.videos, annotated, SMALL["val_fraction"], 0)
+    assert (check["on"], check["videos"], check["segments"]) == ("validation", len(val), len(val) * SECONDS)
+    assert 0 <= check["segments_alike"] <= check["segments"]
+    said = next(line for line in lines if "bf16 check on the" in line)
+    assert f"bf16 encoders label {check['segments_alike']} of {check['segments']} segments" in said
+
+    names = {Path(v.uri).name for v in val}
+    val_ann = tmp_path / "val.csv"
+    rows = ann_file.read_text().splitlines()
+    val_ann.write_text("\n".join([rows[0], *(r for r in rows[1:] if r.split(",")[0] in names)]) + "\n")
+    for precision in ("fp32", "bf16"):
+        report = evaluate(result.bundle, str(val_ann), str(videos), cache=str(cache), precision=precision,
+                          say=lambda _: None)
+        assert report.precision == precision and report.metrics.n_segments == check["segments"]
+        assert (round(report.metrics.accuracy, 4), round(report.metrics.macro_f1, 4)) == \
+            (check[precision]["accuracy"], check[precision]["macro_f1"])
+    lower = any(check["bf16"][k] < check["fp32"][k] - BF16_TOLERANCE for k in ("accuracy", "macro_f1"))
+    assert check["auto_precision"] == ("fp32" if lower else "bf16")
+    assert (result.bundle.fp32_reason() is not None) == lower
+
+
+def test_a_bundle_whose_bf16_check_asks_for_fp32_runs_auto_in_fp32(corpus, trained, tmp_path, capsys):
+    """Where train found bf16 encoders scoring a bundle lower, run, eval and bench with --precision auto must run its
+    encoders in fp32 and say why; --precision bf16 still gives bf16.  (Which footage trips the check depends on the
+    data: the helper's solid-colour clips did in 3 of 4 generated sets; the bundle's record is set here.)"""
+    import shutil
+
+    from jobs.bench import bench
+
+    root, videos, files = corpus
+    results, cache = trained
+    bundle_dir = tmp_path / "asks_fp32"
+    shutil.copytree(results["audio"][0].path, bundle_dir)
+    doc = json.loads((bundle_dir / "bundle.json").read_text())
+    doc["meta"]["bf16_check"] = {"on": "validation", "videos": 2, "segments": 16, "segments_alike": 13,
+                                 "fp32": {"accuracy": 1.0, "macro_f1": 1.0},
+                                 "bf16": {"accuracy": 0.8125, "macro_f1": 0.9}, "auto_precision": "fp32"}
+    (bundle_dir / "bundle.json").write_text(json.dumps(doc))
+    bundle = ModelBundle.load(bundle_dir)  # meta is not part of model_id: the same model
+    assert bundle.model_id == results["audio"][0].bundle.model_id
+    reason = bundle.fp32_reason()
+    assert reason == (f"model {bundle.model_id}: at training, bf16 encoders labelled 13 of its 16 validation segments "
+                      "as float32 ones did and scored them lower (accuracy 1.000 -> 0.812, macro-F1 1.000 -> 0.900), "
+                      "so --precision auto runs its encoders in fp32 (--precision bf16 overrides)")
+    clips = sorted(videos.glob("audio_test_0[01].mp4"))
+    capsys.readouterr()
+    for flag, expected in (("auto", "fp32"), ("bf16", "bf16")):
+        out = tmp_path / f"run_{flag}"
+        assert main(["run", *map(str, clips), "--out", str(out), "--model", str(bundle_dir), "--no-progress",
+                     "--precision", flag]) == 0
+        assert json.loads((out / "_job" / "job.json").read_text())["precision"] == expected
+        assert (f"--precision auto: {reason}" in capsys.readouterr().err) == (flag == "auto")
+    lines: list[str] = []
+    report = evaluate(bundle, str(files[("audio", "test")]), str(videos), cache=str(cache), say=lines.append)
+    assert report.precision == "fp32" and f"--precision auto: {reason}" in lines
+    measured = bench([str(clips[0])], model=str(bundle_dir), skip_naive=True)
+    assert (measured["precision"], measured["sample_precision"]) == ("auto", "fp32")
+    assert measured["fp32_label_agreement"] == 1.0  # fp32 against itself
 
 
 def test_ave_training_decodes_its_train_and_validation_videos_only(tmp_path, ray_session):
