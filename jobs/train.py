@@ -10,9 +10,10 @@ validation macro-F1 (ties: validation loss); label the validation videos again f
 (``bf16_check``: where bf16 scores them lower, the bundle asks ``--precision auto`` for fp32); write a
 trained ``ModelBundle`` that ``vidpipe run --model`` loads.
 
-Inputs are standardised per feature during training (mean / std over the training segments); the
-standardisation is then folded into the head's first linear layers, so the saved head takes raw
-encoder features like any other and the bundle format does not change.  ``modality_dropout`` zeroes one
+Inputs are standardised per feature during training (mean / std over the training segments, the std no
+smaller than ``NOISE_FLOOR`` times the rounding bf16 encoders add to the feature); the standardisation is
+then folded into the head's first linear layers, so the saved head takes raw encoder features like any
+other and the bundle format does not change.  ``modality_dropout`` zeroes one
 modality's raw features in a random fraction of training windows, which keeps the head usable when a
 modality is missing (a silent or audio-less video) and makes ``vidpipe eval --ablate`` meaningful.
 
@@ -60,7 +61,7 @@ from pipeline.errors import ConfigError, WeightsNotFoundError
 from pipeline.head import FusionHead, HeadRunner, build_head, window_plan
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, file_sha256, resolve_image_weights
 from pipeline.media import SamplingSpec
-from pipeline.precision import pick_device
+from pipeline.precision import encoder_precision, pick_device
 from pipeline.specs import (
     AUDIO_ENCODER_KINDS,
     FUSION_KINDS,
@@ -193,18 +194,30 @@ class _Norm:
     image_std: np.ndarray
     audio_mean: np.ndarray
     audio_std: np.ndarray
+    floored: tuple[int, int] = (0, 0)  # how many (image, audio) features' std the bf16 rounding floor raised
 
     @classmethod
-    def fit(cls, feats: list[VideoFeatures]) -> _Norm:
+    def fit(cls, feats: list[VideoFeatures], noise: tuple[np.ndarray, np.ndarray] | None = None) -> _Norm:
+        """Mean and std per feature over ``feats``; ``noise``: the (image, audio) per-feature RMS of bf16's
+        rounding (``bf16_noise``), below ``NOISE_FLOOR`` times which no std is taken."""
         img = np.concatenate([f.image for f in feats]).astype(np.float64)
         aud = np.concatenate([f.audio for f in feats]).astype(np.float64)
 
-        def std(x: np.ndarray) -> np.ndarray:
+        raised: list[int] = []
+
+        def std(x: np.ndarray, rounding: np.ndarray | None) -> np.ndarray:
             s = x.std(axis=0)
+            if rounding is not None:  # a variation bf16 encoders drown is not blown up into many stds
+                floor = NOISE_FLOOR * rounding
+                raised.append(int(((s < floor) & (floor > 1e-6)).sum()))
+                s = np.maximum(s, floor)
             # a constant feature (dead ReLU unit) stays constant: do not blow up its noise
             return np.where(s > 1e-6, s, 1.0)
 
-        return cls(img.mean(axis=0), std(img), aud.mean(axis=0), std(aud))
+        image_std = std(img, None if noise is None else noise[0])
+        audio_std = std(aud, None if noise is None else noise[1])
+        return cls(img.mean(axis=0), image_std, aud.mean(axis=0), audio_std,
+                   (raised[0], raised[1]) if raised else (0, 0))
 
     def apply(self, f: VideoFeatures, target: np.ndarray) -> _Video:
         im = (f.image - self.image_mean) / self.image_std
@@ -529,8 +542,35 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         train_t = [targets_of(v, labels) for v in train_v]
         val_t = [targets_of(v, labels) for v in val_v]
 
+    bf16_spec = dataclasses.replace(fspec, precision="bf16")
+
+    def bf16_features(videos: list[AnnotatedVideo]) -> dict[str, VideoFeatures]:
+        return extract_features([(v.uri, v.video_id) for v in videos], bf16_spec, cache_root, address=spec.address,
+                                device=spec.device, say=say).features
+
     train_feats = [fres.features[v.uri] for v in train_v]
-    norm = _Norm.fit(train_feats)
+    # bf16 is emulated where the encoders run on a CPU without native bf16 (auto would pick fp32 there): about
+    # 11x float32's cost (efficientnet_lite0, 289 ms/image against 26 with oneDNN held to AVX2 on this VM)
+    emulated = spec.address is None and encoder_precision("auto", spec.device, here=True) == "fp32"
+
+    said: set[str] = set()
+
+    def bf16_share(videos: list[AnnotatedVideo], kind: str) -> list[AnnotatedVideo]:
+        if not emulated or len(videos) <= EMULATED_BF16_VIDEOS:
+            return videos
+        if kind not in said:
+            said.add(kind)
+            say(f"this machine has no GPU and no CPU with native bf16 (bf16 is emulated here, ~11x slower than "
+                f"float32): bf16's standardisation floor and check use {EMULATED_BF16_VIDEOS} of the {len(videos)} "
+                f"{kind} videos")
+        return videos[:EMULATED_BF16_VIDEOS]
+
+    # labels are not needed: the held-out videos when there are some
+    sample = bf16_share(val_v or train_v, "validation" if val_v else "training")
+    norm = _Norm.fit(train_feats, bf16_noise([fres.features[v.uri] for v in sample], bf16_features(sample)))
+    if any(norm.floored):
+        say(f"standardising: {norm.floored[0]} image and {norm.floored[1]} audio features vary less in training than "
+            f"{NOISE_FLOOR:g}x the rounding bf16 encoders add to them; each is scaled by that instead of its std")
     train_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(train_v, train_t, strict=True)]
     val_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(val_v, val_t, strict=True)]
 
@@ -652,9 +692,10 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
     checked, on = (val_v, "validation") if val_data else (train_v, "training")
+    checked = bf16_share(checked, on)
     meta["bf16_check"] = bf16_check(bundle, [(v, fres.features[v.uri], targets_of(v, labels)) for v in checked],
-                                    dataclasses.replace(fspec, precision="bf16"), cache_root, on=on,
-                                    address=spec.address, device=spec.device, say=say)
+                                    bf16_features(checked), on=on, say=say)
+    meta["bf16_check"]["stds_floored"] = {"image": norm.floored[0], "audio": norm.floored[1]}
     with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
         path = bundle.save(out, overwrite=True, keep=_KEPT)
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
@@ -664,24 +705,45 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                        feature_cache_hits=fres.cache_hits, seconds=seconds, n_failed=len(fres.failures))
 
 
+# Training standardises no feature by a std below this many times the RMS difference bf16 encoders make to
+# it (measured on the held-out videos): where features hardly vary (solid colours), bf16's rounding moved
+# them by up to ~1,000 stds, and a head trained on float32 features mislabelled them (see the README)
+NOISE_FLOOR = 3.0
+# where bf16 is emulated, the floor and the check use at most this many held-out videos
+EMULATED_BF16_VIDEOS = 8
+
+
+def bf16_noise(fp32: list[VideoFeatures], bf16: dict[str, VideoFeatures]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-feature RMS of (bf16 - float32) encoder features over the videos both have, as (image, audio), or None
+    when none has both alike."""
+    pairs = [(f, bf16[f.uri]) for f in fp32 if f.uri in bf16 and bf16[f.uri].n_segments == f.n_segments]
+    if not pairs:
+        return None
+
+    def rms(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+        d = np.concatenate(b).astype(np.float64) - np.concatenate(a).astype(np.float64)
+        return np.sqrt((d ** 2).mean(axis=0))
+
+    return (rms([f.image for f, _ in pairs], [g.image for _, g in pairs]),
+            rms([f.audio for f, _ in pairs], [g.audio for _, g in pairs]))
+
+
 # bf16 encoders may lower a trained head's validation accuracy and macro-F1 by this much before
 # ``--precision auto`` runs the bundle's encoders in float32 instead
 BF16_TOLERANCE = 0.005
 
 
 def bf16_check(bundle: ModelBundle, videos: list[tuple[AnnotatedVideo, VideoFeatures, np.ndarray]],
-               bf16_spec: FeatureSpec, cache_root: Path, *, on: str, address: str | None, device: str,
-               say: Callable[[str], None]) -> dict[str, Any]:
+               found: dict[str, VideoFeatures], *, on: str, say: Callable[[str], None]) -> dict[str, Any]:
     """Label ``videos`` with the trained ``bundle`` from bf16 encoder features as well as from the float32 ones it
     was trained on, as ``vidpipe run`` would, and say whether ``--precision auto`` may use bf16 for it.
 
     bf16 encoders (what ``auto`` uses on GPUs and on CPUs with native bf16) round every layer; a head trained on
     float32 features that hardly vary (solid colours, a constant background) can be far off under them.  Where the
     bf16 labels score lower than the float32 ones (``BF16_TOLERANCE``), the result says ``auto_precision`` "fp32"
-    and the bundle records it (``ModelBundle.fp32_reason``).  ``videos``: (video, float32 features, targets).
+    and the bundle records it (``ModelBundle.fp32_reason``).  ``videos``: (video, float32 features, targets);
+    ``found``: their bf16 features by uri.
     """
-    found = extract_features([(v.uri, v.video_id) for v, _, _ in videos], bf16_spec, cache_root, address=address,
-                             device=device, say=say).features
     runner = HeadRunner(bundle.head, bundle.head_state(), device="cpu", precision="fp32")
     truths, fp32_pred, bf16_pred = [], [], []
     for video, feats, target in videos:

@@ -424,6 +424,28 @@ def test_the_bf16_check_scores_the_validation_videos_as_eval_does_at_each_precis
     assert (result.bundle.fp32_reason() is not None) == lower
 
 
+def test_where_bf16_is_emulated_the_floor_and_check_use_a_few_held_out_videos(corpus, trained, tmp_path,
+                                                                              monkeypatch):
+    """Emulated bf16 (no GPU, no native bf16: ~11x float32's cost with oneDNN held to AVX2) made the bf16 pass
+    over every held-out video the dearest part of training there: it now takes EMULATED_BF16_VIDEOS of them."""
+    import jobs.train
+    import pipeline.precision
+
+    root, videos, files = corpus
+    _, cache = trained
+    monkeypatch.setattr(pipeline.precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(jobs.train, "EMULATED_BF16_VIDEOS", 2)
+    lines: list[str] = []
+    spec = TrainSpec(annotations=str(files[("audio", "train")]), videos=str(videos), out=str(tmp_path / "m"),
+                     cache=str(cache), device="cpu", **{**SMALL, "epochs": 2})  # type: ignore[arg-type]
+    result = train(spec, say=lines.append)
+    said = [line for line in lines if "bf16 is emulated here" in line]
+    assert said == ["this machine has no GPU and no CPU with native bf16 (bf16 is emulated here, ~11x slower than "
+                    "float32): bf16's standardisation floor and check use 2 of the 6 validation videos"]
+    check = result.bundle.meta["bf16_check"]
+    assert (check["videos"], check["segments"]) == (2, 2 * SECONDS)
+
+
 def test_a_bundle_whose_bf16_check_asks_for_fp32_runs_auto_in_fp32(corpus, trained, tmp_path, capsys):
     """Where train found bf16 encoders scoring a bundle lower, run, eval and bench with --precision auto must run its
     encoders in fp32 and say why; --precision bf16 still gives bf16.  (Which footage trips the check depends on the
@@ -542,6 +564,41 @@ def test_multilabel_thresholds_maximise_validation_f1_the_lowest_of_ties():
     probs = np.array([[0.62], [0.38], [0.47]], np.float32)
     assert tune_thresholds(probs, np.array([[1], [0], [1]], np.float32)) == (0.4,)
     assert tune_thresholds(probs, np.zeros((3, 1), np.float32)) == (0.5,)
+
+
+def test_standardisation_takes_no_std_below_bf16s_rounding():
+    """A feature that hardly varies in training (std 1e-4) was divided by its std, so bf16's rounding of it
+    (RMS 1e-3 here) reached the head as 10 stds: the std is now at least NOISE_FLOOR times that rounding."""
+    from jobs.features import VideoFeatures
+    from jobs.train import NOISE_FLOOR, _Norm, bf16_noise
+
+    rng = np.random.default_rng(0)
+    n = 400
+
+    def feats(uri: str, image: np.ndarray, audio: np.ndarray) -> VideoFeatures:
+        times = np.arange(len(image), dtype=np.float64)
+        return VideoFeatures(uri=uri, video_id=uri, start_s=times, end_s=times + 1, image=image.astype(np.float32),
+                             audio=audio.astype(np.float32), has_audio=True)
+
+    # image features: varied (std 1), nearly constant (std 1e-4), constant; audio: varied
+    image = np.stack([rng.normal(0, 1, n), 5 + rng.normal(0, 1e-4, n), np.full(n, 2.0)], axis=1)
+    audio = rng.normal(0, 0.5, (n, 1))
+    fp32 = feats("a", image, audio)
+    rounding = np.array([1e-3, 1e-3, 1e-3])
+    bf16 = feats("a", image + rounding * rng.choice([-1.0, 1.0], (n, 3)), audio)
+    noise = bf16_noise([fp32, feats("not-in-bf16", image, audio)], {"a": bf16, "other": bf16})
+    assert noise is not None
+    np.testing.assert_allclose(noise[0], rounding, rtol=1e-3)  # RMS of bf16 - fp32; the pair without bf16 left out
+    np.testing.assert_allclose(noise[1], [0.0], atol=1e-9)
+    plain, floored = _Norm.fit([fp32]), _Norm.fit([fp32], noise)
+    np.testing.assert_allclose(plain.image_std, [image[:, 0].std(), image[:, 1].std(), 1.0], rtol=1e-3)
+    np.testing.assert_allclose(floored.image_std, [image[:, 0].std(), NOISE_FLOOR * 1e-3, NOISE_FLOOR * 1e-3],
+                               rtol=1e-3)
+    np.testing.assert_allclose(floored.audio_std, plain.audio_std)  # no rounding: as before
+    # bf16's rounding of the nearly constant feature: ~10 stds unfloored, at most 1 / NOISE_FLOOR now
+    moved = lambda norm: np.abs(norm.apply(bf16, np.zeros(n, np.int64)).image - norm.apply(fp32, np.zeros(n, np.int64)).image)  # noqa: E731
+    assert moved(plain)[:, 1].max() > 5 and float(moved(floored)[:, 1].max()) <= 1.01 / NOISE_FLOOR
+    assert bf16_noise([fp32], {}) is None
 
 
 def test_labels_holding_commas_are_quoted_in_messages():
