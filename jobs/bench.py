@@ -283,6 +283,7 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
     costs = isolated_costs(paths[0], bundle, cpus, precision=models)
     report["precision"] = precision
     report["sample_precision"] = encoder_precision(models, "cpu")  # what the sample segments ran in (on CPU)
+    report["fp32_reason"] = bundle.fp32_reason() if precision == "auto" else None
     report["fp32_label_agreement"] = costs["fp32_label_agreement"]
     report["agreement_segments"] = costs["segments_measured"]
     per_seg_video_s = report["decode_only"]["video_s"] / max(report["decode_only"]["segments"], 1)
@@ -337,8 +338,12 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     line(f"(b) excludes starting Ray and Ray Data ({r['pipeline']['ray_session_start_s']:.1f} s, once per session); "
          "its workers' and models' start is included")
     used = f" ({r['sample_precision']} on this machine's CPU)" if r["precision"] == "auto" else ""
+    if r.get("fp32_reason"):
+        used = " (fp32: the model's bf16 check asks for it)"
     line(f"encoder precision {r['precision']}{used}: labels agree with float32 on "
          f"{r['fp32_label_agreement'] * 100:.1f} % of {r['agreement_segments']} sample segments of the first file")
+    if r.get("fp32_reason"):
+        line(f"--precision auto: {r['fp32_reason']}")
     line()
     line(f"{'stage':<15} {'workers':>7} {'isolated ms/seg':>15} {'busy s':>8} {'seg/busy-s':>10} {'busy frac':>9} "
          f"{'peak RSS MiB':>12}")

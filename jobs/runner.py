@@ -474,7 +474,8 @@ class JobRunner:
         if recorded in ("bf16", "fp32") and out.commits():
             mine = job_precision("auto", spec.device, spec.address, bundle) if runs_here(spec.address) else recorded
             if mine != recorded:
-                why = ("this machine has no GPU and no CPU with native bf16: slower here" if recorded == "bf16"
+                why = ("the model's bf16 check, made when it was trained, asks for fp32" if bundle.fp32_reason()
+                       else "this machine has no GPU and no CPU with native bf16: slower here" if recorded == "bf16"
                        else "bf16 would be faster here")
                 self._say(f"vidpipe: --precision auto: resuming in the job's precision, {recorded} ({why}); a new "
                           f"--out starts a job in {mine}")

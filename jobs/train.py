@@ -54,7 +54,7 @@ from jobs.annotations import (
 )
 from jobs.evaluate import Metrics, decide, multiclass_metrics, multilabel_metrics, predict_video
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
-from jobs.spec import check_segment_seconds, check_writable_dir
+from jobs.spec import check_segment_seconds, check_writable_dir, runs_here
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, WeightsNotFoundError
@@ -207,12 +207,13 @@ class _Norm:
 
         def std(x: np.ndarray, rounding: np.ndarray | None) -> np.ndarray:
             s = x.std(axis=0)
-            if rounding is not None:  # a variation bf16 encoders drown is not blown up into many stds
-                floor = NOISE_FLOOR * rounding
-                raised.append(int(((s < floor) & (floor > 1e-6)).sum()))
-                s = np.maximum(s, floor)
             # a constant feature (dead ReLU unit) stays constant: do not blow up its noise
-            return np.where(s > 1e-6, s, 1.0)
+            s = np.where(s > 1e-6, s, 1.0)
+            if rounding is not None:  # a variation bf16 encoders drown is not blown up into many stds either
+                floor = NOISE_FLOOR * rounding
+                raised.append(int((s < floor).sum()))
+                s = np.maximum(s, floor)
+            return s
 
         image_std = std(img, None if noise is None else noise[0])
         audio_std = std(aud, None if noise is None else noise[1])
@@ -551,7 +552,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     train_feats = [fres.features[v.uri] for v in train_v]
     # bf16 is emulated where the encoders run on a CPU without native bf16 (auto would pick fp32 there): about
     # 11x float32's cost (efficientnet_lite0, 289 ms/image against 26 with oneDNN held to AVX2 on this VM)
-    emulated = spec.address is None and encoder_precision("auto", spec.device, here=True) == "fp32"
+    emulated = runs_here(spec.address) and encoder_precision("auto", spec.device, here=True) == "fp32"
 
     said: set[str] = set()
 
@@ -567,7 +568,11 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
 
     # labels are not needed: the held-out videos when there are some
     sample = bf16_share(val_v or train_v, "validation" if val_v else "training")
-    norm = _Norm.fit(train_feats, bf16_noise([fres.features[v.uri] for v in sample], bf16_features(sample)))
+    noise = bf16_noise([fres.features[v.uri] for v in sample], bf16_features(sample))
+    if noise is None:
+        say(f"warning: none of the {len(sample)} videos decoded again for bf16 encoders; standardising without "
+            "bf16's rounding floor")
+    norm = _Norm.fit(train_feats, noise)
     if any(norm.floored):
         say(f"standardising: {norm.floored[0]} image and {norm.floored[1]} audio features vary less in training than "
             f"{NOISE_FLOOR:g}x the rounding bf16 encoders add to them; each is scaled by that instead of its std")
@@ -695,7 +700,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     checked = bf16_share(checked, on)
     meta["bf16_check"] = bf16_check(bundle, [(v, fres.features[v.uri], targets_of(v, labels)) for v in checked],
                                     bf16_features(checked), on=on, say=say)
-    meta["bf16_check"]["stds_floored"] = {"image": norm.floored[0], "audio": norm.floored[1]}
+    meta["bf16_check"]["stds_floored"] = None if noise is None else {"image": norm.floored[0], "audio": norm.floored[1]}
+    seconds = time.monotonic() - started  # the check included
+    meta["train_seconds"] = round(seconds, 1)
     with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
         path = bundle.save(out, overwrite=True, keep=_KEPT)
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
@@ -715,17 +722,22 @@ EMULATED_BF16_VIDEOS = 8
 
 def bf16_noise(fp32: list[VideoFeatures], bf16: dict[str, VideoFeatures]) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-feature RMS of (bf16 - float32) encoder features over the videos both have, as (image, audio), or None
-    when none has both alike."""
+    when none has both alike.  With an image grid (``--image-grid``: its regions are standardised like the pooled
+    image features) the image figure is the larger of the pooled features' and the regions'."""
     pairs = [(f, bf16[f.uri]) for f in fp32 if f.uri in bf16 and bf16[f.uri].n_segments == f.n_segments]
     if not pairs:
         return None
 
     def rms(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
         d = np.concatenate(b).astype(np.float64) - np.concatenate(a).astype(np.float64)
-        return np.sqrt((d ** 2).mean(axis=0))
+        return np.sqrt((d ** 2).reshape(-1, d.shape[-1]).mean(axis=0))
 
-    return (rms([f.image for f, _ in pairs], [g.image for _, g in pairs]),
-            rms([f.audio for f, _ in pairs], [g.audio for _, g in pairs]))
+    image = rms([f.image for f, _ in pairs], [g.image for _, g in pairs])
+    grids = [(f.grid, g.grid) for f, g in pairs if f.grid is not None and g.grid is not None
+             and f.grid.shape == g.grid.shape]
+    if grids:
+        image = np.maximum(image, rms([a for a, _ in grids], [b for _, b in grids]))
+    return image, rms([f.audio for f, _ in pairs], [g.audio for _, g in pairs])
 
 
 # bf16 encoders may lower a trained head's validation accuracy and macro-F1 by this much before
