@@ -167,7 +167,7 @@ class TrainResult:
     history: list[dict[str, float | None]]
     feature_cache_hits: int
     seconds: float
-    n_failed: int = 0  # annotated videos that could not be decoded (left out)
+    n_failed: int = 0  # annotated videos that could not be decoded (left out), or not for the bf16 floor and check
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -545,9 +545,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
 
     bf16_spec = dataclasses.replace(fspec, precision="bf16")
 
+    failed_again: set[str] = set()  # videos whose bf16 pass failed (the fp32 one did not): the exit says so
+
     def bf16_features(videos: list[AnnotatedVideo]) -> dict[str, VideoFeatures]:
-        return extract_features([(v.uri, v.video_id) for v in videos], bf16_spec, cache_root, address=spec.address,
-                                device=spec.device, say=say).features
+        found = extract_features([(v.uri, v.video_id) for v in videos], bf16_spec, cache_root, address=spec.address,
+                                 device=spec.device, say=say)
+        failed_again.update(f.uri for f in found.failures)
+        return found.features
 
     train_feats = [fres.features[v.uri] for v in train_v]
     # bf16 is emulated where the encoders run on a CPU without native bf16 (auto would pick fp32 there): about
@@ -703,13 +707,17 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     meta["bf16_check"]["stds_floored"] = None if noise is None else {"image": norm.floored[0], "audio": norm.floored[1]}
     seconds = time.monotonic() - started  # the check included
     meta["train_seconds"] = round(seconds, 1)
-    with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
-        path = bundle.save(out, overwrite=True, keep=_KEPT)
+    try:
+        with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
+            path = bundle.save(out, overwrite=True, keep=_KEPT)
+    except KeyboardInterrupt as exc:  # raised where the block ended: the bundle is saved, nothing is left to stop
+        path = out
+        say(f"vidpipe: a stop ({exc}) came during the save of the bundle, which was finished first")
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
         + (f", validation accuracy {val_metrics.accuracy:.3f}, macro-F1 {val_metrics.macro_f1:.3f}" if val_metrics else "")
         + f"; {seconds:.0f} s)")
     return TrainResult(bundle=bundle, path=path, val_metrics=val_metrics, history=history,
-                       feature_cache_hits=fres.cache_hits, seconds=seconds, n_failed=len(fres.failures))
+                       feature_cache_hits=fres.cache_hits, seconds=seconds, n_failed=len(fres.failures) + len(failed_again))
 
 
 # Training standardises no feature by a std below this many times the RMS difference bf16 encoders make to
@@ -780,9 +788,11 @@ def bf16_check(bundle: ModelBundle, videos: list[tuple[AnnotatedVideo, VideoFeat
                    "fp32": {"accuracy": round(m32.accuracy, 4), "macro_f1": round(m32.macro_f1, 4)},
                    "bf16": {"accuracy": round(m16.accuracy, 4), "macro_f1": round(m16.macro_f1, 4)},
                    "auto_precision": "fp32" if lower else "bf16"})
-    said = (f"bf16 check on the {len(truths)} {on} videos: bf16 encoders label {int(alike.sum())} of {alike.size} "
-            f"segments as float32 ones do (accuracy {m32.accuracy:.3f} -> {m16.accuracy:.3f}, macro-F1 "
-            f"{m32.macro_f1:.3f} -> {m16.macro_f1:.3f})")
+    accuracy = "exact-match accuracy" if bundle.head.task == "multilabel" else "accuracy"
+    scored = "" if m32.n_segments == alike.size else f"over the {m32.n_segments} scored: "
+    said = (f"bf16 check on the {len(truths)} {on} video{'s' if len(truths) != 1 else ''}: bf16 encoders label "
+            f"{int(alike.sum())} of {alike.size} segments as float32 ones do ({scored}{accuracy} {m32.accuracy:.3f} "
+            f"-> {m16.accuracy:.3f}, macro-F1 {m32.macro_f1:.3f} -> {m16.macro_f1:.3f})")
     if lower:
         say(f"warning: {said}: lower, so the bundle records that --precision auto runs its encoders in fp32 "
             "(slower on CPUs with native bf16; --precision bf16 overrides)")

@@ -134,16 +134,17 @@ class ModelBundle:
         check = self.meta.get("bf16_check")
         if not isinstance(check, dict) or check.get("auto_precision") != "fp32":
             return None
-        fp32, bf16 = check.get("fp32") or {}, check.get("bf16") or {}
 
-        def figure(d: dict[str, Any], key: str) -> str:
-            value = d.get(key)
-            return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
+        def figure(which: str, key: str) -> str:  # meta is the user's to edit: anything else reads as unknown
+            scores = check.get(which)
+            value = scores.get(key) if isinstance(scores, dict) else None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            return f"{value:.3f}" if ok else "?"
 
         return (f"model {self.model_id}: at training, bf16 encoders labelled {check.get('segments_alike', '?')} of "
                 f"its {check.get('segments', '?')} {check.get('on', 'validation')} segments as float32 ones did and "
-                f"scored them lower (accuracy {figure(fp32, 'accuracy')} -> {figure(bf16, 'accuracy')}, macro-F1 "
-                f"{figure(fp32, 'macro_f1')} -> {figure(bf16, 'macro_f1')}), so --precision auto runs its encoders "
+                f"scored them lower (accuracy {figure('fp32', 'accuracy')} -> {figure('bf16', 'accuracy')}, macro-F1 "
+                f"{figure('fp32', 'macro_f1')} -> {figure('bf16', 'macro_f1')}), so --precision auto runs its encoders "
                 "in fp32 (--precision bf16 overrides)")
 
     def _document(self) -> dict[str, Any]:

@@ -231,3 +231,25 @@ def test_in_memory_checks() -> None:
                     tensors={"lstm.weight": torch.zeros(1)})
     assert b.model_id == b.compute_model_id() and len(b.model_id) == 16
     assert "tensors=" in repr(b) and "tensor(" not in repr(b)
+
+
+def test_fp32_reason_reads_the_bf16_check_and_takes_any_edit_of_it():
+    """A hand-edited check ('bf16': [1, 2]) made run and eval end with an AttributeError traceback (exit 1)."""
+    b = ModelBundle.untrained(image_dim=4, audio_dim=4)
+    assert b.fp32_reason() is None  # no check (bundles trained before 2026-12-02): auto as before
+    check = {"on": "validation", "videos": 2, "segments": 24, "segments_alike": 21, "auto_precision": "fp32",
+             "fp32": {"accuracy": 1.0, "macro_f1": 1.0}, "bf16": {"accuracy": 0.875, "macro_f1": 0.9625}}
+    b.meta["bf16_check"] = check
+    assert b.fp32_reason() == (
+        "model untrained: at training, bf16 encoders labelled 21 of its 24 validation segments as float32 ones did "
+        "and scored them lower (accuracy 1.000 -> 0.875, macro-F1 1.000 -> 0.963), so --precision auto runs its "
+        "encoders in fp32 (--precision bf16 overrides)")
+    for auto in ("bf16", "FP32", ["fp32"], None):
+        b.meta["bf16_check"] = {**check, "auto_precision": auto}
+        assert b.fp32_reason() is None
+    for scores in ([1, 2], 5, "x", None, {"accuracy": True, "macro_f1": float("nan")}, {"accuracy": 1e308}):
+        b.meta["bf16_check"] = {**check, "bf16": scores}
+        reason = b.fp32_reason()
+        assert reason is not None and "accuracy 1.000 -> ?, macro-F1 1.000 -> ?" in reason
+    b.meta["bf16_check"] = ["fp32"]
+    assert b.fp32_reason() is None
