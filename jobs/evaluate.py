@@ -196,10 +196,11 @@ class EvalReport:
     metrics: Metrics
     notes: list[str] = field(default_factory=list)
     precision: str = "fp32"  # the encoders' (the head runs in float32, as in `run`)
+    fp32_reason: str | None = None  # why --precision auto meant fp32 for this bundle (ModelBundle.fp32_reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "annotations": self.annotations, "ablate": self.ablate,
-                "precision": self.precision, "n_videos": self.n_videos, "n_failed": self.n_failed,
+                "precision": self.precision, "fp32_reason": self.fp32_reason, "n_videos": self.n_videos, "n_failed": self.n_failed,
                 **self.metrics.to_dict(), "notes": self.notes}
 
 
@@ -212,8 +213,9 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
         raise ConfigError(f"unknown --ablate {ablate!r}; choose one of: {', '.join(ABLATIONS)}")
     pick_device(device, here=runs_here(address))  # cuda without CUDA: refused
     check_precision(precision)
-    if precision == "auto" and bundle.fp32_reason():
-        say(f"--precision auto: {bundle.fp32_reason()}")
+    reason = bundle.fp32_reason() if precision == "auto" else None
+    if reason:
+        say(f"--precision auto: {reason}")
     # on a cluster, its nodes say what auto means, as for run
     encoders = job_precision(precision, device, address, bundle)
     cache_root = cache or default_cache_root()
@@ -230,7 +232,7 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     notes = [f"{f.uri}: {f.error_kind}: {f.message}" for f in result.failures]
     return EvalReport(model_id=bundle.model_id, annotations=str(annotations), ablate=ablate,
                       n_videos=len(result.features), n_failed=len(result.failures), metrics=metrics, notes=notes,
-                      precision=encoders)
+                      precision=encoders, fp32_reason=reason)
 
 
 def format_report(report: EvalReport) -> str:

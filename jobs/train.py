@@ -546,12 +546,16 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     bf16_spec = dataclasses.replace(fspec, precision="bf16")
 
     failed_again: set[str] = set()  # videos whose bf16 pass failed (the fp32 one did not): the exit says so
+    bf16_done: dict[str, VideoFeatures] = {}  # the floor's, which the check reuses
 
     def bf16_features(videos: list[AnnotatedVideo]) -> dict[str, VideoFeatures]:
-        found = extract_features([(v.uri, v.video_id) for v in videos], bf16_spec, cache_root, address=spec.address,
-                                 device=spec.device, say=say)
-        failed_again.update(f.uri for f in found.failures)
-        return found.features
+        todo = [v for v in videos if v.uri not in bf16_done and v.uri not in failed_again]
+        if todo:
+            found = extract_features([(v.uri, v.video_id) for v in todo], bf16_spec, cache_root,
+                                     address=spec.address, device=spec.device, say=say)
+            bf16_done.update(found.features)
+            failed_again.update(f.uri for f in found.failures)
+        return {v.uri: bf16_done[v.uri] for v in videos if v.uri in bf16_done}
 
     train_feats = [fres.features[v.uri] for v in train_v]
     # bf16 is emulated where the encoders run on a CPU without native bf16 (auto would pick fp32 there): about
@@ -578,8 +582,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
             "bf16's rounding floor")
     norm = _Norm.fit(train_feats, noise)
     if any(norm.floored):
-        say(f"standardising: {norm.floored[0]} image and {norm.floored[1]} audio features vary less in training than "
-            f"{NOISE_FLOOR:g}x the rounding bf16 encoders add to them; each is scaled by that instead of its std")
+        say(f"standardising: {norm.floored[0]} of {len(norm.image_std)} image and {norm.floored[1]} of "
+            f"{len(norm.audio_std)} audio features vary less in training than {NOISE_FLOOR:g}x the rounding bf16 "
+            "encoders add to them; each is scaled by that instead of its std")
     train_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(train_v, train_t, strict=True)]
     val_data = [norm.apply(fres.features[v.uri], t) for v, t in zip(val_v, val_t, strict=True)]
 

@@ -486,6 +486,7 @@ def test_a_bundle_whose_bf16_check_asks_for_fp32_runs_auto_in_fp32(corpus, train
     lines: list[str] = []
     report = evaluate(bundle, str(files[("audio", "test")]), str(videos), cache=str(cache), say=lines.append)
     assert report.precision == "fp32" and f"--precision auto: {reason}" in lines
+    assert report.to_dict()["fp32_reason"] == reason
     measured = bench([str(clips[0])], model=str(bundle_dir), skip_naive=True)
     assert (measured["precision"], measured["sample_precision"], measured["fp32_reason"]) == ("auto", "fp32", reason)
     printed = io.StringIO()
