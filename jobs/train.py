@@ -167,7 +167,7 @@ class TrainResult:
     history: list[dict[str, float | None]]
     feature_cache_hits: int
     seconds: float
-    n_failed: int = 0  # annotated videos that could not be decoded (left out), or not for the bf16 floor and check
+    n_failed: int = 0  # annotated videos that could not be decoded (left out), or failed only in the bf16 pass
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -207,7 +207,8 @@ class _Norm:
 
         def std(x: np.ndarray, rounding: np.ndarray | None) -> np.ndarray:
             s = x.std(axis=0)
-            # a constant feature (dead ReLU unit) stays constant: do not blow up its noise
+            # a constant feature (dead ReLU unit) stays constant: do not blow up its noise (std 1, or the floor
+            # where that is larger)
             s = np.where(s > 1e-6, s, 1.0)
             if rounding is not None:  # a variation bf16 encoders drown is not blown up into many stds either
                 floor = NOISE_FLOOR * rounding
@@ -545,7 +546,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
 
     bf16_spec = dataclasses.replace(fspec, precision="bf16")
 
-    failed_again: set[str] = set()  # videos whose bf16 pass failed (the fp32 one did not): the exit says so
+    # videos that failed only in the bf16 pass: trained on, left out of the floor and the check; train exits 3
+    failed_again: set[str] = set()
     bf16_done: dict[str, VideoFeatures] = {}  # the floor's, which the check reuses
 
     def bf16_features(videos: list[AnnotatedVideo]) -> dict[str, VideoFeatures]:
@@ -555,6 +557,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                                      address=spec.address, device=spec.device, say=say)
             bf16_done.update(found.features)
             failed_again.update(f.uri for f in found.failures)
+            if found.failures:
+                say(f"warning: {len(found.failures)} of {len(todo)} videos failed in the bf16 pass (their float32 "
+                    "features are trained on; the bf16 floor and check leave them out)")
         return {v.uri: bf16_done[v.uri] for v in videos if v.uri in bf16_done}
 
     train_feats = [fres.features[v.uri] for v in train_v]
@@ -562,24 +567,28 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     # 11x float32's cost (efficientnet_lite0, 289 ms/image against 26 with oneDNN held to AVX2 on this VM)
     emulated = runs_here(spec.address) and encoder_precision("auto", spec.device, here=True) == "fp32"
 
-    said: set[str] = set()
+    n_val_scored = sum(_scored(torch.from_numpy(t)) for t in val_t)
 
-    def bf16_share(videos: list[AnnotatedVideo], kind: str) -> list[AnnotatedVideo]:
+    def bf16_share(videos: list[AnnotatedVideo], kind: str, use: str) -> list[AnnotatedVideo]:
         if not emulated or len(videos) <= EMULATED_BF16_VIDEOS:
             return videos
-        if kind not in said:
-            said.add(kind)
-            say(f"this machine has no GPU and no CPU with native bf16 (bf16 is emulated here, ~11x slower than "
-                f"float32): bf16's standardisation floor and check use {EMULATED_BF16_VIDEOS} of the {len(videos)} "
+        if (kind, use) not in said and (kind, "floor and check") not in said:
+            said.add((kind, use))
+            say(f"bf16 is emulated here (the encoders run on a CPU without native bf16, ~11x slower than float32): "
+                f"bf16's {use} use{'s' if use == 'check' else ''} {EMULATED_BF16_VIDEOS} of the {len(videos)} "
                 f"{kind} videos")
-        return videos[:EMULATED_BF16_VIDEOS]
+        # those with segments to score first (--unlabeled ignore can leave a video none): the check scores them
+        return sorted(videos, key=lambda v: not _scored(torch.from_numpy(targets_of(v, labels))))[
+            :EMULATED_BF16_VIDEOS]
 
-    # labels are not needed: the held-out videos when there are some
-    sample = bf16_share(val_v or train_v, "validation" if val_v else "training")
+    said: set[tuple[str, str]] = set()
+    # the held-out videos when there are some (the same the check labels, unless none has a segment to score)
+    kind = "validation" if val_v else "training"
+    sample = bf16_share(val_v or train_v, kind, "floor and check" if val_v and n_val_scored else "floor")
     noise = bf16_noise([fres.features[v.uri] for v in sample], bf16_features(sample))
     if noise is None:
-        say(f"warning: none of the {len(sample)} videos decoded again for bf16 encoders; standardising without "
-            "bf16's rounding floor")
+        say(f"warning: none of the {len(sample)} videos decoded again alike for bf16 encoders; standardising "
+            "without bf16's rounding floor")
     norm = _Norm.fit(train_feats, noise)
     if any(norm.floored):
         say(f"standardising: {norm.floored[0]} of {len(norm.image_std)} image and {norm.floored[1]} of "
@@ -706,17 +715,20 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     bundle = ModelBundle(sampling=sampling, image=image, audio=audio, head=head_spec, labels=labels, trained=True,
                          tensors=tensors, meta=meta)
     checked, on = (val_v, "validation") if val_data else (train_v, "training")
-    checked = bf16_share(checked, on)
+    checked = bf16_share(checked, on, "check")
     meta["bf16_check"] = bf16_check(bundle, [(v, fres.features[v.uri], targets_of(v, labels)) for v in checked],
                                     bf16_features(checked), on=on, say=say)
     meta["bf16_check"]["stds_floored"] = None if noise is None else {"image": norm.floored[0], "audio": norm.floored[1]}
     seconds = time.monotonic() - started  # the check included
     meta["train_seconds"] = round(seconds, 1)
+    path: Path | None = None
     try:
         with stopping.deferred("the save of the bundle"):  # a stop amid the swap of directories would leave the old bundle aside
             path = bundle.save(out, overwrite=True, keep=_KEPT)
-    except KeyboardInterrupt as exc:  # raised where the block ended: the bundle is saved, nothing is left to stop
-        path = out
+    except KeyboardInterrupt as exc:
+        if path is None:  # before the block took it: nothing saved
+            raise
+        # raised where the block ended: the bundle is saved, nothing is left to stop
         say(f"vidpipe: a stop ({exc}) came during the save of the bundle, which was finished first")
     say(f"saved model {bundle.model_id} to {path} (best epoch {best_epoch}"
         + (f", validation accuracy {val_metrics.accuracy:.3f}, macro-F1 {val_metrics.macro_f1:.3f}" if val_metrics else "")
@@ -779,11 +791,12 @@ def bf16_check(bundle: ModelBundle, videos: list[tuple[AnnotatedVideo, VideoFeat
         fp32_pred.append(decide(predict_video(runner, feats), bundle))
         bf16_pred.append(decide(predict_video(runner, other), bundle))
     result: dict[str, Any] = {"on": on, "videos": len(truths), "auto_precision": "bf16"}
-    if not truths:
-        say("bf16 check: no video could be labelled from bf16 encoder features; --precision auto may use bf16 "
-            "for this model unchecked")
+    truth = np.concatenate(truths) if truths else np.zeros(0)
+    if not ((truth >= 0) if truth.ndim == 1 else (truth >= 0).all(axis=1)).any():
+        say("bf16 check: no segment with a label could be labelled from bf16 encoder features; --precision auto may "
+            "use bf16 for this model unchecked")
         return result
-    truth, p32, p16 = np.concatenate(truths), np.concatenate(fp32_pred), np.concatenate(bf16_pred)
+    p32, p16 = np.concatenate(fp32_pred), np.concatenate(bf16_pred)
     alike = (p32 == p16) if p32.ndim == 1 else (p32 == p16).all(axis=1)
     labels = list(bundle.labels)
     score = multilabel_metrics if bundle.head.task == "multilabel" else multiclass_metrics

@@ -127,8 +127,8 @@ class ModelBundle:
     def fp32_reason(self) -> str | None:
         """Why ``--precision auto`` runs this bundle's encoders in float32 rather than bf16, or None.
 
-        ``vidpipe train`` labels its validation segments with bf16 encoders as well as float32 ones and records the
-        outcome in ``meta["bf16_check"]``; where bf16 scored them lower, ``auto_precision`` is "fp32".  (``meta`` is
+        ``vidpipe train`` labels its validation segments (its training ones without a validation set) with bf16
+        encoders as well as float32 ones and records the outcome in ``meta["bf16_check"]``; where bf16 scored them lower, ``auto_precision`` is "fp32".  (``meta`` is
         not part of ``model_id``: the check advises how to run the model, it does not change what it computes.)
         """
         check = self.meta.get("bf16_check")

@@ -609,14 +609,15 @@ def test_a_job_resumed_where_precision_auto_means_another_goes_on_in_the_jobs_pr
     said: list[str] = []
     runner = JobRunner(spec)
     runner._say = said.append  # type: ignore[method-assign]
+    bundle = resolve_bundle(None, allow_untrained=True)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    assert runner._job_precision(out) == "bf16"  # a new job: this machine's
-    check_job_identity(out, resolve_bundle(None, allow_untrained=True), spec, "bf16")
+    assert runner._job_precision(out, bundle) == "bf16"  # a new job: this machine's
+    check_job_identity(out, bundle, spec, "bf16")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # resumed on a machine without it
-    assert runner._job_precision(out) == "fp32"  # nothing committed yet: the new run's own
+    assert runner._job_precision(out, bundle) == "fp32"  # nothing committed yet: the new run's own
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
-    assert runner._job_precision(out) == "bf16"
+    assert runner._job_precision(out, bundle) == "bf16"
     assert said == ["vidpipe: --precision auto: resuming in the job's precision, bf16 (this machine has no GPU and "
                     "no CPU with native bf16: slower here); a new --out starts a job in fp32"]
 

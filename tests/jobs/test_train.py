@@ -440,8 +440,10 @@ def test_where_bf16_is_emulated_the_floor_and_check_use_a_few_held_out_videos(co
                      cache=str(cache), device="cpu", **{**SMALL, "epochs": 2})  # type: ignore[arg-type]
     result = train(spec, say=lines.append)
     said = [line for line in lines if "bf16 is emulated here" in line]
-    assert said == ["this machine has no GPU and no CPU with native bf16 (bf16 is emulated here, ~11x slower than "
-                    "float32): bf16's standardisation floor and check use 2 of the 6 validation videos"]
+    assert said == ["bf16 is emulated here (the encoders run on a CPU without native bf16, ~11x slower than "
+                    "float32): bf16's floor and check use 2 of the 6 validation videos"]
+    # one read of the fp32 features, one of the bf16 ones (the floor's; the check reuses them)
+    assert sum(line.startswith(("feature cache hit", "extracting features of")) for line in lines) == 2, lines
     check = result.bundle.meta["bf16_check"]
     assert (check["videos"], check["segments"]) == (2, 2 * SECONDS)
 
@@ -605,9 +607,13 @@ def test_standardisation_takes_no_std_below_bf16s_rounding():
     np.testing.assert_allclose(noise[1], [0.0], atol=1e-9)
     plain, floored = _Norm.fit([fp32]), _Norm.fit([fp32], noise)
     np.testing.assert_allclose(plain.image_std, [image[:, 0].std(), image[:, 1].std(), 1.0], rtol=1e-3)
-    # the constant feature keeps std 1 (a floor below it lowered it to 3e-3 at first: a review found it)
+    # the constant feature keeps std 1 (a floor below it lowered it to 3e-3 at first: a review found it) ...
     np.testing.assert_allclose(floored.image_std, [image[:, 0].std(), NOISE_FLOOR * 1e-3, 1.0], rtol=1e-3)
     assert floored.floored == (1, 0) and plain.floored == (0, 0)
+    # ... unless bf16's rounding of it is larger still
+    big = _Norm.fit([fp32], (np.array([1e-3, 1e-3, 0.5]), noise[1]))
+    np.testing.assert_allclose(big.image_std[2], NOISE_FLOOR * 0.5)
+    assert big.floored == (2, 0)
     np.testing.assert_allclose(floored.audio_std, plain.audio_std)  # no rounding: as before
     # bf16's rounding of the nearly constant feature: ~10 stds unfloored, at most 1 / NOISE_FLOOR now
     moved = lambda norm: np.abs(norm.apply(bf16, np.zeros(n, np.int64)).image - norm.apply(fp32, np.zeros(n, np.int64)).image)  # noqa: E731
@@ -620,6 +626,42 @@ def test_standardisation_takes_no_std_below_bf16s_rounding():
     noise = bf16_noise([with_grid], {"a": bf16_grid})
     assert noise is not None
     np.testing.assert_allclose(noise[0], [5e-3] * 3, rtol=2e-3)
+
+
+def test_the_bf16_check_asks_for_fp32_where_bf16_features_score_lower_and_checks_nothing_unscored():
+    """The check's rule on a real (seeded) head: bf16 features far from the float32 ones that move the labels
+    off the truth ask for fp32; the same features alike keep bf16; nothing to score (--unlabeled ignore) is
+    said to be unchecked, not passed with accuracy 0.000 -> 0.000 (a review found that)."""
+    from jobs.annotations import AnnotatedVideo
+    from jobs.evaluate import decide, predict_video
+    from jobs.features import VideoFeatures
+    from jobs.train import bf16_check
+    from pipeline.head import HeadRunner
+
+    bundle = ModelBundle.untrained(image_dim=8, audio_dim=4, labels=["a", "b", "c"], window_segments=4,
+                                   context_segments=2)
+    rng = np.random.default_rng(1)
+    n = 12
+    times = np.arange(n, dtype=np.float64)
+
+    def feats(image: np.ndarray, audio: np.ndarray) -> VideoFeatures:
+        return VideoFeatures(uri="v", video_id="v", start_s=times, end_s=times + 1, image=image.astype(np.float32),
+                             audio=audio.astype(np.float32), has_audio=True)
+
+    fp32 = feats(rng.normal(0, 1, (n, 8)), rng.normal(0, 1, (n, 4)))
+    truth = decide(predict_video(HeadRunner(bundle.head, bundle.head_state(), precision="fp32"), fp32), bundle)
+    video = AnnotatedVideo(uri="v", video_id="v", annotations=())
+    lines: list[str] = []
+    same = bf16_check(bundle, [(video, fp32, truth)], {"v": fp32}, on="validation", say=lines.append)
+    assert (same["auto_precision"], same["segments_alike"], same["fp32"]["accuracy"]) == ("bf16", n, 1.0)
+    assert lines[-1].endswith("--precision auto may use bf16 for this model")
+    far = feats(fp32.image + rng.normal(0, 50, (n, 8)), fp32.audio + rng.normal(0, 50, (n, 4)))
+    moved = bf16_check(bundle, [(video, fp32, truth)], {"v": far}, on="validation", say=lines.append)
+    assert moved["auto_precision"] == "fp32" and moved["bf16"]["accuracy"] < 1.0 and moved["segments_alike"] < n
+    assert lines[-1].startswith("warning: bf16 check on the 1 validation video: bf16 encoders label ")
+    nothing = bf16_check(bundle, [(video, fp32, np.full(n, -1))], {"v": far}, on="validation", say=lines.append)
+    assert nothing == {"on": "validation", "videos": 1, "auto_precision": "bf16"}
+    assert lines[-1].startswith("bf16 check: no segment with a label could be labelled")
 
 
 def test_labels_holding_commas_are_quoted_in_messages():
