@@ -567,7 +567,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     # 11x float32's cost (efficientnet_lite0, 289 ms/image against 26 with oneDNN held to AVX2 on this VM)
     emulated = runs_here(spec.address) and encoder_precision("auto", spec.device, here=True) == "fp32"
 
-    n_val_scored = sum(_scored(torch.from_numpy(t)) for t in val_t)
+    # the segments training and validation score: with --unlabeled ignore, not the ones no annotation covers
+    n_train_seg, n_val_seg = (sum(_scored(torch.from_numpy(t)) for t in targets) for targets in (train_t, val_t))
 
     def bf16_share(videos: list[AnnotatedVideo], kind: str, use: str) -> list[AnnotatedVideo]:
         if not emulated or len(videos) <= EMULATED_BF16_VIDEOS:
@@ -584,7 +585,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     said: set[tuple[str, str]] = set()
     # the held-out videos when there are some (the same the check labels, unless none has a segment to score)
     kind = "validation" if val_v else "training"
-    sample = bf16_share(val_v or train_v, kind, "floor and check" if val_v and n_val_scored else "floor")
+    sample = bf16_share(val_v or train_v, kind, "floor and check" if val_v and n_val_seg else "floor")
     noise = bf16_noise([fres.features[v.uri] for v in sample], bf16_features(sample))
     if noise is None:
         say(f"warning: none of the {len(sample)} videos decoded again alike for bf16 encoders; standardising "
@@ -620,8 +621,6 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                          window_segments=spec.window_segments, context_segments=spec.context_segments,
                          dropout=spec.dropout, seed=spec.seed, task=spec.task)
     device = pick_device(spec.device)
-    # the segments training and validation score: with --unlabeled ignore, not the ones no annotation covers
-    n_train_seg, n_val_seg = (sum(_scored(d.target) for d in data) for data in (train_data, val_data))
     left_out = {"train": sum(d.n for d in train_data) - n_train_seg, "val": sum(d.n for d in val_data) - n_val_seg}
     train_text, val_text = _segments_text(n_train_seg, left_out["train"]), _segments_text(n_val_seg, left_out["val"])
     if not n_train_seg:
@@ -791,16 +790,17 @@ def bf16_check(bundle: ModelBundle, videos: list[tuple[AnnotatedVideo, VideoFeat
         fp32_pred.append(decide(predict_video(runner, feats), bundle))
         bf16_pred.append(decide(predict_video(runner, other), bundle))
     result: dict[str, Any] = {"on": on, "videos": len(truths), "auto_precision": "bf16"}
-    truth = np.concatenate(truths) if truths else np.zeros(0)
-    if not ((truth >= 0) if truth.ndim == 1 else (truth >= 0).all(axis=1)).any():
+    labels = list(bundle.labels)
+    score = multilabel_metrics if bundle.head.task == "multilabel" else multiclass_metrics
+    m32 = m16 = None
+    if truths:
+        truth, p32, p16 = (np.concatenate(parts) for parts in (truths, fp32_pred, bf16_pred))
+        m32, m16 = score(truth, p32, labels), score(truth, p16, labels)
+    if m32 is None or m16 is None or not m32.n_segments:  # n_segments: those with a label to score
         say("bf16 check: no segment with a label could be labelled from bf16 encoder features; --precision auto may "
             "use bf16 for this model unchecked")
         return result
-    p32, p16 = np.concatenate(fp32_pred), np.concatenate(bf16_pred)
     alike = (p32 == p16) if p32.ndim == 1 else (p32 == p16).all(axis=1)
-    labels = list(bundle.labels)
-    score = multilabel_metrics if bundle.head.task == "multilabel" else multiclass_metrics
-    m32, m16 = score(truth, p32, labels), score(truth, p16, labels)
     lower = m16.accuracy < m32.accuracy - BF16_TOLERANCE or m16.macro_f1 < m32.macro_f1 - BF16_TOLERANCE
     result.update({"segments": int(alike.size), "segments_alike": int(alike.sum()),
                    "fp32": {"accuracy": round(m32.accuracy, 4), "macro_f1": round(m32.macro_f1, 4)},

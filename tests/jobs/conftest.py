@@ -152,7 +152,12 @@ sys.exit(cli._command())  # the command, then the cleanup every command ends wit
 """
 
 
+def run_script(script: str, argv: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+    """Run ``python -c SCRIPT ARGV...`` in this checkout, in a ``vidpipe`` subprocess's environment."""
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=timeout, **kwargs)
+
+
 def stop_inside_an_import(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
     """Run ``vidpipe ARGS`` in this checkout with a SIGTERM sent to it as ``module`` is being imported."""
-    return subprocess.run([sys.executable, "-c", _STOP_INSIDE_AN_IMPORT, module, *args], capture_output=True,
-                          text=True, cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300, **kwargs)
+    return run_script(_STOP_INSIDE_AN_IMPORT, [module, *args], **kwargs)

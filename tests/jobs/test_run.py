@@ -336,10 +336,9 @@ print("ray started")
 def test_sigterm_while_ray_starts_stops_like_ctrl_c():
     """A scheduler's SIGTERM in the first seconds, while ray.init runs with Ray's handler (sys.exit(15)):
     the run stops as interrupted (exit 130), not 'failed: SystemExit: 15'."""
-    from tests.jobs.conftest import vidpipe_env
+    from tests.jobs.conftest import run_script
 
-    r = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_RAY_STARTS], capture_output=True, text=True,
-                       cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300)
+    r = run_script(_SIGTERM_WHILE_RAY_STARTS, [])
     assert (r.returncode, r.stdout) == (130, "interrupted\n"), r.stderr[-3000:]
 
 
@@ -377,10 +376,9 @@ def test_a_stop_as_ray_forks_its_processes_is_taken_after_ray_has_started():
     """`vidpipe train` stopped by SIGTERM as Ray started hung in CI: the KeyboardInterrupt landed in
     logging's at-fork handler (Ray starts its processes with a preexec_fn), was swallowed there with
     logging's lock held, and the next log line waited for ever. The stop now waits for ray.init's end."""
-    from tests.jobs.conftest import vidpipe_env
+    from tests.jobs.conftest import run_script
 
-    r = subprocess.run([sys.executable, "-c", _STOP_AS_RAY_FORKS], capture_output=True, text=True,
-                       cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300)
+    r = run_script(_STOP_AS_RAY_FORKS, [])
     assert r.stdout == "interrupted: stopped by SIGTERM\nlogging works\n", (r.stdout, r.stderr[-3000:])
 
 _STOP_AFTER_THE_RUN = """

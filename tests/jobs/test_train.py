@@ -740,20 +740,16 @@ sys.exit(cli._command())
 def test_a_stop_during_the_save_of_the_bundle_lets_it_finish_and_says_so(corpus, trained, tmp_path):
     """A stop during the save waited for its end (as designed), then said "interrupted; rerun the same command to
     resume" with exit 130, while the new bundle had replaced the old: the user took the old one to be in place."""
-    import subprocess
-    import sys
-
-    from tests.jobs.conftest import vidpipe_env
+    from tests.jobs.conftest import run_script
 
     root, videos, files = corpus
     _, cache = trained
     out = tmp_path / "m"
-    r = subprocess.run([sys.executable, "-c", _STOP_DURING_THE_SAVE, "train", "--annotations",
-                        str(files[("audio", "train")]), "--videos", str(videos), "--out", str(out), "--cache",
-                        str(cache), "--image-encoder", "resnet18", "--image-weights", "none", "--image-size", "32",
-                        "--window-segments", "4", "--context-segments", "2", "--val-fraction", "0.25", "--epochs",
-                        "2"], capture_output=True, text=True, cwd=Path(__file__).parents[2], env=vidpipe_env(),
-                       timeout=600)
+    r = run_script(_STOP_DURING_THE_SAVE, ["train", "--annotations", str(files[("audio", "train")]), "--videos",
+                                           str(videos), "--out", str(out), "--cache", str(cache), "--image-encoder",
+                                           "resnet18", "--image-weights", "none", "--image-size", "32",
+                                           "--window-segments", "4", "--context-segments", "2", "--val-fraction",
+                                           "0.25", "--epochs", "2"], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     bundle = ModelBundle.load(out)
     assert ("vidpipe: a stop (stopped by SIGTERM) came during the save of the bundle, which was finished first\n"
