@@ -8,6 +8,7 @@ groups, and is stopped by killing exactly those groups (and the workers of its r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,18 +121,33 @@ class LocalCluster:
                 raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
         return node
 
-    def start(self) -> LocalCluster:
+    def start(self, attempts: int = 2) -> LocalCluster:
+        """Start the head; a head that fails to start (under load its GCS can time out) is cleared and tried again.
+
+        Each try has fresh ports and a fresh temp dir, and everything the failed try started is killed first.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
-        args = ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
-                f"--ray-client-server-port={free_port()}"]
-        if self.dashboard:
-            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
-        else:
-            args += ["--include-dashboard=false"]
-        self._start(args, self.head_cpus, "head")
-        return self
+        for attempt in range(1, attempts + 1):
+            self.gcs_port = free_port()
+            self.dashboard_port = free_port()
+            args = ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
+                    f"--ray-client-server-port={free_port()}"]
+            if self.dashboard:
+                args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+            else:
+                args += ["--include-dashboard=false"]
+            try:
+                self._start(args, self.head_cpus, "head" if attempt == 1 else f"head-try{attempt}")
+                return self
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                self.stop()
+                self.nodes.clear()
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                if attempt == attempts:
+                    raise
+                print(f"ray start --head failed (try {attempt} of {attempts}), trying again: {str(e)[-500:]}",
+                      file=sys.stderr)
+        raise AssertionError("unreachable")
 
     def add_node(self, cpus: int = 1) -> Node:
         return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}")
