@@ -22,11 +22,11 @@ import numpy as np
 
 from jobs.discover import check_inputs, discover
 from jobs.models import resolve_bundle, with_sampling
+from jobs.plan import job_precision
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError, MediaError
 from pipeline.inputs import local_path
 from pipeline.media import ChunkingSpec, SamplingSpec
-from pipeline.precision import encoder_precision
 
 STAGES = ("decode", "image_encoder", "audio_encoder", "head")
 
@@ -278,11 +278,12 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
         report["decode_only"] = decode_ceiling(paths, bundle.sampling, chunking, cpus)
     except MediaError as e:  # damage past the first segment shows only in the full decode
         raise _not_measurable([e]) from e
-    # auto is fp32 for a bundle whose training found bf16 scoring it lower, in the pipeline (b) as here
-    models = "fp32" if precision == "auto" and bundle.fp32_reason() else precision
+    # what the isolated costs and the naive baseline run in on this machine's CPU: the job's own rule, so auto is
+    # fp32 for a bundle whose training found bf16 scoring it lower, in the pipeline (b) as here
+    models = job_precision(precision, "cpu", None, bundle)
     costs = isolated_costs(paths[0], bundle, cpus, precision=models)
     report["precision"] = precision
-    report["sample_precision"] = encoder_precision(models, "cpu")  # what the sample segments ran in (on CPU)
+    report["sample_precision"] = models
     report["fp32_reason"] = bundle.fp32_reason() if precision == "auto" else None
     report["fp32_label_agreement"] = costs["fp32_label_agreement"]
     report["agreement_segments"] = costs["segments_measured"]
