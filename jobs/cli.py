@@ -270,6 +270,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.videos_failed:
         print(f"{result.videos_failed} inputs failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
               file=sys.stderr)
+    if result.videos_changed:
+        n = result.videos_changed
+        more = f", and {n - len(result.changed_examples)} more" if n > len(result.changed_examples) else ""
+        print(f"WARNING: {n} finished video{'s' if n != 1 else ''} changed size since {'they were' if n != 1 else 'it was'} "
+              f"labelled ({'; '.join(result.changed_examples)}{more}): {'their' if n != 1 else 'its'} rows in "
+              f"{args.out} describe the old file{'s' if n != 1 else ''}, which a rerun does not label again. To "
+              "label the new ones, run them into a new --out.", file=sys.stderr)
     if result.videos_failed_before:
         print(f"{result.videos_failed_before} inputs failed in an earlier run and were not tried again; "
               "add --retry-failed to try them again", file=sys.stderr)

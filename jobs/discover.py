@@ -24,10 +24,11 @@ _SLUG_KEPT = ".-_"
 
 @dataclass(frozen=True)
 class VideoRef:
-    """One input video: where it is and its stable id."""
+    """One input video: where it is, its stable id, and its size where discovery listed it (an S3 prefix)."""
 
     uri: str
     video_id: str
+    size_bytes: int | None = None
 
 
 def make_video_id(uri: str, relative: str) -> str:

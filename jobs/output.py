@@ -146,6 +146,11 @@ class MissingCommitted(ConfigError):
             "videos' results, so that rerunning the job does them again.")
 
 
+def sized(uri: str, size_bytes: int | None) -> str:
+    """The key of "``uri`` had ``size_bytes`` bytes" in a set of finished videos' sizes (None: not recorded)."""
+    return f"{uri}\n{size_bytes}"
+
+
 FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer's key-value metadata
 
 
@@ -528,10 +533,11 @@ class OutputDir:
                 self.store.delete(f"{COMMITS}/{n}")
 
     # -- what is finished ------------------------------------------------------------------------------
-    def finished_uris(self, *, include_failed: bool = True) -> tuple[IdSet, IdSet]:
+    def finished_uris(self, *, include_failed: bool = True, sizes: IdSet | None = None) -> tuple[IdSet, IdSet]:
         """URIs of committed videos — done, and by default failed too — and, of those, the ones failed
         now (a committed failure, no ``videos`` row; empty without ``include_failed``), as compact
-        :class:`IdSet` s, each committed file read once.
+        :class:`IdSet` s, each committed file read once.  ``sizes``, where given, gets each finished
+        video's :func:`sized` key (its URI and the size its file had when it was labelled).
 
         Keyed by URI, as discovery de-duplicates: a video's id also depends on the input that named it
         (folder, manifest, ...), and a rerun that names the same file another way must still skip it.
@@ -539,8 +545,11 @@ class OutputDir:
         from pipeline.inputs import TRANSIENT_ERROR_KINDS
 
         uris, failed = IdSet(), IdSet()
-        for t in self.read_committed("videos", ["uri"]):
+        for t in self.read_committed("videos", ["uri"] if sizes is None else ["uri", "size_bytes"]):
             uris.update(t.column("uri").to_pylist())
+            if sizes is not None:
+                sizes.update(sized(u, n) for u, n in zip(t.column("uri").to_pylist(),
+                                                         t.column("size_bytes").to_pylist(), strict=True))
         if include_failed:
             # a video whose every failure was transient (its bytes could not be fetched: a network, or a
             # cluster's workers without the S3 settings) is tried again by a rerun: such a failure says nothing

@@ -74,6 +74,6 @@ def _walk(filesystem: pafs.FileSystem, prefix: str) -> Iterator[VideoRef]:
             elif fi.type == pafs.FileType.File and PurePosixPath(fi.path).suffix.lower() in VIDEO_EXTENSIONS:
                 rel = fi.path[len(prefix):].lstrip("/")
                 full = f"s3://{fi.path}"
-                yield VideoRef(full, make_video_id(full, rel))
+                yield VideoRef(full, make_video_id(full, rel), fi.size)
 
     yield from walk(prefix)

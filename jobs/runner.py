@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pyarrow.compute as pc
@@ -52,12 +52,13 @@ from jobs.discover import VideoRef, check_inputs, count_videos, discover
 from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
-from jobs.output import OutputDir, ResultWriter, new_run_id
+from jobs.output import OutputDir, ResultWriter, new_run_id, sized
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
+from pipeline.inputs import local_path
 from pipeline.media import Failure
 from pipeline.precision import pick_device
 from pipeline.s3 import bucket_missing
@@ -84,6 +85,8 @@ class JobResult:
     model_id: str
     stage_metrics: dict | None = None  # per-stage busy seconds / peak RSS (see workers.metrics)
     videos_failed_before: int = 0  # of the skipped inputs, those an earlier run recorded as failed
+    videos_changed: int = 0  # of the skipped inputs, finished ones whose file's size changed since (not relabelled)
+    changed_examples: list[str] = field(default_factory=list)  # the first few of them
 
     @property
     def exit_code(self) -> int:
@@ -319,15 +322,19 @@ def _open_output(uri: str) -> OutputDir:
 class WaveFeeder:
     """Pulls videos lazily from discovery, skips the finished ones, hands out waves of a given size."""
 
-    def __init__(self, refs: Iterator[VideoRef], done: IdSet, failed: IdSet | None = None) -> None:
+    def __init__(self, refs: Iterator[VideoRef], done: IdSet, failed: IdSet | None = None,
+                 sizes: IdSet | None = None) -> None:
         self._refs = refs
         self._back: deque[VideoRef] = deque()  # handed out, then given back (unread): they come first
         self._end = False
         self.done = done
         self.failed = failed if failed is not None else IdSet()  # of ``done``, the failed ones
+        self.sizes = sizes  # the finished videos' sizes when labelled (OutputDir.finished_uris), if checked
         self.discovered = 0
         self.skipped = 0
         self.skipped_failed = 0
+        self.changed = 0  # of the skipped finished videos, those whose file's size is not what was labelled
+        self.changed_examples: list[str] = []
 
     @property
     def exhausted(self) -> bool:
@@ -346,10 +353,31 @@ class WaveFeeder:
             self.discovered += 1
             if ref.uri in self.done:
                 self.skipped += 1
-                self.skipped_failed += ref.uri in self.failed
+                failed = ref.uri in self.failed
+                self.skipped_failed += failed
+                if not failed and self.sizes is not None:
+                    self._check_size(ref)
             else:
                 wave.append(ref)
         return wave
+
+    def _check_size(self, ref: VideoRef) -> None:
+        """Count a finished video whose file now has another size than when it was labelled (re-encoded or
+        replaced in place: its rows describe the old file).  The size is the listing's (an S3 prefix) or a
+        local file's stat; a video named otherwise (an S3 manifest line), or whose size was not recorded, or
+        whose file is gone, is not checked."""
+        assert self.sizes is not None
+        size = ref.size_bytes
+        if size is None and (path := local_path(ref.uri)) is not None:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return
+        if size is None or sized(ref.uri, size) in self.sizes or sized(ref.uri, None) in self.sizes:
+            return
+        self.changed += 1
+        if len(self.changed_examples) < 5:
+            self.changed_examples.append(f"{ref.uri} (now {size:,} bytes)")
 
     def at_end(self) -> bool:
         """Whether no video is left to hand out (discovery is read one video ahead to know)."""
@@ -424,7 +452,8 @@ class JobRunner:
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
             self.precision = self._job_precision(out, bundle)
             check_job_identity(out, bundle, spec, self.precision)
-            done, failed_before = out.finished_uris(include_failed=not spec.retry_failed)
+            sizes = IdSet()
+            done, failed_before = out.finished_uris(include_failed=not spec.retry_failed, sizes=sizes)
             if is_untrained(bundle):
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
                           "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
@@ -435,7 +464,7 @@ class JobRunner:
             writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),
                                   embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)
             status = RunStatus(run_id=run_id)
-            feeder = WaveFeeder(discover(spec.inputs), done, failed_before)
+            feeder = WaveFeeder(discover(spec.inputs), done, failed_before, sizes)
             self._count_inputs(status, done)  # ``done`` is only read from here on: the thread may share it
             with ProgressFile(out, status) as progress_file:
                 try:
@@ -458,7 +487,8 @@ class JobRunner:
                     self._sync(status, writer, feeder)
         wall = time.monotonic() - started
         return JobResult(videos_total=feeder.discovered, videos_skipped=feeder.skipped,
-                         videos_failed_before=feeder.skipped_failed,
+                         videos_failed_before=feeder.skipped_failed, videos_changed=feeder.changed,
+                         changed_examples=feeder.changed_examples,
                          videos_done=writer.videos_done, videos_failed=writer.videos_failed,
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())

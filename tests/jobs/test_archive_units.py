@@ -13,6 +13,7 @@ import pytest
 from jobs.discover import VideoRef, discover
 from jobs.idset import IdSet
 from jobs.manifest import _Base
+from jobs.output import sized
 from jobs.plan import plan_for, plan_for_cluster
 from jobs.progress import Progress
 from jobs.runner import JobRunner, WaveFeeder
@@ -44,6 +45,28 @@ def test_feeder_streams_waves_and_skips_by_uri(tmp_path):
     waves = [feeder.next_wave(3), feeder.next_wave(3), feeder.next_wave(3)]
     assert [len(w) for w in waves] == [3, 2, 0]
     assert feeder.exhausted and (feeder.discovered, feeder.skipped) == (7, 2)
+
+
+def test_feeder_counts_finished_videos_whose_file_changed_size(tmp_path):
+    """A file re-encoded in place is skipped as finished (its rows stay): the rerun must say so, by its size."""
+    for i in range(5):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"x" * 10)
+    uri = {i: str((tmp_path / f"v{i}.mp4").resolve()) for i in range(5)}
+    sizes = IdSet([sized(uri[0], 10), sized(uri[1], 10), sized(uri[2], None), sized(uri[4], 10)])
+    done, failed = IdSet(uri.values()), IdSet([uri[3]])
+    (tmp_path / "v1.mp4").write_bytes(b"x" * 12)  # changed
+    (tmp_path / "v2.mp4").write_bytes(b"x" * 12)  # no size recorded: not checked
+    (tmp_path / "v3.mp4").write_bytes(b"x" * 12)  # failed, not finished: --retry-failed is the way
+    (tmp_path / "v4.mp4").unlink()  # gone: keeps its rows, nothing to compare
+    s3 = [VideoRef("s3://b/a.mp4", "a", 7), VideoRef("s3://b/c.mp4", "c", 9), VideoRef("s3://b/m.mp4", "m")]
+    done.update(r.uri for r in s3)
+    sizes.update([sized("s3://b/a.mp4", 7), sized("s3://b/c.mp4", 8), sized("s3://b/m.mp4", 1)])
+    feeder = WaveFeeder(iter([*discover([str(tmp_path)]), VideoRef(uri[4], "v4"), *s3]), done, failed, sizes)
+    assert feeder.next_wave(10) == [] and feeder.skipped == 8
+    assert feeder.changed == 2
+    assert feeder.changed_examples == [f"{uri[1]} (now 12 bytes)", "s3://b/c.mp4 (now 9 bytes)"]
+    unchecked = WaveFeeder(discover([str(tmp_path)]), done, failed)  # no sizes given: nothing is stat'ed
+    assert unchecked.next_wave(10) == [] and unchecked.changed == 0
 
 
 def test_feeder_takes_back_videos_and_hands_them_out_first(tmp_path):

@@ -107,6 +107,31 @@ def test_rerun_resumes_without_duplicates(first_run):
     assert dupes.num_rows == 0
 
 
+def test_a_rerun_names_finished_videos_whose_file_changed_since(first_run, archive, tmp_path, capsys):
+    """A file re-encoded or replaced in place was skipped as finished without a word: its rows describe the old file."""
+    spec, out, _ = first_run
+    copy = tmp_path / "o"
+    shutil.copytree(out, copy)
+    keys = "SELECT video_id, segment_index, label, score FROM segments ORDER BY 1, 2"
+    before = run_query(copy, keys)
+    rerun = ["run", *spec.inputs, "--out", str(copy), "--allow-untrained", "--chunk-seconds", "4", "--no-progress"]
+    clip = archive / "bbb 5s.mp4"
+    original = clip.read_bytes()
+    try:
+        with open(clip, "ab") as f:
+            f.write(b"\0" * 1000)
+        code = main(rerun)
+    finally:
+        clip.write_bytes(original)
+    err = capsys.readouterr().err
+    assert code == EXIT_SOME_FAILED  # the two inputs that failed in the first run
+    assert (f"WARNING: 1 finished video changed size since it was labelled ({clip.resolve()} (now "
+            f"{len(original) + 1000:,} bytes)): its rows in {copy} describe the old file") in err, err
+    assert "run them into a new --out" in err
+    assert run_query(copy, keys).equals(before)  # nothing relabelled, nothing lost
+    assert main(rerun) == EXIT_SOME_FAILED and "changed size" not in capsys.readouterr().err
+
+
 def test_other_sampling_on_same_out_is_refused(first_run, capsys):
     spec, out, _ = first_run
     code = main(["run", *spec.inputs, "--out", str(out), "--allow-untrained", "--segment-seconds", "2"])

@@ -96,6 +96,16 @@ def test_read_from_s3_write_to_s3_query_and_status(s3, s3_archive, s3_server, tm
     assert r2.returncode == 3 and "0 videos ok, 1 failed, 2 skipped" in r2.stdout, r2.stdout + r2.stderr[-2000:]
     assert run_query(out, "SELECT count(*) n FROM failures WHERE uri = 's3://vidpipe-in/lists/not/there.mp4'"
                      ).column("n")[0].as_py() == 1
+    # an object replaced since it was labelled is named by the rerun (by the listing's size), not relabelled
+    original = (s3_archive / "b" / "clip002.mp4").read_bytes()
+    s3.put_object(Bucket="vidpipe-in", Key="videos/b/clip002.mp4", Body=original + b"\0" * 100)
+    try:
+        r3 = run_vidpipe(["run", "s3://vidpipe-in/videos/", "--out", out, *RUN_FLAGS], env=vidpipe_env(**s3_server))
+    finally:
+        s3.put_object(Bucket="vidpipe-in", Key="videos/b/clip002.mp4", Body=original)
+    assert r3.returncode == 0 and "0 videos ok, 0 failed, 3 skipped" in r3.stdout, r3.stdout + r3.stderr[-2000:]
+    assert (f"WARNING: 1 finished video changed size since it was labelled (s3://vidpipe-in/videos/b/clip002.mp4 "
+            f"(now {len(original) + 100:,} bytes))") in r3.stderr, r3.stderr[-2000:]
 
 
 def test_driver_killed_between_commit_record_and_copies_on_s3(s3, s3_archive, s3_server):
