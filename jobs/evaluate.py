@@ -38,7 +38,7 @@ from jobs.spec import check_writable_dir, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.head import HeadRunner
-from pipeline.precision import check_precision, pick_device
+from pipeline.precision import check_precision, emulated_bf16_warning, pick_device
 
 Ablation = Literal["audio", "visual"]
 ABLATIONS = ("audio", "visual")
@@ -218,6 +218,8 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
         say(f"--precision auto: {reason}")
     # on a cluster, its nodes say what auto means, as for run
     encoders = job_precision(precision, device, address, bundle)
+    if precision == "bf16" and runs_here(address) and (slow := emulated_bf16_warning("bf16", device)):
+        say(slow)
     cache_root = cache or default_cache_root()
     check_writable_dir(cache_root, "--cache")
     ann = read_annotations(annotations, videos, task=bundle.head.task, unlabeled=unlabeled, labels=bundle.labels)

@@ -60,7 +60,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
 from pipeline.inputs import local_path
 from pipeline.media import Failure
-from pipeline.precision import pick_device
+from pipeline.precision import emulated_bf16_warning, pick_device
 from pipeline.s3 import bucket_missing
 from workers.build import PipelinePlan, build_stages, chunking_for
 from workers.rows import iter_rows
@@ -451,6 +451,8 @@ class JobRunner:
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
             self.precision = self._job_precision(out, bundle)
+            if here and spec.precision == "bf16" and (slow := emulated_bf16_warning("bf16", spec.device)):
+                self._say(slow)
             check_job_identity(out, bundle, spec, self.precision)
             sizes = IdSet()
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed, sizes=sizes)

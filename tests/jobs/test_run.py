@@ -629,3 +629,22 @@ def test_a_stop_that_takes_more_than_3_s_after_ray_has_started_is_not_aborted():
                        cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=300)
     assert (r.returncode, r.stdout) == (0, "interrupted: stopped by SIGTERM\nstill here\n"), r.stderr[-3000:]
     assert "SIGTERM received" not in r.stderr
+
+
+def test_bf16_asked_for_on_a_cpu_without_native_bf16_is_said_to_be_emulated(shared_media, tmp_path, capsys,
+                                                                            monkeypatch, ray_session):
+    """--precision bf16 where oneDNN emulates it ran the encoders several times slower than fp32, unsaid."""
+    import pipeline.precision as precision
+
+    assert precision.emulated_bf16_warning("fp32", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.emulated_bf16_warning("bf16", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.emulated_bf16_warning("fp32", "cpu") is None
+    code = main(["run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(tmp_path / "o"), "--allow-untrained",
+                 "--precision", "bf16", "--device", "cpu", "--no-progress"])
+    said = capsys.readouterr()
+    assert code == 0, said.err[-2000:]
+    assert ("WARNING: --precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): the encoders' bf16 is "
+            "emulated here") in said.out + said.err
+    assert json.loads((tmp_path / "o" / "_job" / "job.json").read_text())["precision"] == "bf16"
