@@ -245,7 +245,7 @@ def run_pipeline(inputs: list[str], bundle_args: dict[str, Any], cpus: int) -> d
     return {"wall_s": result.wall_s, "video_s": result.video_seconds, "segments": segments,
             "video_s_per_s": result.video_seconds / result.wall_s if result.wall_s > 0 else 0.0,
             "videos_failed": result.videos_failed, "model_id": result.model_id, "stages": stages,
-            "ray_session_start_s": session_start_s}
+            "bf16_emulated_chunks": int(m.get("bf16_emulated_chunks", 0)), "ray_session_start_s": session_start_s}
 
 
 def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool = False,
@@ -345,6 +345,9 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
          f"{r['fp32_label_agreement'] * 100:.1f} % of {r['agreement_segments']} sample segments of the first file")
     if r.get("fp32_reason"):
         line(f"--precision auto: {r['fp32_reason']}")
+    if r["pipeline"].get("bf16_emulated_chunks"):
+        line(f"WARNING: (b) encoded {r['pipeline']['bf16_emulated_chunks']} chunks in bf16 on a CPU without native "
+             "bf16: emulated, several times slower than fp32 (--precision auto picks fp32 there)")
     line()
     line(f"{'stage':<15} {'workers':>7} {'isolated ms/seg':>15} {'busy s':>8} {'seg/busy-s':>10} {'busy frac':>9} "
          f"{'peak RSS MiB':>12}")

@@ -424,6 +424,7 @@ class JobRunner:
         self.plan: PipelinePlan | None = None  # the largest wave's (bench reports its pool sizes)
         self._plan_videos = 0
         self._input_error: ConfigError | None = None  # a bad manifest row that counting found ahead of the waves
+        self._said_emulated = False  # whether the run said its encoders ran bf16 emulated (_say_emulated)
         self.precision: str = spec.precision  # what it means for this job ("bf16" or "fp32"), set when it runs
 
     def run(self) -> JobResult:
@@ -451,8 +452,10 @@ class JobRunner:
             out.create()
             out.recover()  # first: a refusal (files no commit names, committed ones gone) leaves no job.json behind
             self.precision = self._job_precision(out, bundle)
+            # said once: here at the start, or when a worker first reports emulated bf16 (see _say_emulated)
             if here and spec.precision == "bf16" and (slow := emulated_bf16_warning("bf16", spec.device)):
                 self._say(slow)
+                self._said_emulated = True
             check_job_identity(out, bundle, spec, self.precision)
             sizes = IdSet()
             done, failed_before = out.finished_uris(include_failed=not spec.retry_failed, sizes=sizes)
@@ -580,6 +583,7 @@ class JobRunner:
             t0 = time.monotonic()
             lost = self._run_group(bundle, plan, group, writer, status, feeder, progress)
             status.waves += 1
+            self._say_emulated(writer)
             elapsed = time.monotonic() - t0
             if fresh and spec.wave_size is None and len(group) >= wave_size and elapsed < TARGET_WAVE_S:
                 # grow toward TARGET_WAVE_S per wave (at most 8x at a time: early waves are mostly start-up)
@@ -589,6 +593,20 @@ class JobRunner:
             progress_file.write()
         progress.total, progress.skipped = status.inputs_total or feeder.discovered, feeder.skipped
         progress.finish(writer)
+
+    def _say_emulated(self, writer: ResultWriter) -> None:
+        """Say once when workers ran bf16 encoders emulated, on a CPU without native bf16: a node that joined a bf16
+        job after its start, or ``--precision bf16`` on such a cluster.  The job stays in its precision (its rows
+        must agree), so the way out is a cluster without such nodes, or a new OUT in fp32."""
+        n = writer.meter.bf16_emulated_chunks
+        if not n or self._said_emulated:
+            return
+        self._said_emulated = True
+        self._say(f"WARNING: {n} chunk{'s' if n != 1 else ''} of this run {'were' if n != 1 else 'was'} encoded in "
+                  "bf16 on a node whose CPU has no native bf16 (AVX512-BF16 or AMX; or oneDNN capped below it by "
+                  "ONEDNN_MAX_CPU_ISA): emulated there, several times slower than fp32. The job goes on in bf16, "
+                  "its precision; run it on nodes with native bf16 (or GPUs), or start a new --out with "
+                  "--precision fp32")
 
     def _run_group(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef], writer: ResultWriter,
                    status: RunStatus, feeder: WaveFeeder, progress: Progress) -> list[VideoRef]:

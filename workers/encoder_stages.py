@@ -19,9 +19,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from pipeline.audio_encoder import AudioEncoder, ClassicAudioEncoder, build_audio_encoder
 from pipeline.image_encoder import IMAGE_ENCODER_DIMS, ImageEncoder
+from pipeline.precision import runs_emulated_bf16
 from pipeline.specs import AudioEncoderSpec, ImageEncoderSpec
 from workers.rows import KEY_COLUMNS, Row
 from workers.stage import Stage
@@ -148,12 +150,18 @@ class ImageEncoderStage(Stage):
         self.carry = carry  # columns of the decode output the later stages still need
         self._encoder: ImageEncoder | None = None
         self._overlap: _Overlap | None = None
+        self._emulated = False  # bf16 on a CPU without native bf16 (see workers.rows.METRIC_COLUMNS)
 
     def setup(self) -> None:
         self._encoder = ImageEncoder(self.spec, device=self.device, batch_size=self.batch_size, threads=self.threads,
                                      precision=self.precision)  # type: ignore[arg-type]
         self._encoder.setup()
         self._overlap = _Overlap(_image_inputs, enabled=torch_device_type(self.device) == "cpu")
+        self._emulated = runs_emulated_bf16(torch.device(self._encoder.device), self.precision)
+
+    def account(self, rows: list[Row], busy_s: float) -> None:
+        super().account(rows, busy_s)
+        _mark_emulated(rows, self._emulated)
 
     def empty_outputs(self) -> Row:
         d = IMAGE_ENCODER_DIMS[self.spec.name]
@@ -187,6 +195,14 @@ class ImageEncoderStage(Stage):
         return out
 
 
+def _mark_emulated(rows: list[Row], emulated: bool) -> None:
+    """Flag the chunks an encoder ran in emulated bf16 (failure rows pass through unflagged)."""
+    if emulated:
+        for r in rows:
+            if not r.get("error_kind"):
+                r["bf16_emulated"] = 1.0
+
+
 def _image_inputs(row: Row) -> list[np.ndarray]:
     return [np.asarray(row["frames"])]
 
@@ -215,6 +231,7 @@ class AudioEncoderStage(Stage):
         self._encoder: AudioEncoder | ClassicAudioEncoder | None = None
         self._dim: int | None = None
         self._overlap: _Overlap | None = None
+        self._emulated = False
 
     def setup(self) -> None:
         encoder = build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz, device=self.device,
@@ -228,6 +245,12 @@ class AudioEncoderStage(Stage):
         self._encoder, self._dim = encoder, encoder.dim
         on_cpu = isinstance(encoder, ClassicAudioEncoder) or torch_device_type(self.device) == "cpu"
         self._overlap = _Overlap(_audio_inputs, enabled=on_cpu)
+        self._emulated = isinstance(encoder, AudioEncoder) and runs_emulated_bf16(torch.device(encoder.device),
+                                                                                  self.precision)
+
+    def account(self, rows: list[Row], busy_s: float) -> None:
+        super().account(rows, busy_s)
+        _mark_emulated(rows, self._emulated)
 
     def empty_outputs(self) -> Row:
         dim = self._dim or build_audio_encoder(self.spec, sample_rate_hz=self.sample_rate_hz).dim

@@ -16,6 +16,7 @@ class StageMeter:
     peak_rss_mb: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_NAMES, 0.0))
     segments: int = 0
     chunks: int = 0
+    bf16_emulated_chunks: int = 0  # chunks an encoder ran in bf16 on a CPU without native bf16
 
     def add(self, row: dict[str, Any]) -> None:
         for s in STAGE_NAMES:
@@ -24,7 +25,8 @@ class StageMeter:
         if not row.get("error_kind"):
             self.segments += int(row["core_end"]) - int(row["core_start"])
             self.chunks += 1
+            self.bf16_emulated_chunks += float(row.get("bf16_emulated", 0.0) or 0.0) > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"busy_s": dict(self.busy_s), "peak_rss_mb": dict(self.peak_rss_mb), "segments": self.segments,
-                "chunks": self.chunks}
+                "chunks": self.chunks, "bf16_emulated_chunks": self.bf16_emulated_chunks}

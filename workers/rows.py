@@ -23,7 +23,10 @@ Row = dict[str, Any]
 STAGE_NAMES = ("decode", "image_encoder", "audio_encoder", "head")
 # Per-row accounting each stage fills in for itself: seconds it was busy on this row and its
 # process's peak RSS; the driver sums them for `vidpipe bench` (per-stage throughput, busy fraction).
-METRIC_COLUMNS = tuple(f"busy_{s}_s" for s in STAGE_NAMES) + tuple(f"rss_{s}_mb" for s in STAGE_NAMES)
+# ``bf16_emulated``: 1 where an encoder ran this row in bf16 on a CPU without native bf16 (a node that joined a
+# bf16 job later, or --precision bf16 there): the driver says so, since that is several times slower than fp32.
+METRIC_COLUMNS = (tuple(f"busy_{s}_s" for s in STAGE_NAMES) + tuple(f"rss_{s}_mb" for s in STAGE_NAMES)
+                  + ("bf16_emulated",))
 # Identity columns every stage passes through unchanged (metrics: each stage sets its own).
 KEY_COLUMNS = ("video_id", "uri", "chunk_index", "is_last", "first_segment", "core_start", "core_end", "has_audio",
                "info_json", "error_stage", "error_kind", "error_message", *METRIC_COLUMNS)

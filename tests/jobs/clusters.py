@@ -110,11 +110,11 @@ class LocalCluster:
                 f"--metrics-export-port={free_port()}", f"--min-worker-port={base}", f"--max-worker-port={base + _WORKER_PORTS - 1}",
                 "--object-store-memory=300000000", "--disable-usage-stats"]
 
-    def _start(self, args: list[str], cpus: int, name: str) -> Node:
+    def _start(self, args: list[str], cpus: int, name: str, env: dict[str, str] | None = None) -> Node:
         log = self.root / f"{name}.log"
         with open(log, "wb") as f:
             proc = subprocess.Popen([str(BIN / "ray"), "start", *args, f"--num-cpus={cpus}", *self._node_ports()],
-                                    stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                                    stdout=f, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True)
             node = Node(pgid=proc.pid, cpus=cpus, log=log)
             self.nodes.append(node)
             if proc.wait(timeout=180) != 0:
@@ -149,8 +149,9 @@ class LocalCluster:
                       file=sys.stderr)
         raise AssertionError("unreachable")
 
-    def add_node(self, cpus: int = 1) -> Node:
-        return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}")
+    def add_node(self, cpus: int = 1, env: dict[str, str] | None = None) -> Node:
+        """Start a worker node; ``env``: its own environment (its workers inherit it), else the cluster's."""
+        return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}", env)
 
     def wait_for_cpus(self, cpus: float, timeout_s: float = 120) -> None:
         script = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "

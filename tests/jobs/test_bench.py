@@ -42,6 +42,7 @@ def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
         assert stage["peak_rss_mb"] > 20, name  # every stage reports its worker's memory
     assert 0.0 <= r["fp32_label_agreement"] <= 1.0 and r["agreement_segments"] > 0
     assert r["precision"] == "auto" and r["sample_precision"] in ("bf16", "fp32")
+    assert pipeline["bf16_emulated_chunks"] == 0  # auto is bf16 only where it is native
     assert pipeline["ray_session_start_s"] >= 0  # reported apart from (b)'s clock
 
 

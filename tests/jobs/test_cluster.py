@@ -125,3 +125,31 @@ def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refuse
     finally:
         c.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_node_whose_onednn_has_no_bf16_makes_auto_fp32_and_bf16_on_it_is_said_to_be_emulated(shared_media,
+                                                                                                 tmp_path):
+    """A node capped below bf16 (ONEDNN_MAX_CPU_ISA=AVX2: oneDNN emulates bf16 there, 289 ms per image against 26 in
+    fp32) said it had native bf16 from its CPU flags, so --precision auto chose bf16 for the job; and a job in bf16
+    whose encoders ran on such a node (one that joined later, or --precision bf16) ran several times slower, unsaid."""
+    root = Path(tempfile.mkdtemp(prefix="vpi-", dir="/tmp"))
+    c = LocalCluster(root, head_cpus=0)  # every stage runs on the capped node
+    try:
+        c.start()
+        c.add_node(1, env=cluster_env(ONEDNN_MAX_CPU_ISA="AVX2"))
+        c.wait_for_cpus(1)
+        clip = str(shared_media / "bbb_5s_51.mp4")
+        auto = _vidpipe(c, ["run", clip, "--out", str(tmp_path / "auto"), *RUN_FLAGS, "--address", c.address])
+        assert auto.returncode == 0, auto.stderr[-3000:]
+        assert json.loads((tmp_path / "auto" / "_job" / "job.json").read_text())["precision"] == "fp32"
+        assert "emulated" not in auto.stderr
+        bf16 = _vidpipe(c, ["run", clip, "--out", str(tmp_path / "bf16"), *RUN_FLAGS, "--address", c.address,
+                            "--precision", "bf16"])
+        assert bf16.returncode == 0, bf16.stderr[-3000:]
+        assert ("WARNING: 1 chunk of this run was encoded in bf16 on a node whose CPU has no native bf16 (AVX512-BF16 "
+                "or AMX; or oneDNN capped below it by ONEDNN_MAX_CPU_ISA): emulated there") in bf16.stderr, \
+            bf16.stderr[-3000:]
+        assert "1 videos ok" in bf16.stdout
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)

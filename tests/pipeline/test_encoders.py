@@ -501,3 +501,31 @@ def test_cuda_bf16_matches_cpu_float32(tmp_path):
     gpu_a = AudioEncoder(AudioEncoderSpec(), device="cuda").encode(audio, valid_samples=valid)
     assert gpu_a.dtype == np.float32
     assert _cos(cpu_a, gpu_a).min() > 0.99
+
+
+def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    """oneDNN capped by ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16 emulates bf16 whatever the
+    CPU's flags say: auto must be fp32 there (bf16 measured at 289 ms per image against 26 in fp32 with AVX2)."""
+    from pipeline import precision
+
+    def native(**env: str) -> bool:
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        precision.cpu_has_native_bf16.cache_clear()
+        return precision.cpu_has_native_bf16()
+
+    try:
+        flags = native()  # this CPU's own answer
+        for cap in ("AVX2", "avx512_core_vnni", "AVX512_CORE", "SSE41"):
+            assert native(ONEDNN_MAX_CPU_ISA=cap) is False, cap
+        assert native(DNNL_MAX_CPU_ISA="AVX2") is False
+        assert native(ONEDNN_MAX_CPU_ISA="AVX2") is False and precision.encoder_precision("auto", "cpu") == "fp32"
+        assert precision.runs_emulated_bf16(torch.device("cpu"), "bf16")
+        assert not precision.runs_emulated_bf16(torch.device("cpu"), "fp32")
+        for cap in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", "DEFAULT"):
+            assert native(ONEDNN_MAX_CPU_ISA=cap) is flags, cap
+    finally:
+        monkeypatch.undo()
+        precision.cpu_has_native_bf16.cache_clear()
