@@ -62,6 +62,17 @@ _AUDIO_WAIT_S = 30.0
 # Resampled audio frames are laid back to back unless their timestamp disagrees by more than this
 # (container timestamps are often rounded to 1 ms; following them would leave 1-sample gaps).
 _AUDIO_RESYNC_S = 0.010
+# In MPEG-TS and MPEG-PS (files joined with `cat`: each part starts its clock again; FFmpeg's AVFMT_TS_DISCONT
+# formats), a stream whose timestamps jump back by more than this goes on where it had got to: later parts follow
+# the earlier ones, as after `ffmpeg -f concat`.  Elsewhere (and for smaller steps back, which are damage) a frame
+# out of order is shown right after the previous one.
+_DISCONT_BACK_S = 0.5
+_DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
+# Audio whose time went back waits this long (in its own samples) for the video to start a part too; past it the
+# jump is taken for damage and the audio is placed by its times.
+_AUDIO_HOLD_S = 10.0
+# A frame this close after the previous one continues the stream (FFmpeg's own discontinuity threshold, 10 s).
+_SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
 # last segment can be sampled exactly once its true end is known (see _FrameSampler).
 _TAIL_MARGIN_S = 1.0
@@ -805,6 +816,15 @@ class _VideoRun:
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
+        # parts joined end to end (see _DISCONT_BACK_S): the shift of each part after the first, set by the stream
+        # that reaches the part first and taken by the other, so that each part keeps its own audio/video sync
+        self.joins_parts = bool(_DISCONT_FORMATS & set(self.container.format.name.split(",")))
+        self.part_shifts_s: list[float] = []
+        self.video_part = self.audio_part = 0  # parts each stream has reached (0: the first)
+        # the times the last two frames gave (on the joined timeline, before out-of-order ones were moved)
+        self.claimed_t_s = (-math.inf, -math.inf)
+        self.held_audio: list[tuple[float, np.ndarray]] = []  # audio of a part the video has not reached yet
+        self.held_samples = 0
 
         self.audio: _AudioTimeline | None = None
         self.resampler: av.AudioResampler | None = None
@@ -911,6 +931,9 @@ class _VideoRun:
             self.origin_pts = self.vstream.start_time or 0
             self._flush_pending_audio()
         t_s = self._frame_time_s(frame)
+        if self.joins_parts and frame.pts is not None:
+            t_s = self._video_part_time(t_s)
+            self.claimed_t_s = (self.claimed_t_s[1], t_s)
         # Out-of-order timestamps (broken files) are treated as shown right after the previous frame.
         t_s = max(t_s, self.last_t_s)
         sampler = self.sampler if self.sampler is not None else self._start_sampling(frame)
@@ -927,9 +950,67 @@ class _VideoRun:
         self.last_t_s = t_s
         self.video_end_s = max(self.video_end_s, t_s + dur_s)
 
+    def _video_part_time(self, t_s: float) -> float:
+        """``t_s`` on the joined timeline: shifted past the earlier parts (see _DISCONT_BACK_S).
+
+        A part starts where a frame's time goes back before the times the last two frames gave (one frame whose
+        time is damaged, far ahead, is no join: the next frame comes after the one before it) and follows on where
+        the video had got to.  The video decides where each part starts: the audio of a part takes the same shift,
+        so that each part keeps its own sync."""
+        shift = self.part_shifts_s[self.video_part - 1] if self.video_part else 0.0
+        if t_s + shift < min(self.claimed_t_s) - _DISCONT_BACK_S:
+            self.part_shifts_s.append(self.video_end_s - t_s)
+            self.video_part += 1
+            shift = self.part_shifts_s[-1]
+            self.announced_end_s = None  # the header's duration is not the joined parts' (see _damaged_time)
+            if self.sampler is not None:  # keep every frame from here on for the short last segment
+                self.sampler.tail_start_s = -math.inf
+            if self.video_part == 1:
+                log.info("%s: its timestamps start again (parts joined end to end): later parts follow the "
+                         "earlier ones", self.uri)
+            if self.held_audio:  # the audio reached this part first: it waited for its shift
+                self._release_held_audio()
+        return t_s + shift
+
+    def _place_audio_part(self, t_s: float, samples: np.ndarray) -> None:
+        """Place an audio frame of a joinable container: in its part, shifted as the video shifted it."""
+        assert self.audio is not None
+        if self.held_audio:
+            self.held_audio.append((t_s, samples))
+            self.held_samples += len(samples)
+            if self.held_samples > _AUDIO_HOLD_S * self.audio.rate_hz:  # no part came: a damaged time, not a join
+                self._release_held_audio(joined=False)
+            return
+        shift = self.part_shifts_s[self.audio_part - 1] if self.audio_part else 0.0
+        cursor = self.audio.cursor
+        if cursor is not None and t_s + shift < cursor / self.audio.rate_hz - _DISCONT_BACK_S:
+            if self.audio_part == len(self.part_shifts_s):  # the video has not reached the next part yet
+                self.held_audio.append((t_s, samples))
+                self.held_samples = len(samples)
+                return
+            self.audio_part += 1
+            shift = self.part_shifts_s[self.audio_part - 1]
+        self.audio.place(t_s + shift, samples)
+
+    def _release_held_audio(self, *, joined: bool = True) -> None:
+        """Place the audio held since its time went back: in the part the video has now reached, or (``joined``
+        False: none came within _AUDIO_HOLD_S, or the file ended) where its own times say, as before."""
+        assert self.audio is not None
+        held, self.held_audio, self.held_samples = self.held_audio, [], 0
+        if joined:
+            self.audio_part += 1
+        shift = self.part_shifts_s[self.audio_part - 1] if self.audio_part else 0.0
+        for t_s, samples in held:
+            self.audio.place(t_s + shift, samples)
+
     def _damaged_time(self, t_s: float, end_s: float) -> bool:
         """Whether a frame's time cannot be right (counted as a corrupt frame, and the frame dropped)."""
         announced = self.announced_end_s
+        if (announced is not None and end_s > announced + max(_PAST_END_S, announced / 2) and self.joins_parts
+                and self.n_frames and t_s - self.last_t_s <= _SMOOTH_STEP_S):
+            # in MPEG-TS/PS the header's end is FFmpeg's estimate from the file's last timestamps: where parts
+            # were joined, the last part's.  A stream that runs on past it step by step is an earlier, longer part.
+            self.announced_end_s = announced = None
         if announced is not None and end_s > announced + max(_PAST_END_S, announced / 2):
             what = f"its timestamp says {t_s:,.1f} s, past the video's end the header announces ({announced:,.1f} s)"
         elif (t_s - max(self.last_t_s, 0.0)) / self.sampling.segment_seconds > _MAX_GAP_SEGMENTS:
@@ -986,9 +1067,11 @@ class _VideoRun:
             self.audio.place(None, samples)
             return
         num, den = tb.numerator, tb.denominator
-        self.audio.place(
-            (pts * num * self.tb_den - self.origin_pts * self.tb_num * den) / (den * self.tb_den), samples
-        )
+        t_s = (pts * num * self.tb_den - self.origin_pts * self.tb_num * den) / (den * self.tb_den)
+        if self.joins_parts:
+            self._place_audio_part(t_s, samples)
+        else:
+            self.audio.place(t_s, samples)
 
     def _flush_pending_audio(self) -> None:
         if self.audio is None or self.origin_pts is None:
@@ -1028,6 +1111,8 @@ class _VideoRun:
         if self.resampler is not None:
             for o in self.resampler.resample(None):
                 self._place_audio(o)
+        if self.held_audio:
+            self._release_held_audio(joined=False)
         self.audio_done = True
         if self.n_frames == 0 or self.sampler is None:
             detail = (

@@ -24,9 +24,9 @@ parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with ev
 near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
-itself stops skipping for good at an in-band SPS of that kind, and where a held GOP shows B-frames in
+itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
 decode order although the SPS allows reordering (packet times that are decode times: an MP4 without
-composition offsets, a remuxed AVI).
+composition offsets, a remuxed AVI), and where packet times jump back (MPEG-TS parts joined with ``cat``).
 
 Known limits (the output may then differ from a full decode): audio more than 30 s behind the video
 in file order, of which how much is dropped depends on how far video decoding has got; a single
@@ -49,6 +49,10 @@ LOOKAHEAD_PACKETS = 32  # more than any real reorder depth (H.264 allows at most
 MAX_GOP_PACKETS = 300  # a GOP held whole: x264's default longest is 250 frames
 MAX_GOP_BYTES = 32 << 20
 _MARGIN_S = 1e-4  # a frame within this of a target counts as possibly shown at it
+# A packet time this far before the latest one is no reordering: the clock started again (MPEG-TS parts joined
+# with `cat`, which the decoder lays end to end) or the times are damaged; either way they no longer say which
+# frames the targets need, so skipping stops for good.
+JUMP_BACK_S = 0.5
 
 
 def h264_nal_length_size(extradata: bytes | None) -> int | None:
@@ -131,8 +135,9 @@ class DisposableFrameGate:
         # stream cut mid-GOP shows nothing before its first IDR).
         self.started = False
         # Skipping stops for good where the stream turns out unsafe: an in-band SPS that
-        # h264_sps.frames_skippable refuses, or packet times that are not presentation times.
+        # h264_sps.frames_skippable refuses, packet times that are not presentation times, or a jump back.
         self.off = False
+        self.latest_t = -math.inf  # the latest packet time seen
         self.skipped = 0
         self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
 
@@ -141,6 +146,10 @@ class DisposableFrameGate:
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
+        if t is not None and math.isfinite(t):
+            if t < self.latest_t - JUMP_BACK_S:
+                self.off = True  # what is held passes whole: its frames' times are of the part before
+            self.latest_t = max(self.latest_t, t)
         data = bytes(packet)
         kind = h264_access_unit_kind(data, self.nal_length_size)
         if kind in (OTHER, IDR_KEPT):
