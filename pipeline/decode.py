@@ -720,6 +720,7 @@ class _VideoRun:
         if self.reorder is not None:
             for frame in self.reorder.drain():
                 self._on_video_frame(frame)
+        self._flush_join_candidate()
         yield from self._finish()
 
     def _reordered(self, frames: list) -> list:
@@ -763,11 +764,15 @@ class _VideoRun:
                         return True
             return False
 
+        def decode_time_s(packet: av.Packet) -> float | None:
+            return None if packet.dts is None else packet.dts * tb_num / tb_den
+
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
         may_reorder = any(info.may_reorder for info in sps)
         return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
-                                   packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes))
+                                   packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes),
+                                   decode_time_s if self.joins_parts else None)
 
     def _select_streams(self) -> None:
         video = [
@@ -821,8 +826,10 @@ class _VideoRun:
         self.joins_parts = bool(_DISCONT_FORMATS & set(self.container.format.name.split(",")))
         self.part_shifts_s: list[float] = []
         self.video_part = self.audio_part = 0  # parts each stream has reached (0: the first)
-        # the times the last two frames gave (on the joined timeline, before out-of-order ones were moved)
-        self.claimed_t_s = (-math.inf, -math.inf)
+        # the times the last 16 frames gave (on the joined timeline, before out-of-order ones were moved)
+        self.recent_claims: deque[float] = deque(maxlen=16)
+        # a frame off the clock, its raw time, and which way it left ("back" or "ahead")
+        self.join_candidate: tuple[av.VideoFrame, float, str] | None = None
         self.held_audio: list[tuple[float, np.ndarray]] = []  # audio of a part the video has not reached yet
         self.held_samples = 0
 
@@ -931,9 +938,17 @@ class _VideoRun:
             self.origin_pts = self.vstream.start_time or 0
             self._flush_pending_audio()
         t_s = self._frame_time_s(frame)
-        if self.joins_parts and frame.pts is not None:
-            t_s = self._video_part_time(t_s)
-            self.claimed_t_s = (self.claimed_t_s[1], t_s)
+        if not self.joins_parts:
+            self._show(frame, t_s)
+        elif frame.pts is None:  # its time follows the previous frame's: no part starts here
+            self._flush_join_candidate()
+            self._show(frame, t_s)
+        else:
+            for f, t in self._joined(frame, t_s):
+                self._show(f, t)
+
+    def _show(self, frame: av.VideoFrame, t_s: float) -> None:
+        """Take a decoded frame at ``t_s`` (seconds from the origin; on the joined timeline)."""
         # Out-of-order timestamps (broken files) are treated as shown right after the previous frame.
         t_s = max(t_s, self.last_t_s)
         sampler = self.sampler if self.sampler is not None else self._start_sampling(frame)
@@ -950,27 +965,86 @@ class _VideoRun:
         self.last_t_s = t_s
         self.video_end_s = max(self.video_end_s, t_s + dur_s)
 
-    def _video_part_time(self, t_s: float) -> float:
-        """``t_s`` on the joined timeline: shifted past the earlier parts (see _DISCONT_BACK_S).
+    # -- parts joined end to end (MPEG-TS / MPEG-PS, see _DISCONT_BACK_S) ---------------------------------
 
-        A part starts where a frame's time goes back before the times the last two frames gave (one frame whose
-        time is damaged, far ahead, is no join: the next frame comes after the one before it) and follows on where
-        the video had got to.  The video decides where each part starts: the audio of a part takes the same shift,
-        so that each part keeps its own sync."""
-        shift = self.part_shifts_s[self.video_part - 1] if self.video_part else 0.0
-        if t_s + shift < min(self.claimed_t_s) - _DISCONT_BACK_S:
-            self.part_shifts_s.append(self.video_end_s - t_s)
-            self.video_part += 1
-            shift = self.part_shifts_s[-1]
-            self.announced_end_s = None  # the header's duration is not the joined parts' (see _damaged_time)
-            if self.sampler is not None:  # keep every frame from here on for the short last segment
-                self.sampler.tail_start_s = -math.inf
-            if self.video_part == 1:
-                log.info("%s: its timestamps start again (parts joined end to end): later parts follow the "
-                         "earlier ones", self.uri)
-            if self.held_audio:  # the audio reached this part first: it waited for its shift
-                self._release_held_audio()
-        return t_s + shift
+    def _shift_s(self, part: int) -> float:
+        return self.part_shifts_s[part - 1] if part else 0.0
+
+    def _breaks_clock(self, t_s: float) -> str | None:
+        """Whether ``t_s`` (shifted) leaves the clock of the recent frames: "back" (more than 0.5 s before the last
+        two frames' times, and no return to the clock a frame or two ahead of it had left), "ahead" (more than 10 s
+        after them), or None."""
+        claims = self.recent_claims
+        if len(claims) < 2:
+            return None
+        last_two = (claims[-2], claims[-1])
+        if t_s > max(last_two) + _SMOOTH_STEP_S:
+            return "ahead"
+        if t_s >= min(last_two) - _DISCONT_BACK_S:
+            return None
+        # back to where the clock was before a step ahead among the recent frames: those were damaged, not this
+        for before, after in zip(list(claims)[:-1], list(claims)[1:], strict=True):
+            if after - before > _DISCONT_BACK_S and before - _DISCONT_BACK_S <= t_s <= before + 2.0:
+                return None
+        return "back"
+
+    def _joined(self, frame: av.VideoFrame, raw_s: float) -> list[tuple[av.VideoFrame, float]]:
+        """The frames to show now, with their times on the joined timeline.
+
+        A frame whose time leaves the clock of the recent frames (see :meth:`_breaks_clock`) waits for the next
+        one: if that one leaves the clock the same way and follows the waiting frame on its clock, a new part
+        starts there and goes on where the video had got to.  If not, the waiting frame's time was damaged: one
+        far ahead is dropped (counted as a damaged frame), one back is shown right after the previous frame, as
+        before.  The video decides where each part starts: the audio of a part takes the same shift, so that each
+        part keeps its own sync."""
+        out: list[tuple[av.VideoFrame, float]] = []
+        shift = self._shift_s(self.video_part)
+        if self.join_candidate is not None:
+            cand, cand_raw, way = self.join_candidate
+            self.join_candidate = None
+            if self._breaks_clock(raw_s + shift) == way and -_DISCONT_BACK_S <= raw_s - cand_raw <= _SMOOTH_STEP_S:
+                self._start_part(self.video_end_s - cand_raw)
+                shift = self._shift_s(self.video_part)
+                out.append((cand, cand_raw + shift))
+                self.recent_claims.append(cand_raw + shift)
+            elif way == "ahead":
+                last = max(self.last_t_s, 0.0)
+                self._count_bad(lambda: f"near {last:.1f} s: a frame's time is damaged (its timestamp jumps from "
+                                        f"{last:,.1f} s to {cand_raw + shift:,.1f} s)")
+            else:
+                out.append((cand, cand_raw + shift))
+        leaves = self._breaks_clock(raw_s + shift)
+        if leaves is not None:
+            self.join_candidate = (frame, raw_s, leaves)
+            return out
+        out.append((frame, raw_s + shift))
+        self.recent_claims.append(raw_s + shift)
+        return out
+
+    def _flush_join_candidate(self) -> None:
+        """Show a frame that waited to see whether a part starts with it, where no next frame can tell (the end)."""
+        if self.join_candidate is not None:
+            cand, cand_raw, _ = self.join_candidate
+            self.join_candidate = None
+            self._show(cand, cand_raw + self._shift_s(self.video_part))
+
+    def _start_part(self, shift_s: float) -> None:
+        """A part joined after the others starts (its clock started again): its times move by ``shift_s``.
+
+        The header's duration no longer says where the video ends: the past-the-end check stops, and every frame
+        from here on is kept for the short last segment (as near the announced end), so that it is sampled exactly
+        wherever the video ends."""
+        self.part_shifts_s.append(shift_s)
+        self.video_part += 1
+        self.recent_claims.clear()
+        self.announced_end_s = None
+        if self.sampler is not None:
+            self.sampler.tail_start_s = -math.inf
+        if self.video_part == 1:
+            log.info("%s: its timestamps start again (parts joined end to end): later parts follow the earlier ones",
+                     self.uri)
+        if self.held_audio:  # the audio reached this part first: it waited for its shift
+            self._release_held_audio()
 
     def _place_audio_part(self, t_s: float, samples: np.ndarray) -> None:
         """Place an audio frame of a joinable container: in its part, shifted as the video shifted it."""
@@ -981,15 +1055,20 @@ class _VideoRun:
             if self.held_samples > _AUDIO_HOLD_S * self.audio.rate_hz:  # no part came: a damaged time, not a join
                 self._release_held_audio(joined=False)
             return
-        shift = self.part_shifts_s[self.audio_part - 1] if self.audio_part else 0.0
+        shift = self._shift_s(self.audio_part)
         cursor = self.audio.cursor
-        if cursor is not None and t_s + shift < cursor / self.audio.rate_hz - _DISCONT_BACK_S:
-            if self.audio_part == len(self.part_shifts_s):  # the video has not reached the next part yet
+        if cursor is not None:
+            step_s = t_s + shift - cursor / self.audio.rate_hz  # 0 for audio laid back to back
+            if self.audio_part < len(self.part_shifts_s):
+                # the video has started a part the audio has not: the audio's first step off its clock starts it
+                if step_s < -_AUDIO_RESYNC_S or step_s > _DISCONT_BACK_S:
+                    self.audio_part += 1
+                    shift = self._shift_s(self.audio_part)
+            elif step_s < -_DISCONT_BACK_S or step_s > _SMOOTH_STEP_S:
+                # the audio reaches a new part before the video: it waits for the video to start it
                 self.held_audio.append((t_s, samples))
                 self.held_samples = len(samples)
                 return
-            self.audio_part += 1
-            shift = self.part_shifts_s[self.audio_part - 1]
         self.audio.place(t_s + shift, samples)
 
     def _release_held_audio(self, *, joined: bool = True) -> None:

@@ -26,7 +26,7 @@ decoder turns the gate off for AVI, whose packet times are in decode order, and 
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
 itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
 decode order although the SPS allows reordering (packet times that are decode times: an MP4 without
-composition offsets, a remuxed AVI), and where packet times jump back (MPEG-TS parts joined with ``cat``).
+composition offsets, a remuxed AVI), and, in MPEG-TS/PS, where decode times start again (parts joined with ``cat``).
 
 Known limits (the output may then differ from a full decode): audio more than 30 s behind the video
 in file order, of which how much is dropped depends on how far video decoding has got; a single
@@ -49,10 +49,12 @@ LOOKAHEAD_PACKETS = 32  # more than any real reorder depth (H.264 allows at most
 MAX_GOP_PACKETS = 300  # a GOP held whole: x264's default longest is 250 frames
 MAX_GOP_BYTES = 32 << 20
 _MARGIN_S = 1e-4  # a frame within this of a target counts as possibly shown at it
-# A packet time this far before the latest one is no reordering: the clock started again (MPEG-TS parts joined
-# with `cat`, which the decoder lays end to end) or the times are damaged; either way they no longer say which
-# frames the targets need, so skipping stops for good.
+# Where parts may be joined end to end (MPEG-TS/PS, which the decoder lays one after the other), a decode time
+# this far before the latest one, or CLOCK_JUMP_S after it, means the clock started again (or the times are
+# damaged): packet times no longer say which frames the targets need, so skipping stops for good.  Decode times,
+# not presentation times: those go back in normal B-frame reordering (by seconds at a few frames a second).
 JUMP_BACK_S = 0.5
+CLOCK_JUMP_S = 10.0
 
 
 def h264_nal_length_size(extradata: bytes | None) -> int | None:
@@ -115,8 +117,10 @@ class DisposableFrameGate:
     def __init__(self, nal_length_size: int | None, packet_time_s: Callable[[av.Packet], float | None],
                  needed_between: Callable[[float, float], bool], keep_from_s: float,
                  packet_end_s: Callable[[av.Packet], float | None] = lambda p: None, may_reorder: bool = True,
-                 parameter_sets: Sequence[bytes] = ()) -> None:
+                 parameter_sets: Sequence[bytes] = (),
+                 decode_time_s: Callable[[av.Packet], float | None] | None = None) -> None:
         self.nal_length_size = nal_length_size
+        self.decode_time_s = decode_time_s  # given where parts may be joined: a clock restart turns skipping off
         self.packet_time_s = packet_time_s
         self.packet_end_s = packet_end_s
         self.may_reorder = may_reorder  # the SPS allows B-frame reordering
@@ -137,7 +141,7 @@ class DisposableFrameGate:
         # Skipping stops for good where the stream turns out unsafe: an in-band SPS that
         # h264_sps.frames_skippable refuses, packet times that are not presentation times, or a jump back.
         self.off = False
-        self.latest_t = -math.inf  # the latest packet time seen
+        self.latest_dts = -math.inf  # the latest decode time seen (with decode_time_s)
         self.skipped = 0
         self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
 
@@ -146,10 +150,12 @@ class DisposableFrameGate:
         if packet.size == 0:  # end of stream: decode everything held, then the flush packet
             return self.flush() + [packet]
         t = self.packet_time_s(packet)
-        if t is not None and math.isfinite(t):
-            if t < self.latest_t - JUMP_BACK_S:
+        dts = self.decode_time_s(packet) if self.decode_time_s is not None else None
+        if dts is not None and math.isfinite(dts):
+            if math.isfinite(self.latest_dts) and not (
+                    self.latest_dts - JUMP_BACK_S <= dts <= self.latest_dts + CLOCK_JUMP_S):
                 self.off = True  # what is held passes whole: its frames' times are of the part before
-            self.latest_t = max(self.latest_t, t)
+            self.latest_dts = max(self.latest_dts, dts)
         data = bytes(packet)
         kind = h264_access_unit_kind(data, self.nal_length_size)
         if kind in (OTHER, IDR_KEPT):

@@ -31,9 +31,10 @@ _ISA_CAPS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_V
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 natively (Linux /proc/cpuinfo flags) and oneDNN may use it (no
     ``ONEDNN_MAX_CPU_ISA`` cap below AVX512_CORE_BF16 in this process's environment)."""
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        if os.environ.get(name, "").strip().upper() in _ISA_CAPS_WITHOUT_BF16:
-            return False
+    # oneDNN reads ONEDNN_MAX_CPU_ISA, and the older name only where that one is not set
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in _ISA_CAPS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:

@@ -521,6 +521,7 @@ def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
         for cap in ("AVX2", "avx512_core_vnni", "AVX512_CORE", "SSE41"):
             assert native(ONEDNN_MAX_CPU_ISA=cap) is False, cap
         assert native(DNNL_MAX_CPU_ISA="AVX2") is False
+        assert native(ONEDNN_MAX_CPU_ISA="ALL", DNNL_MAX_CPU_ISA="AVX2") is flags  # the newer name wins
         assert native(ONEDNN_MAX_CPU_ISA="AVX2") is False and precision.encoder_precision("auto", "cpu") == "fp32"
         assert precision.runs_emulated_bf16(torch.device("cpu"), "bf16")
         assert not precision.runs_emulated_bf16(torch.device("cpu"), "fp32")

@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 
+import pipeline.frame_skip as frame_skip
 import tests.media_factory as mf
 from pipeline.media import SamplingSpec
 from tests.pipeline.test_frame_skip import _assert_same, _core_arrays, _gate_passes
@@ -111,51 +112,134 @@ def test_an_earlier_part_longer_than_the_last_is_no_damage(tmp_path):
     assert round(_peak_hz(audio[0], 16000) / 10) * 10 == 440 and round(_peak_hz(audio[-1], 16000) / 10) * 10 == 880
 
 
-def _retime(src: Path, dest: Path, stream: str, index: int, by_s: float) -> Path:
-    """Copy ``src`` with the ``index``-th packet of its video or audio stream ``by_s`` later (a damaged time)."""
-    with av.open(str(src)) as i, av.open(str(dest), "w", format="mpegts") as o:
-        ins = [i.streams.video[0], i.streams.audio[0]]
-        outs = [o.add_stream_from_template(s) for s in ins]
-        target = ins[0] if stream == "video" else ins[1]
-        n = 0
-        for p in i.demux(ins):
-            if not p.size:
-                continue
-            if p.stream is target:
-                if n == index:
-                    p.pts += round(by_s / p.time_base)
-                n += 1
-            p.stream = outs[ins.index(p.stream)]
-            o.mux(p)
+def _pes_times_moved(src: Path, dest: Path, stream_id: int, moves: dict[int, float]) -> Path:
+    """Copy an MPEG-TS file with the PTS (and DTS) of some PES packets of one stream (0xE0 video, 0xC0 audio)
+    moved by seconds, byte for byte otherwise: timestamps damaged in transmission."""
+    data = bytearray(src.read_bytes())
+
+    def read(o: int) -> int:
+        return (((data[o] >> 1) & 7) << 30) | (data[o + 1] << 22) | ((data[o + 2] >> 1) << 15) | (data[o + 3] << 7) \
+            | (data[o + 4] >> 1)
+
+    def write(o: int, v: int) -> None:
+        v %= 1 << 33
+        data[o] = (data[o] & 0xF0) | (((v >> 30) & 7) << 1) | 1
+        data[o + 1], data[o + 2] = (v >> 22) & 0xFF, (((v >> 15) & 0x7F) << 1) | 1
+        data[o + 3], data[o + 4] = (v >> 7) & 0xFF, ((v & 0x7F) << 1) | 1
+
+    n = 0
+    for p in range(0, len(data) - 187, 188):
+        if not data[p + 1] & 0x40:  # no PES starts in this TS packet
+            continue
+        control, o = (data[p + 3] >> 4) & 3, p + 4
+        if control & 2:
+            o += 1 + data[o]
+        if not control & 1 or data[o:o + 3] != b"\0\0\1" or data[o + 3] != stream_id:
+            continue
+        if n in moves:
+            ticks = round(moves[n] * 90_000)
+            write(o + 9, read(o + 9) + ticks)
+            if data[o + 7] >> 6 == 3:  # a DTS too
+                write(o + 14, read(o + 14) + ticks)
+        n += 1
+    dest.write_bytes(bytes(data))
     return dest
 
 
-@pytest.mark.parametrize("stream,by_s", [("video", 3.0), ("audio", 3.0)])
-def test_one_damaged_time_is_no_join(tmp_path, caplog, stream, by_s):
-    """A single frame whose time is damaged (the next one comes back) must not start a part: that would shift the
-    rest of the video, or its audio, by the damage (seconds of lost sync)."""
+@pytest.mark.parametrize("moves", [{100: -3.0}, {100: 3.0}, {100: 3.0, 101: 3.0}, {100: 30.0}],
+                         ids=["one-back", "one-ahead", "two-ahead", "one-far-ahead"])
+def test_damaged_video_times_start_no_part(tmp_path, caplog, moves):
+    """One or two frames whose times are damaged (the next frames come back to the clock) must not start a part:
+    that shifted the rest of the video seconds away from its audio (a reviewer: 8 s became 11 s)."""
     clean = _part(tmp_path / "clean.ts", 440.0, duration_s=8.0, codec="mpeg2video")
-    damaged = _retime(clean, tmp_path / "damaged.ts", stream, 100 if stream == "video" else 150, by_s)
+    damaged = _pes_times_moved(clean, tmp_path / "damaged.ts", 0xE0, moves)
     with caplog.at_level(logging.INFO, logger="pipeline.decode"):
-        frames, pts, audio, info = _core_arrays(damaged, SAMPLING, skip=True)
+        _, pts, audio, info = _core_arrays(damaged, SAMPLING, skip=True)
     assert "parts joined" not in caplog.text
-    c_frames, c_pts, c_audio, c_info = _core_arrays(clean, SAMPLING, skip=True)
-    assert info.n_segments == c_info.n_segments == 8
-    if stream == "audio":  # the video is untouched; the audio, apart from the damaged frame's place, too
-        np.testing.assert_array_equal(frames, c_frames)
-        differs = [s for s in range(8) if not np.allclose(audio[s], c_audio[s], atol=1e-4)]
-        assert len(differs) <= 2, differs
-    else:  # frames up to the damaged one (at 4 s, said to be at 7 s) and from where the clock catches up again
-        # are the clean file's; in between, the last frame before it stays on screen (as before)
-        same = [s for s in range(8) if np.array_equal(pts[s], c_pts[s])]
-        assert same == [0, 1, 2, 3, 7], same
-        np.testing.assert_allclose(audio, c_audio, atol=1e-6)
+    _, c_pts, c_audio, c_info = _core_arrays(clean, SAMPLING, skip=True)
+    assert info.duration_s == pytest.approx(c_info.duration_s) and info.n_segments == 8
+    np.testing.assert_allclose(audio, c_audio, atol=1e-6)  # the audio keeps its place
+    same = [s for s in range(8) if np.array_equal(pts[s], c_pts[s])]
+    assert same[:4] == [0, 1, 2, 3] and same[-1] == 7, same  # the frames before the damage, and after the clock
 
 
-def test_the_gate_stops_skipping_where_packet_times_go_back():
+def test_a_damaged_audio_time_moves_no_audio_of_a_part(tmp_path, caplog, monkeypatch):
+    """An audio PES whose time is damaged (3 s back: before the stream's start, so FFmpeg reads it 26.5 h ahead)
+    starts no part: the audio comes out as it did before parts were joined at all."""
+    import pipeline.decode as decode
+
+    clean = _part(tmp_path / "clean.ts", 440.0, duration_s=8.0, codec="mpeg2video")
+    damaged = _pes_times_moved(clean, tmp_path / "damaged.ts", 0xC0, {60: -3.0})
+    with caplog.at_level(logging.INFO, logger="pipeline.decode"):
+        frames, pts, audio, _ = _core_arrays(damaged, SAMPLING, skip=True)
+    assert "parts joined" not in caplog.text
+    c_frames, c_pts, _, _ = _core_arrays(clean, SAMPLING, skip=True)
+    np.testing.assert_array_equal(frames, c_frames)
+    np.testing.assert_array_equal(pts, c_pts)
+    monkeypatch.setattr(decode, "_DISCONT_FORMATS", frozenset())  # no joining at all, as before
+    _, _, before, _ = _core_arrays(damaged, SAMPLING, skip=True)
+    np.testing.assert_array_equal(audio, before)
+
+
+def _onset_s(audio: np.ndarray, rate_hz: int, from_s: float) -> float:
+    """The first time from ``from_s`` on where the (per-segment, 1-s) audio is loud."""
+    flat = audio.reshape(-1)
+    start = round(from_s * rate_hz)
+    return (start + int(np.argmax(np.abs(flat[start:]) > 0.1))) / rate_hz
+
+
+@pytest.mark.parametrize("restart_s", [0.0, -0.7, 20.0], ids=["same-clock", "overlapping-clock", "20-s-later"])
+def test_each_part_keeps_its_own_sync(tmp_path, restart_s):
+    """Part 2's sound starts 0.5 s into it; its clock starts where part 1's did, 0.7 s before part 1's end, or
+    20 s after it.  Its sound must start 4.5 s into the joined video whatever its clock (a reviewer: 0.7 s early
+    where its audio stepped back less than its video; 17 s of a frozen frame where it started 20 s later)."""
+    first = _part(tmp_path / "a.ts", 440.0)
+    second = _part(tmp_path / "b.ts", 880.0, audio_start_s=0.5)
+    if restart_s:
+        second = _pes_times_moved(second, tmp_path / "b2.ts", 0xE0, dict.fromkeys(range(1000), 4.0 + restart_s))
+        second = _pes_times_moved(second, tmp_path / "b3.ts", 0xC0, dict.fromkeys(range(1000), 4.0 + restart_s))
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    frames, _, audio, info = _core_arrays(joined, SAMPLING, skip=True)
+    assert info.duration_s == pytest.approx(8.0) and info.n_segments == 8
+    assert [mf.read_stamp(frames[s, 0]) for s in range(8)] == [math.floor((s % 4 + 0.25) * 25 + 1e-6)
+                                                               for s in range(8)]
+    rate = SAMPLING.audio_rate_hz
+    assert _onset_s(audio, rate, 4.0) == pytest.approx(4.5, abs=0.03)
+    assert [round(_peak_hz(a, rate) / 10) * 10 for a in audio[5:]] == [880] * 3
+
+
+def test_the_gate_stops_skipping_where_decode_times_start_again():
+    """Where parts may be joined, a decode time going back (or 10 s ahead) turns skipping off for good."""
+    units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A])}
+
+    def passed(frames: list[tuple[str, float]]) -> list[float]:
+        gate = frame_skip.DisposableFrameGate(
+            4, lambda p: p.pts / 1000, lambda lo, hi: any(lo <= n + 0.5 <= hi for n in range(100)), keep_from_s=50.0,
+            decode_time_s=lambda p: p.dts / 1000)
+        gate.started = True
+        out = []
+        for kind, t in frames + [("end", 0.0)]:
+            packet = av.Packet(b"" if kind == "end" else len(units[kind]).to_bytes(4, "big") + units[kind])
+            packet.pts = packet.dts = round(t * 1000)
+            out += [p.pts / 1000 for p in gate.push(packet) if p.size]
+        return out
+
     # IDR every 0.4 s, P every 0.1 s; targets at 0.5, 1.5, ...; then a second part from 0.0 again
     first = [("I" if n % 4 == 0 else "P", n / 10) for n in range(12)]
     second = [("I" if n % 4 == 0 else "P", n / 10) for n in range(8)]
-    # the first part's GOP 0.0-0.3 (no target) and the tail of 0.4-0.7 are skipped; at the jump back the GOP
-    # held then (0.8-1.1) passes whole, and from there on everything: its times no longer say what is needed
-    assert _gate_passes(first + second) == [0.4, 0.5, 0.8, 0.9, 1.0, 1.1] + [n / 10 for n in range(8)]
+    assert _gate_passes(first) == passed(first) == [0.4, 0.5, 0.8, 0.9, 1.0, 1.1]
+    # the first part's GOP 0.0-0.3 (no target) and the tail of 0.4-0.7 are skipped; at the restart the GOP held
+    # then (0.8-1.1) passes whole, and from there on everything: its times no longer say what is needed
+    assert passed(first + second) == [0.4, 0.5, 0.8, 0.9, 1.0, 1.1] + [n / 10 for n in range(8)]
+    later = [("I" if n % 4 == 0 else "P", 30 + n / 10) for n in range(8)]  # a part 29 s later
+    assert passed(first + later) == [0.4, 0.5, 0.8, 0.9, 1.0, 1.1] + [30 + n / 10 for n in range(8)]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".ts"])
+def test_b_frames_at_a_few_frames_a_second_still_skip(tmp_path, suffix):
+    """B-frame reordering moves presentation times back by more than 0.5 s at 5 fps: a gate that watched them
+    for a restart stopped skipping in every such file (a reviewer's 40-s clip: 0 skipped instead of 65)."""
+    path = mf.make_video(tmp_path / f"low{suffix}", duration_s=40.0, fps=5, size=(96, 64), codec="libx264",
+                         video_options={"x264-params": "keyint=20:min-keyint=20:scenecut=0:bframes=3"})
+    assert _assert_same(path, SamplingSpec(segment_seconds=2.0, frames_per_segment=1)) > 30
