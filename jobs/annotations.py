@@ -303,8 +303,8 @@ def _check_no_overlap(spans: list[Annotation], path: Path) -> None:
         if reach is not None and a.start_s < reach.end_s and a.label != reach.label:
             raise ConfigError(
                 f"annotations {path} line {a.line}: [{a.start_s:g}, {a.end_s:g}) {a.label!r} overlaps line {reach.line} "
-                f"[{reach.start_s:g}, {reach.end_s:g}) {reach.label!r} in {a.uri}; multiclass mode needs one label at "
-                f"a time (use --task multilabel for overlapping labels)")
+                f"[{reach.start_s:g}, {reach.end_s:g}) {reach.label!r} in {a.uri}; a multiclass model takes one label "
+                f"at a time (overlapping labels need a multilabel one: 'vidpipe train --task multilabel')")
         if reach is None or a.end_s > reach.end_s:
             reach = a
 

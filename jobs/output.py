@@ -154,16 +154,41 @@ def sized(uri: str, size_bytes: int | None) -> str:
 FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer's key-value metadata
 
 
-def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "") -> str:
-    """What to say of a committed data file whose footer cannot be read (``more``: the others, if any)."""
+def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "", pages: bool = False) -> str:
+    """What to say of a committed data file that cannot be read (``more``: the others, if any); ``pages``: its
+    footer is whole and the damage is in its data pages, which only ``repair --verify`` reads."""
+    verify = " --verify" if pages else ""
     return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)}{more} cannot be read "
             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); restore "
-            f"{'them' if more else 'it'}, or run 'vidpipe repair {out.uri}' to drop {'their' if more else 'its'} "
-            "results so that rerunning the job does those videos again")
+            f"{'them' if more else 'it'}, or run 'vidpipe repair {out.uri}{verify}' to drop "
+            f"{'their' if more else 'its'} results so that rerunning the job does those videos again")
+
+
+def _duckdb_read_error(path: str) -> Exception | None:
+    """Why DuckDB's Parquet reader (``vidpipe query``'s, for a local OUT) cannot read every row of ``path``, or
+    None.  A file DuckDB cannot open at all (gone, no permission) is raised."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        quoted = path.replace("'", "''")
+        reader = con.sql(f"SELECT * FROM read_parquet('{quoted}')").to_arrow_reader(65_536)
+        for _ in reader:  # every page, a batch at a time
+            pass
+    except duckdb.IOException as exc:
+        if not os.path.exists(path) or not os.access(path, os.R_OK):
+            raise OSError(str(exc)) from exc
+        return exc
+    except duckdb.Error as exc:  # "TProtocolException: Invalid data", "Out of buffer", a decompression failure
+        return exc
+    finally:
+        con.close()
+    return None
 
 
 _DAMAGE_WORDS = ("deserialize thrift", "corrupt", "don't know what type", "checksum", "decompress",
-                 "invalid parquet", "unexpected end of stream")
+                 "invalid parquet", "unexpected end of stream", "tprotocolexception", "out of buffer",
+                 "invalid ttype")
 _TRANSIENT_WORDS = ("aws error", "curl", "connection", "timed out", "timeout", "throttl", "slow down",
                     "service unavailable", "internal error", "network")
 
@@ -491,6 +516,10 @@ class OutputDir:
                                   "it")
             if pages:
                 self.store.read_table(rel, verify=True)
+                if self.local:  # and as `query` reads it: DuckDB also reads what pyarrow skips (the page indexes)
+                    error = _duckdb_read_error(self.store.full(rel))
+                    if error is not None:
+                        return error
         except ValueError as exc:  # pyarrow's ArrowInvalid: too small, no Parquet magic bytes, a bad page
             return exc
         except OSError as exc:

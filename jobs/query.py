@@ -107,20 +107,28 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     it says so: the file is damaged (not a user's SQL, nor a file a running job moved meanwhile)."""
     text = str(exc).strip()
     damaged: list[tuple[str, Exception]] = []
+    pages = False  # the damage is in data pages (footers whole): only 'repair --verify' finds it
     try:
         out = OutputDir(out_dir)
         commits = out.commits()
         rels = [rel for table in _EMPTY for _, rel in out.locate(table, commits)[0]]
         named = [rel for rel in rels if out.store.full(rel) in text]
         damaged = [(rel, e) for rel in named if (e := out.footer_error(rel)) is not None]
+        if not damaged and named and not isinstance(exc, _SQL_ERRORS):
+            # a file named with a whole footer ("ZSTD Decompression failure"): its pages
+            damaged = [(rel, e) for rel in named if (e := out.footer_error(rel, pages=True)) is not None]
+            pages = bool(damaged)
         if not damaged and not named and not isinstance(exc, _SQL_ERRORS) and looks_damaged(text, (str(out_dir),)):
             # DuckDB names no file for a damaged page header ("don't know what type"): find it, footers first
-            damaged = out.damaged_files(rels) or out.damaged_files(rels, pages=True)
+            damaged = out.damaged_files(rels)
+            if not damaged:
+                damaged = out.damaged_files(rels, pages=True)
+                pages = bool(damaged)
     except (ConfigError, OSError):
         damaged = []
     if damaged:
         more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
-        return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more))
+        return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more, pages=pages))
     return ConfigError(f"query failed: {text}")
 
 

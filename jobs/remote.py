@@ -57,7 +57,8 @@ def discover_s3(uri: str) -> Iterator[VideoRef]:
     filesystem, path = s3_filesystem(uri)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File or (info.type == pafs.FileType.NotFound and _names_an_object(uri)):
-        yield VideoRef(uri, make_video_id(uri, PurePosixPath(path).name))
+        size = info.size if info.type == pafs.FileType.File else None  # a rerun checks it (WaveFeeder)
+        yield VideoRef(uri, make_video_id(uri, PurePosixPath(path).name), size)
         return
     yield from _walk(filesystem, path.rstrip("/"))
 

@@ -464,7 +464,7 @@ class JobRunner:
                           "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
             failed_note = f"{len(failed_before)} of them failed; " if len(failed_before) else ""
             self._say(f"vidpipe: {len(done)} videos already finished in {out.uri} ({failed_note}done-set "
-                      f"{done.nbytes / 1e6:.1f} MB); model {bundle.model_id}; run {run_id}")
+                      f"{(done.nbytes + sizes.nbytes) / 1e6:.1f} MB); model {bundle.model_id}; run {run_id}")
             embedding_dim = 2 * bundle.head.lstm_hidden if spec.with_embedding else None
             writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),
                                   embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)

@@ -92,7 +92,7 @@ def test_labelling_rule_half_coverage_and_background():
 
 def test_multilabel_targets_allow_overlap(tmp_path, videos):
     ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,4,music\na.mp4,1,3,speech\n")
-    with pytest.raises(ConfigError, match=r"ann\.csv line 3: .*overlaps line 2.*--task multilabel"):
+    with pytest.raises(ConfigError, match=r"ann\.csv line 3: .*overlaps line 2.*a multilabel one: 'vidpipe train --task multilabel'"):
         read_annotations(ann, videos)
     s = read_annotations(ann, videos, task="multilabel")
     start, end = _segments(5)

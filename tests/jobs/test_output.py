@@ -478,6 +478,7 @@ def test_damaged_pages_behind_a_whole_footer_are_named_and_repair_verify_drops_t
     assert main(["query", str(out.root), "SELECT * FROM segments"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
+    assert f"or run 'vidpipe repair {out.root} --verify' to drop its results" in err, err  # plain repair: see below
     assert main(["repair", str(out.root)]) == 0  # the footer is whole: only reading the pages finds it
     assert "nothing to drop (--verify also reads every data page)" in capsys.readouterr().out
     assert main(["repair", str(out.root), "--verify", "--dry-run"]) == 0
@@ -489,6 +490,30 @@ def test_damaged_pages_behind_a_whole_footer_are_named_and_repair_verify_drops_t
     assert "every committed file is in place and reads whole; nothing to drop" in capsys.readouterr().out
     assert main(["query", str(out.root), "SELECT count(*) n FROM segments", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "3"]
+
+
+def test_a_damaged_page_that_query_meets_is_named_with_repair_verify(tmp_path, capsys):
+    """A few bytes damaged in one data page (footer whole): query said to run plain 'repair', which found nothing
+    to drop (only --verify reads pages), or gave DuckDB's raw error with no advice (a helper)."""
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, first, second = _two_commits(tmp_path)
+    damaged = out.table_dir("segments") / second.files["segments"]
+    meta = pq.ParquetFile(damaged).metadata.row_group(0)
+    page = next(meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == "score")
+    data = bytearray(damaged.read_bytes())
+    for i in range(page.data_page_offset + 8, page.data_page_offset + 12):
+        data[i] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert main(["query", str(out.root), "SELECT * FROM segments"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
+    assert f"or run 'vidpipe repair {out.root} --verify' to drop its results" in err, err
+    assert main(["repair", str(out.root), "--verify"]) == 0
+    assert [c.name for c in out.commits()] == [first.name]
 
 
 def test_a_data_file_in_a_subfolder_of_a_table_is_refused_too(tmp_path):

@@ -101,11 +101,16 @@ def test_read_from_s3_write_to_s3_query_and_status(s3, s3_archive, s3_server, tm
     s3.put_object(Bucket="vidpipe-in", Key="videos/b/clip002.mp4", Body=original + b"\0" * 100)
     try:
         r3 = run_vidpipe(["run", "s3://vidpipe-in/videos/", "--out", out, *RUN_FLAGS], env=vidpipe_env(**s3_server))
+        # and named on its own (its size is read as the input is checked)
+        r4 = run_vidpipe(["run", "s3://vidpipe-in/videos/b/clip002.mp4", "--out", out, *RUN_FLAGS],
+                         env=vidpipe_env(**s3_server))
     finally:
         s3.put_object(Bucket="vidpipe-in", Key="videos/b/clip002.mp4", Body=original)
     assert r3.returncode == 0 and "0 videos ok, 0 failed, 3 skipped" in r3.stdout, r3.stdout + r3.stderr[-2000:]
-    assert (f"WARNING: 1 finished video changed size since it was labelled (s3://vidpipe-in/videos/b/clip002.mp4 "
-            f"(now {len(original) + 100:,} bytes))") in r3.stderr, r3.stderr[-2000:]
+    assert r4.returncode == 0 and "0 videos ok, 0 failed, 1 skipped" in r4.stdout, r4.stdout + r4.stderr[-2000:]
+    for r in (r3, r4):
+        assert (f"WARNING: 1 finished video changed size since it was labelled (s3://vidpipe-in/videos/b/clip002.mp4 "
+                f"(now {len(original) + 100:,} bytes))") in r.stderr, r.stderr[-2000:]
 
 
 def test_driver_killed_between_commit_record_and_copies_on_s3(s3, s3_archive, s3_server):
