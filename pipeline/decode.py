@@ -71,6 +71,8 @@ _DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
 # Audio whose time went back waits this long (in its own samples) for the video to start a part too; past it the
 # jump is taken for damage and the audio is placed by its times.
 _AUDIO_HOLD_S = 10.0
+# Audio whose time is this far past the end the header announces (or the video has reached) is damaged.
+_AUDIO_FAR_AHEAD_S = 600.0
 # A frame this close after the previous one continues the stream (FFmpeg's own discontinuity threshold, 10 s).
 _SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
@@ -1080,7 +1082,7 @@ class _VideoRun:
             self.audio_part += 1
         shift = self.part_shifts_s[self.audio_part - 1] if self.audio_part else 0.0
         for t_s, samples in held:
-            self.audio.place(t_s + shift, samples)
+            self._place_audio_at(t_s + shift, samples)
 
     def _damaged_time(self, t_s: float, end_s: float) -> bool:
         """Whether a frame's time cannot be right (counted as a corrupt frame, and the frame dropped)."""
@@ -1150,14 +1152,25 @@ class _VideoRun:
         if self.joins_parts:
             self._place_audio_part(t_s, samples)
         else:
-            self.audio.place(t_s, samples)
+            self._place_audio_at(t_s, samples)
+
+    def _place_audio_at(self, t_s: float | None, samples: np.ndarray) -> None:
+        """Place audio by its time, unless that time is far past anything the video reaches (a damaged time: an
+        MPEG-TS time 3 s before the start reads 26.5 h ahead, and laying it there took gigabytes)."""
+        assert self.audio is not None
+        reach_s = max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0)
+        if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S:
+            self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: an audio frame's time is damaged (it "
+                                    f"says {t_s:,.1f} s, past where the video ends)")
+            return
+        self.audio.place(t_s, samples)
 
     def _flush_pending_audio(self) -> None:
         if self.audio is None or self.origin_pts is None:
             return
         origin_s = float(self.origin_pts * self.time_base)
         for t_abs, samples in self.pending_audio:
-            self.audio.place(None if t_abs is None else t_abs - origin_s, samples)
+            self._place_audio_at(None if t_abs is None else t_abs - origin_s, samples)
         self.pending_audio.clear()
 
     # -- chunks ----------------------------------------------------------------------------------------

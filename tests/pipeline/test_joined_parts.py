@@ -166,13 +166,21 @@ def test_damaged_video_times_start_no_part(tmp_path, caplog, moves):
 def test_a_damaged_audio_time_moves_no_audio_of_a_part(tmp_path, caplog, monkeypatch):
     """An audio PES whose time is damaged (3 s back: before the stream's start, so FFmpeg reads it 26.5 h ahead)
     starts no part: the audio comes out as it did before parts were joined at all."""
+    import tracemalloc
+
     import pipeline.decode as decode
 
     clean = _part(tmp_path / "clean.ts", 440.0, duration_s=8.0, codec="mpeg2video")
     damaged = _pes_times_moved(clean, tmp_path / "damaged.ts", 0xC0, {60: -3.0})
-    with caplog.at_level(logging.INFO, logger="pipeline.decode"):
-        frames, pts, audio, _ = _core_arrays(damaged, SAMPLING, skip=True)
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="pipeline.decode"):
+            frames, pts, audio, _ = _core_arrays(damaged, SAMPLING, skip=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert "parts joined" not in caplog.text
+    assert peak < 300e6, peak  # the frame said to be 26.5 h ahead was laid there: 7.5 GB of buffers
     c_frames, c_pts, _, _ = _core_arrays(clean, SAMPLING, skip=True)
     np.testing.assert_array_equal(frames, c_frames)
     np.testing.assert_array_equal(pts, c_pts)
