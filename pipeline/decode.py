@@ -63,8 +63,8 @@ _AUDIO_WAIT_S = 30.0
 # (container timestamps are often rounded to 1 ms; following them would leave 1-sample gaps).
 _AUDIO_RESYNC_S = 0.010
 # In MPEG-TS and MPEG-PS (files joined with `cat`: each part starts its clock again; FFmpeg's AVFMT_TS_DISCONT
-# formats), a stream whose timestamps jump back by more than this goes on where it had got to: later parts follow
-# the earlier ones, as after `ffmpeg -f concat`.  Elsewhere (and for smaller steps back, which are damage) a frame
+# formats), video whose timestamps jump back by more than this (or ahead by more than _SMOOTH_STEP_S) goes on where
+# it had got to: later parts follow the earlier ones, as after `ffmpeg -f concat` (see _VideoRun._joined).  Elsewhere (and for smaller steps back, which are damage) a frame
 # out of order is shown right after the previous one.
 _DISCONT_BACK_S = 0.5
 _DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
@@ -823,8 +823,8 @@ class _VideoRun:
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
-        # parts joined end to end (see _DISCONT_BACK_S): the shift of each part after the first, set by the stream
-        # that reaches the part first and taken by the other, so that each part keeps its own audio/video sync
+        # parts joined end to end (see _DISCONT_BACK_S): the shift of each part after the first, set where the video
+        # starts the part and taken by its audio too, so that each part keeps its own audio/video sync
         self.joins_parts = bool(_DISCONT_FORMATS & set(self.container.format.name.split(",")))
         self.part_shifts_s: list[float] = []
         self.video_part = self.audio_part = 0  # parts each stream has reached (0: the first)
@@ -1080,19 +1080,20 @@ class _VideoRun:
         held, self.held_audio, self.held_samples = self.held_audio, [], 0
         if joined:
             self.audio_part += 1
-        shift = self.part_shifts_s[self.audio_part - 1] if self.audio_part else 0.0
+        shift = self._shift_s(self.audio_part)
         for t_s, samples in held:
             self._place_audio_at(t_s + shift, samples)
 
     def _damaged_time(self, t_s: float, end_s: float) -> bool:
         """Whether a frame's time cannot be right (counted as a corrupt frame, and the frame dropped)."""
         announced = self.announced_end_s
-        if (announced is not None and end_s > announced + max(_PAST_END_S, announced / 2) and self.joins_parts
-                and self.n_frames and t_s - self.last_t_s <= _SMOOTH_STEP_S):
+        past_end = announced is not None and end_s > announced + max(_PAST_END_S, announced / 2)
+        if past_end and self.joins_parts and self.n_frames and t_s - self.last_t_s <= _SMOOTH_STEP_S:
             # in MPEG-TS/PS the header's end is FFmpeg's estimate from the file's last timestamps: where parts
             # were joined, the last part's.  A stream that runs on past it step by step is an earlier, longer part.
-            self.announced_end_s = announced = None
-        if announced is not None and end_s > announced + max(_PAST_END_S, announced / 2):
+            self.announced_end_s = None
+            past_end = False
+        if past_end:
             what = f"its timestamp says {t_s:,.1f} s, past the video's end the header announces ({announced:,.1f} s)"
         elif (t_s - max(self.last_t_s, 0.0)) / self.sampling.segment_seconds > _MAX_GAP_SEGMENTS:
             what = f"its timestamp jumps from {max(self.last_t_s, 0.0):,.1f} s to {t_s:,.1f} s"

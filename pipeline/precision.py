@@ -88,7 +88,7 @@ def runs_emulated_bf16(device: torch.device, precision: str) -> bool:
 def emulated_bf16_warning(precision: str, device: str) -> str | None:
     """What to say where ``--precision bf16`` (or a job's recorded bf16) puts this machine's encoders on a CPU
     without native bf16: oneDNN emulates it there, several times slower than float32.  None otherwise."""
-    if precision != "bf16" or pick_device(device).type != "cpu" or cpu_has_native_bf16():
+    if precision != "bf16" or not runs_emulated_bf16(pick_device(device), precision):
         return None
     return ("WARNING: --precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): the encoders' bf16 is "
             "emulated here, several times slower than fp32 (efficientnet_lite0 measured at 289 ms per image against "
