@@ -165,7 +165,7 @@ def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "",
 
 
 def _duckdb_read_error(path: str) -> Exception | None:
-    """Why DuckDB's Parquet reader (``vidpipe query``'s, for a local OUT) cannot read every row of ``path``, or
+    """Why DuckDB's own Parquet reader (a user's DuckDB over OUT's files) cannot read every row of ``path``, or
     None.  A file DuckDB cannot open at all (gone, no permission) is raised."""
     import duckdb
 
@@ -516,7 +516,7 @@ class OutputDir:
                                   "it")
             if pages:
                 self.store.read_table(rel, verify=True)
-                if self.local:  # and as `query` reads it: DuckDB also reads what pyarrow skips (the page indexes)
+                if self.local:  # and as DuckDB's own reader does: it also reads what pyarrow skips (page indexes)
                     error = _duckdb_read_error(self.store.full(rel))
                     if error is not None:
                         return error

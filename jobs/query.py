@@ -28,10 +28,6 @@ OutputFormat = Literal["table", "csv", "json"]
 _EMPTY = {"segments": segments_schema(None), "videos": VIDEOS_SCHEMA, "failures": FAILURES_SCHEMA}
 
 
-def _sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def open_output(out_dir: str | Path) -> OutputDir:
     """The OutputDir at ``out_dir``; a ConfigError when it cannot be read or is not a run's output."""
     try:
@@ -54,12 +50,32 @@ def open_output(out_dir: str | Path) -> OutputDir:
     return out
 
 
+def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
+    """The committed files ``rels`` of one table as a pyarrow dataset that checks each page's CRC as it reads it.
+
+    DuckDB's own Parquet reader checks none: a bit flipped inside a page read back as another value (exit 0).
+    Files written before a column was added read it as nulls (the columns are the newer of the first file's
+    and this version's)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    paths = [out.store.full(r) for r in rels]
+    first = pq.read_schema(paths[0], filesystem=out.store.fs)  # a damaged file: see query_error
+    if "embedding" in first.names and "embedding" not in expected.names:
+        kind = first.field("embedding").type
+        expected = segments_schema(kind.list_size if pa.types.is_fixed_size_list(kind) else None)
+    schema = pa.unify_schemas([expected.remove_metadata(), first.remove_metadata()])
+    options = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+    fmt = pads.ParquetFileFormat(default_fragment_scan_options=options)
+    return pads.dataset(paths, schema=schema, filesystem=out.store.fs, format=fmt)
+
+
 def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per output table (only committed data is visible).
 
-    A local OUT is read by DuckDB's own Parquet reader; an ``s3://`` OUT through pyarrow datasets
-    registered in DuckDB (pyarrow's S3 client, the same credentials as the run; no DuckDB extension
-    to download), with column projection and filters pushed down to the Parquet files.
+    The committed files are read through pyarrow datasets registered in DuckDB (local disk or pyarrow's S3
+    client, with the run's credentials; no DuckDB extension to download), which check each page's CRC where
+    the file has them; column projection and filters are pushed down to the Parquet files.
     """
     out = open_output(out_dir)
     con = duckdb.connect(":memory:")
@@ -67,29 +83,12 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     for table, schema in _EMPTY.items():
         view = "failures_log" if table == "failures" else table
         rels = out.committed_rel(table, commits)
-        if rels and out.local:
-            files = [out.store.full(r) for r in rels]
-            columns = "*"
-            if table == "segments":
-                # DuckDB's Parquet reader makes a fixed-size list a variable one: say the size again, so
-                # that array functions (array_cosine_similarity, ...) work as on an s3:// OUT
-                import pyarrow.parquet as pq
-
-                schema = pq.read_schema(files[0])  # a damaged file: see query_error
-                kind = schema.field("embedding").type if "embedding" in schema.names else None
-                if kind is not None and pa.types.is_fixed_size_list(kind):
-                    columns = f"* REPLACE (CAST(embedding AS FLOAT[{kind.list_size}]) AS embedding)"
-            con.execute(f"CREATE VIEW {view} AS SELECT {columns} FROM read_parquet({_sql_list(files)}, "
-                        "union_by_name=true)")
-        elif rels:
-            import pyarrow.dataset as pads
-
-            data = pads.dataset([out.store.full(r) for r in rels], filesystem=out.store.fs, format="parquet")
-            con.register(f"_arrow_{table}", data)
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _arrow_{table}")
-        else:
-            con.register(f"_empty_{table}", schema.empty_table())
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _empty_{table}")
+        # every footer, as 'run' reads them at its start: a file cut short, or another of OUT's copied over it
+        if damaged := out.damaged_files(rels):
+            raise _damaged_error(out, damaged)
+        data = _table_dataset(out, rels, schema) if rels else schema.empty_table()
+        con.register(f"_arrow_{table}", data)
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM _arrow_{table}")
     # By URI, as the done-set is: a rerun may name the same file through another input (another video_id).
     con.execute("CREATE VIEW failures AS SELECT * EXCLUDE (_latest) FROM ("
                 "SELECT *, row_number() OVER (PARTITION BY uri ORDER BY failed_at DESC) AS _latest "
@@ -127,9 +126,13 @@ def query_error(out_dir: str | Path, exc: Exception) -> ConfigError:
     except (ConfigError, OSError):
         damaged = []
     if damaged:
-        more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
-        return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more, pages=pages))
+        return _damaged_error(out, damaged, pages=pages)
     return ConfigError(f"query failed: {text}")
+
+
+def _damaged_error(out: OutputDir, damaged: list[tuple[str, Exception]], *, pages: bool = False) -> ConfigError:
+    more = f" (and {len(damaged) - 1} more committed files)" if len(damaged) > 1 else ""
+    return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more, pages=pages))
 
 
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:

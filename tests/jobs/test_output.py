@@ -452,6 +452,12 @@ def test_a_committed_file_copied_over_another_is_damage_that_repair_drops(tmp_pa
     err = capsys.readouterr().err
     assert (f"a committed file of {out.root} is damaged: {first} cannot be read (it holds the rows of "
             f"{second.name}, another file copied over it); restore it, or run 'vidpipe repair {out.root}'") in err
+    # query counted v2's rows twice and none of v1's, and status called OUT healthy
+    for argv in (["query", str(out.root), "SELECT video_id, count(*) FROM segments GROUP BY 1"],
+                 ["status", str(out.root)]):
+        assert main(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert f"is damaged: {first} cannot be read (it holds the rows of {second.name}" in err, err
     assert main(["repair", str(out.root)]) == 0
     capsys.readouterr()
     assert [c.name for c in out.commits()] == [commits[1].name] and not first.exists()
@@ -512,6 +518,49 @@ def test_a_damaged_page_that_query_meets_is_named_with_repair_verify(tmp_path, c
     err = capsys.readouterr().err
     assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in err, err
     assert f"or run 'vidpipe repair {out.root} --verify' to drop its results" in err, err
+    assert main(["repair", str(out.root), "--verify"]) == 0
+    assert [c.name for c in out.commits()] == [first.name]
+
+
+def test_a_flipped_bit_that_reads_back_as_another_score_is_refused_not_answered(tmp_path, capsys):
+    """One bit flipped inside a data page (footer whole): DuckDB's own reader, which query used, gave another
+    avg(score) with exit 0. The pages' CRCs are checked as query reads them now."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, first, second = _two_commits(tmp_path)
+    damaged = out.table_dir("segments") / second.files["segments"]
+    whole = damaged.read_bytes()
+    sql = f"SELECT avg(score) FROM read_parquet('{damaged}')"
+    right = duckdb.sql(sql).fetchall()
+    meta = pq.ParquetFile(damaged).metadata.row_group(0)
+    chunk = next(meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == "score")
+    start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+
+    def wrong_read(i: int, bit: int) -> bool:  # the file with one bit flipped reads without error, another value
+        data = bytearray(whole)
+        data[i] ^= bit
+        damaged.write_bytes(bytes(data))
+        try:
+            return duckdb.sql(sql).fetchall() != right
+        except duckdb.Error:
+            return False
+
+    flip = next(((i, b) for i in range(start, start + chunk.total_compressed_size) for b in (1, 16, 128)
+                 if wrong_read(i, b)), None)
+    assert flip is not None, "no single flipped bit reads back as another score"  # the file left damaged by it
+    for argv in (["query", str(out.root), "SELECT avg(score) FROM segments"],
+                 ["query", str(out.root), "SELECT label, avg(score) FROM segments GROUP BY 1"]):
+        assert main(argv) == EXIT_USAGE
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"a committed file of {out.root} is damaged: {damaged} cannot be read" in captured.err, captured.err
+        assert f"vidpipe repair {out.root} --verify" in captured.err
+    assert main(["query", str(out.root), "SELECT count(*) n FROM videos", "--format", "csv"]) == 0  # other tables
+    assert capsys.readouterr().out.splitlines() == ["n", "2"]
     assert main(["repair", str(out.root), "--verify"]) == 0
     assert [c.name for c in out.commits()] == [first.name]
 
@@ -684,8 +733,11 @@ def test_an_error_that_quotes_a_damage_word_in_a_name_or_the_sql_is_not_damage(t
                          names)
     out, _, _ = _two_commits(tmp_path)
 
-    def scanned(*a, **k):  # noqa: ANN002, ANN003
-        raise AssertionError("a SQL error made query read the committed files")
+    footers = OutputDir.damaged_files  # every query reads the footers; a SQL error must not make it read the pages
+
+    def scanned(self, rels, *, pages=False):  # noqa: ANN001, ANN202
+        assert not pages, "a SQL error made query read the committed files' pages"
+        return footers(self, rels)
 
     monkeypatch.setattr(OutputDir, "damaged_files", scanned)
     with pytest.raises(ConfigError, match=r'query failed: Binder Error: .*"checksum"'):
