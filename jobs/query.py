@@ -13,6 +13,7 @@ import decimal
 import io
 import json
 import math
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from jobs.output import OutputDir, damaged_message, looks_damaged
+from jobs.output import STAGING, OutputDir, damaged_message, looks_damaged
 from pipeline.errors import ConfigError
 from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
 
@@ -135,6 +136,18 @@ def _damaged_error(out: OutputDir, damaged: list[tuple[str, Exception]], *, page
     return ConfigError(damaged_message(out, damaged[0][0], damaged[0][1], more=more, pages=pages))
 
 
+def _moved_meanwhile(out_dir: str | Path, text: str) -> bool:
+    """Whether ``text`` (a failed scan: pyarrow's error, through DuckDB) names a data file in staging that is gone
+    from there: the running job moved it into its table folder after the views were made."""
+    try:
+        out = OutputDir(out_dir)
+        # a path locally, a key on S3 ("When reading information for key '...' in bucket ...")
+        named = set(re.findall(re.escape(STAGING + "/") + r"(part-[\w.-]+?\.parquet)", text))
+        return bool(named - set(out.store.list_names(STAGING, ".parquet")))
+    except (OSError, ValueError):
+        return False
+
+
 def run_query(out_dir: str | Path, sql: str) -> pa.Table:
     if not sql.strip():
         raise ConfigError('the SQL is empty; pass a query, e.g. "SELECT label, count(*) FROM segments GROUP BY 1"')
@@ -151,7 +164,10 @@ def run_query(out_dir: str | Path, sql: str) -> pa.Table:
         except (duckdb.IOException, FileNotFoundError) as exc:
             last = exc  # a running job moved a committed file out of staging after we listed it: list again
         except (duckdb.Error, pa.ArrowException, OSError) as exc:  # a damaged file, or the SQL
-            raise query_error(out_dir, exc) from None
+            if not _moved_meanwhile(out_dir, str(exc)):
+                raise query_error(out_dir, exc) from None
+            last = exc
+
         finally:
             if con is not None:
                 con.close()

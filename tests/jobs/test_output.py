@@ -522,6 +522,29 @@ def test_a_damaged_page_that_query_meets_is_named_with_repair_verify(tmp_path, c
     assert [c.name for c in out.commits()] == [first.name]
 
 
+def test_a_query_whose_file_a_running_job_moves_into_place_meanwhile_lists_again(tmp_path, monkeypatch):
+    """A committed file still in staging, moved into its table folder by the running job after query had listed
+    it (a real job's flush does so right after its record): query listed again, not failed."""
+    out, first, second = _two_commits(tmp_path)
+    name = second.files["segments"]
+    os.replace(out.table_dir("segments") / name, out.staging_dir / name)  # recorded, not moved yet
+    import jobs.query
+
+    views = jobs.query.connect
+    moves = []
+
+    def connect(out_dir):  # noqa: ANN001, ANN202
+        con = views(out_dir)
+        if not moves:  # the job's move, right after query made its views of the files where they were
+            moves.append(name)
+            os.replace(out.staging_dir / name, out.table_dir("segments") / name)
+        return con
+
+    monkeypatch.setattr(jobs.query, "connect", connect)
+    table = run_query(out.root, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1")
+    assert moves and table.to_pylist() == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
+
+
 def test_a_flipped_bit_that_reads_back_as_another_score_is_refused_not_answered(tmp_path, capsys):
     """One bit flipped inside a data page (footer whole): DuckDB's own reader, which query used, gave another
     avg(score) with exit 0. The pages' CRCs are checked as query reads them now."""

@@ -176,6 +176,33 @@ def test_commit_protocol_on_s3_every_crash_state(s3):
     assert store.list_names("_job/staging") == [] and not store.is_file(f"videos/{commit.files['videos']}")
 
 
+def test_a_query_whose_file_the_job_moves_out_of_staging_meanwhile_lists_again_on_s3(s3, monkeypatch):
+    """The job's move of a committed file out of staging, after query made its views: pyarrow's scan failed on the
+    missing key, and query with it, where it lists the files again."""
+    import jobs.query
+
+    out = OutputDir("s3://vidpipe-out/moved")
+    out.create()
+    w = ResultWriter(out, model_id="m1", labels=LABELS)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    w.add_row(head_row("v2", 0, 0, 2, is_last=True, n_total=2))
+    seg = w.flush().files["segments"]
+    out.store.move(f"segments/{seg}", f"_job/staging/{seg}")  # recorded, not moved yet
+    views, moves = jobs.query.connect, []
+
+    def connect(out_dir):  # noqa: ANN001, ANN202
+        con = views(out_dir)
+        if not moves:
+            moves.append(seg)
+            out.store.move(f"_job/staging/{seg}", f"segments/{seg}")
+        return con
+
+    monkeypatch.setattr(jobs.query, "connect", connect)
+    rows = run_query(out.uri, "SELECT video_id, count(*) n FROM segments GROUP BY 1 ORDER BY 1").to_pylist()
+    assert moves and rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
+
+
 def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shared_media):
     r = run_vidpipe(["run", str(shared_media / "bbb_5s_51.mp4"), "--out", "s3://no-such-bucket/x", *RUN_FLAGS],
                     env=vidpipe_env(**s3_server))
