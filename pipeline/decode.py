@@ -78,6 +78,8 @@ _SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
 # last segment can be sampled exactly once its true end is known (see _FrameSampler).
 _TAIL_MARGIN_S = 1.0
+# Decoded frames (full size) a tail whose end is unknown holds unconverted (see _FrameSampler.lazy_tail)
+_LAZY_TAIL_FRAMES = 64
 
 # av.open raises these for bytes that are not a (supported) media file.  UnicodeDecodeError:
 # PyAV decodes container metadata as UTF-8, and a damaged header can hold any bytes.
@@ -373,6 +375,10 @@ class _FrameSampler:
     sampled exactly.  If the header's end was wrong, the last segment is sampled from the frames
     at hand (the closest earlier one) and a debug message says so; ``frame_pts_s`` always records
     the frame actually used.
+
+    Once frames have run on past the header's end (the end is unknown: ``lazy_tail``), the tail holds the open
+    segment's frames unconverted and converts only those a target takes (up to _LAZY_TAIL_FRAMES of them held:
+    the decoder's buffers), as it would otherwise convert every frame to the end of the file.
     """
 
     segment_s: float
@@ -385,6 +391,7 @@ class _FrameSampler:
     tail: list[_Shown] = field(default_factory=list)
     tail_active: bool = False
     tail_has_first: bool = False  # the tail starts at the video's first frame
+    lazy_tail: bool = False
 
     def _target_s(self, g: int) -> float:
         segment, slot = divmod(g, self.k)
@@ -407,9 +414,13 @@ class _FrameSampler:
         if self.tail_active:
             if self.prev is None:
                 self.tail_has_first = True
-            new.picture(self.convert)
             self.tail.append(new)
             self._prune_tail(t_s)
+            if not self.lazy_tail:
+                new.picture(self.convert)
+            elif sum(shown.frame is not None for shown in self.tail) > _LAZY_TAIL_FRAMES:
+                for shown in self.tail:  # a long open segment: its frames as pictures (150 KB each at 224 px)
+                    shown.picture(self.convert)
         self.prev = new
 
     def _prune_tail(self, t_s: float) -> None:
@@ -774,7 +785,7 @@ class _VideoRun:
         may_reorder = any(info.may_reorder for info in sps)
         return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
                                    packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes),
-                                   decode_time_s if self.joins_parts else None)
+                                   decode_time_s if self.joins_parts else None, seg_s)
 
     def _select_streams(self) -> None:
         video = [
@@ -823,6 +834,7 @@ class _VideoRun:
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
+        self.run_on_from_s = math.inf  # a frame later than this shows the header's end wrong (see _end_unknown)
         # parts joined end to end (see _DISCONT_BACK_S): the shift of each part after the first, set where the video
         # starts the part and taken by its audio too, so that each part keeps its own audio/video sync
         self.joins_parts = bool(_DISCONT_FORMATS & set(self.container.format.name.split(",")))
@@ -962,6 +974,8 @@ class _VideoRun:
             dur_s = t_s - self.last_t_s if self.n_frames and t_s > self.last_t_s else 0.04
         if self._damaged_time(t_s, t_s + dur_s):
             return
+        if t_s > self.run_on_from_s:
+            self._end_unknown(sampler)
         sampler.push(t_s, frame)
         self.n_frames += 1
         self.last_t_s = t_s
@@ -1102,6 +1116,16 @@ class _VideoRun:
         self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: a frame's time is damaged ({what})")
         return True
 
+    def _end_unknown(self, sampler: _FrameSampler) -> None:
+        """Frames have run on past the end the header announces (an MPEG-TS or MPEG-PS whose earlier parts, joined
+        with `cat`, outlast its last: FFmpeg estimates the end from the last part's times): the end is unknown.  The
+        frame gate and the sampler's tail then keep to what later frames prove, instead of decoding and converting
+        every frame from here to the end of the file."""
+        self.run_on_from_s = math.inf
+        sampler.lazy_tail = True
+        if self.gate is not None:
+            self.gate.end_unknown = True
+
     def _start_sampling(self, frame: av.VideoFrame) -> _FrameSampler:
         self.width, self.height = frame.width, frame.height
         self.quarter_turns = _rotation_quarter_turns(frame)
@@ -1110,6 +1134,8 @@ class _VideoRun:
         tail_start_s = math.inf
         if end_s is not None:
             tail_start_s = end_s - 2 * self.sampling.segment_seconds - _TAIL_MARGIN_S
+            if self.joins_parts:  # elsewhere a frame far past the header's end is damage (see _damaged_time)
+                self.run_on_from_s = end_s + self.sampling.segment_seconds + _TAIL_MARGIN_S
         self.sampler = _FrameSampler(
             self.sampling.segment_seconds,
             self.sampling.frames_per_segment,

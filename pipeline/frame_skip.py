@@ -21,7 +21,11 @@ comes.  Never skipped: anything before the decoder's first frame (that frame sta
 target before it, and which one it is depends on what FFmpeg drops at the start of a cut stream),
 access units with parameter sets or other units the decoder must see (even IDRs, unless the
 parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with every IDR), and the frames
-near the end.  A skipped frame's end (pts + duration) still counts for the video's duration.  The
+near the end (a short last segment's targets depend on the true end).  Where frames run on past the end the
+header announces (MPEG-TS/PS parts joined with ``cat``, whose last part gives FFmpeg's estimate), the end is
+unknown: whole GOPs then wait, within the same limits, until a later frame proves that every segment they may be
+shown in is full-length, so that only the true last segment's frames are all decoded.  A skipped frame's end
+(pts + duration) still counts for the video's duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
 itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
@@ -118,7 +122,8 @@ class DisposableFrameGate:
                  needed_between: Callable[[float, float], bool], keep_from_s: float,
                  packet_end_s: Callable[[av.Packet], float | None] = lambda p: None, may_reorder: bool = True,
                  parameter_sets: Sequence[bytes] = (),
-                 decode_time_s: Callable[[av.Packet], float | None] | None = None) -> None:
+                 decode_time_s: Callable[[av.Packet], float | None] | None = None,
+                 segment_s: float | None = None) -> None:
         self.nal_length_size = nal_length_size
         self.decode_time_s = decode_time_s  # given where parts may be joined: a clock restart turns skipping off
         self.packet_time_s = packet_time_s
@@ -131,6 +136,16 @@ class DisposableFrameGate:
             self._hold_parameter_set(unit)
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
+        # Set by the decoder where frames ran on past the header's end: frames at or after keep_from_s are then
+        # skipped where later frames prove that every segment they may be shown in is full-length (not the last).
+        self.end_unknown = False
+        self.segment_s = segment_s
+        # With the end unknown, whole GOPs (each with the time of the IDR after it) wait here until a frame at or after
+        # the end of the segment their last frame is shown in has come (see _not_last), within the queue's limits.
+        self.waiting: deque[tuple[list[tuple[av.Packet, float | None, str]], float | None]] = deque()
+        self.waiting_packets = 0
+        self.waiting_bytes = 0
+        self.newest_s = -math.inf  # the latest packet time seen
         self.queue: deque[tuple[av.Packet, float | None, str]] = deque()
         self.queued_bytes = 0
         self.released: deque[float] = deque(maxlen=2 * LOOKAHEAD_PACKETS)  # times of packets passed on
@@ -163,12 +178,60 @@ class DisposableFrameGate:
         if self.off or not self.started:  # until the decoder's first frame, everything passes at once
             if t is not None:
                 self.released.append(t)
-            return self._take_queue() + [packet]
-        out = self._release_gop(t) if kind in (IDR, IDR_KEPT) and self.queue else []
+            return self._take_waiting() + self._take_queue() + [packet]
+        if t is not None and math.isfinite(t):
+            self.newest_s = max(self.newest_s, t)
+        out: list[av.Packet] = []
+        if kind in (IDR, IDR_KEPT) and self.queue:
+            if self.end_unknown:
+                self.waiting.append((list(self.queue), t))
+                self.waiting_packets += len(self.queue)
+                self.waiting_bytes += self.queued_bytes
+                self._take_queue()
+                out = self._release_waiting()
+            else:
+                out = self._release_gop(t)
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
-            out += self._release_oldest()
+            out += self._release_waiting(force=True) + self._release_oldest()
+        return out
+
+    def _release_waiting(self, *, force: bool = False) -> list[av.Packet]:
+        """The waiting GOPs (oldest first) that later frames have decided, or that the queue's limits push out (all
+        of them with ``force``): skip what no target needs."""
+        out: list[av.Packet] = []
+        while self.waiting:
+            entries, idr_t = self.waiting[0]
+            full = (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
+                    or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES)
+            if not (force or full or self.off or self._decided(entries, idr_t)):
+                break
+            self.waiting.popleft()
+            self.waiting_packets -= len(entries)
+            self.waiting_bytes -= sum(p.size for p, _, _ in entries)
+            if self.off:
+                out += [p for p, _, _ in entries]
+                continue
+            later = [u for held, i in self.waiting for u in [*(v for _, v, _ in held), i]]
+            later += [u for _, u, _ in self.queue]
+            out += self._decide_gop(entries, idr_t, [u for u in later if u is not None and math.isfinite(u)])
+        return out
+
+    def _decided(self, entries: list[tuple[av.Packet, float | None, str]], idr_t: float | None) -> bool:
+        """Whether a frame has come at or after the end of the segment the GOP's last frame may be shown in."""
+        times = [u for _, u, _ in entries if u is not None and math.isfinite(u)]
+        if idr_t is not None and math.isfinite(idr_t):
+            times.append(idr_t)
+        if not times or not self.segment_s:
+            return True
+        return self.newest_s >= (math.floor((max(times) + _MARGIN_S) / self.segment_s) + 1) * self.segment_s
+
+    def _take_waiting(self) -> list[av.Packet]:
+        """Every waiting GOP's packets, in order, for the decoder (nothing skipped)."""
+        out = [p for entries, _ in self.waiting for p, _, _ in entries]
+        self.waiting.clear()
+        self.waiting_packets = self.waiting_bytes = 0
         return out
 
     def _hold_parameter_set(self, unit: bytes) -> bool:
@@ -198,36 +261,59 @@ class DisposableFrameGate:
         self.queued_bytes = 0
         return out
 
-    def _in_decode_order(self, idr_t: float | None) -> bool:
-        """Whether the held GOP's times look like decode-order times (an MP4 without composition
+    def _in_decode_order(self, entries: Sequence[tuple[av.Packet, float | None, str]], idr_t: float | None) -> bool:
+        """Whether a held GOP's times look like decode-order times (an MP4 without composition
         offsets, a remuxed AVI): B-frames shown in the order they are decoded, where the SPS allows
         reordering.  Low-delay B-frames look the same; skipping then merely stops."""
-        if not any(kind == DISPOSABLE for _, _, kind in self.queue):
+        if not any(kind == DISPOSABLE for _, _, kind in entries):
             return False
-        times = [t for _, t, _ in self.queue] + ([idr_t] if idr_t is not None else [])
+        times = [t for _, t, _ in entries] + ([idr_t] if idr_t is not None else [])
         known = [t for t in times if t is not None]
         return len(known) == len(times) and all(a < b for a, b in itertools.pairwise(known))
 
     def flush(self) -> list[av.Packet]:
         """The stream has ended: what is held is the last GOP (the frames near the end are always kept)."""
-        return self._release_gop(None)
+        return self._release_waiting(force=True) + self._release_gop(None)
 
-    def _needed(self, t: float | None, later_s: float | None) -> bool:
-        """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``)."""
-        if t is None or not math.isfinite(t) or t >= self.keep_from_s or later_s is None:
+    def _needed(self, t: float | None, later_s: float | None, known: Sequence[float] = ()) -> bool:
+        """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``); ``known``: sorted times of
+        other frames (see :meth:`_not_last`)."""
+        if t is None or not math.isfinite(t) or later_s is None:
+            return True
+        if t >= self.keep_from_s and not self._not_last(later_s, known):
             return True
         return self.needed_between(t - _MARGIN_S, later_s + _MARGIN_S)
+
+    def _not_last(self, later_s: float, known: Sequence[float]) -> bool:
+        """With the end unknown: whether a frame at or after the end of the segment holding ``later_s`` proves that
+        segment, and every one before it, full-length, so that their targets are the usual ones (a short last
+        segment's depend on the true end).  Only a frame the decoder shows counts: not one more than CLOCK_JUMP_S
+        ahead (a damaged time, dropped, or the start of a part, where skipping stops)."""
+        if not self.end_unknown or not self.segment_s:
+            return False
+        boundary = (math.floor((later_s + _MARGIN_S) / self.segment_s) + 1) * self.segment_s
+        i = bisect.bisect_left(known, boundary)
+        return i < len(known) and known[i] <= later_s + CLOCK_JUMP_S
 
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
         """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of
         the stream has come: skip what no target needs."""
-        if self.may_reorder and self._in_decode_order(idr_t):
+        out = self._decide_gop(list(self.queue), idr_t)
+        self._take_queue()
+        return out
+
+    def _decide_gop(self, entries: list[tuple[av.Packet, float | None, str]], idr_t: float | None,
+                    later_frames: Sequence[float] = ()) -> list[av.Packet]:
+        """What of one GOP's packets (or its tail; the next IDR at ``idr_t``) the decoder needs; ``later_frames``:
+        times of frames after the next IDR (with the end unknown, see _not_last)."""
+        if self.may_reorder and self._in_decode_order(entries, idr_t):
             self.off = True
-            return self._take_queue()
-        known = [u for _, u, _ in self.queue if u is not None and math.isfinite(u)] + list(self.released)
+            return [p for p, _, _ in entries]
+        known = [u for _, u, _ in entries if u is not None and math.isfinite(u)] + list(self.released)
         if idr_t is not None and math.isfinite(idr_t):
             known.append(idr_t)
         times = sorted(set(known))
+        proof = sorted(set(known).union(later_frames)) if later_frames else times
 
         def later(t: float | None) -> float | None:
             if t is None or not math.isfinite(t):
@@ -237,17 +323,16 @@ class DisposableFrameGate:
 
         # An OTHER access unit (parameter sets, perhaps with a slice) always reaches the decoder; counting
         # it as needed also keeps the references of any slice it carries intact.
-        needed = [kind in (OTHER, IDR_KEPT) or self._needed(t, later(t)) for _, t, kind in self.queue]
+        needed = [kind in (OTHER, IDR_KEPT) or self._needed(t, later(t), proof) for _, t, kind in entries]
         last_needed = max((i for i, n in enumerate(needed) if n), default=-1)
         out = []
-        for i, (packet, t, kind) in enumerate(self.queue):
+        for i, (packet, t, kind) in enumerate(entries):
             if not needed[i] and (kind == DISPOSABLE or i > last_needed):
                 self._skip(packet)
             else:
                 out.append(packet)
             if t is not None:
                 self.released.append(t)
-        self._take_queue()
         return out
 
     def _release_oldest(self) -> list[av.Packet]:
@@ -258,8 +343,8 @@ class DisposableFrameGate:
         if kind == DISPOSABLE and t is not None:
             # B-frame reordering is at most 16 deep: the next shown frame is among these
             ahead = (u for _, u, _ in itertools.islice(self.queue, LOOKAHEAD_PACKETS))
-            later = [u for u in itertools.chain(self.released, ahead) if u is not None and u > t]
-            skip = not self._needed(t, min(later) if later else None)
+            later = sorted(u for u in itertools.chain(self.released, ahead) if u is not None and u > t)
+            skip = not self._needed(t, later[0] if later else None, later)
         if t is not None:
             self.released.append(t)
         if skip:

@@ -120,21 +120,39 @@ def test_real_film_clip_is_identical_and_skips_many_frames(shared_media):
     assert skipped > 600  # of 1441 frames: 558 unsampled disposable B-frames, 78 more in the 5.3 s GOPs' tails
 
 
-def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0, started: bool = True) -> list[float]:
+def _gate_passes(frames: list[tuple[str, float]], segment_s: float = 1.0, started: bool = True,
+                 keep_from_s: float = 50.0, end_unknown: bool = False) -> list[float]:
     """Feed (kind, pts seconds) access units in decode order through the gate; the times it passes on."""
     units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A]), "b": bytes([0x01, 0x9E])}
 
     def needed_between(lo: float, hi: float) -> bool:
         return any(lo <= (n + 0.5) * segment_s <= hi for n in range(100))
 
-    gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, needed_between, keep_from_s=50.0)
+    gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, needed_between, keep_from_s=keep_from_s,
+                                          segment_s=segment_s)
     gate.started = started
+    gate.end_unknown = end_unknown
     passed = []
     for kind, t in frames + [("end", 0.0)]:
         packet = av.Packet(b"" if kind == "end" else len(units[kind]).to_bytes(4, "big") + units[kind])
         packet.pts = round(t * 1000)
         passed += [p.pts / 1000 for p in gate.push(packet) if p.size]
     return passed
+
+
+def test_past_the_headers_end_gops_wait_for_a_frame_that_proves_their_segments_are_not_the_last():
+    """Near the end (here: all of it) every frame was decoded, as the targets of a short last segment depend on
+    the true end. Where frames ran on past the header's end, that was every frame to the end of the file."""
+    frames = [("I" if n % 4 == 0 else "P", n / 10) for n in range(24)]  # an IDR every 0.4 s; the end at 2.4 s
+    assert _gate_passes(frames, keep_from_s=0.0) == [n / 10 for n in range(24)]
+    # GOPs whose frames are all shown in segments that later frames prove full-length are skipped as anywhere
+    # else; from the frame shown until 2.0 s (the start of the last segment, [2, 2.4)) on, all are kept
+    assert _gate_passes(frames, keep_from_s=0.0, end_unknown=True) == \
+        [0.4, 0.5, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.2, 2.3]
+    # with 2-s segments the proof for a GOP comes up to 2 s after it: GOPs wait for it, and are then skipped
+    frames = [("I" if n % 4 == 0 else "P", n / 10) for n in range(64)]  # the end at 6.4 s: [6, 6.4) is short
+    passed = _gate_passes(frames, segment_s=2.0, keep_from_s=0.0, end_unknown=True)
+    assert passed == [0.8, 0.9, 1.0, 2.8, 2.9, 3.0, 4.8, 4.9, 5.0] + [n / 10 for n in range(56, 64)]
 
 
 def test_gate_skips_gop_tails_and_gops_without_targets():

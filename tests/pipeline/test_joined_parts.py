@@ -112,6 +112,49 @@ def test_an_earlier_part_longer_than_the_last_is_no_damage(tmp_path):
     assert round(_peak_hz(audio[0], 16000) / 10) * 10 == 440 and round(_peak_hz(audio[-1], 16000) / 10) * 10 == 880
 
 
+@pytest.mark.parametrize("segment_s,k", [(1.0, 2), (4.0, 3)])  # 4 s: 100 frames a segment, more than a tail holds
+def test_frames_past_the_headers_end_are_skipped_and_converted_as_before_it(tmp_path, monkeypatch, segment_s, k):
+    """Past the end the header announces (an earlier part longer than the last), every frame was decoded and
+    converted to the end of the file: the film cut in two decoded 2.4 times slower than whole. Later frames now
+    prove which segments are not the last, and the open segment's frames wait unconverted; the output is that
+    of the continuous file, short last segment included."""
+    import pipeline.decode as decode_mod
+
+    # FFmpeg takes the end from the file's last 250 kB: the short part (lossless) is larger than that
+    long = _part(tmp_path / "long.ts", 440.0, duration_s=30.0)
+    short = _part(tmp_path / "short.ts", 880.0, duration_s=4.32, size=(320, 240),
+                  video_options={**GOP, "qp": "0"})
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(long.read_bytes() + short.read_bytes())
+    with av.open(str(joined)) as c:
+        assert c.duration / 1e6 < 6  # the header's end: the short part's
+    whole = _continuous([long, short], tmp_path / "whole.ts", 30.0)
+    converters: list[decode_mod._Converter] = []
+
+    class Counting(decode_mod._Converter):
+        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*a, **kw)
+            converters.append(self)
+
+    monkeypatch.setattr(decode_mod, "_Converter", Counting)
+    sampling = SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=64)
+    frames, pts, audio, info = _core_arrays(joined, sampling, skip=True)
+    w_frames, w_pts, w_audio, w_info = _core_arrays(whole, sampling, skip=True)
+    assert info.duration_s == pytest.approx(34.32) and info.n_segments == math.ceil(34.32 / segment_s)  # short last
+    np.testing.assert_array_equal(frames, w_frames)
+    np.testing.assert_array_equal(pts, w_pts)
+    assert w_info.duration_s == info.duration_s
+    # skipping goes on past the header's end (it stops for good at the join), as in the continuous file
+    assert info.n_frames_skipped > 0.8 * w_info.n_frames_skipped - 4.32 * 25
+    if segment_s == 1.0:
+        assert [round(_peak_hz(a, sampling.audio_rate_hz) / 10) * 10 for a in audio[[0, 29, 31, 34]]] == \
+            [440] * 2 + [880] * 2
+        # the 70 sampled, every frame from the tail's start (0.3 s) to where the header's end is found wrong
+        # (6.3 s), and the open segments' candidates; before, every frame from 0.3 s to the end
+        assert converters[0].n_converted <= 70 + 6 * 25 + 2 * 25
+    assert _assert_same(joined, sampling) == info.n_frames_skipped
+
+
 def _pes_times_moved(src: Path, dest: Path, stream_id: int, moves: dict[int, float]) -> Path:
     """Copy an MPEG-TS file with the PTS (and DTS) of some PES packets of one stream (0xE0 video, 0xC0 audio)
     moved by seconds, byte for byte otherwise: timestamps damaged in transmission."""
