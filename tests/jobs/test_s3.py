@@ -135,15 +135,20 @@ def test_driver_killed_between_commit_record_and_copies_on_s3(s3, s3_archive, s3
     assert not [k for k in _all_objects(s3, "vidpipe-out") if k.startswith("run2/_job/staging/")]
 
 
-def test_commit_protocol_on_s3_every_crash_state(s3):
-    """Unit level, on the real S3 API: staged+recorded, copied-not-deleted, orphans; recovery and readers."""
-    out = OutputDir("s3://vidpipe-out/unit")
+def _two_commits_on_s3(uri: str):
+    """An S3 OUT with two commits (v1: 3 segments, v2: 2); the second commit."""
+    out = OutputDir(uri)
     out.create()
     w = ResultWriter(out, model_id="m1", labels=LABELS)
     w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
     w.flush()
     w.add_row(head_row("v2", 0, 0, 2, is_last=True, n_total=2))
-    commit = w.flush()
+    return out, w.flush()
+
+
+def test_commit_protocol_on_s3_every_crash_state(s3):
+    """Unit level, on the real S3 API: staged+recorded, copied-not-deleted, orphans; recovery and readers."""
+    out, commit = _two_commits_on_s3("s3://vidpipe-out/unit")
     assert commit is not None
     store = out.store
     # crash after the record, before any copy: files back in staging
@@ -181,13 +186,8 @@ def test_a_query_whose_file_the_job_moves_out_of_staging_meanwhile_lists_again_o
     missing key, and query with it, where it lists the files again."""
     import jobs.query
 
-    out = OutputDir("s3://vidpipe-out/moved")
-    out.create()
-    w = ResultWriter(out, model_id="m1", labels=LABELS)
-    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
-    w.flush()
-    w.add_row(head_row("v2", 0, 0, 2, is_last=True, n_total=2))
-    seg = w.flush().files["segments"]
+    out, commit = _two_commits_on_s3("s3://vidpipe-out/moved")
+    seg = commit.files["segments"]
     out.store.move(f"segments/{seg}", f"_job/staging/{seg}")  # recorded, not moved yet
     views, moves = jobs.query.connect, []
 
