@@ -84,8 +84,9 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     for table, schema in _EMPTY.items():
         view = "failures_log" if table == "failures" else table
         rels = out.committed_rel(table, commits)
-        # every footer, as 'run' reads them at its start: a file cut short, or another of OUT's copied over it
-        if damaged := out.damaged_files(rels):
+        # every footer, as 'run' reads them at its start: a file cut short, or another of OUT's copied over it.  Not
+        # on S3, where it would cost a request per file and query (a damaged file is still named when it is read)
+        if out.local and (damaged := out.damaged_files(rels)):
             raise _damaged_error(out, damaged)
         data = _table_dataset(out, rels, schema) if rels else schema.empty_table()
         con.register(f"_arrow_{table}", data)
