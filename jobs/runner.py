@@ -233,13 +233,17 @@ _LATER_KEYS = frozenset({"precision"})  # identity keys that older job.json file
 def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, precision: str) -> None:
     """Record what defines the job's rows; refuse to mix another bundle or sampling into the same OUT.
     ``precision``: the encoders' precision the job runs at ("bf16" or "fp32", ``job_precision``)."""
+    # top_k as the rows hold it: a --top-k past the bundle's labels gives all of them, whatever its value
+    n_labels = len(bundle.labels)
     identity = {"bundle_fingerprint": bundle_fingerprint(bundle), "model_id": bundle.model_id,
-                "sampling": bundle.sampling.to_dict(), "top_k": spec.top_k, "with_embedding": spec.with_embedding,
-                "precision": precision}
+                "sampling": bundle.sampling.to_dict(), "top_k": min(spec.top_k, n_labels),
+                "with_embedding": spec.with_embedding, "precision": precision}
     old = out.read_json("_job/job.json")
     if old is None:
         _check_rows_identity(out, bundle, spec)
     else:
+        if isinstance(old.get("top_k"), int):  # recorded unclamped before 2026-12-02
+            old = old | {"top_k": min(old["top_k"], n_labels)}
         # a job.json from before "precision" was recorded, or that recorded the flag "auto", does not say which
         # precision its runs used: not compared
         known = {k for k in old if not (k == "precision" and old[k] == "auto")}

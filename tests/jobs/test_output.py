@@ -693,6 +693,30 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
             check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=other), other)
 
 
+def test_a_top_k_past_the_bundles_labels_is_the_same_job_whatever_its_value(tmp_path):
+    """--top-k 10 and then the default 5, with a bundle of 4 labels, give the same rows (all 4 labels): the rerun
+    was refused as another job ("top_k 10 there, 5 now")."""
+    import dataclasses
+
+    from jobs.models import resolve_bundle
+    from jobs.runner import check_job_identity
+    from jobs.spec import JobSpec
+
+    out, w = writer_for(tmp_path)
+    bundle = resolve_bundle(None, allow_untrained=True)
+    n = len(bundle.labels)
+    spec = JobSpec(inputs=["x.mp4"], out=str(out.root), allow_untrained=True, top_k=n + 2)
+    check_job_identity(out, bundle, spec, "bf16")
+    w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    for top_k in (n, n + 6, n + 16):
+        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=top_k), "bf16")
+    with pytest.raises(ConfigError, match=f"top_k {n} there, {n - 1} now"):
+        check_job_identity(out, bundle, dataclasses.replace(spec, top_k=n - 1), "bf16")
+    out.write_json("_job/job.json", out.read_json("_job/job.json") | {"top_k": n + 6})  # recorded as given, before
+    check_job_identity(out, bundle, dataclasses.replace(spec, top_k=n + 16), "bf16")
+
+
 def test_a_job_resumed_where_precision_auto_means_another_goes_on_in_the_jobs_precision(tmp_path, monkeypatch):
     """job.json recorded the flag 'auto': a job begun on a bf16 machine went on in float32 on another (4 of the
     film's 597 labels differ between them), mixing both in one OUT."""
