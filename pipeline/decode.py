@@ -994,7 +994,7 @@ class _VideoRun:
         if len(claims) < 2:
             return None
         last_two = (claims[-2], claims[-1])
-        if t_s > max(last_two) + _SMOOTH_STEP_S:
+        if t_s > max(last_two) + _SMOOTH_STEP_S and t_s > self._latest_skipped_s(t_s) + _SMOOTH_STEP_S:
             return "ahead"
         if t_s >= min(last_two) - _DISCONT_BACK_S:
             return None
@@ -1003,6 +1003,15 @@ class _VideoRun:
             if after - before > _DISCONT_BACK_S and before - _DISCONT_BACK_S <= t_s <= before + 2.0:
                 return None
         return "back"
+
+    def _latest_skipped_s(self, t_s: float) -> float:
+        """The latest time up to ``t_s`` of a frame the gate skipped, which a full decode would have shown (-inf if
+        none): where no target falls for more than 10 s (segments that long), the frames around a gap it leaves are
+        on one clock.  (Skipping stops for good at a part's start: only the first part's times are here.)"""
+        gate = self.gate
+        if gate is None or self.video_part:
+            return -math.inf
+        return max((u for u in gate.skipped_times if u <= t_s), default=-math.inf)
 
     def _joined(self, frame: av.VideoFrame, raw_s: float) -> list[tuple[av.VideoFrame, float]]:
         """The frames to show now, with their times on the joined timeline.
@@ -1047,15 +1056,16 @@ class _VideoRun:
     def _start_part(self, shift_s: float) -> None:
         """A part joined after the others starts (its clock started again): its times move by ``shift_s``.
 
-        The header's duration no longer says where the video ends: the past-the-end check stops, and every frame
-        from here on is kept for the short last segment (as near the announced end), so that it is sampled exactly
-        wherever the video ends."""
+        The header's duration no longer says where the video ends: the past-the-end check stops, and the frames of
+        the open segment are kept from here on (unconverted, see _end_unknown), so that a short last segment is
+        sampled exactly wherever the video ends."""
         self.part_shifts_s.append(shift_s)
         self.video_part += 1
         self.recent_claims.clear()
         self.announced_end_s = None
         if self.sampler is not None:
             self.sampler.tail_start_s = -math.inf
+            self._end_unknown(self.sampler)
         if self.video_part == 1:
             log.info("%s: its timestamps start again (parts joined end to end): later parts follow the earlier ones",
                      self.uri)
@@ -1102,7 +1112,8 @@ class _VideoRun:
         """Whether a frame's time cannot be right (counted as a corrupt frame, and the frame dropped)."""
         announced = self.announced_end_s
         past_end = announced is not None and end_s > announced + max(_PAST_END_S, announced / 2)
-        if past_end and self.joins_parts and self.n_frames and t_s - self.last_t_s <= _SMOOTH_STEP_S:
+        if past_end and self.joins_parts and self.n_frames and \
+                t_s - max(self.last_t_s, self._latest_skipped_s(t_s)) <= _SMOOTH_STEP_S:
             # in MPEG-TS/PS the header's end is FFmpeg's estimate from the file's last timestamps: where parts
             # were joined, the last part's.  A stream that runs on past it step by step is an earlier, longer part.
             self.announced_end_s = None

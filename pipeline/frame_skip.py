@@ -159,6 +159,8 @@ class DisposableFrameGate:
         self.latest_dts = -math.inf  # the latest decode time seen (with decode_time_s)
         self.skipped = 0
         self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
+        # times of the latest skipped frames: in MPEG-TS/PS the decoder tells a gap they leave from a jump of the clock
+        self.skipped_times: deque[float] = deque(maxlen=256)
 
     def push(self, packet: av.Packet) -> list[av.Packet]:
         """Take the next video packet (decode order); return the packets to decode now, in order."""
@@ -193,6 +195,9 @@ class DisposableFrameGate:
                 out = self._release_gop(t)
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
+        if self.waiting and (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
+                             or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES):
+            out += self._release_waiting()  # the oldest, until what is held is within the limits again
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
             out += self._release_waiting(force=True) + self._release_oldest()
         return out
@@ -354,6 +359,9 @@ class DisposableFrameGate:
 
     def _skip(self, packet: av.Packet) -> None:
         self.skipped += 1
+        t = self.packet_time_s(packet)
+        if t is not None and math.isfinite(t):
+            self.skipped_times.append(t)
         end = self.packet_end_s(packet)
         if end is not None and end > self.skipped_end_s:
             self.skipped_end_s = end

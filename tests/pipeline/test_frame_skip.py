@@ -155,6 +155,38 @@ def test_past_the_headers_end_gops_wait_for_a_frame_that_proves_their_segments_a
     assert passed == [0.8, 0.9, 1.0, 2.8, 2.9, 3.0, 4.8, 4.9, 5.0] + [n / 10 for n in range(56, 64)]
 
 
+@pytest.mark.parametrize("gop,size", [(290, 0), (200, 150_000)])
+def test_gops_waiting_for_proof_stay_within_the_gates_limits(gop, size):
+    """GOPs waiting with the end unknown, plus the GOP being read, could hold twice MAX_GOP_PACKETS and
+    MAX_GOP_BYTES (580 packets; 57 MiB of 150-kB frames): the limits bound all the gate holds."""
+    units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A])}
+    gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, lambda lo, hi: False, keep_from_s=0.0,
+                                          segment_s=1000.0)
+    gate.started = gate.end_unknown = True
+    passed, held, held_bytes = [], 0, 0
+    for i in range(3000):
+        kind = "I" if i % gop == 0 else "P"
+        packet = av.Packet(len(units[kind]).to_bytes(4, "big") + units[kind] + bytes(size))
+        packet.pts = i * 40
+        passed += [p.pts for p in gate.push(packet)]
+        held = max(held, len(gate.queue) + gate.waiting_packets)
+        held_bytes = max(held_bytes, gate.queued_bytes + gate.waiting_bytes)
+    passed += [p.pts for p in gate.flush()]
+    assert held <= frame_skip.MAX_GOP_PACKETS and held_bytes <= frame_skip.MAX_GOP_BYTES
+    assert passed == sorted(passed) and len(passed) + gate.skipped == 3000
+
+
+def test_segments_longer_than_10_s_in_mpeg_ts_skip_without_a_false_join(tmp_path):
+    """Whole GOPs skipped between targets 12 s apart left the decoder a gap of more than 10 s, which in MPEG-TS
+    it took for the start of a joined part: the 60-s video came out 38 s long, 4 segments instead of 5."""
+    path = mf.make_video(tmp_path / "long_segments.ts", duration_s=60.0, fps=25, size=(96, 64), codec="libx264",
+                         audio="tone", audio_codec="aac", video_options={"x264-params": "keyint=25:min-keyint=25:scenecut=0"})
+    for segment_s, k in ((12.0, 1), (11.0, 1)):
+        sampling = SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=32)
+        assert _assert_same(path, sampling) > 0
+        assert _core_arrays(path, sampling, skip=True)[3].duration_s == pytest.approx(60.0)
+
+
 def test_gate_skips_gop_tails_and_gops_without_targets():
     # IDR every 0.4 s, a P-frame every 0.1 s; targets at 0.5, 1.5, ...
     frames = [("I" if n % 4 == 0 else "P", n / 10) for n in range(24)]
