@@ -168,7 +168,6 @@ def run_query(out_dir: str | Path, sql: str) -> pa.Table:
             if not _moved_meanwhile(out_dir, str(exc)):
                 raise query_error(out_dir, exc) from None
             last = exc
-
         finally:
             if con is not None:
                 con.close()
