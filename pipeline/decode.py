@@ -78,8 +78,9 @@ _SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
 # last segment can be sampled exactly once its true end is known (see _FrameSampler).
 _TAIL_MARGIN_S = 1.0
-# Decoded frames (full size) a tail whose end is unknown holds unconverted (see _FrameSampler.lazy_tail)
-_LAZY_TAIL_FRAMES = 64
+# Bytes of decoded frames (full size) a tail whose end is unknown holds unconverted (see _FrameSampler.lazy_tail):
+# 90 frames of 720p, 40 of 1080p, 10 of 2160p
+_LAZY_TAIL_BYTES = 128 << 20
 
 # av.open raises these for bytes that are not a (supported) media file.  UnicodeDecodeError:
 # PyAV decodes container metadata as UTF-8, and a damaged header can hold any bytes.
@@ -364,6 +365,10 @@ class _Shown:
         return self.rgb
 
 
+def _frame_bytes(frame: av.VideoFrame) -> int:
+    return sum(plane.buffer_size for plane in frame.planes)
+
+
 @dataclass
 class _FrameSampler:
     """Picks, for every segment, the frames shown at its target times, converting only those.
@@ -376,8 +381,8 @@ class _FrameSampler:
     at hand (the closest earlier one) and a debug message says so; ``frame_pts_s`` always records
     the frame actually used.
 
-    Once frames have run on past the header's end (the end is unknown: ``lazy_tail``), the tail holds the open
-    segment's frames unconverted and converts only those a target takes (up to _LAZY_TAIL_FRAMES of them held:
+    Where the end is unknown (``lazy_tail``: no end in the header, or frames ran on past it), the tail holds the
+    open segment's frames unconverted and converts only those a target takes (up to _LAZY_TAIL_BYTES of them held:
     the decoder's buffers), as it would otherwise convert every frame to the end of the file.
     """
 
@@ -418,7 +423,7 @@ class _FrameSampler:
             self._prune_tail(t_s)
             if not self.lazy_tail:
                 new.picture(self.convert)
-            elif sum(shown.frame is not None for shown in self.tail) > _LAZY_TAIL_FRAMES:
+            elif sum(_frame_bytes(shown.frame) for shown in self.tail if shown.frame is not None) > _LAZY_TAIL_BYTES:
                 for shown in self.tail:  # a long open segment: its frames as pictures (150 KB each at 224 px)
                     shown.picture(self.convert)
         self.prev = new
@@ -742,7 +747,7 @@ class _VideoRun:
         return [out for frame in frames for out in self.reorder.push(frame)]
 
     def _frame_gate(self) -> DisposableFrameGate | None:
-        """A gate that skips unsampled disposable frames, where that is provably safe (H.264, known end)."""
+        """A gate that skips unsampled disposable frames, where that is provably safe (H.264 with presentation times)."""
         if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.origin_pts is None:
             return None
         if "avi" in self.container.format.name.split(","):
@@ -753,7 +758,7 @@ class _VideoRun:
         if not sps:
             return None  # reorder depth unknown, interlaced coding, or no SPS to read
         end_s = self._estimated_end_s()
-        if end_s is None or not math.isfinite(end_s):
+        if end_s is not None and not math.isfinite(end_s):
             return None
         seg_s, k = self.sampling.segment_seconds, self.sampling.frames_per_segment
         tb_num, tb_den = self.tb_num, self.tb_den
@@ -780,12 +785,15 @@ class _VideoRun:
         def decode_time_s(packet: av.Packet) -> float | None:
             return None if packet.dts is None else packet.dts * tb_num / tb_den
 
-        # Frames near the end are all decoded: the short last segment's targets depend on the true end.
-        keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0
+        # Frames near the end are all decoded: the short last segment's targets depend on the true end.  Without an
+        # end in the header, any frame may be near it: later frames must prove it is not (see _end_unknown)
+        keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0 if end_s is not None else -math.inf
         may_reorder = any(info.may_reorder for info in sps)
-        return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
+        gate = DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
                                    packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes),
                                    decode_time_s if self.joins_parts else None, seg_s)
+        gate.end_unknown = end_s is None
+        return gate
 
     def _select_streams(self) -> None:
         video = [
@@ -1128,8 +1136,9 @@ class _VideoRun:
         return True
 
     def _end_unknown(self, sampler: _FrameSampler) -> None:
-        """Frames have run on past the end the header announces (an MPEG-TS or MPEG-PS whose earlier parts, joined
-        with `cat`, outlast its last: FFmpeg estimates the end from the last part's times): the end is unknown.  The
+        """The header announces no end (a Matroska/WebM file written live), or frames have run on past the one it
+        announces (an MPEG-TS or MPEG-PS whose earlier parts, joined with `cat`, outlast its last: FFmpeg estimates
+        the end from the last part's times), or a joined part has started: the end is unknown.  The
         frame gate and the sampler's tail then keep to what later frames prove, instead of decoding and converting
         every frame from here to the end of the file."""
         self.run_on_from_s = math.inf
@@ -1142,7 +1151,7 @@ class _VideoRun:
         self.quarter_turns = _rotation_quarter_turns(frame)
         self.converter = _Converter(self.sampling.image_size, self.sample_aspect, _orientation(frame))
         end_s = self.announced_end_s = self._estimated_end_s()
-        tail_start_s = math.inf
+        tail_start_s = -math.inf  # no end in the header (a Matroska/WebM file written live): every frame may be last
         if end_s is not None:
             tail_start_s = end_s - 2 * self.sampling.segment_seconds - _TAIL_MARGIN_S
             if self.joins_parts:  # elsewhere a frame far past the header's end is damage (see _damaged_time)
@@ -1154,6 +1163,8 @@ class _VideoRun:
             self.store,
             tail_start_s,
         )
+        if end_s is None:
+            self._end_unknown(self.sampler)
         return self.sampler
 
     # -- audio -----------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ comes.  Never skipped: anything before the decoder's first frame (that frame sta
 target before it, and which one it is depends on what FFmpeg drops at the start of a cut stream),
 access units with parameter sets or other units the decoder must see (even IDRs, unless the
 parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with every IDR), and the frames
-near the end (a short last segment's targets depend on the true end).  Where frames run on past the end the
-header announces (MPEG-TS/PS parts joined with ``cat``, whose last part gives FFmpeg's estimate), the end is
-unknown: whole GOPs then wait, within the same limits, until a later frame proves that every segment they may be
+near the end (a short last segment's targets depend on the true end).  Where the header announces no end (a
+Matroska file written live), or frames run on past the end it announces (MPEG-TS/PS parts joined with ``cat``,
+whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait, within the same limits, until a later frame proves that every segment they may be
 shown in is full-length, so that only the true last segment's frames are all decoded.  A skipped frame's end
 (pts + duration) still counts for the video's duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
