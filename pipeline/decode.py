@@ -397,6 +397,7 @@ class _FrameSampler:
     tail_active: bool = False
     tail_has_first: bool = False  # the tail starts at the video's first frame
     lazy_tail: bool = False
+    tail_bytes: int = 0  # of the tail's frames added unconverted (at least those still unconverted)
 
     def _target_s(self, g: int) -> float:
         segment, slot = divmod(g, self.k)
@@ -423,20 +424,27 @@ class _FrameSampler:
             self._prune_tail(t_s)
             if not self.lazy_tail:
                 new.picture(self.convert)
-            elif sum(_frame_bytes(shown.frame) for shown in self.tail if shown.frame is not None) > _LAZY_TAIL_BYTES:
-                for shown in self.tail:  # a long open segment: its frames as pictures (150 KB each at 224 px)
-                    shown.picture(self.convert)
+            else:
+                self.tail_bytes += _frame_bytes(frame)
+                if self.tail_bytes > _LAZY_TAIL_BYTES:  # count again what is still unconverted (targets took some)
+                    self.tail_bytes = sum(_frame_bytes(shown.frame) for shown in self.tail if shown.frame is not None)
+                if self.tail_bytes > _LAZY_TAIL_BYTES:
+                    for shown in self.tail:  # a long open segment: its frames as pictures (150 KB each at 224 px)
+                        shown.picture(self.convert)
+                    self.tail_bytes = 0
         self.prev = new
 
     def _prune_tail(self, t_s: float) -> None:
         # Segments before the one holding the newest frame are full-length: their (eager) picks
-        # are final.  Keep only the frame shown at the open segment's start and those after it.
+        # are final.  Keep only the frame shown at the open segment's start and those after it (the tail's
+        # times never go back: see _VideoRun._show).
         open_start_s = math.floor(t_s / self.segment_s) * self.segment_s
         keep_from = 0
-        for i, shown in enumerate(self.tail):
-            if shown.t_s <= open_start_s + _TIE_S:
-                keep_from = i
+        while keep_from + 1 < len(self.tail) and self.tail[keep_from + 1].t_s <= open_start_s + _TIE_S:
+            keep_from += 1
         if keep_from:
+            self.tail_bytes -= sum(_frame_bytes(shown.frame) for shown in self.tail[:keep_from]
+                                   if shown.frame is not None)
             del self.tail[:keep_from]
 
     def finish(self, n_segments: int, duration_s: float) -> None:
