@@ -64,8 +64,8 @@ _AUDIO_WAIT_S = 30.0
 _AUDIO_RESYNC_S = 0.010
 # In MPEG-TS and MPEG-PS (files joined with `cat`: each part starts its clock again; FFmpeg's AVFMT_TS_DISCONT
 # formats), video whose timestamps jump back by more than this (or ahead by more than _SMOOTH_STEP_S) goes on where
-# it had got to: later parts follow the earlier ones, as after `ffmpeg -f concat` (see _VideoRun._joined).  Elsewhere (and for smaller steps back, which are damage) a frame
-# out of order is shown right after the previous one.
+# it had got to: later parts follow the earlier ones, as after `ffmpeg -f concat` (see _VideoRun._joined).
+# Elsewhere (and for smaller steps back, which are damage) a frame out of order is shown right after the previous one.
 _DISCONT_BACK_S = 0.5
 _DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
 # Audio whose time went back waits this long (in its own samples) for the video to start a part too; past it the
@@ -755,7 +755,7 @@ class _VideoRun:
         return [out for frame in frames for out in self.reorder.push(frame)]
 
     def _frame_gate(self) -> DisposableFrameGate | None:
-        """A gate that skips unsampled disposable frames, where that is provably safe (H.264 with presentation times)."""
+        """A gate that skips unsampled disposable frames, where that is provably safe (H.264, presentation times)."""
         if not self.skip_unsampled or self.vstream.codec_context.name != "h264" or self.origin_pts is None:
             return None
         if "avi" in self.container.format.name.split(","):
@@ -794,14 +794,13 @@ class _VideoRun:
             return None if packet.dts is None else packet.dts * tb_num / tb_den
 
         # Frames near the end are all decoded: the short last segment's targets depend on the true end.  Without an
-        # end in the header, any frame may be near it: later frames must prove it is not (see _end_unknown)
+        # end in the header, any frame may be near it: later frames must prove it is not (_end_unknown, called at the
+        # first frame, before which the gate passes everything, says so to the gate)
         keep_from_s = end_s - 2 * seg_s - _TAIL_MARGIN_S - 1.0 if end_s is not None else -math.inf
         may_reorder = any(info.may_reorder for info in sps)
-        gate = DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
+        return DisposableFrameGate(h264_nal_length_size(extradata_bytes), packet_time_s, needed_between, keep_from_s,
                                    packet_end_s, may_reorder, h264_sps.parameter_sets_from_extradata(extradata_bytes),
                                    decode_time_s if self.joins_parts else None, seg_s)
-        gate.end_unknown = end_s is None
-        return gate
 
     def _select_streams(self) -> None:
         video = [
@@ -1146,9 +1145,9 @@ class _VideoRun:
     def _end_unknown(self, sampler: _FrameSampler) -> None:
         """The header announces no end (a Matroska/WebM file written live), or frames have run on past the one it
         announces (an MPEG-TS or MPEG-PS whose earlier parts, joined with `cat`, outlast its last: FFmpeg estimates
-        the end from the last part's times), or a joined part has started: the end is unknown.  The
-        frame gate and the sampler's tail then keep to what later frames prove, instead of decoding and converting
-        every frame from here to the end of the file."""
+        the end from the last part's times), or a joined part has started: the end is unknown.  The frame gate and
+        the sampler's tail then keep to what later frames prove, instead of decoding and converting every frame from
+        here to the end of the file."""
         self.run_on_from_s = math.inf
         sampler.lazy_tail = True
         if self.gate is not None:

@@ -23,9 +23,10 @@ access units with parameter sets or other units the decoder must see (even IDRs,
 parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with every IDR), and the frames
 near the end (a short last segment's targets depend on the true end).  Where the header announces no end (a
 Matroska file written live), or frames run on past the end it announces (MPEG-TS/PS parts joined with ``cat``,
-whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait, within the same limits, until a later frame proves that every segment they may be
-shown in is full-length, so that only the true last segment's frames are all decoded.  A skipped frame's end
-(pts + duration) still counts for the video's duration.  The
+whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait, within the same limits,
+until a later frame proves that every segment they may be shown in is full-length, so that only the true last
+segment's frames are all decoded.  A skipped frame's end (pts + duration) still counts for the video's
+duration.  The
 decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
 itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
@@ -136,13 +137,14 @@ class DisposableFrameGate:
             self._hold_parameter_set(unit)
         self.needed_between = needed_between
         self.keep_from_s = keep_from_s
-        # Set by the decoder where frames ran on past the header's end: frames at or after keep_from_s are then
-        # skipped where later frames prove that every segment they may be shown in is full-length (not the last).
+        # Set by the decoder where the end is unknown (none in the header, frames ran on past it, or a joined part):
+        # frames at or after keep_from_s are then skipped where later frames prove that every segment they may be
+        # shown in is full-length (not the last).
         self.end_unknown = False
         self.segment_s = segment_s
         # With the end unknown, whole GOPs (each with the time of the IDR after it) wait here until a frame at or after
         # the end of the segment their last frame is shown in has come (see _not_last), within the queue's limits.
-        self.waiting: deque[tuple[list[tuple[av.Packet, float | None, str]], float | None]] = deque()
+        self.waiting: deque[tuple[list[tuple[av.Packet, float | None, str]], float | None, int]] = deque()  # +bytes
         self.waiting_packets = 0
         self.waiting_bytes = 0
         self.newest_s = -math.inf  # the latest packet time seen
@@ -186,7 +188,7 @@ class DisposableFrameGate:
         out: list[av.Packet] = []
         if kind in (IDR, IDR_KEPT) and self.queue:
             if self.end_unknown:
-                self.waiting.append((list(self.queue), t))
+                self.waiting.append((list(self.queue), t, self.queued_bytes))
                 self.waiting_packets += len(self.queue)
                 self.waiting_bytes += self.queued_bytes
                 self._take_queue()
@@ -195,8 +197,7 @@ class DisposableFrameGate:
                 out = self._release_gop(t)
         self.queue.append((packet, t, kind))
         self.queued_bytes += packet.size
-        if self.waiting and (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
-                             or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES):
+        if self.waiting and self._over_bounds():
             out += self._release_waiting()  # the oldest, until what is held is within the limits again
         while len(self.queue) > MAX_GOP_PACKETS or (self.queued_bytes > MAX_GOP_BYTES and len(self.queue) > 1):
             out += self._release_waiting(force=True) + self._release_oldest()
@@ -207,18 +208,16 @@ class DisposableFrameGate:
         of them with ``force``): skip what no target needs."""
         out: list[av.Packet] = []
         while self.waiting:
-            entries, idr_t = self.waiting[0]
-            full = (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
-                    or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES)
-            if not (force or full or self.off or self._decided(entries, idr_t)):
+            entries, idr_t, size = self.waiting[0]
+            if not (force or self._over_bounds() or self.off or self._decided(entries, idr_t)):
                 break
             self.waiting.popleft()
             self.waiting_packets -= len(entries)
-            self.waiting_bytes -= sum(p.size for p, _, _ in entries)
+            self.waiting_bytes -= size
             if self.off:
                 out += [p for p, _, _ in entries]
                 continue
-            later = [u for held, i in self.waiting for u in [*(v for _, v, _ in held), i]]
+            later = [u for held, i, _ in self.waiting for u in [*(v for _, v, _ in held), i]]
             later += [u for _, u, _ in self.queue]
             out += self._decide_gop(entries, idr_t, [u for u in later if u is not None and math.isfinite(u)])
         return out
@@ -230,11 +229,21 @@ class DisposableFrameGate:
             times.append(idr_t)
         if not times or not self.segment_s:
             return True
-        return self.newest_s >= (math.floor((max(times) + _MARGIN_S) / self.segment_s) + 1) * self.segment_s
+        return self.newest_s >= self._segment_end(max(times), self.segment_s)
+
+    def _over_bounds(self) -> bool:
+        """Whether the waiting GOPs and the GOP being read hold more than MAX_GOP_PACKETS or MAX_GOP_BYTES."""
+        return (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
+                or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES)
+
+    @staticmethod
+    def _segment_end(t: float, segment_s: float) -> float:
+        """The end of the segment a frame shown until ``t`` may be shown in last."""
+        return (math.floor((t + _MARGIN_S) / segment_s) + 1) * segment_s
 
     def _take_waiting(self) -> list[av.Packet]:
         """Every waiting GOP's packets, in order, for the decoder (nothing skipped)."""
-        out = [p for entries, _ in self.waiting for p, _, _ in entries]
+        out = [p for entries, _, _ in self.waiting for p, _, _ in entries]
         self.waiting.clear()
         self.waiting_packets = self.waiting_bytes = 0
         return out
@@ -296,8 +305,7 @@ class DisposableFrameGate:
         ahead (a damaged time, dropped, or the start of a part, where skipping stops)."""
         if not self.end_unknown or not self.segment_s:
             return False
-        boundary = (math.floor((later_s + _MARGIN_S) / self.segment_s) + 1) * self.segment_s
-        i = bisect.bisect_left(known, boundary)
+        i = bisect.bisect_left(known, self._segment_end(later_s, self.segment_s))
         return i < len(known) and known[i] <= later_s + CLOCK_JUMP_S
 
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
