@@ -23,11 +23,10 @@ access units with parameter sets or other units the decoder must see (even IDRs,
 parameter sets repeat unchanged what the decoder holds, as MPEG-TS sends with every IDR), and the frames
 near the end (a short last segment's targets depend on the true end).  Where the header announces no end (a
 Matroska file written live), or frames run on past the end it announces (MPEG-TS/PS parts joined with ``cat``,
-whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait, within the same limits,
-until a later frame proves that every segment they may be shown in is full-length, so that only the true last
-segment's frames are all decoded.  A skipped frame's end (pts + duration) still counts for the video's
-duration.  The
-decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
+whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait (within
+``MAX_WAITING_PACKETS`` and ``MAX_GOP_BYTES``) until a later frame proves that every segment they may be shown
+in is full-length, so that only the true last segment's frames are all decoded.  A skipped frame's end (pts +
+duration) still counts for the video's duration.  The decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
 SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
 itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
 decode order although the SPS allows reordering (packet times that are decode times: an MP4 without
@@ -44,7 +43,7 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import av
 
@@ -53,6 +52,9 @@ from pipeline import h264_sps
 LOOKAHEAD_PACKETS = 32  # more than any real reorder depth (H.264 allows at most 16)
 MAX_GOP_PACKETS = 300  # a GOP held whole: x264's default longest is 250 frames
 MAX_GOP_BYTES = 32 << 20
+# With the end unknown, GOPs wait for a frame past the end of their segment (up to a segment and a GOP ahead): what
+# waits, with the GOP being read, stays within MAX_WAITING_PACKETS and MAX_GOP_BYTES (40 s of 60-fps video).
+MAX_WAITING_PACKETS = 2400
 _MARGIN_S = 1e-4  # a frame within this of a target counts as possibly shown at it
 # Where parts may be joined end to end (MPEG-TS/PS, which the decoder lays one after the other), a decode time
 # this far before the latest one, or CLOCK_JUMP_S after it, means the clock started again (or the times are
@@ -107,6 +109,27 @@ def h264_access_unit_kind(data: bytes, nal_length_size: int | None) -> str:
     if 1 not in types or not droppable:
         return OTHER
     return REFERENCE if any((h >> 5) & 3 for h in heads if h & 0x1F == 1) else DISPOSABLE
+
+
+class _Shown:
+    """Sorted times of frames the decoder is to show, and where the clock steps more than CLOCK_JUMP_S between two."""
+
+    def __init__(self, times: Iterable[float]) -> None:
+        self.times = sorted(times)
+        self.steps = [k for k in range(1, len(self.times)) if self.times[k] - self.times[k - 1] > CLOCK_JUMP_S]
+
+    def reaches(self, from_s: float, to_s: float) -> bool:
+        """Whether a frame at or after ``to_s`` follows the frame at ``from_s`` through frames none more than
+        CLOCK_JUMP_S after the one before: past such a step a time may be damaged (and the frame dropped) or a
+        joined part start, where skipping stops."""
+        i = bisect.bisect_left(self.times, to_s)
+        if i == len(self.times):
+            return False
+        j = bisect.bisect_left(self.times, from_s)
+        if self.times[j] - from_s > CLOCK_JUMP_S:
+            return False
+        k = bisect.bisect_right(self.steps, j)
+        return k == len(self.steps) or self.steps[k] > i
 
 
 class DisposableFrameGate:
@@ -232,8 +255,8 @@ class DisposableFrameGate:
         return self.newest_s >= self._segment_end(max(times), self.segment_s)
 
     def _over_bounds(self) -> bool:
-        """Whether the waiting GOPs and the GOP being read hold more than MAX_GOP_PACKETS or MAX_GOP_BYTES."""
-        return (self.waiting_packets + len(self.queue) > MAX_GOP_PACKETS
+        """Whether the waiting GOPs and the GOP being read hold more than MAX_WAITING_PACKETS or MAX_GOP_BYTES."""
+        return (self.waiting_packets + len(self.queue) > MAX_WAITING_PACKETS
                 or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES)
 
     @staticmethod
@@ -289,24 +312,22 @@ class DisposableFrameGate:
         """The stream has ended: what is held is the last GOP (the frames near the end are always kept)."""
         return self._release_waiting(force=True) + self._release_gop(None)
 
-    def _needed(self, t: float | None, later_s: float | None, known: Sequence[float] = ()) -> bool:
-        """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``); ``known``: sorted times of
-        other frames (see :meth:`_not_last`)."""
+    def _needed(self, t: float | None, later_s: float | None, shown: _Shown | None = None) -> bool:
+        """Whether a target may fall while the frame at ``t`` is shown (until ``later_s``); ``shown``: the times of
+        the frames at hand (see :meth:`_not_last`)."""
         if t is None or not math.isfinite(t) or later_s is None:
             return True
-        if t >= self.keep_from_s and not self._not_last(later_s, known):
+        if t >= self.keep_from_s and not self._not_last(later_s, shown):
             return True
         return self.needed_between(t - _MARGIN_S, later_s + _MARGIN_S)
 
-    def _not_last(self, later_s: float, known: Sequence[float]) -> bool:
+    def _not_last(self, later_s: float, shown: _Shown | None) -> bool:
         """With the end unknown: whether a frame at or after the end of the segment holding ``later_s`` proves that
         segment, and every one before it, full-length, so that their targets are the usual ones (a short last
-        segment's depend on the true end).  Only a frame the decoder shows counts: not one more than CLOCK_JUMP_S
-        ahead (a damaged time, dropped, or the start of a part, where skipping stops)."""
-        if not self.end_unknown or not self.segment_s:
+        segment's depend on the true end)."""
+        if not self.end_unknown or not self.segment_s or shown is None:
             return False
-        i = bisect.bisect_left(known, self._segment_end(later_s, self.segment_s))
-        return i < len(known) and known[i] <= later_s + CLOCK_JUMP_S
+        return shown.reaches(later_s, self._segment_end(later_s, self.segment_s))
 
     def _release_gop(self, idr_t: float | None) -> list[av.Packet]:
         """The queue holds one GOP's packets (or its tail) and the next IDR (at ``idr_t``) or the end of
@@ -326,7 +347,7 @@ class DisposableFrameGate:
         if idr_t is not None and math.isfinite(idr_t):
             known.append(idr_t)
         times = sorted(set(known))
-        proof = sorted(set(known).union(later_frames)) if later_frames else times
+        shown = _Shown(set(known).union(later_frames)) if self.end_unknown else None
 
         def later(t: float | None) -> float | None:
             if t is None or not math.isfinite(t):
@@ -336,7 +357,7 @@ class DisposableFrameGate:
 
         # An OTHER access unit (parameter sets, perhaps with a slice) always reaches the decoder; counting
         # it as needed also keeps the references of any slice it carries intact.
-        needed = [kind in (OTHER, IDR_KEPT) or self._needed(t, later(t), proof) for _, t, kind in entries]
+        needed = [kind in (OTHER, IDR_KEPT) or self._needed(t, later(t), shown) for _, t, kind in entries]
         last_needed = max((i for i, n in enumerate(needed) if n), default=-1)
         out = []
         for i, (packet, t, kind) in enumerate(entries):
@@ -357,7 +378,8 @@ class DisposableFrameGate:
             # B-frame reordering is at most 16 deep: the next shown frame is among these
             ahead = (u for _, u, _ in itertools.islice(self.queue, LOOKAHEAD_PACKETS))
             later = sorted(u for u in itertools.chain(self.released, ahead) if u is not None and u > t)
-            skip = not self._needed(t, later[0] if later else None, later)
+            shown = _Shown(later) if self.end_unknown else None
+            skip = not self._needed(t, later[0] if later else None, shown)
         if t is not None:
             self.released.append(t)
         if skip:

@@ -194,11 +194,8 @@ class _NoSeek(io.RawIOBase):
         return self.f.write(b)
 
 
-@pytest.mark.parametrize("codec,fmt", [("libx264", "matroska"), ("libvpx-vp9", "webm")])
-def test_a_file_written_live_without_a_duration_is_sampled_as_one_with_it(media_dir: Path, codec: str,
-                                                                           fmt: str) -> None:
-    """A Matroska/WebM file written live (a browser's MediaRecorder, a pipe) has no duration: its short last
-    segment was sampled from the frames at hand, and its H.264 frames were not skipped at all."""
+def _write_live_and_whole(media_dir: Path, codec: str, fmt: str, n_frames: int) -> list[Path]:
+    """The same 25-fps stream (an IDR every second) muxed live (no duration) and to a seekable file."""
     paths = []
     for live in (True, False):
         path = media_dir / f"{'live' if live else 'whole'}.{fmt}"
@@ -208,7 +205,7 @@ def test_a_file_written_live_without_a_duration_is_sampled_as_one_with_it(media_
             stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
             if codec == "libx264":
                 stream.options = {"x264-params": "keyint=25:min-keyint=25:scenecut=0"}
-            for i in range(182):  # 7.28 s: a short last segment
+            for i in range(n_frames):
                 picture = np.full((120, 160, 3), (i * 7) % 255, np.uint8)
                 picture[:8, : i % 160] = 255  # each frame its own
                 for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
@@ -219,6 +216,15 @@ def test_a_file_written_live_without_a_duration_is_sampled_as_one_with_it(media_
         paths.append(path)
     with av.open(str(paths[0])) as c:
         assert c.duration is None and c.streams.video[0].duration is None
+    return paths
+
+
+@pytest.mark.parametrize("codec,fmt", [("libx264", "matroska"), ("libvpx-vp9", "webm")])
+def test_a_file_written_live_without_a_duration_is_sampled_as_one_with_it(media_dir: Path, codec: str,
+                                                                           fmt: str) -> None:
+    """A Matroska/WebM file written live (a browser's MediaRecorder, a pipe) has no duration: its short last
+    segment was sampled from the frames at hand, and its H.264 frames were not skipped at all."""
+    paths = _write_live_and_whole(media_dir, codec, fmt, 182)  # 7.28 s: a short last segment
     for sampling in (SamplingSpec(frames_per_segment=2, image_size=32),
                      SamplingSpec(segment_seconds=2.5, frames_per_segment=2, image_size=32)):
         live, whole = (decode(p, sampling) for p in paths)
@@ -230,6 +236,21 @@ def test_a_file_written_live_without_a_duration_is_sampled_as_one_with_it(media_
             assert live[-1].info.n_frames_skipped > 0
             full = core_rows(list(VideoDecoder(sampling, ONE_CHUNK, skip_unsampled=False).chunks(paths[0])))
             np.testing.assert_array_equal(live_rows["frames"], full["frames"])
+
+
+def test_a_file_written_live_skips_frames_in_segments_longer_than_10_s(media_dir: Path) -> None:
+    """Frames in the first seconds of a segment longer than 10 s were all decoded in a file without a duration
+    (the end of their segment lay more than 10 s ahead, too far for a later frame to count as proof)."""
+    live, whole = _write_live_and_whole(media_dir, "libx264", "matroska", 1000)  # 40 s
+    sampling = SamplingSpec(segment_seconds=12.0, frames_per_segment=1, image_size=32)
+    chunks = decode(live, sampling)
+    rows = core_rows(chunks)
+    np.testing.assert_array_equal(rows["frames"], core_rows(decode(whole, sampling))["frames"])
+    np.testing.assert_array_equal(rows["frame_pts_s"][:, 0], [6.0, 18.0, 30.0, 38.0])
+    # decoded: each target's IDR and, of the GOP before it, the reference frames up to the frame shown until the
+    # target's time; the GOP ending at 36 s (its last frame may be shown at 36 s, in the last segment) and the last
+    # segment's frames, 35.0 to 39.96 s (before: 332 frames)
+    assert chunks[-1].info.n_frames_decoded <= 3 * 25 + 125
 
 
 def test_only_sampled_frames_are_converted(long_video: Path, monkeypatch) -> None:

@@ -155,10 +155,36 @@ def test_past_the_headers_end_gops_wait_for_a_frame_that_proves_their_segments_a
     assert passed == [0.8, 0.9, 1.0, 2.8, 2.9, 3.0, 4.8, 4.9, 5.0] + [n / 10 for n in range(56, 64)]
 
 
+def test_segments_longer_than_10_s_are_proven_full_length_through_the_frames_between():
+    """A frame counted as proof only within 10 s of the frame it proves for, which the end of a segment longer than
+    10 s may not be: every frame in the first seconds of each 15-s segment was decoded. Now a frame proves through
+    the frames between, none more than 10 s after the one before (past a longer step it may be damaged)."""
+    gop = [("I" if n % 10 == 0 else "P", n / 10) for n in range(500)]  # 50 s, an IDR every second
+    assert _gate_passes(gop, segment_s=15.0, keep_from_s=0.0, end_unknown=True) == \
+        [n / 10 for r in (range(70, 76), range(220, 226), range(370, 376), range(440, 500)) for n in r]
+    # a step of 9.9 s: the frames before it are proven (4.0 to 4.9 show the first target, 7.5 s)
+    head = [("I" if n % 10 == 0 else "P", n / 10) for n in range(50)]
+    for step, first in ((9.9, 4.0), (10.1, 0.0)):  # past a step over 10 s, nothing is proven
+        tail = [("I" if n % 10 == 0 else "P", round(4.9 + step + n / 10, 3)) for n in range(100)]
+        assert _gate_passes(head + tail, segment_s=15.0, keep_from_s=0.0, end_unknown=True) == \
+            [t for _, t in head + tail if t >= first]
+
+
+def test_gops_wait_for_their_proof_beyond_the_length_of_one_gop():
+    """What waits for proof was bounded by MAX_GOP_PACKETS (300): at 60 fps, 5 s, less than a 6-s segment and its
+    GOPs need, so every GOP went on unproven and was decoded whole."""
+    frames = [("I" if n % 120 == 0 else "P", n / 60) for n in range(3600)]  # 60 s at 60 fps, an IDR every 2 s
+    passed = _gate_passes(frames, segment_s=6.0, keep_from_s=0.0, end_unknown=True)
+    # the GOP of each segment's target (at 3, 9, 15, ... s) up to it, and every frame from the GOP that ends where
+    # the last segment [54, 60) starts
+    assert passed == [round(n / 60, 3) for s in range(9) for n in range(120 + 360 * s, 181 + 360 * s)] + \
+        [round(n / 60, 3) for n in range(52 * 60, 3600)]
+
+
 @pytest.mark.parametrize("gop,size", [(290, 0), (200, 150_000)])
 def test_gops_waiting_for_proof_stay_within_the_gates_limits(gop, size):
-    """GOPs waiting with the end unknown, plus the GOP being read, could hold twice MAX_GOP_PACKETS and
-    MAX_GOP_BYTES (580 packets; 57 MiB of 150-kB frames): the limits bound all the gate holds."""
+    """GOPs waiting with the end unknown, plus the GOP being read, could hold twice MAX_GOP_BYTES (57 MiB of 150-kB
+    frames): the limits bound all the gate holds."""
     units = {"I": bytes([0x65, 0x88]), "P": bytes([0x41, 0x9A])}
     gate = frame_skip.DisposableFrameGate(4, lambda p: p.pts / 1000, lambda lo, hi: False, keep_from_s=0.0,
                                           segment_s=1000.0)
@@ -166,13 +192,13 @@ def test_gops_waiting_for_proof_stay_within_the_gates_limits(gop, size):
     passed, held, held_bytes = [], 0, 0
     for i in range(3000):
         kind = "I" if i % gop == 0 else "P"
-        packet = av.Packet(len(units[kind]).to_bytes(4, "big") + units[kind] + bytes(size))
+        packet = av.Packet((len(units[kind]) + size).to_bytes(4, "big") + units[kind] + bytes(size))
         packet.pts = i * 40
         passed += [p.pts for p in gate.push(packet)]
         held = max(held, len(gate.queue) + gate.waiting_packets)
         held_bytes = max(held_bytes, gate.queued_bytes + gate.waiting_bytes)
     passed += [p.pts for p in gate.flush()]
-    assert held <= frame_skip.MAX_GOP_PACKETS and held_bytes <= frame_skip.MAX_GOP_BYTES
+    assert held <= frame_skip.MAX_WAITING_PACKETS and held_bytes <= frame_skip.MAX_GOP_BYTES
     assert passed == sorted(passed) and len(passed) + gate.skipped == 3000
 
 
