@@ -73,9 +73,12 @@ class Store:
 
     def list_names(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Names of the files directly inside ``rel_dir`` (sorted); [] when it does not exist."""
+        return sorted(n for n in self.list_sizes(rel_dir) if n.endswith(suffix))
+
+    def list_sizes(self, rel_dir: str) -> dict[str, int | None]:
+        """The files directly inside ``rel_dir``, name to size in bytes; {} when it does not exist."""
         sel = pafs.FileSelector(self.full(rel_dir), recursive=False, allow_not_found=True)
-        names = [PurePosixPath(i.path).name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
-        return sorted(n for n in names if n.endswith(suffix))
+        return {PurePosixPath(i.path).name: i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
 
     def list_tree(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Paths (relative to ``rel_dir``) of the files anywhere below ``rel_dir`` (sorted); [] when it does not exist."""

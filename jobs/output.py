@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,9 @@ from pipeline.errors import ConfigError
 from pipeline.media import Failure, VideoInfo
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
 from workers.metrics import StageMeter
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 T = TypeVar("T")
 
@@ -152,6 +155,14 @@ def sized(uri: str, size_bytes: int | None) -> str:
 
 
 FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer's key-value metadata
+
+
+def copied_over(rel: str, metadata: pq.FileMetaData) -> ValueError | None:
+    """Where the footer of the committed file ``rel`` names another data file: that file was copied over it."""
+    named = (metadata.metadata or {}).get(FILE_NAME_KEY)
+    if named is None or named == rel.rsplit("/", 1)[-1].encode():  # files written before 2026-12-02 name none
+        return None
+    return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over it")
 
 
 def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "", pages: bool = False) -> str:
@@ -315,9 +326,10 @@ class OutputDir:
         raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
 
     def _read_all(self, rels: list[str]) -> list[str]:
-        return self._map(self.store.read_text, rels)
+        return self.map_files(self.store.read_text, rels)
 
-    def _map(self, fn: Callable[[str], T], rels: list[str]) -> list[T]:
+    def map_files(self, fn: Callable[[str], T], rels: list[str]) -> list[T]:
+        """``fn`` of each of ``rels`` (files of OUT), in order: on S3 in parallel."""
         if self.local or len(rels) < 4:
             return [fn(r) for r in rels]
         with ThreadPoolExecutor(16) as pool:  # S3: a GET or two each, so in parallel
@@ -509,11 +521,8 @@ class OutputDir:
         file cut short, overwritten or with damaged bytes; None where it can.  A failure to reach it
         (permissions, the network, S3) is raised, not taken as damage."""
         try:
-            named = (self.store.read_metadata(rel).metadata or {}).get(FILE_NAME_KEY)
-            own = rel.rsplit("/", 1)[-1].encode()
-            if named is not None and named != own:  # files written before 2026-12-02 do not name themselves
-                return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over "
-                                  "it")
+            if (copied := copied_over(rel, self.store.read_metadata(rel))) is not None:
+                return copied
             if pages:
                 self.store.read_table(rel, verify=True)
                 if self.local:  # and as DuckDB's own reader does: it also reads what pyarrow skips (page indexes)
@@ -540,7 +549,7 @@ class OutputDir:
     def damaged_files(self, rels: list[str], *, pages: bool = False) -> list[tuple[str, Exception]]:
         """Of the committed files ``rels`` (found by :meth:`locate`), those that cannot be read, each with why
         (see :meth:`footer_error`)."""
-        errors = self._map(lambda rel: self.footer_error(rel, pages=pages), rels)
+        errors = self.map_files(lambda rel: self.footer_error(rel, pages=pages), rels)
         return [(rel, exc) for rel, exc in zip(rels, errors, strict=True) if exc is not None]
 
     def _write_checkpoint(self, name: str, commits: list[dict[str, Any]]) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from jobs.output import STAGING, OutputDir, damaged_message, looks_damaged
+from jobs.output import STAGING, OutputDir, copied_over, damaged_message, looks_damaged
 from pipeline.errors import ConfigError
 from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
 
@@ -55,20 +55,38 @@ def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
     """The committed files ``rels`` of one table as a pyarrow dataset that checks each page's CRC as it reads it.
 
     DuckDB's own Parquet reader checks none: a bit flipped inside a page read back as another value (exit 0).
-    Files written before a column was added read it as nulls (the columns are the newer of the first file's
-    and this version's)."""
+    Every footer is read first, as 'run' reads them at its start: a file cut short, or another of OUT's copied
+    over it, is named before any row is read; the scans reuse the footers (no second read, on S3 no second GET).
+    Files written before a column was added read it as nulls (the columns are the newer of the first file's and
+    this version's)."""
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
-    paths = [out.store.full(r) for r in rels]
-    first = pq.read_schema(paths[0], filesystem=out.store.fs)  # a damaged file: see query_error
+    options = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+    fmt = pads.ParquetFileFormat(default_fragment_scan_options=options)
+    # sizes from a listing: without them, opening a file on S3 costs a HEAD request (twice: footer, then scan).  Not
+    # for a file in staging, which the running job may move meanwhile: its HEAD names the key (see _moved_meanwhile)
+    sizes = {f"{folder}/{name}": size for folder in {r.rsplit("/", 1)[0] for r in rels} - {STAGING}
+             for name, size in out.store.list_sizes(folder).items()}
+    fragments = {r: fmt.make_fragment(out.store.full(r), filesystem=out.store.fs, file_size=sizes.get(r))
+                 for r in rels}
+
+    def footer(rel: str) -> Exception | None:
+        try:
+            fragments[rel].ensure_complete_metadata()
+        except (ValueError, OSError) as exc:  # ArrowInvalid, "Couldn't deserialize thrift", or S3 unreachable
+            return exc
+        return copied_over(rel, fragments[rel].metadata)
+
+    if any(e is not None for e in out.map_files(footer, rels)):
+        # named, and told from an unreachable store (raised), as 'run' does: the footers are read again
+        if damaged := out.damaged_files(rels):
+            raise _damaged_error(out, damaged)
+    first = fragments[rels[0]].physical_schema
     if "embedding" in first.names and "embedding" not in expected.names:
         kind = first.field("embedding").type
         expected = segments_schema(kind.list_size if pa.types.is_fixed_size_list(kind) else None)
     schema = pa.unify_schemas([expected.remove_metadata(), first.remove_metadata()])
-    options = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
-    fmt = pads.ParquetFileFormat(default_fragment_scan_options=options)
-    return pads.dataset(paths, schema=schema, filesystem=out.store.fs, format=fmt)
+    return pads.FileSystemDataset(list(fragments.values()), schema, fmt, out.store.fs)
 
 
 def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
@@ -84,10 +102,6 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     for table, schema in _EMPTY.items():
         view = "failures_log" if table == "failures" else table
         rels = out.committed_rel(table, commits)
-        # every footer, as 'run' reads them at its start: a file cut short, or another of OUT's copied over it.  Not
-        # on S3, where it would cost a request per file and query (a damaged file is still named when it is read)
-        if out.local and (damaged := out.damaged_files(rels)):
-            raise _damaged_error(out, damaged)
         data = _table_dataset(out, rels, schema) if rels else schema.empty_table()
         con.register(f"_arrow_{table}", data)
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM _arrow_{table}")

@@ -203,6 +203,22 @@ def test_a_query_whose_file_the_job_moves_out_of_staging_meanwhile_lists_again_o
     assert moves and rows == [{"video_id": "v1", "n": 3}, {"video_id": "v2", "n": 2}]
 
 
+def test_a_committed_file_copied_over_another_on_s3_stops_query_and_status(s3, capsys):
+    """On S3, query read no footer before the scan: a committed object that another of OUT's was copied over read
+    whole, and segments held v2's rows twice and none of v1's (exit 0); status called OUT healthy."""
+    from jobs.cli import EXIT_USAGE, main
+
+    out, second = _two_commits_on_s3("s3://vidpipe-out/copied")
+    first = next(c for c in out.commits() if c.name != second.name)
+    replaced, other = (f"segments/{c.files['segments']}" for c in (first, second))
+    out.store.fs.copy_file(out.store.full(other), out.store.full(replaced))
+    for argv in (["query", out.uri, "SELECT video_id, count(*) FROM segments GROUP BY 1"], ["status", out.uri]):
+        assert main(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert (f"is damaged: {out.store.uri_of(replaced)} cannot be read (it holds the rows of "
+                f"{second.files['segments']}, another file copied over it)") in err, err
+
+
 def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shared_media):
     r = run_vidpipe(["run", str(shared_media / "bbb_5s_51.mp4"), "--out", "s3://no-such-bucket/x", *RUN_FLAGS],
                     env=vidpipe_env(**s3_server))
