@@ -55,6 +55,7 @@ MAX_GOP_BYTES = 32 << 20
 # With the end unknown, GOPs wait for a frame past the end of their segment (up to a segment and a GOP ahead): what
 # waits, with the GOP being read, stays within MAX_WAITING_PACKETS and MAX_GOP_BYTES (40 s of 60-fps video).
 MAX_WAITING_PACKETS = 2400
+_DRAIN_TO = 0.75  # past the limits, waiting GOPs go on until this share of them is held
 _MARGIN_S = 1e-4  # a frame within this of a target counts as possibly shown at it
 # Where parts may be joined end to end (MPEG-TS/PS, which the decoder lays one after the other), a decode time
 # this far before the latest one, or CLOCK_JUMP_S after it, means the clock started again (or the times are
@@ -184,8 +185,10 @@ class DisposableFrameGate:
         self.latest_dts = -math.inf  # the latest decode time seen (with decode_time_s)
         self.skipped = 0
         self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
-        # times of the latest skipped frames: in MPEG-TS/PS the decoder tells a gap they leave from a jump of the clock
-        self.skipped_times: deque[float] = deque(maxlen=256)
+        # times of the latest skipped frames: in MPEG-TS/PS the decoder tells a gap they leave from a jump of the clock.
+        # Enough for all the gate may skip at once (what it holds) and in the next two pushes, before the decoder puts
+        # out the frame after such a gap
+        self.skipped_times: deque[float] = deque(maxlen=3 * (MAX_WAITING_PACKETS + MAX_GOP_PACKETS))
 
     def push(self, packet: av.Packet) -> list[av.Packet]:
         """Take the next video packet (decode order); return the packets to decode now, in order."""
@@ -227,12 +230,16 @@ class DisposableFrameGate:
         return out
 
     def _release_waiting(self, *, force: bool = False) -> list[av.Packet]:
-        """The waiting GOPs (oldest first) that later frames have decided, or that the queue's limits push out (all
-        of them with ``force``): skip what no target needs."""
+        """The waiting GOPs (oldest first) that later frames have decided, or that the limits push out (all of them
+        with ``force``; over the limits, down to _DRAIN_TO of them): skip what no target needs.  The frames at hand
+        are gathered once a call: a pass over all that waits for each GOP made GOPs of one frame (all-intra) decode
+        slower than with nothing skipped, and draining below the limits spares a call at every packet."""
         out: list[av.Packet] = []
+        drain = self._over_bounds()
+        shown: _Shown | None = None
         while self.waiting:
             entries, idr_t, size = self.waiting[0]
-            if not (force or self._over_bounds() or self.off or self._decided(entries, idr_t)):
+            if not (force or self.off or (drain and self._over_bounds(_DRAIN_TO)) or self._decided(entries, idr_t)):
                 break
             self.waiting.popleft()
             self.waiting_packets -= len(entries)
@@ -240,9 +247,11 @@ class DisposableFrameGate:
             if self.off:
                 out += [p for p, _, _ in entries]
                 continue
-            later = [u for held, i, _ in self.waiting for u in [*(v for _, v, _ in held), i]]
-            later += [u for _, u, _ in self.queue]
-            out += self._decide_gop(entries, idr_t, [u for u in later if u is not None and math.isfinite(u)])
+            if shown is None:  # every frame waiting (this GOP's too), being read, or just released
+                held = [u for gop, i, _ in self.waiting for u in [*(v for _, v, _ in gop), i]]
+                held += [u for _, u, _ in itertools.chain(entries, self.queue)] + [idr_t, *self.released]
+                shown = _Shown({u for u in held if u is not None and math.isfinite(u)})
+            out += self._decide_gop(entries, idr_t, shown)
         return out
 
     def _decided(self, entries: list[tuple[av.Packet, float | None, str]], idr_t: float | None) -> bool:
@@ -254,10 +263,11 @@ class DisposableFrameGate:
             return True
         return self.newest_s >= self._segment_end(max(times), self.segment_s)
 
-    def _over_bounds(self) -> bool:
-        """Whether the waiting GOPs and the GOP being read hold more than MAX_WAITING_PACKETS or MAX_GOP_BYTES."""
-        return (self.waiting_packets + len(self.queue) > MAX_WAITING_PACKETS
-                or self.waiting_bytes + self.queued_bytes > MAX_GOP_BYTES)
+    def _over_bounds(self, share: float = 1.0) -> bool:
+        """Whether the waiting GOPs and the GOP being read hold more than ``share`` of MAX_WAITING_PACKETS or of
+        MAX_GOP_BYTES."""
+        return (self.waiting_packets + len(self.queue) > share * MAX_WAITING_PACKETS
+                or self.waiting_bytes + self.queued_bytes > share * MAX_GOP_BYTES)
 
     @staticmethod
     def _segment_end(t: float, segment_s: float) -> float:
@@ -337,9 +347,9 @@ class DisposableFrameGate:
         return out
 
     def _decide_gop(self, entries: list[tuple[av.Packet, float | None, str]], idr_t: float | None,
-                    later_frames: Sequence[float] = ()) -> list[av.Packet]:
-        """What of one GOP's packets (or its tail; the next IDR at ``idr_t``) the decoder needs; ``later_frames``:
-        times of frames after the next IDR (with the end unknown, see _not_last)."""
+                    shown: _Shown | None = None) -> list[av.Packet]:
+        """What of one GOP's packets (or its tail; the next IDR at ``idr_t``) the decoder needs; ``shown``: the frames
+        at hand, the GOP's, the next IDR's and those after it (with the end unknown, see _not_last)."""
         if self.may_reorder and self._in_decode_order(entries, idr_t):
             self.off = True
             return [p for p, _, _ in entries]
@@ -347,7 +357,8 @@ class DisposableFrameGate:
         if idr_t is not None and math.isfinite(idr_t):
             known.append(idr_t)
         times = sorted(set(known))
-        shown = _Shown(set(known).union(later_frames)) if self.end_unknown else None
+        if shown is None and self.end_unknown:
+            shown = _Shown(times)
 
         def later(t: float | None) -> float | None:
             if t is None or not math.isfinite(t):

@@ -202,6 +202,22 @@ def test_gops_waiting_for_proof_stay_within_the_gates_limits(gop, size):
     assert passed == sorted(passed) and len(passed) + gate.skipped == 3000
 
 
+def test_gops_of_one_frame_gather_the_frames_at_hand_once_per_release(monkeypatch):
+    """Each waiting GOP released gathered every frame waiting: with GOPs of one frame (all-intra) that was a pass over
+    2,400 frames a packet, and skipping made decoding slower than a full decode (7.2 s against 1.5 s, a review)."""
+    gathered = []
+
+    class Counted(frame_skip._Shown):
+        def __init__(self, times) -> None:  # noqa: ANN001
+            super().__init__(times)
+            gathered.append(len(self.times))
+
+    monkeypatch.setattr(frame_skip, "_Shown", Counted)
+    frames = [("I", n / 60) for n in range(6000)]  # 100 s at 60 fps, every frame an IDR; one segment of 1,000 s
+    assert _gate_passes(frames, segment_s=1000.0, keep_from_s=0.0, end_unknown=True) == [round(t, 3) for _, t in frames]
+    assert sum(gathered) < 20 * frame_skip.MAX_WAITING_PACKETS  # a few per drain of 600 GOPs, not one per GOP
+
+
 def test_segments_longer_than_10_s_in_mpeg_ts_skip_without_a_false_join(tmp_path):
     """Whole GOPs skipped between targets 12 s apart left the decoder a gap of more than 10 s, which in MPEG-TS
     it took for the start of a joined part: the 60-s video came out 38 s long, 4 segments instead of 5."""
@@ -211,6 +227,27 @@ def test_segments_longer_than_10_s_in_mpeg_ts_skip_without_a_false_join(tmp_path
         sampling = SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=32)
         assert _assert_same(path, sampling) > 0
         assert _core_arrays(path, sampling, skip=True)[3].duration_s == pytest.approx(60.0)
+
+
+def test_a_joined_mpeg_ts_past_its_headers_end_with_long_segments_is_identical(tmp_path):
+    """Past the header's end (the last part's), GOPs wait for proof and a proven segment's go on at once: hundreds
+    of frames skipped in one go, of which the gate kept the times of the latest 256 only. The gap the earliest
+    left before the next decoded frame then looked like a clock jump of more than 10 s: the 170-s video came out
+    83 s long (a review)."""
+    opts = {"x264-params": "keyint=25:min-keyint=25:scenecut=0:bframes=3"}
+    first = mf.make_video(tmp_path / "p1.ts", duration_s=150.0, fps=25, size=(96, 64), codec="libx264",
+                          video_options=opts)
+    # lossless: FFmpeg estimates a TS's duration from its last timestamps (the last part's), not from its bit rate
+    last = mf.make_video(tmp_path / "p2.ts", duration_s=20.0, fps=25, size=(96, 64), codec="libx264",
+                         video_options={**opts, "crf": "0"})
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + last.read_bytes())
+    with av.open(str(joined)) as c:
+        assert c.duration / 1e6 < 21.0
+    for segment_s, k in ((30.0, 2), (40.0, 1)):
+        sampling = SamplingSpec(segment_seconds=segment_s, frames_per_segment=k, image_size=32)
+        assert _assert_same(joined, sampling) > 0
+        assert _core_arrays(joined, sampling, skip=True)[3].duration_s == pytest.approx(170.0)
 
 
 def test_gate_skips_gop_tails_and_gops_without_targets():
