@@ -26,11 +26,12 @@ Matroska file written live), or frames run on past the end it announces (MPEG-TS
 whose last part gives FFmpeg's estimate), the end is unknown: whole GOPs then wait (within
 ``MAX_WAITING_PACKETS`` and ``MAX_GOP_BYTES``) until a later frame proves that every segment they may be shown
 in is full-length, so that only the true last segment's frames are all decoded.  A skipped frame's end (pts +
-duration) still counts for the video's duration.  The decoder turns the gate off for AVI, whose packet times are in decode order, and for streams whose
-SPS does not bound the reorder depth or allows interlaced coding (``pipeline/h264_sps.py``); the gate
-itself stops skipping for good at an in-band SPS of that kind, where a held GOP shows B-frames in
-decode order although the SPS allows reordering (packet times that are decode times: an MP4 without
-composition offsets, a remuxed AVI), and, in MPEG-TS/PS, where decode times start again (parts joined with ``cat``).
+duration) still counts for the video's duration.  The decoder turns the gate off for AVI, whose packet times
+are in decode order, and for streams whose SPS does not bound the reorder depth or allows interlaced coding
+(``pipeline/h264_sps.py``); the gate itself stops skipping for good at an in-band SPS of that kind, where a
+held GOP shows B-frames in decode order although the SPS allows reordering (packet times that are decode times:
+an MP4 without composition offsets, a remuxed AVI), and, in MPEG-TS/PS, where decode times start again (parts
+joined with ``cat``).
 
 Known limits (the output may then differ from a full decode): audio more than 30 s behind the video
 in file order, of which how much is dropped depends on how far video decoding has got; a single
