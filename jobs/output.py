@@ -157,12 +157,25 @@ def sized(uri: str, size_bytes: int | None) -> str:
 FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer's key-value metadata
 
 
-def copied_over(rel: str, metadata: pq.FileMetaData) -> ValueError | None:
-    """Where the footer of the committed file ``rel`` names another data file: that file was copied over it."""
+# the columns vidpipe writes to each table (never removed, only added): any other name in a footer is damage
+_COLUMNS = {"segments": set(segments_schema(1).names), "videos": set(VIDEOS_SCHEMA.names),
+            "failures": set(FAILURES_SCHEMA.names)}
+
+
+def footer_damage(rel: str, metadata: pq.FileMetaData) -> ValueError | None:
+    """What the readable footer of the committed file ``rel`` shows wrong, or None: it names another data file
+    (copied over it), or a column name is damaged (not UTF-8, or no column vidpipe writes: it would read as nulls)."""
     named = (metadata.metadata or {}).get(FILE_NAME_KEY)
-    if named is None or named == rel.rsplit("/", 1)[-1].encode():  # files written before 2026-12-02 name none
-        return None
-    return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over it")
+    if named is not None and named != rel.rsplit("/", 1)[-1].encode():  # files written before 2026-12-02 name none
+        return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over it")
+    try:
+        names = metadata.schema.to_arrow_schema().names
+    except UnicodeDecodeError as exc:
+        return ValueError(f"a column name in its footer is damaged ({exc})")
+    unknown = [n for n in names if n not in _COLUMNS.get(rel.split("/", 1)[0], names)]  # staging: table unknown
+    if unknown:
+        return ValueError(f"its footer names a column vidpipe does not write ({unknown[0]!r}): a damaged name")
+    return None
 
 
 def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "", pages: bool = False) -> str:
@@ -521,8 +534,8 @@ class OutputDir:
         file cut short, overwritten or with damaged bytes; None where it can.  A failure to reach it
         (permissions, the network, S3) is raised, not taken as damage."""
         try:
-            if (copied := copied_over(rel, self.store.read_metadata(rel))) is not None:
-                return copied
+            if (damage := footer_damage(rel, self.store.read_metadata(rel))) is not None:
+                return damage
             if pages:
                 self.store.read_table(rel, verify=True)
                 if self.local:  # and as DuckDB's own reader does: it also reads what pyarrow skips (page indexes)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from jobs.output import STAGING, OutputDir, copied_over, damaged_message, looks_damaged
+from jobs.output import STAGING, OutputDir, damaged_message, footer_damage, looks_damaged
 from pipeline.errors import ConfigError
 from pipeline.schema import FAILURES_SCHEMA, VIDEOS_SCHEMA, segments_schema
 
@@ -51,12 +51,16 @@ def open_output(out_dir: str | Path) -> OutputDir:
     return out
 
 
+_KEPT_FOOTERS = 500
+
+
 def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
     """The committed files ``rels`` of one table as a pyarrow dataset that checks each page's CRC as it reads it.
 
     DuckDB's own Parquet reader checks none: a bit flipped inside a page read back as another value (exit 0).
     Every footer is read first, as 'run' reads them at its start: a file cut short, or another of OUT's copied
-    over it, is named before any row is read; the scans reuse the footers (no second read, on S3 no second GET).
+    over it, or a damaged column name, is named before any row is read; the scans reuse the footers (see
+    _KEPT_FOOTERS).
     Files written before a column was added read it as nulls (the columns are the newer of the first file's and
     this version's)."""
     import pyarrow.dataset as pads
@@ -67,20 +71,29 @@ def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
     # for a file in staging, which the running job may move meanwhile: its HEAD names the key (see _moved_meanwhile)
     sizes = {f"{folder}/{name}": size for folder in {r.rsplit("/", 1)[0] for r in rels} - {STAGING}
              for name, size in out.store.list_sizes(folder).items()}
-    fragments = {r: fmt.make_fragment(out.store.full(r), filesystem=out.store.fs, file_size=sizes.get(r))
-                 for r in rels}
+
+    def fragment(rel: str) -> Any:
+        return fmt.make_fragment(out.store.full(rel), filesystem=out.store.fs, file_size=sizes.get(rel))
+
+    # A fragment keeps the footer it read, and the scan reuses it; in memory that is ~40 kB a file, so only up to
+    # _KEPT_FOOTERS files a table: past that the scan reads each footer again
+    kept: dict[str, Any] = {}
 
     def footer(rel: str) -> Exception | None:
+        read = fragment(rel)
         try:
-            fragments[rel].ensure_complete_metadata()
+            read.ensure_complete_metadata()
         except (ValueError, OSError) as exc:  # ArrowInvalid, "Couldn't deserialize thrift", or S3 unreachable
             return exc
-        return copied_over(rel, fragments[rel].metadata)
+        if len(rels) <= _KEPT_FOOTERS:
+            kept[rel] = read
+        return footer_damage(rel, read.metadata)
 
     if any(e is not None for e in out.map_files(footer, rels)):
         # named, and told from an unreachable store (raised), as 'run' does: the footers are read again
         if damaged := out.damaged_files(rels):
             raise _damaged_error(out, damaged)
+    fragments = {r: kept.get(r) or fragment(r) for r in rels}
     first = fragments[rels[0]].physical_schema
     if "embedding" in first.names and "embedding" not in expected.names:
         kind = first.field("embedding").type
