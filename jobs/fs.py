@@ -88,8 +88,14 @@ class Store:
         return sorted(p for p in paths if p.endswith(suffix))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.full(rel)) as f:
-            return f.read()
+        try:
+            with self.fs.open_input_stream(self.full(rel)) as f:
+                return f.read()
+        except OSError as exc:
+            # S3: a key deleted between the size request and the read is named so by the read, not as not found
+            if not self.local and any(code in str(exc) for code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND")):
+                raise FileNotFoundError(f"{self.uri_of(rel)}: {exc}") from exc
+            raise
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")

@@ -71,6 +71,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPACT_AT = 256  # commit records folded into one checkpoint when a run starts with more than this
 CLAIMS = f"{JOB}/claims"  # S3: one object per run that claims OUT (OutputDir.lock)
 LEASE_S = 30.0  # S3: a run whose progress.json (rewritten every 5 s) is older than this is taken as dead
+_S3_JSON_READS = 5  # S3: tries at a small JSON object before it is called damaged (OutputDir.read_json), 0.75 s
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -290,22 +291,35 @@ class OutputDir:
 
     # -- small job files (identity, progress) ------------------------------------------------------
     def read_json(self, rel: str) -> dict[str, Any] | None:
-        try:
-            text = self.store.read_text(rel)
-        except FileNotFoundError:
-            return None
-        try:
-            obj = json.loads(text)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            message = _damaged(self.store.uri_of(rel), exc)
-            if rel == f"{JOB}/job.json":  # the job's identity: a run rebuilds it, checked against the committed rows
-                message += (", or move it out of OUT and rerun the job's own command: the run records the job "
-                            "again, refusing settings other than the committed rows' (model, segment length, "
-                            "--top-k, --embeddings)")
-            raise ConfigError(message) from None
-        return obj
+        """``rel`` as a JSON object; None where there is none.
+
+        On S3 a read that meets a rewrite of the key (a run's progress.json, every 5 s) can come back torn: the
+        reader takes the size of one version and the bytes of another (on moto, 1 read in 5 under two writers:
+        cut off, padded with stray bytes, not UTF-8, or the key gone in between).  A JSON object torn so never
+        parses, so such a read is tried again before the object is called damaged.
+        """
+        attempts = 1 if self.store.local else _S3_JSON_READS
+        for attempt in range(attempts):
+            try:
+                obj = json.loads(self.store.read_text(rel))
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                return obj
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError) as exc:
+                if attempt + 1 < attempts:
+                    time.sleep(0.05 * 2 ** attempt)
+                    continue
+                if isinstance(exc, OSError):
+                    raise
+                message = _damaged(self.store.uri_of(rel), exc)
+                if rel == f"{JOB}/job.json":  # the job's identity: a run rebuilds it, checked against the committed rows
+                    message += (", or move it out of OUT and rerun the job's own command: the run records the job "
+                                "again, refusing settings other than the committed rows' (model, segment length, "
+                                "--top-k, --embeddings)")
+                raise ConfigError(message) from None
+        raise AssertionError("unreachable")
 
     def last_progress(self) -> dict[str, Any]:
         """The last run's progress.json; empty when there is none or it is damaged (the run rewrites it)."""
