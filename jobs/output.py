@@ -766,20 +766,6 @@ class OutputDir:
         except OSError as exc:  # left behind: another run takes it as alive for one lease at most
             log.warning("could not remove the claim %s: %s", self.store.uri_of(claim), exc)
 
-    def _read_claim(self, rel: str) -> dict[str, Any] | None:
-        # A claim its run deletes while it is read can fail the read with an error other than "not found"
-        # (moto's server: INTERNAL_FAILURE, "Failed to flush response stream"): read it again, twice
-        for attempt in range(3):
-            try:
-                return self.read_json(rel)
-            except FileNotFoundError:
-                return None
-            except OSError:
-                if attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-        return None
-
     def _live_claims(self, run_id: str, lease: dict[str, Any], lease_s: float) -> list[str]:
         """Run ids of the other claims on OUT that are alive: renewed less than ``lease_s`` ago, by a run whose
         progress.json does not say it ended.  A dead run's claim (killed, or stalled past a lease) is removed.
@@ -790,7 +776,7 @@ class OutputDir:
             if other == run_id:
                 continue
             try:
-                record = self._read_claim(f"{CLAIMS}/{name}")
+                record = self.read_json(f"{CLAIMS}/{name}")  # read again where torn
             except ConfigError:  # damaged by hand (a claim is one PUT): no run's
                 record = {}
             if record is None:  # let go while listed
