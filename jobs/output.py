@@ -71,7 +71,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPACT_AT = 256  # commit records folded into one checkpoint when a run starts with more than this
 CLAIMS = f"{JOB}/claims"  # S3: one object per run that claims OUT (OutputDir.lock)
 LEASE_S = 30.0  # S3: a run whose progress.json (rewritten every 5 s) is older than this is taken as dead
-_S3_JSON_READS = 5  # S3: tries at a small JSON object before it is called damaged (OutputDir.read_json), 0.75 s
+_JSON_READS = 5  # tries at a small JSON object before it is called damaged (OutputDir.read_json), 0.75 s
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -296,9 +296,10 @@ class OutputDir:
         On S3 a read that meets a rewrite of the key (a run's progress.json, every 5 s) can come back torn: the
         reader takes the size of one version and the bytes of another (on moto, 1 read in 5 under two writers:
         cut off, padded with stray bytes, not UTF-8, or the key gone in between).  A JSON object torn so never
-        parses, so such a read is tried again before the object is called damaged.
+        parses, so such a read is tried again before the object is called damaged (locally, where writes are
+        atomic renames, too: it costs 0.75 s only where the file is damaged or unreadable).
         """
-        attempts = 1 if self.store.local else _S3_JSON_READS
+        attempts = _JSON_READS
         for attempt in range(attempts):
             try:
                 obj = json.loads(self.store.read_text(rel))
