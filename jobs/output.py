@@ -299,8 +299,7 @@ class OutputDir:
         parses, so such a read is tried again before the object is called damaged (locally, where writes are
         atomic renames, too: it costs 0.75 s only where the file is damaged or unreadable).
         """
-        attempts = _JSON_READS
-        for attempt in range(attempts):
+        for attempt in range(_JSON_READS):
             try:
                 obj = json.loads(self.store.read_text(rel))
                 if not isinstance(obj, dict):
@@ -309,7 +308,7 @@ class OutputDir:
             except FileNotFoundError:
                 return None
             except (OSError, ValueError) as exc:
-                if attempt + 1 < attempts:
+                if attempt + 1 < _JSON_READS:
                     time.sleep(0.05 * 2 ** attempt)
                     continue
                 if isinstance(exc, OSError):

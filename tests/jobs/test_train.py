@@ -99,8 +99,7 @@ def corpus(tmp_path_factory):
     test_rng = np.random.default_rng(8)
     files = {}
     for kind in ("audio", "visual", "both"):
-        # the XOR task only uses tone/noise so that the label is balanced
-        sounds = SOUNDS if kind != "both" else ("tone", "noise")
+        sounds = _sounds(kind)
         for split in ("train", "test"):
             draw = rng if split == "train" else test_rng
             halves = [[(str(draw.choice(list(COLOURS))), str(draw.choice(sounds))) for _ in range(2)]
@@ -123,6 +122,11 @@ def corpus(tmp_path_factory):
     return root, videos, files
 
 
+def _sounds(kind: str) -> tuple[str, ...]:
+    """The sounds a task's videos draw from: the XOR task only uses tone/noise so that the label is balanced."""
+    return SOUNDS if kind != "both" else ("tone", "noise")
+
+
 def _variants(kind: str, drawn: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     """A held-out video's variants: given the ablated modality's classes in both halves, the labels are spread
     evenly, so any labelling from the other modality alone is right for exactly 1 in (number of classes)."""
@@ -130,11 +134,11 @@ def _variants(kind: str, drawn: list[tuple[str, str]]) -> list[list[tuple[str, s
         return "blue" if c == "red" else "red"
 
     def next_sound(s: str) -> str:
-        ring = SOUNDS if kind == "audio" else ("tone", "noise")
+        ring = _sounds(kind)
         return ring[(ring.index(s) + 1) % len(ring)]
 
     if kind == "audio":  # sounds turned round: 3 variants
-        return [[(c, s) for c, s in drawn], [(c, next_sound(s)) for c, s in drawn],
+        return [drawn, [(c, next_sound(s)) for c, s in drawn],
                 [(c, next_sound(next_sound(s))) for c, s in drawn]]
     if kind == "visual":
         return [drawn, [(flip_colour(c), s) for c, s in drawn]]
