@@ -31,6 +31,7 @@ from tests.jobs.conftest import (
     vidpipe_env,
     wait_for,
 )
+from tests.media_factory import make_video
 
 # A stand-in driver: each MODE does what a real driver can do to its process.  It records itself in
 # OUT/_job/progress.json as a run does, then touches OUT/ready.
@@ -316,6 +317,17 @@ def test_a_killed_driver_takes_what_its_raylet_started_too(tmp_path):
             p.kill()
 
 
+def _stoppable_archive(shared_media: Path, inputs: Path, minutes: int) -> int:
+    """A folder whose run a test stops after its first commit: a one-second clip first (committed as soon as the
+    models have started), then ``minutes`` copies of the 60-s 720p clip, in work when the stop comes and left for
+    the rerun (copies: links count once).  Returns the number of videos."""
+    inputs.mkdir()
+    make_video(inputs / "clip0.mp4", duration_s=1.0, fps=10, size=(96, 64), audio="tone")
+    for i in range(1, minutes + 1):
+        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    return minutes + 1
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, tmp_path):
@@ -323,9 +335,7 @@ def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, t
     why, status reports the run failed with that reason, the committed videos stay, and a rerun on the
     local machine finishes the job without redoing them."""
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(10):  # ten minutes of video: still running when the cluster goes (copies: links count once)
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    total = _stoppable_archive(shared_media, inputs, minutes=4)  # still running when the cluster goes
     out = tmp_path / "o"
     root = Path(tempfile.mkdtemp(prefix="vpl-", dir="/tmp"))  # short: Ray's socket paths are limited
     cluster = LocalCluster(root, head_cpus=2)
@@ -355,11 +365,11 @@ def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, t
     assert status.run_state == "failed" and "losing the Ray cluster" in status.message
     assert "failed: the run ended abruptly" in format_status(status)
     kept = {r["video_id"] for r in segment_rows(out)}
-    assert 1 <= status.done < 10 and len(kept) == status.done and duplicate_keys(out) == 0
+    assert 1 <= status.done < total and len(kept) == status.done and duplicate_keys(out) == 0
 
     again = run_vidpipe(args, env=vidpipe_env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{10 - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
+    assert f"{total - status.done} videos ok, 0 failed, {status.done} skipped" in again.stdout, again.stdout
     assert read_status(str(out)).run_state == "finished" and duplicate_keys(out) == 0
 
 
@@ -370,9 +380,7 @@ def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_comple
     every process of a job, Ray's too.  Either way the run is interrupted (exit 130, status "interrupted"),
     keeps its committed videos without duplicates, its Ray processes end, and a rerun finishes the rest."""
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(6):
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    total = _stoppable_archive(shared_media, inputs, minutes=3)
     out = tmp_path / "o"
     args = ["run", str(inputs), "--out", str(out), *RUN_FLAGS, "--commit-seconds", "0.3"]
     proc = subprocess.Popen([str(VIDPIPE), *args], env=vidpipe_env(), stdout=subprocess.PIPE,
@@ -396,7 +404,7 @@ def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_comple
     assert said, stderr[-3000:]
     status = read_status(str(out))
     assert status.run_state == "interrupted", format_status(status)
-    _kept_and_rerun_finishes(args, out, status, driver)
+    _kept_and_rerun_finishes(args, out, status, driver, total)
 
 
 @pytest.mark.slow
@@ -493,9 +501,7 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
     to die with its terminal: the videos finished since the last commit lost, Ray's agents left for a minute,
     progress.json saying "running"."""
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(6):
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+    total = _stoppable_archive(shared_media, inputs, minutes=3)
     out = tmp_path / "o"
     flags = [f for f in RUN_FLAGS if f != "--no-progress"]  # progress lines on the terminal, as a user sees them
     args = ["run", str(inputs), "--out", str(out), *flags, "--commit-seconds", "0.3"]
@@ -516,7 +522,7 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
         wait_for(lambda: not process_running(supervisor), 120, "'vidpipe run' to end")
     status = read_status(str(out))
     assert (status.run_state, status.message) == ("interrupted", "stopped by SIGHUP (its terminal closed)")
-    _kept_and_rerun_finishes(args, out, status, driver)
+    _kept_and_rerun_finishes(args, out, status, driver, total)
 
 
 @pytest.mark.slow
@@ -543,7 +549,7 @@ def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path)
     assert duplicate_keys(out) == 0
 
 
-def _kept_and_rerun_finishes(args: list[str], out: Path, status, driver: int, total: int = 6) -> None:  # noqa: ANN001
+def _kept_and_rerun_finishes(args: list[str], out: Path, status, driver: int, total: int) -> None:  # noqa: ANN001
     """A stopped run of ``total`` videos kept its committed ones without duplicates, its driver's process group
     (the local Ray processes) ends, and a rerun finishes exactly the rest."""
     kept = {r["video_id"] for r in segment_rows(out)}
