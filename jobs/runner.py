@@ -136,6 +136,7 @@ def init_ray(address: str | None) -> None:
             ray_utils.set_sigterm_handler = lambda handler: None
         if address:
             _check_reachable(address, from_env=address != given)
+            _check_token(address)
             try:
                 ray.init(address=address, log_to_driver=show_logs, configure_logging=False)  # starts no process
             except ConnectionError as exc:  # reachable, yet Ray would not join it (after its own retries)
@@ -143,17 +144,7 @@ def init_ray(address: str | None) -> None:
                     raise ConfigError(f"--address auto: could not join a Ray cluster running on this machine ({exc}); "
                                       "start one with 'ray start --head', give a cluster's HOST:PORT, or leave "
                                       "--address out to run on an embedded Ray") from None
-                if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-                    how = ("RAY_AUTH_MODE=token is set here, so the cluster may have refused this token: put the "
-                           "cluster's token (~/.ray/auth_token on its head node) in RAY_AUTH_TOKEN or in "
-                           "~/.ray/auth_token here")
-                else:
-                    how = ("A cluster started by 'ray start' asks for its authentication token: set "
-                           "RAY_AUTH_MODE=token here, with the cluster's token in RAY_AUTH_TOKEN or in "
-                           "~/.ray/auth_token (where 'ray start' wrote it on the head node)")
-                raise ConfigError(
-                    f"cannot join the Ray cluster at {address} ({exc}). {how}; otherwise check that "
-                    "the address is the cluster's GCS address ('ray start --head' prints it)") from None
+                raise _cannot_join(address, exc) from None
         else:
             with stopping.deferred("Ray's start"):  # it forks its processes: a stop in there hangs (jobs/stopping.py)
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
@@ -189,6 +180,45 @@ def _check_reachable(address: str, *, from_env: bool = False) -> None:
         raise ConfigError(f"cannot reach a Ray cluster at {address}{' (RAY_ADDRESS)' if from_env else ''} "
                           f"({exc.strerror or exc}); check the address ('ray start --head' prints it) and that the "
                           f"cluster is up, or {given} to run on this machine") from None
+
+
+def _cannot_join(address: str, exc: Exception) -> ConfigError:
+    """The error for a cluster that is reachable yet would not let this process join (its token, most often)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        how = ("RAY_AUTH_MODE=token is set here, so the cluster may have refused this token: put the cluster's "
+               "token (~/.ray/auth_token on its head node) in RAY_AUTH_TOKEN or in ~/.ray/auth_token here")
+    else:
+        how = ("A cluster started by 'ray start' asks for its authentication token: set RAY_AUTH_MODE=token here, "
+               "with the cluster's token in RAY_AUTH_TOKEN or in ~/.ray/auth_token (where 'ray start' wrote it on "
+               "the head node)")
+    return ConfigError(f"cannot join the Ray cluster at {address} ({exc}). {how}; otherwise check that the "
+                       "address is the cluster's GCS address ('ray start --head' prints it)")
+
+
+def _check_token(address: str, wait_s: float = 5.0) -> None:
+    """Ask the GCS at ``address`` once whether it takes this process's token: a refusal is said at once, where
+    ray.init retries it for ~20 s.  Anything else (no answer within ``wait_s``, another error) is left to ray.init."""
+    if check_address(address) is None:
+        return
+    import ray
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+    refused: list[Exception] = []
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)  # asks the GCS for its cluster id: the first call that carries the token
+        except ray.exceptions.AuthenticationError as exc:
+            refused.append(exc)
+        except Exception:  # noqa: BLE001 - not ours to judge: ray.init connects and says what it finds
+            pass
+
+    # A thread: on a port that is no GCS the client waits ~40 s; ray.init's own connect then takes over
+    prober = threading.Thread(target=probe, name="vidpipe-token-probe", daemon=True)
+    prober.start()
+    prober.join(wait_s)
+    if refused:
+        raise _cannot_join(address, refused[0]) from None
 
 
 def _check_env_address(address: str) -> None:
