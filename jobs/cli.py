@@ -261,14 +261,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "to resume", file=sys.stderr)
         return EXIT_INTERNAL
     earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
-    print(f"done: {result.videos_done} videos ok, {result.videos_failed} failed, {result.videos_skipped} skipped "
-          f"(already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
+    print(f"done: {_count(result.videos_done, 'video')} ok, {result.videos_failed} failed, "
+          f"{result.videos_skipped} skipped (already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
           f"{result.wall_s:,.1f} s ({result.video_seconds / max(result.wall_s, 1e-9):,.2f} video-s/s); "
           f"model {result.model_id}; output {args.out}")
     if result.model_id == "untrained":
         print("WARNING: these labels come from an UNTRAINED model and mean nothing.", file=sys.stderr)
     if result.videos_failed:
-        print(f"{result.videos_failed} inputs failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
+        print(f"{_count(result.videos_failed, 'input')} failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
               file=sys.stderr)
     if result.videos_changed:
         n = result.videos_changed
@@ -278,9 +278,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{args.out} describe the old file{'s' if n != 1 else ''}, which a rerun does not label again. To "
               "label the new ones, run them into a new --out.", file=sys.stderr)
     if result.videos_failed_before:
-        print(f"{result.videos_failed_before} inputs failed in an earlier run and were not tried again; "
+        print(f"{_count(result.videos_failed_before, 'input')} failed in an earlier run and were not tried again; "
               "add --retry-failed to try them again", file=sys.stderr)
     return result.exit_code
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 video``, ``2 videos``: a count and its noun (nouns that take an ``s``)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _Outliving(io.TextIOBase):

@@ -46,6 +46,11 @@ def segment_rows(out: str | Path) -> list[dict]:
     return run_query(out, f"SELECT {cols} FROM segments ORDER BY video_id, segment_index").to_pylist()
 
 
+def videos_ok(n: int) -> str:
+    """How the summary line of 'vidpipe run' counts its finished videos: ``1 video ok``, ``3 videos ok``."""
+    return f"{n} video{'' if n == 1 else 's'} ok"
+
+
 def duplicate_keys(out: str | Path) -> int:
     from jobs.query import run_query
 

@@ -164,8 +164,10 @@ def test_a_deleted_committed_file_is_named_until_repair_and_the_rerun_redoes_its
     assert main(["repair", str(copy)]) == 0 and "nothing to drop" in capsys.readouterr().out
     assert main(rerun) == EXIT_SOME_FAILED  # the two bad inputs fail again
     said = capsys.readouterr().out
+    from tests.jobs.conftest import videos_ok
+
     redone = commit.n_videos + commit.n_failures
-    assert f"{commit.n_videos} videos ok, {commit.n_failures} failed, {4 - redone} skipped" in said, said
+    assert f"{videos_ok(commit.n_videos)}, {commit.n_failures} failed, {4 - redone} skipped" in said, said
     after = run_query(copy, keys)
     assert after.column("video_id").to_pylist() == before.column("video_id").to_pylist()
     assert after.column("label").to_pylist() == before.column("label").to_pylist()
@@ -254,7 +256,7 @@ def test_console_script_against_the_session_cluster(first_run, shared_media, tmp
                            "--allow-untrained", "--address", address],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "UNTRAINED" in proc.stderr and "1 videos ok" in proc.stdout.replace("1 video ok", "1 videos ok")
+    assert "UNTRAINED" in proc.stderr and "1 video ok," in proc.stdout
     files = OutputDir(out).committed_files("segments")
     assert pq.read_table(files[0]).num_rows == 6
     proc = subprocess.run([str(exe), "query", "--help"], capture_output=True, text=True, timeout=60)
@@ -291,7 +293,7 @@ def test_console_script_on_its_own_embedded_ray_stops_every_ray_process(shared_m
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr[-3000:]
         assert seen >= 3  # GCS, raylet and the workers were there, found by the session's directory
-        assert stdout.startswith("done: 1 videos ok, 0 failed") and stdout.endswith(f"output {out}\n")
+        assert stdout.startswith("done: 1 video ok, 0 failed") and stdout.endswith(f"output {out}\n")
         # a command without Ray takes the same way out, its output intact
         query = subprocess.run([str(VIDPIPE), "query", str(out), "SELECT count(*) AS n FROM segments", "--format",
                                 "csv"], env=env, capture_output=True, text=True, timeout=120)
