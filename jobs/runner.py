@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -58,11 +58,12 @@ from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
-from pipeline.inputs import local_path
+from pipeline.inputs import local_path, missing_local_file
 from pipeline.media import Failure
 from pipeline.precision import emulated_bf16_warning, pick_device
 from pipeline.s3 import bucket_missing
 from workers.build import PipelinePlan, build_stages, chunking_for
+from workers.decode_stage import DecodeStage
 from workers.rows import iter_rows
 
 log = logging.getLogger(__name__)
@@ -354,11 +355,17 @@ def _open_output(uri: str) -> OutputDir:
 
 
 class WaveFeeder:
-    """Pulls videos lazily from discovery, skips the finished ones, hands out waves of a given size."""
+    """Pulls videos lazily from discovery, skips the finished ones, hands out waves of a given size.
+
+    ``fail_at_once``, where given, is asked of each video before it joins a wave: True where it has recorded the
+    video's failure itself (a local file that is not there), which then joins none.  A manifest row that names no
+    video ends the inputs there, kept in ``input_error`` for the runner to say."""
 
     def __init__(self, refs: Iterator[VideoRef], done: IdSet, failed: IdSet | None = None,
-                 sizes: IdSet | None = None) -> None:
+                 sizes: IdSet | None = None, fail_at_once: Callable[[VideoRef], bool] | None = None) -> None:
         self._refs = refs
+        self._fail_at_once = fail_at_once
+        self.input_error: ManifestRowError | None = None
         self._back: deque[VideoRef] = deque()  # handed out, then given back (unread): they come first
         self._end = False
         self.done = done
@@ -380,7 +387,10 @@ class WaveFeeder:
         while self._back and len(wave) < size:
             wave.append(self._back.popleft())
         while len(wave) < size and not self._end:
-            ref = next(self._refs, None)
+            try:
+                ref = next(self._refs, None)
+            except ManifestRowError as exc:  # discovery ends there: no video after it is handed out
+                self.input_error, ref = exc, None
             if ref is None:
                 self._end = True
                 break
@@ -391,7 +401,7 @@ class WaveFeeder:
                 self.skipped_failed += failed
                 if not failed and self.sizes is not None:
                     self._check_size(ref)
-            else:
+            elif self._fail_at_once is None or not self._fail_at_once(ref):
                 wave.append(ref)
         return wave
 
@@ -503,7 +513,10 @@ class JobRunner:
             writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),
                                   embedding_dim=embedding_dim, flush_seconds=spec.commit_seconds, run_id=run_id)
             status = RunStatus(run_id=run_id)
-            feeder = WaveFeeder(discover(spec.inputs), done, failed_before, sizes)
+            # on an embedded Ray the workers see this machine's files: one that is not there fails here, in a
+            # stat, where a decode task would take ~40 ms of Ray's to say the same
+            fail_at_once = (lambda ref: self._fail_if_missing(ref, writer)) if here else None
+            feeder = WaveFeeder(discover(spec.inputs), done, failed_before, sizes, fail_at_once)
             self._count_inputs(status, done)  # ``done`` is only read from here on: the thread may share it
             with ProgressFile(out, status) as progress_file:
                 try:
@@ -531,6 +544,17 @@ class JobRunner:
                          videos_done=writer.videos_done, videos_failed=writer.videos_failed,
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
+
+    @staticmethod
+    def _fail_if_missing(ref: VideoRef, writer: ResultWriter) -> bool:
+        """Record a local input that is not there as the decode stage would (the same failures row), and say so."""
+        missing = missing_local_file(ref.uri)
+        if missing is None:
+            return False
+        writer.add_failure(Failure(uri=ref.uri, video_id=ref.video_id, stage=DecodeStage.name,
+                                   error_kind=missing.error_kind, message=missing.message))
+        writer.maybe_flush()
+        return True
 
     def _job_precision(self, out: OutputDir, bundle: ModelBundle) -> str:
         """The encoders' precision of this run: as given; for ``auto``, the job's own where it has committed
@@ -564,18 +588,23 @@ class JobRunner:
         ray_started = False
         while True:
             stopping.check()
-            if self._input_error is not None:
+            if (error := self._input_error or feeder.input_error) is not None:
+                # the count reads the inputs ahead of the waves; the waves meet the row first where the videos
+                # before it fail at once (missing files)
                 finished = writer.videos_done + writer.videos_failed
                 said = (f"the {finished} videos this run finished are committed: fix it and rerun the same command "
                         "to resume" if finished else "no video had been run yet: fix it and rerun")
-                raise ConfigError(f"{self._input_error} (found while counting the inputs, ahead of the videos "
-                                  f"being run; {said})")
+                where = ("while counting the inputs, ahead of the videos being run" if error is self._input_error
+                         else "as the run reached it")
+                raise ConfigError(f"{error} (found {where}; {said})")
             if retry:
                 group, fresh = retry.popleft(), False
                 status.retry_groups += 1
             else:
                 group, fresh = feeder.next_wave(wave_size or 16), True
                 self._sync(status, writer, feeder)
+                if feeder.input_error is not None:
+                    continue  # said at the loop's start: the videos read before the row do not run
                 if not group:
                     break
             first = not ray_started

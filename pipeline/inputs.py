@@ -58,6 +58,28 @@ def local_path(uri: str) -> str | None:
     return uri
 
 
+def _not_found(uri: str, path: str) -> MediaError:
+    if os.path.islink(path):  # the link is there, what it points to is not
+        return MediaError(uri, "not_found", f"a symbolic link to {os.path.realpath(path)!r}, which does not exist; "
+                          "restore the file or fix the link")
+    return MediaError(uri, "not_found", "no such file; check the path or the manifest entry")
+
+
+def missing_local_file(uri: str) -> MediaError | None:
+    """The ``not_found`` error that opening the local input ``uri`` would raise, found by one stat; None for a file
+    that is there, a remote URI, or a stat that fails otherwise (opening it says what)."""
+    path = local_path(uri)
+    if path is None:
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return _not_found(uri, path)
+    except (OSError, ValueError):  # EIO, a component that is a file, an embedded NUL: the decoder's to say
+        return None
+    return None
+
+
 def _s3_error(uri: str, what: str, exc: OSError) -> MediaError:
     text = str(exc)
     if any(m in text.upper().replace(" ", "") for m in _PERMANENT_S3_MARKERS):
@@ -112,10 +134,7 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
         try:
             size = os.path.getsize(path)
         except FileNotFoundError:
-            if os.path.islink(path):  # the link is there, what it points to is not
-                raise MediaError(uri, "not_found", f"a symbolic link to {os.path.realpath(path)!r}, which does not "
-                                 "exist; restore the file or fix the link") from None
-            raise MediaError(uri, "not_found", "no such file; check the path or the manifest entry") from None
+            raise _not_found(uri, path) from None
         except PermissionError:
             raise MediaError(uri, "unreadable", "permission denied; make the file readable by this user") from None
         except OSError as exc:  # EIO, a network file system gone away, ...

@@ -88,6 +88,29 @@ def test_feeder_takes_back_videos_and_hands_them_out_first(tmp_path):
     assert not feeder.at_end() and feeder.next_wave(6) != [] and feeder.at_end()
 
 
+def test_feeder_fails_what_is_missing_at_once_and_stops_at_a_row_that_names_no_video(tmp_path):
+    """A video that ``fail_at_once`` recorded joins no wave (the next one is taken in its place); a manifest row that
+    names no video ends the inputs there, kept for the runner to say: nothing after it is handed out."""
+    for name in ("a.mp4", "b.mp4", "after.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\n" + "".join(f"{tmp_path / n}\n" for n in ("a.mp4", "gone1.mp4", "gone2.mp4", "b.mp4"))
+                        + '"",x\n' + f"{tmp_path / 'after.mp4'}\n")
+    failed: list[str] = []
+
+    def fail_at_once(ref: VideoRef) -> bool:
+        if "gone" in ref.uri:
+            failed.append(ref.uri)
+            return True
+        return False
+
+    feeder = WaveFeeder(discover([str(manifest)]), IdSet(), fail_at_once=fail_at_once)
+    assert [r.uri for r in feeder.next_wave(2)] == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    assert failed == [str(tmp_path / "gone1.mp4"), str(tmp_path / "gone2.mp4")] and feeder.input_error is None
+    assert feeder.next_wave(2) == [] and feeder.exhausted and feeder.discovered == 4
+    assert re.search(r"m.csv line 6: .*empty", str(feeder.input_error)), feeder.input_error
+
+
 class _Writer:
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import shutil
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 from jobs.query import run_query
 from jobs.runner import JobRunner
 from jobs.spec import EXIT_SOME_FAILED, JobSpec
-from tests.jobs.conftest import duplicate_keys, make_archive
+from pipeline.media import ChunkingSpec, SamplingSpec
+from tests.jobs.conftest import duplicate_keys, make_archive, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +74,66 @@ def test_crash_hang_and_read_errors_fail_only_their_video(tmp_path, ray_session,
     assert duplicate_keys(out) == 0
     final = JobRunner(spec).run()
     assert (final.videos_skipped, final.videos_failed_before, final.exit_code) == (9, 1, EXIT_SOME_FAILED)
+
+
+_RUN_WITHOUT_RAY = """
+import json, sys
+import ray
+from jobs.runner import JobRunner
+from jobs.spec import JobSpec
+
+spec = JobSpec(inputs=[sys.argv[1]], out=sys.argv[2], allow_untrained=True, progress=False)
+result = JobRunner(spec).run()
+print(json.dumps({"ray_started": ray.is_initialized(), "failed": result.videos_failed, "exit": result.exit_code}))
+"""
+
+
+def test_local_files_that_are_not_there_fail_on_the_driver_with_the_decoders_rows(tmp_path):
+    """On an embedded Ray a missing local file cost a decode task (~40 ms of Ray's each: a manifest of 100,000
+    stale entries, over an hour) to say "not_found". The driver now finds it with a stat and writes the row the
+    decode stage writes; a job of nothing else starts no Ray at all."""
+    from workers.decode_stage import DecodeStage
+
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "was_here.mp4")  # a link whose file is not there
+    entries = [str(tmp_path / "a" / "missing.mp4"), str(tmp_path / "gone.mp4"), (tmp_path / "b c.mp4").as_uri()]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(e + "\n" for e in entries))
+    out = tmp_path / "out"
+    r = run_script(_RUN_WITHOUT_RAY, [str(manifest), str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {"ray_started": False, "failed": 3, "exit": EXIT_SOME_FAILED}
+    keys = ["uri", "video_id", "stage", "error_kind", "message", "attempts"]
+    rows = run_query(out, f"SELECT {', '.join(keys)} FROM failures ORDER BY uri").to_pylist()
+    expected = []
+    for row in rows:  # what the decode stage says of the same video, in this process
+        stage = DecodeStage(SamplingSpec(), ChunkingSpec(), threads=1)
+        stage.setup()
+        (decoded,) = stage.decode_video(row["uri"], row["video_id"])
+        expected.append({"uri": decoded["uri"], "video_id": decoded["video_id"], "stage": decoded["error_stage"],
+                         "error_kind": decoded["error_kind"], "message": decoded["error_message"],
+                         "attempts": json.loads(decoded["info_json"])["attempts"]})
+    assert rows == expected
+    assert [r["error_kind"] for r in rows] == ["not_found"] * 3
+    # discovery records a link by what it points to, and a file:// entry as its path
+    assert [r["uri"] for r in rows] == sorted([entries[0], str(tmp_path / "was_here.mp4"), str(tmp_path / "b c.mp4")])
+
+
+def test_a_bad_manifest_row_after_missing_files_stops_the_run_saying_what_it_committed(tmp_path):
+    """The waves read past missing files at once, so they may meet a bad row before the count of the inputs does
+    (feeder: test_feeder_fails_what_is_missing_at_once_and_stops_at_a_row_that_names_no_video). Whichever finds it,
+    the run stops there saying where, and what it says is committed is what is."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,note\n" + "".join(f"{tmp_path / f'gone{i}.mp4'},x\n" for i in range(3)) + ",y\n")
+    out = tmp_path / "out"
+    r = run_script(_RUN_WITHOUT_RAY, [str(manifest), str(out)])
+    assert r.returncode == 1 and "ConfigError" in r.stderr, r.stderr[-3000:]
+    said = r.stderr.strip().splitlines()[-1]
+    found = re.search(r"m.csv line 5: the 'uri' cell is empty; .* \(found (as the run reached it|while counting the "
+                      r"inputs, ahead of the videos being run); (.*): fix it and rerun", said)
+    assert found, said
+    failures = run_query(out, "SELECT uri FROM failures").column("uri").to_pylist()
+    if found[2] == "no video had been run yet":
+        assert failures == []
+    else:
+        assert found[2] == "the 3 videos this run finished are committed", said
+        assert sorted(failures) == [str(tmp_path / f"gone{i}.mp4") for i in range(3)]

@@ -179,7 +179,10 @@ def test_a_bad_manifest_row_far_ahead_stops_the_run_at_the_next_wave(shared_medi
     there, and an error when a wave reached it (hours later on a big manifest)."""
     from pipeline.errors import ConfigError
 
-    rows = [str(shared_media / "bbb_5s_51.mp4")] + [str(tmp_path / f"missing{i}.mp4") for i in range(60)]
+    # empty files: videos the waves must run (a missing file would fail in the driver, at once)
+    for i in range(60):
+        (tmp_path / f"empty{i}.mp4").touch()
+    rows = [str(shared_media / "bbb_5s_51.mp4")] + [str(tmp_path / f"empty{i}.mp4") for i in range(60)]
     manifest = tmp_path / "m.csv"
     manifest.write_text("note,uri\n" + "".join(f"x,{r}\n" for r in rows) + "lonely\n")
     out = tmp_path / "o"
