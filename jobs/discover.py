@@ -59,6 +59,11 @@ def slug_source(uri: str, root: Path, given: str) -> str:
     """
     path = local_path(uri)
     if path is not None:
+        top = str(root)
+        under = top if top.endswith(os.sep) else top + os.sep
+        # Path.relative_to's answer, without its cost, for a path with no part that Path would rewrite
+        if path.startswith(under) and os.sep * 2 not in path and os.sep + "." not in path:
+            return path[len(under):]
         try:
             return str(Path(path).relative_to(root))
         except ValueError:

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.discover import check_inputs, count_videos, discover, make_video_id
-from jobs.manifest import ManifestRowError
+from jobs.discover import check_inputs, count_videos, discover, make_video_id, slug_source
+from jobs.manifest import ManifestRowError, read_manifest
 from pipeline.errors import ConfigError
 from pipeline.media import ChunkingSpec, SamplingSpec
 
@@ -294,3 +294,33 @@ def test_a_missing_name_that_looks_like_a_pattern_says_so_before_any_work(tmp_pa
     for check in (lambda: list(check_inputs([name])), lambda: list(discover([name]))):
         with pytest.raises(ConfigError, match=r"matches no files.*a name holding \*, \? or \[ is read as a pattern"):
             check()
+
+
+def test_manifest_entries_resolve_as_pathlib_does_with_folders_resolved_once(tmp_path):
+    """Entries resolve each folder once (5 lstat calls an entry before): the URIs and ids must be those that
+    ``Path.resolve`` and ``Path.relative_to`` give, through folder links, file links, dangling links, ``..``, ``.``,
+    folders that do not exist, hidden names and absolute entries."""
+    from jobs.manifest import _Base
+
+    root = tmp_path / "lists"
+    (root / "real" / "sub").mkdir(parents=True)
+    (root / "real" / "sub" / "v.mp4").write_bytes(b"x")
+    (root / "real" / ".h.mp4").write_bytes(b"x")
+    (root / "dirlink").symlink_to(root / "real")
+    (root / "real" / "filelink.mp4").symlink_to(root / "real" / "sub" / "v.mp4")
+    (root / "real" / "dangling.mp4").symlink_to(root / "nowhere.mp4")
+    (tmp_path / "outside.mp4").write_bytes(b"x")
+    (root / "real" / "out.mp4").symlink_to(tmp_path / "outside.mp4")
+    entries = ["real/sub/v.mp4", "dirlink/sub/v.mp4", "dirlink/filelink.mp4", "dirlink/dangling.mp4",
+               "real/../real/sub/v.mp4", "dirlink/../real/sub/v.mp4", "./real//sub/./v.mp4", "nodir/x/y.mp4",
+               "real/.h.mp4", "dirlink/.h.mp4", "dirlink/out.mp4", "../outside.mp4", str(tmp_path / "outside.mp4"),
+               f"{root}/dirlink/sub/v.mp4", "real/sub/", "real/sub/.", "real/sub/..", "dirlink"]
+    manifest = root / "m.txt"
+    manifest.write_text("".join(e + "\n" for e in entries))
+    base = _Base(str(manifest))
+    for entry in entries * 2:  # the second time from the folders resolved the first
+        reference = str((root / entry).resolve())
+        assert base.resolve(entry) == reference, entry
+        assert slug_source(reference, root, entry) == (str(Path(reference).relative_to(root))
+                                                       if Path(reference).is_relative_to(root) else entry), entry
+    assert [r.uri for r in read_manifest(manifest)] == [str((root / e).resolve()) for e in entries]
