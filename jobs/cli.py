@@ -261,9 +261,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "to resume", file=sys.stderr)
         return EXIT_INTERNAL
     earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
-    print(f"done: {_count(result.videos_done, 'video')} ok, {result.videos_failed} failed, "
-          f"{result.videos_skipped} skipped (already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} video-s in "
-          f"{result.wall_s:,.1f} s ({result.video_seconds / max(result.wall_s, 1e-9):,.2f} video-s/s); "
+    print(f"done: {_count(result.videos_done, 'video')} ok, {result.videos_failed} failed, {result.videos_skipped} "
+          f"skipped (already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} "
+          f"video-s in {result.wall_s:,.1f} s ({result.video_seconds / max(result.wall_s, 1e-9):,.2f} video-s/s); "
           f"model {result.model_id}; output {args.out}")
     if result.model_id == "untrained":
         print("WARNING: these labels come from an UNTRAINED model and mean nothing.", file=sys.stderr)
