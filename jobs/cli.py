@@ -255,7 +255,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = JobRunner(spec).run()
     except OSError as exc:  # the output's storage gone mid-run (an S3 endpoint, a network file system)
         where = ("; check that the S3 endpoint is reachable (AWS_ENDPOINT_URL, the network) and the credentials "
-                 "still valid. Its end may not be recorded in OUT: a rerun waits out the run's lease (30 s)"
+                 "still valid. Its end may not be recorded in OUT: a rerun from another machine waits out the run's lease "
+                 "(30 s); on this one it goes ahead at once"
                  if args.out.startswith("s3://") else "")
         print(f"vidpipe run: error: {exc}{where}\nthe videos committed before it are kept; rerun the same command "
               "to resume", file=sys.stderr)

@@ -25,7 +25,8 @@ partial chunk or a video twice, and a rerun skips every committed video.
 Only the driver writes here (workers on any node stream their results back to it), and one run at a
 time: a local OUT is locked with ``flock`` (freed by the kernel when the process dies, even by
 SIGKILL); on S3, which has no locks, ``progress.json`` is a lease that a live run refreshes every
-few seconds and a new run waits out (best effort).
+few seconds and a new run waits out (best effort), unless its driver is known to be gone (a run on the
+same machine, in the same boot and pid namespace).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import pyarrow as pa
 from jobs import stopping
 from jobs.fs import Store
 from jobs.idset import IdSet
+from jobs.progress import driver_ended, this_process
 from pipeline.errors import ConfigError
 from pipeline.media import Failure, VideoInfo
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
@@ -678,7 +680,7 @@ class OutputDir:
         deadline = time.time() + wait_s
         lease_s = float(os.environ.get("VIDPIPE_S3_LEASE_S", LEASE_S))  # tests shorten it
         claim = f"{CLAIMS}/{run_id}.json"
-        record = {"run_id": run_id, "heartbeat": 0.0, "host": socket.gethostname(), "pid": os.getpid()}
+        record = {"run_id": run_id, "heartbeat": 0.0, **this_process()}
 
         def write_claim() -> None:
             record["heartbeat"] = time.time()
@@ -687,7 +689,10 @@ class OutputDir:
         while True:
             lease = self.last_progress()
             age = time.time() - float(lease.get("heartbeat", 0) or 0)
-            if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s:
+            # a run whose driver is known to be gone (this machine, this boot) holds nothing: no waiting out its
+            # lease after a kill -9, or after a run that could not record its end (its S3 endpoint gone)
+            if lease.get("state") != "running" or lease.get("run_id") == run_id or age > lease_s or \
+                    driver_ended(lease):
                 # no live run holds OUT: claim it. Two runs that both found it free both wrote progress.json and
                 # both wrote every row; with a claim each, written and then listed, the later of two claims always
                 # sees the earlier one (S3 lists what was written before), so at most one run goes on
@@ -713,8 +718,7 @@ class OutputDir:
                         holder.get("run_id"), self.uri, age, lease_s, max(0.0, deadline - time.time()))
             # rivals that met at once retry at random times: one of them gets there first
             time.sleep(min(5.0, lease_s / 2) * (0.5 + random.random()))
-        placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), "host": socket.gethostname(),
-                       "pid": os.getpid()}
+        placeholder = {"run_id": run_id, "state": "running", "heartbeat": time.time(), **this_process()}
         stop = threading.Event()
 
         def renew() -> None:
@@ -782,7 +786,8 @@ class OutputDir:
             if record is None:  # let go while listed
                 continue
             ended = lease.get("run_id") == other and lease.get("state") != "running"  # its run said it ended
-            if time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s and not ended:
+            if time.time() - float(record.get("heartbeat", 0) or 0) <= lease_s and not ended and \
+                    not driver_ended(record):
                 live.append(other)
             else:
                 self.store.delete(f"{CLAIMS}/{name}")

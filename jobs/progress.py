@@ -40,6 +40,28 @@ def pid_namespace() -> int | None:
         return None
 
 
+def boot_id() -> str | None:
+    """This machine's boot (Linux: a random id drawn at each boot), or None: two machines of one host name, or
+    one machine before and after a reboot, differ in it."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID = f.read().strip()
+        except OSError:
+            _BOOT_ID = ""
+    return _BOOT_ID or None
+
+
+_BOOT_ID: str | None = None
+
+
+def this_process() -> dict[str, object]:
+    """What names this process in a record that another process may have to judge alive or ended."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_ns": pid_namespace(),
+            "pid_started": process_start(os.getpid()), "boot_id": boot_id()}
+
+
 def process_start(pid: int) -> int | None:
     """When process ``pid`` started, in clock ticks since boot (Linux), or None if unknown or gone."""
     try:
@@ -60,8 +82,18 @@ def _supervisor() -> int | None:
 def recorded_here(progress: dict[str, object]) -> bool:
     """Whether a progress.json was written on this host, in this pid namespace: only then do its pids
     name processes this one can look up (a container with the host's name has pids of its own)."""
-    ns = progress.get("pid_ns")
-    return progress.get("host") == socket.gethostname() and ns is not None and ns == pid_namespace()
+    ns, boot = progress.get("pid_ns"), progress.get("boot_id")
+    return (progress.get("host") == socket.gethostname() and ns is not None and ns == pid_namespace()
+            and boot in (None, boot_id()))  # written before 2026-12-03: no boot id
+
+
+def driver_ended(record: dict[str, object]) -> bool:
+    """Whether the process a record names (``pid``: a run's driver, the one process that writes to OUT) is known to
+    have ended: recorded in this boot of this machine, in this pid namespace, and no process of that pid and start
+    time is there now.  False whenever that cannot be known (another machine, a record without these fields)."""
+    pid, started = record.get("pid"), record.get("pid_started")
+    return (recorded_here(record) and record.get("boot_id") is not None and isinstance(pid, int) and pid > 0
+            and started is not None and process_start(pid) != started)
 
 
 def iso_utc(ts: float) -> str:
@@ -138,6 +170,7 @@ class RunStatus:
     # a pid reused later); None where /proc does not say
     pid_ns: int | None = field(default_factory=lambda: pid_namespace())
     pid_started: int | None = field(default_factory=lambda: process_start(os.getpid()))
+    boot_id: str | None = field(default_factory=boot_id)
     # ``vidpipe run``'s own process when the run is its supervised child (see jobs.supervise): killing it
     # ends the run too
     supervisor_pid: int | None = field(default_factory=lambda: _supervisor())

@@ -1050,3 +1050,25 @@ def test_a_claim_whose_read_fails_as_its_run_deletes_it_is_read_again(tmp_path, 
 
     monkeypatch.setattr(out.store, "read_text", read_text)
     assert out._live_claims("run-a", {}, 30.0) == ["run-c"]
+
+
+def test_a_driver_is_judged_ended_only_where_its_record_names_a_process_of_this_boot_and_pid_namespace():
+    """An S3 OUT's rerun takes over at once from a run whose driver is gone; it must never take a live run's OUT,
+    whatever a record from another machine (its host name may be ours) or an older vidpipe holds."""
+    import subprocess
+    import sys
+
+    from jobs.progress import driver_ended, process_start, this_process
+
+    me = this_process()
+    assert not driver_ended(me)  # alive
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    record = me | {"pid": child.pid, "pid_started": process_start(child.pid)}
+    assert not driver_ended(record)
+    child.kill()
+    child.wait()
+    assert driver_ended(record)  # the same pid and start time are gone
+    assert driver_ended(me | {"pid_started": -1})  # the pid now names another process (reused)
+    for other in ({"boot_id": "another-boot"}, {"boot_id": None}, {"pid_ns": 1}, {"host": "elsewhere"},
+                  {"pid_started": None}):
+        assert not driver_ended(record | other), other  # cannot be known from here: the lease is waited out
