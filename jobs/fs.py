@@ -93,9 +93,19 @@ class Store:
                 return f.read()
         except OSError as exc:
             # S3: a key deleted between the size request and the read is named so by the read, not as not found
-            if not self.local and any(code in str(exc) for code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND")):
+            if not self.local and not isinstance(exc, FileNotFoundError) and self._deleted(rel, exc):
                 raise FileNotFoundError(f"{self.uri_of(rel)}: {exc}") from exc
             raise
+
+    def _deleted(self, rel: str, exc: OSError) -> bool:
+        """Whether a read of ``rel`` failed because the object is not there: by the AWS error code in pyarrow's
+        message, else (another pyarrow's wording) by asking for the object again; False where that fails too."""
+        if any(code in str(exc) for code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND")):
+            return True
+        try:
+            return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.NotFound
+        except OSError:
+            return False
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")

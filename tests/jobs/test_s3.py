@@ -351,6 +351,31 @@ def test_runs_that_start_together_on_an_s3_out_hold_it_one_at_a_time(s3, tmp_pat
 
 
 
+def test_a_read_of_a_deleted_key_is_not_found_whatever_the_wording_of_its_error(s3):
+    """A key deleted between pyarrow's size request and its read fails the read with an AWS error whose text
+    depends on pyarrow; vidpipe tells it by that text (NO_SUCH_KEY) and, where the text says something else, by
+    asking for the key again. An error on a key that is there stays what it is."""
+    from jobs.fs import Store
+
+    store = Store("s3://vidpipe-out/wording")
+    store.write_atomic("here.json", b"{}")
+    real = store.fs
+
+    class OtherWording:  # another pyarrow: the same failures, in other words
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(real, name)
+
+        def open_input_stream(self, path: str):  # noqa: ANN201
+            raise OSError("AWS Error UNKNOWN (HTTP status 404) during GetObject operation: the key is gone")
+
+    store.fs = OtherWording()  # type: ignore[assignment]
+    with pytest.raises(FileNotFoundError, match="wording/gone.json"):
+        store.read_bytes("gone.json")
+    with pytest.raises(OSError, match="HTTP status 404") as err:
+        store.read_bytes("here.json")  # there when asked again: not a deletion
+    assert not isinstance(err.value, FileNotFoundError)
+
+
 def test_a_progress_file_read_while_it_is_rewritten_is_read_whole_or_not_at_all(s3):
     """A run's progress.json, rewritten every 5 s, read by a rival run's lock or by `status` at that moment:
     the read took one version's size and another's bytes, and came back cut off, padded or not UTF-8 (called
