@@ -116,7 +116,9 @@ def _add_repair(sub: argparse._SubParsersAction) -> None:
                     "'status' refuse OUT (naming the file) rather than give results with holes in them; a damaged "
                     "one (not a whole Parquet file any more) makes 'run', 'query' and 'status' fail naming it. 'repair' "
                     "drops each such commit whole (its other files too), so that rerunning the job does those "
-                    "videos again. It deletes nothing else; where a table folder holds files that no commit names, it "
+                    "videos again. A commit record that is damaged (does not parse) is dropped with the files it "
+                    "named, found by their names. It deletes nothing else; where a table folder holds files that no "
+                    "commit names, it "
                     "names them and changes nothing (move them out of OUT first).")
     p.add_argument("out", metavar="OUT", help="the --out directory of a run")
     p.add_argument("--dry-run", action="store_true", help="only say what would be dropped")
@@ -415,21 +417,29 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     try:
         with out.lock(new_run_id(), keepalive=True):
             if args.dry_run:
-                lost = out.missing_files(pages=args.verify)
+                records = out.damaged_records()
+                lost = out.missing_files(pages=args.verify, past_damaged_records=True)
+                theirs = {rel for _, files in records for rel in files}  # a damaged record's files: accounted for
+                unrecorded = [r for r in out.unrecorded_parts(out.commits(past_damaged=True)) if r not in theirs]
             else:  # refuses, changing nothing, where files no commit names are there
+                records = out.damaged_records()
                 lost = out.forget_missing(pages=args.verify)
-            unrecorded = out.unrecorded_parts()
+                unrecorded = out.unrecorded_parts()
     except OSError as exc:  # a file out of reach (permissions, the network): not taken as damage
         print(f"vidpipe repair: error: {exc}; what was dropped before it stays dropped, the rest is as it was: "
               "rerun repair when the files can be read", file=sys.stderr)
         return EXIT_INTERNAL
     verb = "would drop" if args.dry_run else "dropped"
+    for record, files in records:
+        print(f"{verb} the damaged commit record {out.store.uri_of(record)} and the {len(files)} data files it named"
+              + (f": {', '.join(out.store.uri_of(f) for f in files)}" if files else ""))
     for c, files in lost:
         print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "
               f"missing or damaged: {', '.join(out.store.uri_of(f) for f in files)}")
-    if lost:
-        print(f"{verb} {len(lost)} commits; rerun the job's 'vidpipe run' command to do those videos again"
-              if not args.dry_run else f"{verb} {len(lost)} commits; run without --dry-run to drop them")
+    if lost or records:
+        n = len(lost) + len(records)
+        print(f"{verb} {n} commits; rerun the job's 'vidpipe run' command to do those videos again"
+              if not args.dry_run else f"{verb} {n} commits; run without --dry-run to drop them")
     else:
         print(f"{out.uri}: every committed file is in place"
               + (" and reads whole" if args.verify else "") + "; nothing to drop"

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -236,9 +237,14 @@ def looks_damaged(error_text: str, names: tuple[str, ...] = ()) -> bool:
     return any(w in text for w in _DAMAGE_WORDS)
 
 
-def _damaged(where: str, why: object) -> str:
+def _damaged(where: str, why: object, *, repair: bool = False) -> str:
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
-            "backup, or run the job again into a new --out")
+            "backup, " + ("or run 'vidpipe repair OUT' to drop it with the files it named (a rerun then does their "
+                          "videos again), " if repair else "") + "or run the job again into a new --out")
+
+
+# a data file's name: part-COMMIT-XXXXXXXX.parquet (ResultWriter._stage), COMMIT being RUN_ID-SEQUENCE
+_PART_NAME = re.compile(r"part-(.+-\d{5})-[0-9a-f]{8}\.parquet")
 
 
 class OutputDir:
@@ -334,8 +340,18 @@ class OutputDir:
         self.store.write_atomic(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
     # -- commit records ------------------------------------------------------------------------------
-    def commits(self) -> list[Commit]:
-        """Every committed flush, in name order (records and checkpoints together, each once)."""
+    def commits(self, *, past_damaged: bool = False) -> list[Commit]:
+        """Every committed flush, in name order (records and checkpoints together, each once); a ConfigError
+        where a record is damaged, unless ``past_damaged`` (then those of the records that read whole)."""
+        found, damaged = self._records()
+        if damaged and not past_damaged:
+            name, exc = damaged[0]
+            raise ConfigError(_damaged(self.store.uri_of(f"{COMMITS}/{name}"), exc, repair=True) + " (a commit "
+                              "record names the files of one flush: without it they cannot be read safely)")
+        return found
+
+    def _records(self) -> tuple[list[Commit], list[tuple[str, Exception]]]:
+        """The commits of the records that read whole, in name order; and the records that do not, with why."""
         for _ in range(5):
             names = self.store.list_names(COMMITS, ".json")
             try:
@@ -343,16 +359,52 @@ class OutputDir:
             except FileNotFoundError:
                 continue  # a run folded records into a checkpoint meanwhile: list again
             found: dict[str, Commit] = {}
+            damaged: list[tuple[str, Exception]] = []
             for name, text in zip(names, texts, strict=True):
                 try:
                     d = json.loads(text)
-                    for c in d["commits"] if name.startswith(CHECKPOINT_PREFIX) else [d]:
-                        found[c["name"]] = Commit.from_dict(c)
+                    held = [Commit.from_dict(c) for c in (d["commits"] if name.startswith(CHECKPOINT_PREFIX)
+                                                          else [d])]
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(_damaged(self.store.uri_of(f"{COMMITS}/{name}"), exc) + " (a commit record "
-                                      "names the files of one flush: without it they cannot be read safely)") from None
-            return [found[k] for k in sorted(found)]
+                    damaged.append((name, exc))
+                    continue
+                found.update((c.name, c) for c in held)
+            return [found[k] for k in sorted(found)], damaged
         raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
+
+    def damaged_records(self) -> list[tuple[str, list[str]]]:
+        """Each commit record that does not read whole (relative path), with the data files it must have named
+        (relative paths): those no other record names whose names carry its commit's name (``part-NAME-*``), or
+        for a checkpoint the name of a commit up to its last one."""
+        commits, damaged = self._records()
+        if not damaged:
+            return []
+        named = {name for c in commits for name in c.files.values()}
+        ours = [(rel, m[1]) for rel in [*(f"{t}/{n}" for t in TABLES for n in self.store.list_names(t, ".parquet")),
+                                        *(f"{STAGING}/{n}" for n in self.store.list_names(STAGING, ".parquet"))]
+                if (m := _PART_NAME.fullmatch(PurePosixPath(rel).name)) and PurePosixPath(rel).name not in named]
+        result = []
+        for record, _ in damaged:
+            stem = record[: -len(".json")]
+            if stem.startswith(CHECKPOINT_PREFIX):
+                last = stem[len(CHECKPOINT_PREFIX):]
+                files = [rel for rel, commit in ours if commit <= last]
+            else:
+                files = [rel for rel, commit in ours if commit == stem]
+            result.append((f"{COMMITS}/{record}", files))
+        return result
+
+    def drop_damaged_records(self) -> list[tuple[str, list[str]]]:
+        """Drop each damaged commit record and its data files (:meth:`damaged_records`), so that a rerun does their
+        videos again: the files go to staging first, then the record; :meth:`recover` (by ``forget_missing``)
+        deletes them.  A crash at any step leaves an OUT that a later repair finishes.  Hold the lock."""
+        dropped = self.damaged_records()
+        for record, files in dropped:
+            for rel in files:
+                if not rel.startswith(STAGING + "/"):
+                    self.store.move(rel, f"{STAGING}/{PurePosixPath(rel).name}")
+            self.store.delete(record)
+        return dropped
 
     def _read_all(self, rels: list[str]) -> list[str]:
         return self.map_files(self.store.read_text, rels)
@@ -504,6 +556,7 @@ class OutputDir:
         any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Call only
         while holding the lock.
         """
+        self.drop_damaged_records()  # first: until then no commit can be read
         # before any change: recover() at the end would refuse half-way through
         self.refuse_unrecorded(then="Move those files out of it, then run 'vidpipe repair' again.")
         dropped = self.missing_files(pages=pages)
@@ -523,10 +576,11 @@ class OutputDir:
         self.recover()
         return dropped
 
-    def missing_files(self, *, pages: bool = False) -> list[tuple[Commit, list[str]]]:
+    def missing_files(self, *, pages: bool = False, past_damaged_records: bool = False) -> list[tuple[Commit, list[str]]]:
         """The commits whose files are not all there and readable, each with its missing or damaged files
-        (relative paths; each present file's Parquet footer is read, with ``pages`` every page too)."""
-        commits = self.commits()
+        (relative paths; each present file's Parquet footer is read, with ``pages`` every page too).
+        ``past_damaged_records``: of the records that read whole only (else a damaged one is a ConfigError)."""
+        commits = self.commits(past_damaged=past_damaged_records)
         lost: dict[str, list[str]] = {}
         found: list[tuple[Commit, str]] = []
         for table in TABLES:

@@ -1072,3 +1072,54 @@ def test_a_driver_is_judged_ended_only_where_its_record_names_a_process_of_this_
     for other in ({"boot_id": "another-boot"}, {"boot_id": None}, {"pid_ns": 1}, {"host": "elsewhere"},
                   {"pid_started": None}):
         assert not driver_ended(record | other), other  # cannot be known from here: the lease is waited out
+
+
+def _three_commits(tmp_path):  # noqa: ANN001, ANN202
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    w = ResultWriter(out, model_id="m1", labels=LABELS)
+    for i, n in enumerate((3, 2, 4)):
+        w.add_row(head_row(f"v{i}", 0, 0, n, is_last=True, n_total=n))
+        w.flush()
+    return out, out.commits()
+
+
+@pytest.mark.parametrize("damaged", ["a record", "a checkpoint"])
+def test_repair_drops_a_damaged_commit_record_with_the_files_it_named(tmp_path, capsys, damaged):
+    """A damaged commit record (bytes changed by hand or by a disk) made run, query and repair refuse OUT with
+    "restore it from a backup": without one, the whole output was lost. repair now drops it with the files it named
+    (their names carry its commit's name; a checkpoint's, every commit up to its last that no other record names),
+    and a rerun does their videos again; the other commits stay."""
+    from jobs.cli import main
+
+    out, (c0, c1, c2) = _three_commits(tmp_path)
+    commits = out.root / "_job" / "commits"
+    if damaged == "a record":
+        record, gone, kept = commits / f"{c1.name}.json", [c1], [c0, c2]
+    else:  # as _compact folds records: the checkpoint first, then the records it holds go
+        record, gone, kept = commits / f"checkpoint-{c1.name}.json", [c0, c1], [c2]
+        out._write_checkpoint(record.name, [json.loads(c.to_json()) for c in (c0, c1)])
+        for c in (c0, c1):
+            (commits / f"{c.name}.json").unlink()
+    record.write_text(record.read_text()[:-7] + "\x00garbage")
+    with pytest.raises(ConfigError, match="is damaged .*run 'vidpipe repair OUT' to drop it with the files it named"):
+        out.commits()
+    files = sorted(f"{t}/{n}" for c in gone for t, n in c.files.items())
+    before = sorted(str(p.relative_to(out.root)) for p in out.root.rglob("*.parquet"))
+
+    assert main(["repair", str(out.root), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert f"would drop the damaged commit record {record} and the {len(files)} data files it named" in said, said
+    assert sorted(str(p.relative_to(out.root)) for p in out.root.rglob("*.parquet")) == before  # nothing changed
+    assert all(str(out.root / f) in said for f in files)
+
+    assert main(["repair", str(out.root)]) == 0
+    assert f"dropped the damaged commit record {record}" in capsys.readouterr().out
+    assert [c.name for c in out.commits()] == [c.name for c in kept]
+    assert sorted(str(p.relative_to(out.root)) for p in out.root.rglob("*.parquet")) == \
+        sorted(set(before) - set(files))
+    assert out.finished_video_ids() == {f"v{i}" for i, c in enumerate((c0, c1, c2)) if c in kept}
+    out.recover()  # what a rerun does first: nothing left to refuse
+    assert run_query(out.root, "SELECT count(*) AS n FROM segments").to_pylist() == [
+        {"n": sum(c.n_segments for c in kept)}]
+    assert main(["repair", str(out.root)]) == 0 and "nothing to drop" in capsys.readouterr().out
