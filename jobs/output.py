@@ -355,14 +355,14 @@ class OutputDir:
         for _ in range(5):
             names = self.store.list_names(COMMITS, ".json")
             try:
-                texts = self._read_all([f"{COMMITS}/{n}" for n in names])
+                texts = self.map_files(self.store.read_bytes, [f"{COMMITS}/{n}" for n in names])
             except FileNotFoundError:
                 continue  # a run folded records into a checkpoint meanwhile: list again
             found: dict[str, Commit] = {}
             damaged: list[tuple[str, Exception]] = []
             for name, text in zip(names, texts, strict=True):
                 try:
-                    d = json.loads(text)
+                    d = json.loads(text)  # bytes: one that is not UTF-8 is damage too (a UnicodeDecodeError)
                     held = [Commit.from_dict(c) for c in (d["commits"] if name.startswith(CHECKPOINT_PREFIX)
                                                           else [d])]
                 except (ValueError, KeyError, TypeError) as exc:
@@ -405,9 +405,6 @@ class OutputDir:
                     self.store.move(rel, f"{STAGING}/{PurePosixPath(rel).name}")
             self.store.delete(record)
         return dropped
-
-    def _read_all(self, rels: list[str]) -> list[str]:
-        return self.map_files(self.store.read_text, rels)
 
     def map_files(self, fn: Callable[[str], T], rels: list[str]) -> list[T]:
         """``fn`` of each of ``rels`` (files of OUT), in order: on S3 in parallel."""

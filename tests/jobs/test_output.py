@@ -1101,7 +1101,7 @@ def test_repair_drops_a_damaged_commit_record_with_the_files_it_named(tmp_path, 
         out._write_checkpoint(record.name, [json.loads(c.to_json()) for c in (c0, c1)])
         for c in (c0, c1):
             (commits / f"{c.name}.json").unlink()
-    record.write_text(record.read_text()[:-7] + "\x00garbage")
+    record.write_bytes(record.read_bytes()[:-7] + b"\xff\x00garbage")  # not even UTF-8
     with pytest.raises(ConfigError, match="is damaged .*run 'vidpipe repair OUT' to drop it with the files it named"):
         out.commits()
     files = sorted(f"{t}/{n}" for c in gone for t, n in c.files.items())
