@@ -102,12 +102,27 @@ def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
     return pads.FileSystemDataset(list(fragments.values()), schema, fmt, out.store.fs)
 
 
-def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
+def tables_read_by(sql: str) -> set[str]:
+    """The output tables a query may read: those whose view it names (``failures`` reads ``videos`` too), found by
+    the names as words, so that a name in a string or a comment counts too (reading a table too many costs its
+    footers, one too few would give a wrong answer)."""
+    named = {m.lower() for m in re.findall(r"\b(segments|videos|failures_log|failures)\b", sql, re.IGNORECASE)}
+    tables = named & {"segments", "videos"}
+    if named & {"failures", "failures_log"}:
+        tables.add("failures")
+    if "failures" in named:
+        tables.add("videos")
+    return tables
+
+
+def connect(out_dir: str | Path, *, tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per output table (only committed data is visible).
 
     The committed files are read through pyarrow datasets registered in DuckDB (local disk or pyarrow's S3
     client, with the run's credentials; no DuckDB extension to download), which check each page's CRC where
-    the file has them; column projection and filters are pushed down to the Parquet files.
+    the file has them; column projection and filters are pushed down to the Parquet files.  ``tables``: only
+    these are read (their footers checked), the others' views are empty; all by default.  A committed file that
+    is gone is named whichever table it is of (a listing per table folder).
     """
     out = open_output(out_dir)
     con = duckdb.connect(":memory:")
@@ -115,7 +130,8 @@ def connect(out_dir: str | Path) -> duckdb.DuckDBPyConnection:
     for table, schema in _EMPTY.items():
         view = "failures_log" if table == "failures" else table
         rels = out.committed_rel(table, commits)
-        data = _table_dataset(out, rels, schema) if rels else schema.empty_table()
+        read = tables is None or table in tables
+        data = _table_dataset(out, rels, schema) if rels and read else schema.empty_table()
         con.register(f"_arrow_{table}", data)
         con.execute(f"CREATE VIEW {view} AS SELECT * FROM _arrow_{table}")
     # By URI, as the done-set is: a rerun may name the same file through another input (another video_id).
@@ -176,14 +192,17 @@ def _moved_meanwhile(out_dir: str | Path, text: str) -> bool:
         return False
 
 
-def run_query(out_dir: str | Path, sql: str) -> pa.Table:
+def run_query(out_dir: str | Path, sql: str, *, check_all: bool = False) -> pa.Table:
+    """``sql`` over OUT's committed tables; the footers of the tables it reads are checked first, of every table
+    with ``check_all`` (``status``: a look at OUT's health)."""
     if not sql.strip():
         raise ConfigError('the SQL is empty; pass a query, e.g. "SELECT label, count(*) FROM segments GROUP BY 1"')
     last: Exception | None = None
     for _ in range(3):
         con = None
         try:
-            con = connect(out_dir)  # its views read each file's footer: a damaged file fails here
+            # the views of the tables it reads read each file's footer: a damaged file fails here
+            con = connect(out_dir, tables=None if check_all else tables_read_by(sql))
             rel = con.sql(sql)
             if rel is None:  # ';', only comments, or a statement that is not a query: nothing to print
                 raise ConfigError(f"the SQL {sql.strip()!r} returns no rows to print (no SELECT in it); pass a "

@@ -43,7 +43,8 @@ def read_status(out_uri: str) -> JobStatus:
     from jobs.query import open_output, run_query
 
     out = open_output(out_uri)
-    # one query, with run_query's retry (a running job moves files into place) and its damaged-file message
+    # one query, with run_query's retry (a running job moves files into place) and its damaged-file message; it
+    # checks the footers of every table, segments too, as 'run' does at its start
     from pipeline.inputs import TRANSIENT_ERROR_KINDS
 
     transient = ", ".join(f"'{k}'" for k in sorted(TRANSIENT_ERROR_KINDS))
@@ -53,7 +54,7 @@ def read_status(out_uri: str) -> JobStatus:
                                 # of those, the ones a rerun tries again (every failure transient: finished_uris)
                                 "(SELECT count(*) FROM (SELECT uri FROM failures_log WHERE uri NOT IN "
                                 "(SELECT uri FROM videos) GROUP BY uri HAVING bool_and(error_kind IN "
-                                f"({transient})))) AS retried").to_pylist()[0]
+                                f"({transient})))) AS retried", check_all=True).to_pylist()[0]
     done, seconds, failed = counts["done"], counts["seconds"], counts["failed"]
     progress = out.last_progress()  # only the run's heartbeat and rates: the counts above come from the tables
     state = progress.get("state")

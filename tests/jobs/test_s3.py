@@ -192,8 +192,8 @@ def test_a_query_whose_file_the_job_moves_out_of_staging_meanwhile_lists_again_o
     out.store.move(f"segments/{seg}", f"_job/staging/{seg}")  # recorded, not moved yet
     views, moves = jobs.query.connect, []
 
-    def connect(out_dir):  # noqa: ANN001, ANN202
-        con = views(out_dir)
+    def connect(out_dir, **kw):  # noqa: ANN001, ANN003, ANN202
+        con = views(out_dir, **kw)
         if not moves:
             moves.append(seg)
             out.store.move(f"_job/staging/{seg}", f"segments/{seg}")
