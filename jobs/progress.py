@@ -87,13 +87,31 @@ def recorded_here(progress: dict[str, object]) -> bool:
             and boot in (None, boot_id()))  # written before 2026-12-03: no boot id
 
 
+def pid_ended(pid: object, started: object) -> bool:
+    """Whether process ``pid``, which started at ``started`` (:func:`process_start`), is known to have ended: its
+    pid names no process, or one that started at another time (reused).  Only on that evidence: where /proc hides
+    another user's processes (``hidepid``) or cannot be read, False."""
+    if not isinstance(pid, int) or pid <= 0 or started is None:
+        return False
+    now = process_start(pid)
+    if now is not None:
+        return now != started
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the pid names a process
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: another user's process, alive
+        return False
+    return False  # there, its start unreadable
+
+
 def driver_ended(record: dict[str, object]) -> bool:
     """Whether the process a record names (``pid``: a run's driver, the one process that writes to OUT) is known to
-    have ended: recorded in this boot of this machine, in this pid namespace, and no process of that pid and start
-    time is there now.  False whenever that cannot be known (another machine, a record without these fields)."""
-    pid, started = record.get("pid"), record.get("pid_started")
-    return (recorded_here(record) and record.get("boot_id") is not None and isinstance(pid, int) and pid > 0
-            and started is not None and process_start(pid) != started)
+    have ended: recorded in this boot of this machine, in this pid namespace, and gone (:func:`pid_ended`).  False
+    whenever that cannot be known (another machine, a record without these fields).  Machines cloned from one
+    running snapshot share a boot id and host name: there, a run on the clone can take a lease of the original's."""
+    return (recorded_here(record) and record.get("boot_id") is not None
+            and pid_ended(record.get("pid"), record.get("pid_started")))
 
 
 def iso_utc(ts: float) -> str:

@@ -134,16 +134,11 @@ def _gone(progress: dict[str, Any]) -> bool:
     the host's name has pids of its own), and only as the same process (its start time: pids are
     reused); otherwise the heartbeat has to age.
     """
-    from jobs.progress import process_start, recorded_here
+    from jobs.progress import pid_ended, recorded_here
 
-    if not recorded_here(progress):
-        return False
-    for pid, started in ((progress.get("pid"), progress.get("pid_started")),
-                         (progress.get("supervisor_pid"), progress.get("supervisor_started"))):
-        # the driver, or the 'vidpipe run' process it runs under (its end kills the driver)
-        if isinstance(pid, int) and pid > 0 and started is not None and process_start(pid) != started:
-            return True
-    return False
+    # the driver, or the 'vidpipe run' process it runs under (its end kills the driver)
+    return recorded_here(progress) and any(pid_ended(progress.get(p), progress.get(s)) for p, s in
+                                           (("pid", "pid_started"), ("supervisor_pid", "supervisor_started")))
 
 
 def ray_job_info(address: str, job_id: str) -> dict[str, Any]:

@@ -1052,12 +1052,14 @@ def test_a_claim_whose_read_fails_as_its_run_deletes_it_is_read_again(tmp_path, 
     assert out._live_claims("run-a", {}, 30.0) == ["run-c"]
 
 
-def test_a_driver_is_judged_ended_only_where_its_record_names_a_process_of_this_boot_and_pid_namespace():
+def test_a_driver_is_judged_ended_only_where_its_record_names_a_process_of_this_boot_and_pid_namespace(monkeypatch):
     """An S3 OUT's rerun takes over at once from a run whose driver is gone; it must never take a live run's OUT,
-    whatever a record from another machine (its host name may be ours) or an older vidpipe holds."""
+    whatever a record from another machine (its host name may be ours) or an older vidpipe holds, or where /proc
+    does not show another user's processes (hidepid: a review found a live driver judged ended there)."""
     import subprocess
     import sys
 
+    import jobs.progress
     from jobs.progress import driver_ended, process_start, this_process
 
     me = this_process()
@@ -1065,8 +1067,12 @@ def test_a_driver_is_judged_ended_only_where_its_record_names_a_process_of_this_
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     record = me | {"pid": child.pid, "pid_started": process_start(child.pid)}
     assert not driver_ended(record)
-    child.kill()
-    child.wait()
+    with monkeypatch.context() as m:  # its /proc/PID/stat unreadable, as hidepid makes another user's
+        m.setattr(jobs.progress, "process_start", lambda pid: None)
+        assert not driver_ended(record)
+        child.kill()
+        child.wait()
+        assert driver_ended(record)  # gone: kill(pid, 0) says so without /proc
     assert driver_ended(record)  # the same pid and start time are gone
     assert driver_ended(me | {"pid_started": -1})  # the pid now names another process (reused)
     for other in ({"boot_id": "another-boot"}, {"boot_id": None}, {"pid_ns": 1}, {"host": "elsewhere"},
