@@ -437,9 +437,10 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "
               f"missing or damaged: {', '.join(out.store.uri_of(f) for f in files)}")
     if lost or records:
-        n = len(lost) + len(records)
-        print(f"{verb} {n} commits; rerun the job's 'vidpipe run' command to do those videos again"
-              if not args.dry_run else f"{verb} {n} commits; run without --dry-run to drop them")
+        what = " and ".join(([_count(len(lost), "commit")] if lost else [])
+                            + ([_count(len(records), "damaged commit record")] if records else []))
+        print(f"{verb} {what}; rerun the job's 'vidpipe run' command to do those videos again"
+              if not args.dry_run else f"{verb} {what}; run without --dry-run to drop them")
     else:
         print(f"{out.uri}: every committed file is in place"
               + (" and reads whole" if args.verify else "") + "; nothing to drop"

@@ -375,7 +375,8 @@ class OutputDir:
     def damaged_records(self) -> list[tuple[str, list[str]]]:
         """Each commit record that does not read whole (relative path), with the data files it must have named
         (relative paths): those no other record names whose names carry its commit's name (``part-NAME-*``), or
-        for a checkpoint the name of a commit up to its last one."""
+        for a checkpoint the name of a commit up to its last one; a file that two damaged records could have named
+        (a checkpoint and a record it folded) is listed under the first."""
         commits, damaged = self._records()
         if not damaged:
             return []
@@ -383,14 +384,15 @@ class OutputDir:
         ours = [(rel, m[1]) for rel in [*(f"{t}/{n}" for t in TABLES for n in self.store.list_names(t, ".parquet")),
                                         *(f"{STAGING}/{n}" for n in self.store.list_names(STAGING, ".parquet"))]
                 if (m := _PART_NAME.fullmatch(PurePosixPath(rel).name)) and PurePosixPath(rel).name not in named]
-        result = []
+        result, listed = [], set()
         for record, _ in damaged:
             stem = record[: -len(".json")]
             if stem.startswith(CHECKPOINT_PREFIX):
                 last = stem[len(CHECKPOINT_PREFIX):]
-                files = [rel for rel, commit in ours if commit <= last]
+                files = [rel for rel, commit in ours if commit <= last and rel not in listed]
             else:
-                files = [rel for rel, commit in ours if commit == stem]
+                files = [rel for rel, commit in ours if commit == stem and rel not in listed]
+            listed.update(files)
             result.append((f"{COMMITS}/{record}", files))
         return result
 
@@ -399,6 +401,10 @@ class OutputDir:
         videos again: the files go to staging first, then the record; :meth:`recover` (by ``forget_missing``)
         deletes them.  A crash at any step leaves an OUT that a later repair finishes.  Hold the lock."""
         dropped = self.damaged_records()
+        # first, before any change: files that neither a record nor a damaged record can have named
+        theirs = {rel for _, files in dropped for rel in files}
+        self.refuse_unrecorded(self.commits(past_damaged=True), exclude=theirs,
+                               then="Move those files out of it, then run 'vidpipe repair' again.")
         for record, files in dropped:
             for rel in files:
                 if not rel.startswith(STAGING + "/"):
@@ -502,10 +508,11 @@ class OutputDir:
                               "already holds files that vidpipe would write its results among (segments/, videos/ "
                               "and failures/ of a new output are absent or empty); use a new --out directory")
 
-    def refuse_unrecorded(self, commits: list[Commit] | None = None, *,
+    def refuse_unrecorded(self, commits: list[Commit] | None = None, *, exclude: set[str] | None = None,
                           then: str = "Use a new --out directory, or move those files out of it and rerun.") -> None:
-        """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any."""
-        parts = self.unrecorded_parts(commits)
+        """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any, but those
+        of ``exclude``."""
+        parts = [rel for rel in self.unrecorded_parts(commits) if rel not in (exclude or set())]
         if not parts:
             return
         shown = ", ".join(self.store.uri_of(r) for r in parts[:3]) + (f" and {len(parts) - 3} more"

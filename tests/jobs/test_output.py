@@ -1161,3 +1161,36 @@ def test_a_query_reads_the_footers_of_the_tables_it_names_only_and_names_a_missi
     damaged.unlink()
     assert main(["query", str(out.root), "SELECT count(*) FROM videos"]) == EXIT_USAGE
     assert str(damaged) in capsys.readouterr().err
+
+
+def test_repair_of_damaged_records_refuses_foreign_files_first_and_drops_overlapping_records_once(tmp_path, capsys):
+    """A review found repair dropping a damaged record, then refusing OUT for a file no commit names ("Nothing was
+    deleted"); and a damaged checkpoint with a damaged record it had folded (a crash in the fold) both naming one
+    file, whose second move failed (exit 1)."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, (c0, c1, c2) = _three_commits(tmp_path)
+    commits = out.root / "_job" / "commits"
+    out._write_checkpoint(f"checkpoint-{c1.name}.json", [json.loads(c.to_json()) for c in (c0, c1)])
+    (commits / f"{c0.name}.json").unlink()  # the fold stopped here: c1's record is still there
+    for record in (commits / f"checkpoint-{c1.name}.json", commits / f"{c1.name}.json"):
+        record.write_bytes(b"{\"commits\": [")
+    foreign = out.table_dir("segments") / "theirs.parquet"
+    foreign.write_bytes(b"another tool's")
+    def files() -> list[tuple[str, bytes]]:  # the data files and records, where they are, with their bytes
+        return sorted((str(p.relative_to(out.root)), p.read_bytes()) for p in out.root.rglob("*")
+                      if p.suffix in (".parquet", ".json") and p.name != "progress.json")
+
+    before = files()
+    assert main(["repair", str(out.root)]) == EXIT_USAGE
+    assert f"holds data files that vidpipe cannot account for ({foreign})" in capsys.readouterr().err
+    assert files() == before  # nothing changed
+    foreign.unlink()
+    assert main(["repair", str(out.root), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert said.count(out.table_dir("segments").name + "/" + c1.files["segments"]) == 1, said  # listed once
+    assert "would drop 2 damaged commit records; run without --dry-run" in said
+    assert main(["repair", str(out.root)]) == 0
+    assert "dropped 2 damaged commit records; rerun" in capsys.readouterr().out
+    assert [c.name for c in out.commits()] == [c2.name] and out.finished_video_ids() == {"v2"}
