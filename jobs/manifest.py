@@ -55,9 +55,11 @@ class _Base:
     def _resolved(self, path: str) -> str:
         """``Path(path).resolve()`` (links followed, ``..`` applied), with the folder's part resolved once per
         folder: a manifest's entries share a few folders, and resolving each whole path took 5 lstat calls an entry
-        (a 100,000-entry manifest: ~10 s).  A folder link changed while the manifest is read is not seen."""
+        (a 100,000-entry manifest: ~10 s).  A folder link changed while the manifest is read is not seen.  An
+        entry through a link that loops, which ``Path.resolve`` refused with a RuntimeError (the run ended in a
+        traceback), is the path ``os.path.realpath`` gives: its video fails, "Too many levels of symbolic links"."""
         folder, name = os.path.split(path)
-        if name in ("", ".", ".."):
+        if name in ("", ".", "..") or "/../" in folder + "/":  # as Path.resolve has it, links and .. in its order
             return str(Path(path).resolve())
         real = self._folders.get(folder)
         if real is None:
