@@ -416,14 +416,12 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     out = open_output(args.out)
     try:
         with out.lock(new_run_id(), keepalive=True):
+            records = out.damaged_records()
             if args.dry_run:
-                records = out.damaged_records()
                 lost = out.missing_files(pages=args.verify, past_damaged_records=True)
-                theirs = {rel for _, files in records for rel in files}  # a damaged record's files: accounted for
-                unrecorded = [r for r in out.unrecorded_parts(out.commits(past_damaged=True)) if r not in theirs]
+                unrecorded = out.unaccounted_parts(records)  # a damaged record's files are accounted for
             else:  # refuses, changing nothing, where files no commit names are there
-                records = out.damaged_records()
-                lost = out.forget_missing(pages=args.verify)
+                lost = out.forget_missing(pages=args.verify, damaged=records)
                 unrecorded = out.unrecorded_parts()
     except OSError as exc:  # a file out of reach (permissions, the network): not taken as damage
         print(f"vidpipe repair: error: {exc}; what was dropped before it stays dropped, the rest is as it was: "

@@ -396,14 +396,20 @@ class OutputDir:
             result.append((f"{COMMITS}/{record}", files))
         return result
 
-    def drop_damaged_records(self) -> list[tuple[str, list[str]]]:
-        """Drop each damaged commit record and its data files (:meth:`damaged_records`), so that a rerun does their
-        videos again: the files go to staging first, then the record; :meth:`recover` (by ``forget_missing``)
-        deletes them.  A crash at any step leaves an OUT that a later repair finishes.  Hold the lock."""
-        dropped = self.damaged_records()
+    def unaccounted_parts(self, damaged: list[tuple[str, list[str]]]) -> list[str]:
+        """Data files in the table folders that neither a record that reads whole nor one of the ``damaged``
+        records (:meth:`damaged_records`) names (relative paths)."""
+        theirs = {rel for _, files in damaged for rel in files}
+        return [rel for rel in self.unrecorded_parts(self.commits(past_damaged=True)) if rel not in theirs]
+
+    def drop_damaged_records(self, damaged: list[tuple[str, list[str]]] | None = None) -> list[tuple[str, list[str]]]:
+        """Drop each damaged commit record and its data files (``damaged``, else :meth:`damaged_records`), so that
+        a rerun does their videos again: the files go to staging first, then the record; :meth:`recover` (by
+        ``forget_missing``) deletes them.  A crash at any step leaves an OUT that a later repair finishes.  Hold the
+        lock."""
+        dropped = self.damaged_records() if damaged is None else damaged
         # first, before any change: files that neither a record nor a damaged record can have named
-        theirs = {rel for _, files in dropped for rel in files}
-        self.refuse_unrecorded(self.commits(past_damaged=True), exclude=theirs,
+        self.refuse_unrecorded(parts=self.unaccounted_parts(dropped),
                                then="Move those files out of it, then run 'vidpipe repair' again.")
         for record, files in dropped:
             for rel in files:
@@ -508,11 +514,10 @@ class OutputDir:
                               "already holds files that vidpipe would write its results among (segments/, videos/ "
                               "and failures/ of a new output are absent or empty); use a new --out directory")
 
-    def refuse_unrecorded(self, commits: list[Commit] | None = None, *, exclude: set[str] | None = None,
+    def refuse_unrecorded(self, commits: list[Commit] | None = None, *, parts: list[str] | None = None,
                           then: str = "Use a new --out directory, or move those files out of it and rerun.") -> None:
-        """A ConfigError naming the data files no commit names (see :meth:`unrecorded_parts`), if any, but those
-        of ``exclude``."""
-        parts = [rel for rel in self.unrecorded_parts(commits) if rel not in (exclude or set())]
+        """A ConfigError naming the data files no commit names (``parts``, else :meth:`unrecorded_parts`), if any."""
+        parts = self.unrecorded_parts(commits) if parts is None else parts
         if not parts:
             return
         shown = ", ".join(self.store.uri_of(r) for r in parts[:3]) + (f" and {len(parts) - 3} more"
@@ -550,17 +555,18 @@ class OutputDir:
             self.store.delete(f"{STAGING}/{name}")  # written before a crash, never committed
         self._compact(commits)
 
-    def forget_missing(self, *, pages: bool = False) -> list[tuple[Commit, list[str]]]:
+    def forget_missing(self, *, pages: bool = False,
+                       damaged: list[tuple[str, list[str]]] | None = None) -> list[tuple[Commit, list[str]]]:
         """Drop every commit one of whose files is missing or damaged, so that a rerun does its videos again.
 
         Returns each dropped commit with its missing or damaged files (relative paths); refuses (a ConfigError, nothing
         changed) where a table folder holds a data file no commit names.  The commit's other files
         go back to staging first (still readable through the record), then the record goes (rewritten
         checkpoints, deleted record files), then :meth:`recover` deletes the staged files: a crash at
-        any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Call only
-        while holding the lock.
+        any step leaves an output that a later ``forget_missing`` or run finishes cleanly.  Damaged commit records
+        (``damaged``, else :meth:`damaged_records`) are dropped first.  Call only while holding the lock.
         """
-        self.drop_damaged_records()  # first: until then no commit can be read
+        self.drop_damaged_records(damaged)  # first: until then no commit can be read
         # before any change: recover() at the end would refuse half-way through
         self.refuse_unrecorded(then="Move those files out of it, then run 'vidpipe repair' again.")
         dropped = self.missing_files(pages=pages)

@@ -8,6 +8,7 @@ committed tables are the truth for which videos are done or failed.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -40,20 +41,15 @@ def pid_namespace() -> int | None:
         return None
 
 
+@functools.cache
 def boot_id() -> str | None:
     """This machine's boot (Linux: a random id drawn at each boot), or None: two machines of one host name, or
     one machine before and after a reboot, differ in it."""
-    global _BOOT_ID
-    if _BOOT_ID is None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                _BOOT_ID = f.read().strip()
-        except OSError:
-            _BOOT_ID = ""
-    return _BOOT_ID or None
-
-
-_BOOT_ID: str | None = None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def this_process() -> dict[str, object]:
