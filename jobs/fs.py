@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from pipeline.s3 import unreachable
+
 
 def is_remote(uri: str | os.PathLike[str]) -> bool:
     return str(uri).startswith("s3://")
@@ -102,6 +104,8 @@ class Store:
         message, else (another pyarrow's wording) by asking for the object again; False where that fails too."""
         if any(code in str(exc) for code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND")):
             return True
+        if unreachable(exc):  # the endpoint is gone: asking again would only take the client's retries once more
+            return False
         try:
             return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.NotFound
         except OSError:

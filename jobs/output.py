@@ -57,6 +57,7 @@ from jobs.idset import IdSet
 from jobs.progress import driver_ended, this_process
 from pipeline.errors import ConfigError
 from pipeline.media import Failure, VideoInfo
+from pipeline.s3 import unreachable
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
 from workers.metrics import StageMeter
 
@@ -316,7 +317,8 @@ class OutputDir:
             except FileNotFoundError:
                 return None
             except (OSError, ValueError) as exc:
-                if attempt + 1 < _JSON_READS:
+                # not where the endpoint is gone: each read is ~1.8 s of the client's own tries there (17 s in all)
+                if attempt + 1 < _JSON_READS and not unreachable(exc):
                     time.sleep(0.05 * 2 ** attempt)
                     continue
                 if isinstance(exc, OSError):

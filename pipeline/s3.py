@@ -40,6 +40,13 @@ def _filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the S3 endpoint could not be reached at all (the AWS client's NETWORK_CONNECTION,
+    e.g. a refused connection): the client has retried by then (~1.8 s against a closed port), so trying the
+    request once more at once does not help."""
+    return isinstance(exc, OSError) and "AWS Error NETWORK_CONNECTION" in str(exc)
+
+
 def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:
     """Whether the bucket of ``path`` (``bucket/key...``) is known not to exist; False when the store will
     not say (no right to look at the bucket itself: the reads and writes that follow will tell)."""
