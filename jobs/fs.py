@@ -101,10 +101,11 @@ class Store:
 
     def _deleted(self, rel: str, exc: OSError) -> bool:
         """Whether a read of ``rel`` failed because the object is not there: by the AWS error code in pyarrow's
-        message, else (another pyarrow's wording) by asking for the object again; False where that fails too."""
+        message, else (another pyarrow's wording) by asking for the object again; False where that fails too, and
+        where no connection to the endpoint could be made (asking again would only repeat the client's tries)."""
         if any(code in str(exc) for code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND")):
             return True
-        if unreachable(exc):  # the endpoint is gone: asking again would only take the client's retries once more
+        if unreachable(exc):
             return False
         try:
             return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.NotFound

@@ -317,7 +317,8 @@ class OutputDir:
             except FileNotFoundError:
                 return None
             except (OSError, ValueError) as exc:
-                # not where the endpoint is gone: each read is ~1.8 s of the client's own tries there (17 s in all)
+                # not where no connection to the endpoint could be made: each failed read is ~1.8 s of the
+                # client's own tries there, and asks whether the key was deleted (as long again): 17 s in all
                 if attempt + 1 < _JSON_READS and not unreachable(exc):
                     time.sleep(0.05 * 2 ** attempt)
                     continue

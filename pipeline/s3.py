@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 from pyarrow import fs as pafs
 
@@ -41,10 +42,15 @@ def _filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the S3 endpoint could not be reached at all (the AWS client's NETWORK_CONNECTION,
-    e.g. a refused connection): the client has retried by then (~1.8 s against a closed port), so trying the
-    request once more at once does not help."""
-    return isinstance(exc, OSError) and "AWS Error NETWORK_CONNECTION" in str(exc)
+    """Whether ``exc`` says no connection to the S3 endpoint could be made: the AWS client's NETWORK_CONNECTION
+    error with curl's code 7 (could not connect: refused, no route) or 6 (host name not resolved).  The client has
+    tried again itself by then (~1.8 s against a closed port), so asking once more at once does not help.  Its
+    other NETWORK_CONNECTION errors (a connection reset or a body cut off mid-transfer, a timeout) are not this:
+    the endpoint answered, and another try may well get through."""
+    return isinstance(exc, OSError) and _NO_CONNECTION.search(str(exc)) is not None
+
+
+_NO_CONNECTION = re.compile(r"AWS Error NETWORK_CONNECTION .*\bcurlCode: [67],")
 
 
 def bucket_missing(filesystem: pafs.FileSystem, path: str) -> bool:

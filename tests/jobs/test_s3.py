@@ -320,6 +320,45 @@ def test_a_read_from_an_endpoint_that_is_gone_asks_once(s3_server, monkeypatch):
     assert asked == ["open_input_stream"]
 
 
+def test_a_read_cut_off_mid_transfer_is_tried_again(s3_server, monkeypatch):
+    """The client calls a connection reset or a body cut short NETWORK_CONNECTION too: the endpoint is there, so
+    such a read is tried again (only a connection that could not be made is not).  A real HTTP server on loopback
+    whose first three answers to GET (one read: the client's own three tries) stop after 9 bytes of the body."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body, gets = b'{"state": "finished"}', []
+
+    class CutShort(BaseHTTPRequestHandler):
+        def _head(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Last-Modified", "Thu, 03 Dec 2026 08:00:00 GMT")
+            self.end_headers()
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._head()
+
+        def do_GET(self) -> None:  # noqa: N802
+            gets.append(self.path)
+            self._head()
+            self.wfile.write(body if len(gets) > 3 else body[:9])
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        assert OutputDir("s3://cut/o").read_json("_job/progress.json") == {"state": "finished"}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(gets) == 4
+
+
 def test_a_holder_that_keeps_no_progress_gives_the_last_runs_back(s3):
     """'vidpipe repair' holds an S3 OUT's lease, but keeps no progress of its own: left as 'running', its
     lease made 'status' report a live run and the next run wait it out."""
