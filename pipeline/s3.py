@@ -45,8 +45,8 @@ def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says no connection to the S3 endpoint could be made: the AWS client's NETWORK_CONNECTION
     error with curl's code 7 (could not connect: refused, no route) or 6 (host name not resolved).  The client has
     tried again itself by then (~1.8 s against a closed port), so asking once more at once does not help.  Its
-    other NETWORK_CONNECTION errors (a connection reset or a body cut off mid-transfer, a timeout) are not this:
-    the endpoint answered, and another try may well get through."""
+    other NETWORK_CONNECTION errors (a connection reset, a body cut off mid-transfer, a timeout) are not this:
+    another try may well get through."""
     return isinstance(exc, OSError) and _NO_CONNECTION.search(str(exc)) is not None
 
 
