@@ -157,10 +157,12 @@ sys.exit(cli._command())  # the command, then the cleanup every command ends wit
 """
 
 
-def run_script(script: str, argv: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+def run_script(script: str, argv: list[str], timeout: float = 300, env_extra: dict[str, str] | None = None,
+               **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
     """Run ``python -c SCRIPT ARGV...`` in this checkout, in a ``vidpipe`` subprocess's environment."""
     return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[2], env=vidpipe_env(), timeout=timeout, **kwargs)
+                          cwd=Path(__file__).parents[2], env=vidpipe_env(**(env_extra or {})), timeout=timeout,
+                          **kwargs)
 
 
 def stop_inside_an_import(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003

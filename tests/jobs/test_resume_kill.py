@@ -96,6 +96,17 @@ def test_driver_sigkilled_at_random_points_then_rerun_equals_clean_run(small_arc
     assert again.returncode == 0 and "0 videos ok" in again.stdout and "20 skipped" in again.stdout
 
 
+def _kill_one(workers: list) -> bool:
+    """SIGKILL the first of ``workers`` that is still there; whether one was."""
+    for p in workers:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            continue
+    return False
+
+
 def test_decode_and_encoder_workers_sigkilled_mid_job(small_archive, baseline, tmp_path, ray_session):
     """SIGKILL a decode worker and an image-encoder worker while the job runs: same rows, nothing lost."""
     out = tmp_path / "out"
@@ -107,9 +118,10 @@ def test_decode_and_encoder_workers_sigkilled_mid_job(small_archive, baseline, t
     killed = []
     try:
         for title in ("DecodeTask", "ImageEncoder"):  # Ray Data may fuse the encoders and head in one actor
-            victim = wait_for(lambda: session_workers(title), 120, f"a {title} worker")[0]  # noqa: B023
-            time.sleep(0.5)
-            os.kill(victim.pid, signal.SIGKILL)
+            wait_for(lambda: session_workers(title), 120, f"a {title} worker")  # noqa: B023
+            time.sleep(0.5)  # at work, not just started
+            # one that is still there: the first may have ended meanwhile (its task done)
+            wait_for(lambda: _kill_one(session_workers(title)), 120, f"a {title} worker to kill")  # noqa: B023
             killed.append(title)
     finally:
         runner.join(timeout=600)
