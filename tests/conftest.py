@@ -12,6 +12,22 @@ SHARED_MEDIA = REPO.parent / "shared" / "media"
 SAMPLES = REPO / "jobs" / "samples"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Before pytest's workers start (tests run in two, see pyproject.toml): Ray's authentication token.
+
+    The first Ray started on a machine writes ~/.ray/auth_token (Ray 2.60 turns token authentication on by
+    default); two workers starting their first Rays at once on a fresh machine would each write one, and a
+    process could hold the token the file no longer has.  Made here once, as Ray makes it, where it is missing.
+    """
+    if hasattr(config, "workerinput"):  # a worker: the controller has done it
+        return
+    import subprocess
+    import sys
+
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"],
+                   capture_output=True, timeout=120, check=True)
+
+
 @pytest.fixture(scope="session")
 def shared_media() -> Path:
     if not (SHARED_MEDIA / "bbb_clip_720p.mp4").is_file():

@@ -7,6 +7,7 @@ groups, and is stopped by killing exactly those groups (and the workers of its r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,15 @@ def free_port() -> int:
         if port not in _used_ports:
             _used_ports.add(port)
             return port
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port where nothing listens, held for the block: bound, not listening, so connections to it
+    are refused and no other process (pytest's other worker, a Ray) can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def _ephemeral_low() -> int:
@@ -76,6 +87,7 @@ class Node:
     pgid: int
     cpus: int
     log: Path
+    killed: bool = False  # its group was SIGKILLed: its number may since lead another's group (pytest's other worker)
 
 
 @dataclass
@@ -149,9 +161,23 @@ class LocalCluster:
                       file=sys.stderr)
         raise AssertionError("unreachable")
 
-    def add_node(self, cpus: int = 1, env: dict[str, str] | None = None) -> Node:
-        """Start a worker node; ``env``: its own environment (its workers inherit it), else the cluster's."""
-        return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}", env)
+    def add_node(self, cpus: int = 1, env: dict[str, str] | None = None, attempts: int = 2) -> Node:
+        """Start a worker node; ``env``: its own environment (its workers inherit it), else the cluster's.
+
+        A node that fails to start (a port handed to it was taken meanwhile: other processes bind ports too) is
+        killed and started again on fresh ports.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}", env)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                failed = self.nodes.pop()
+                _killpg(failed.pgid)
+                if attempt == attempts:
+                    raise
+                print(f"ray start of a node failed (try {attempt} of {attempts}), trying again: {str(e)[-500:]}",
+                      file=sys.stderr)
+        raise AssertionError("unreachable")
 
     def wait_for_cpus(self, cpus: float, timeout_s: float = 120) -> None:
         script = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
@@ -183,6 +209,7 @@ class LocalCluster:
         for raylet in self.raylets(node):
             victims += raylet.children(recursive=True)
         _killpg(node.pgid)
+        node.killed = True
         for p in victims:
             _kill(p.pid)
 
@@ -191,7 +218,9 @@ class LocalCluster:
         for raylet in self.raylets():
             victims += raylet.children(recursive=True)
         for node in self.nodes:
-            _killpg(node.pgid)
+            if not node.killed:
+                _killpg(node.pgid)
+                node.killed = True
         for p in victims:
             _kill(p.pid)
         for p in psutil.process_iter(["cmdline"]):  # anything else that names our temp dir

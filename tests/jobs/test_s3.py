@@ -285,39 +285,41 @@ def test_an_s3_out_that_cannot_be_reached_says_to_check_the_s3_settings(s3_serve
     """It said "pass a directory that can be created", as for a local folder."""
     from jobs.query import open_output
     from jobs.runner import _open_output
-    from tests.jobs.clusters import free_port
+    from tests.jobs.clusters import closed_port
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    with pytest.raises(ConfigError, match=r"cannot use --out s3://vidpipe-out/x: .*; check AWS credentials, region "
-                                          r"and AWS_ENDPOINT_URL"):
-        _open_output("s3://vidpipe-out/x")
-    with pytest.raises(ConfigError, match=r"cannot read s3://vidpipe-out/x: .*; check AWS credentials"):
-        open_output("s3://vidpipe-out/x")
+    with closed_port() as port:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # nothing listens there
+        with pytest.raises(ConfigError, match=r"cannot use --out s3://vidpipe-out/x: .*; check AWS credentials, "
+                                              r"region and AWS_ENDPOINT_URL"):
+            _open_output("s3://vidpipe-out/x")
+        with pytest.raises(ConfigError, match=r"cannot read s3://vidpipe-out/x: .*; check AWS credentials"):
+            open_output("s3://vidpipe-out/x")
 
 
 def test_a_read_from_an_endpoint_that_is_gone_asks_once(s3_server, monkeypatch):
     """A JSON read is tried again where it may have met a rewrite (read_json), and a failed read asks whether the
     key was deleted (Store.read_bytes): against an endpoint that is gone each request is the client's own retries
     (~1.8 s), and reading progress.json as a run whose S3 OUT went away let go of it took 17 s."""
-    from tests.jobs.clusters import free_port
+    from tests.jobs.clusters import closed_port
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    out = OutputDir("s3://vidpipe-out/gone")
-    real, asked = out.store.fs, []
+    with closed_port() as port:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # nothing listens there
+        out = OutputDir("s3://vidpipe-out/gone")
+        real, asked = out.store.fs, []
 
-    class Counted:
-        def __getattr__(self, name: str):  # noqa: ANN204
-            method = getattr(real, name)
+        class Counted:
+            def __getattr__(self, name: str):  # noqa: ANN204
+                method = getattr(real, name)
 
-            def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                asked.append(name)
-                return method(*args, **kwargs)
-            return call
+                def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                    asked.append(name)
+                    return method(*args, **kwargs)
+                return call
 
-    out.store.fs = Counted()  # type: ignore[assignment]
-    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
-        out.read_json("_job/progress.json")
-    assert asked == ["open_input_stream"]
+        out.store.fs = Counted()  # type: ignore[assignment]
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            out.read_json("_job/progress.json")
+        assert asked == ["open_input_stream"]
 
 
 def test_a_read_cut_off_mid_transfer_is_tried_again(s3_server, monkeypatch):
@@ -595,6 +597,7 @@ def test_a_run_stalled_past_its_lease_commits_nothing_after_another_took_over(s3
 def test_an_s3_out_lost_mid_run_ends_the_run_saying_what_to_check(s3_server, tmp_path):
     """The endpoint going away mid-run ended the run with pyarrow's error alone; `status` then guessed
     "driver killed?" and the rerun waited for a lease without a word of why."""
+    import socket
     import subprocess
 
     import boto3
@@ -620,6 +623,10 @@ def test_an_s3_out_lost_mid_run_ends_the_run_saying_what_to_check(s3_server, tmp
                      240, "a first commit")
         finally:
             server.stop()  # the endpoint goes away
+            # its port held, bound and not listening (refused, as a port nothing has): no other process takes it
+            hold = socket.socket()
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.bind(("127.0.0.1", port))
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -631,6 +638,7 @@ def test_an_s3_out_lost_mid_run_ends_the_run_saying_what_to_check(s3_server, tmp
     assert err.rstrip().endswith("the videos committed before it are kept; rerun the same command to resume")
     # the endpoint back (moto keeps its buckets in this process): the rerun here sees the driver gone and does not
     # wait out its lease (30 s) and claim, which nothing could mark ended
+    hold.close()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

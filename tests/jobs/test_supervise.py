@@ -307,7 +307,7 @@ def test_a_killed_driver_takes_what_its_raylet_started_too(tmp_path):
         wait_for(lambda: (out / "ready").exists() or p.poll() is not None, 60, "the driver to start")
         wait_for(lambda: (out / "worker").exists() and (out / "worker").read_text(), 30, "the agent's worker")
         agent, worker = int((out / "agent").read_text()), int((out / "worker").read_text())
-        time.sleep(2.5)  # the reaper's next look at the run
+        time.sleep(5.0)  # the reaper's next looks at the run (every 2 s)
         os.kill(agent, signal.SIGKILL)  # the raylet, tied to the driver, ends with it
         os.kill(_progress(out)["pid"], signal.SIGKILL)
         wait_for(lambda: psutil.Process(worker).ppid() != agent, 10, "the worker to be orphaned")
