@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
     default); two workers starting their first Rays at once on a fresh machine would each write one, and a
     process could hold the token the file no longer has.  Made here once, as Ray makes it, where it is missing.
     """
-    if hasattr(config, "workerinput"):  # a worker: the controller has done it
+    if hasattr(config, "workerinput") or (Path.home() / ".ray" / "auth_token").exists():  # where Ray writes it
         return
     import subprocess
     import sys

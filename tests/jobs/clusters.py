@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +139,8 @@ class LocalCluster:
         Each try has fresh ports and a fresh temp dir, and everything the failed try started is killed first.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, attempts + 1):
+
+        def head(attempt: int) -> Node:
             self.gcs_port = free_port()
             self.dashboard_port = free_port()
             args = ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
@@ -148,18 +149,15 @@ class LocalCluster:
                 args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
             else:
                 args += ["--include-dashboard=false"]
-            try:
-                self._start(args, self.head_cpus, "head" if attempt == 1 else f"head-try{attempt}")
-                return self
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                self.stop()
-                self.nodes.clear()
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-                if attempt == attempts:
-                    raise
-                print(f"ray start --head failed (try {attempt} of {attempts}), trying again: {str(e)[-500:]}",
-                      file=sys.stderr)
-        raise AssertionError("unreachable")
+            return self._start(args, self.head_cpus, "head" if attempt == 1 else f"head-try{attempt}")
+
+        def clear() -> None:
+            self.stop()
+            self.nodes.clear()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+        _tried(head, clear, attempts, "ray start --head")
+        return self
 
     def add_node(self, cpus: int = 1, env: dict[str, str] | None = None, attempts: int = 2) -> Node:
         """Start a worker node; ``env``: its own environment (its workers inherit it), else the cluster's.
@@ -167,17 +165,8 @@ class LocalCluster:
         A node that fails to start (a port handed to it was taken meanwhile: other processes bind ports too) is
         killed and started again on fresh ports.
         """
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}", env)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                failed = self.nodes.pop()
-                _killpg(failed.pgid)
-                if attempt == attempts:
-                    raise
-                print(f"ray start of a node failed (try {attempt} of {attempts}), trying again: {str(e)[-500:]}",
-                      file=sys.stderr)
-        raise AssertionError("unreachable")
+        return _tried(lambda attempt: self._start([f"--address={self.address}"], cpus, f"node{len(self.nodes)}", env),
+                      lambda: _killpg(self.nodes.pop().pgid), attempts, "ray start of a node")
 
     def wait_for_cpus(self, cpus: float, timeout_s: float = 120) -> None:
         script = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
@@ -226,6 +215,19 @@ class LocalCluster:
         for p in psutil.process_iter(["cmdline"]):  # anything else that names our temp dir
             if str(self.temp_dir) in " ".join(p.info["cmdline"] or []):
                 _kill(p.pid)
+
+
+def _tried(start: Callable[[int], Node], undo: Callable[[], None], attempts: int, what: str) -> Node:
+    """``start(attempt)`` up to ``attempts`` times; after a try that fails, ``undo()`` clears what it left."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start(attempt)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            undo()
+            if attempt == attempts:
+                raise
+            print(f"{what} failed (try {attempt} of {attempts}), trying again: {str(e)[-500:]}", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def _killpg(pgid: int) -> None:
