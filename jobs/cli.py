@@ -273,6 +273,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.videos_failed:
         print(f"{_count(result.videos_failed, 'input')} failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
               file=sys.stderr)
+    if result.videos_audio_undecodable:
+        from pipeline.media import NO_AUDIO_DECODER
+
+        n = result.videos_audio_undecodable
+        print(f"WARNING: {_count(n, 'video')} {'were' if n != 1 else 'was'} labelled without audio: this FFmpeg build "
+              f"cannot decode {'their' if n != 1 else 'its'} audio tracks' codec (AC-4 or MPEG-H broadcast audio, say); "
+              f"has_audio is false in {'their' if n != 1 else 'its'} rows. List them: vidpipe query {args.out} "
+              f"\"SELECT uri FROM videos WHERE audio_codec = '{NO_AUDIO_DECODER}'\"", file=sys.stderr)
     if result.videos_changed:
         n = result.videos_changed
         more = f", and {n - len(result.changed_examples)} more" if n > len(result.changed_examples) else ""

@@ -56,7 +56,7 @@ from jobs.fs import Store
 from jobs.idset import IdSet
 from jobs.progress import driver_ended, this_process
 from pipeline.errors import ConfigError
-from pipeline.media import Failure, VideoInfo
+from pipeline.media import NO_AUDIO_DECODER, Failure, VideoInfo
 from pipeline.s3 import unreachable
 from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
 from workers.metrics import StageMeter
@@ -892,6 +892,7 @@ class ResultWriter:
         self.videos_done = 0
         self.videos_failed = 0
         self.video_seconds_done = 0.0
+        self.videos_audio_undecodable = 0  # labelled without audio: no decoder for any of their audio tracks
         self.segments_written = 0
         self.meter = StageMeter()
         # Videos finished or failed in the current wave: a late or repeated chunk of one of them (a
@@ -1005,6 +1006,7 @@ class ResultWriter:
                                                    "width", "height", "rotation_deg", "has_audio", "audio_channels",
                                                    "audio_rate_hz", "size_bytes")}
             self.video_seconds_done += info.duration_s
+            self.videos_audio_undecodable += info.audio_codec == NO_AUDIO_DECODER
         self._ready_videos.append(video)
         self.videos_done += 1
 

@@ -88,6 +88,7 @@ class JobResult:
     videos_failed_before: int = 0  # of the skipped inputs, those an earlier run recorded as failed
     videos_changed: int = 0  # of the skipped inputs, finished ones whose file's size changed since (not relabelled)
     changed_examples: list[str] = field(default_factory=list)  # the first few of them
+    videos_audio_undecodable: int = 0  # labelled without audio: FFmpeg has no decoder for their audio tracks
 
     @property
     def exit_code(self) -> int:
@@ -543,6 +544,7 @@ class JobRunner:
                          changed_examples=feeder.changed_examples,
                          videos_done=writer.videos_done, videos_failed=writer.videos_failed,
                          segments_written=writer.segments_written, video_seconds=writer.video_seconds_done,
+                         videos_audio_undecodable=writer.videos_audio_undecodable,
                          wall_s=wall, model_id=bundle.model_id, stage_metrics=writer.meter.to_dict())
 
     @staticmethod

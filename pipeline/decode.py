@@ -40,7 +40,7 @@ from av.video.reformatter import VideoReformatter
 from pipeline import h264_sps, truncation
 from pipeline.errors import ConfigError, MediaError
 from pipeline.frame_skip import DisposableFrameGate, h264_nal_length_size
-from pipeline.media import Chunk, ChunkingSpec, SamplingSpec, VideoInfo
+from pipeline.media import NO_AUDIO_DECODER, Chunk, ChunkingSpec, SamplingSpec, VideoInfo
 
 log = logging.getLogger(__name__)
 
@@ -811,10 +811,35 @@ class _VideoRun:
         if not video:
             what = "an audio-only file" if self.container.streams.audio else "a file without a video track"
             raise MediaError(self.uri, "no_video_stream", f"no video stream: this is {what}")
-        self.vstream: av.video.stream.VideoStream = video[0]
-        self.astream: av.audio.stream.AudioStream | None = (
-            self.container.streams.audio[0] if self.container.streams.audio else None
-        )
+        # A stream whose codec this FFmpeg build has no decoder for (PyAV gives it no codec context):
+        # broadcast formats such as AC-4 or MPEG-H audio, a codec FFmpeg does not know at all.
+        decodable = [s for s in video if s.codec_context is not None]
+        if not decodable:
+            which = "its video track has" if len(video) == 1 else f"none of its {len(video)} video tracks has"
+            raise MediaError(
+                self.uri,
+                "unsupported_codec",
+                f"{which} a codec this FFmpeg build (PyAV {av.__version__}) cannot decode; convert the file "
+                "(for example 'ffmpeg -i IN -c:v libx264 -c:a aac OUT.mp4') and run it again",
+            )
+        self.vstream: av.video.stream.VideoStream = decodable[0]
+        self.astream: av.audio.stream.AudioStream | None = self._audio_stream()
+
+    def _audio_stream(self) -> av.audio.stream.AudioStream | None:
+        """The audio track to use: the first one FFmpeg can decode; in an MPEG-TS with more than one, the one
+        FFmpeg pairs with the video (``av_find_best_stream``): of the video's own program, since in a broadcast
+        multiplex the first audio track can be another service's (a radio station's)."""
+        tracks = self.container.streams.audio
+        audio = [s for s in tracks if s.codec_context is not None]
+        if len(audio) < len(tracks):
+            skipped = [str(s.index) for s in tracks if s.codec_context is None]
+            log.warning("%s: audio stream %s has a codec this FFmpeg build cannot decode; %s", self.uri,
+                        ", ".join(skipped), f"using stream {audio[0].index}" if audio else "labelled without audio")
+        if len(audio) > 1 and "mpegts" in self.container.format.name.split(","):
+            best = self.container.streams.best("audio", related=self.vstream)
+            if best is not None and best.codec_context is not None:
+                return best  # type: ignore[return-value]
+        return audio[0] if audio else None
 
     def _setup(self) -> None:
         s = self.sampling
@@ -1308,7 +1333,8 @@ class _VideoRun:
             fps=self.avg_fps or (self.n_frames / duration_s if duration_s > 0 else 0.0),
             rotation_deg=_quarter_turns_to_deg(self.quarter_turns),
             has_audio=self.astream is not None,
-            audio_codec=_codec_name(self.astream) if self.astream is not None else None,
+            audio_codec=(_codec_name(self.astream) if self.astream is not None
+                         else NO_AUDIO_DECODER if self.container.streams.audio else None),
             audio_channels=acc.layout.nb_channels if acc is not None else None,
             audio_rate_hz=acc.sample_rate if acc is not None else None,
             size_bytes=self.size_bytes,

@@ -63,6 +63,11 @@ class ChunkingSpec:
             raise ValueError(f"context_segments must be >= 0, got {self.context_segments}")
 
 
+# ``videos.audio_codec`` of a video labelled without audio because this FFmpeg build cannot decode any of its
+# audio tracks (AC-4, MPEG-H: PyAV does not say which codec a track without a decoder has)
+NO_AUDIO_DECODER = "(no decoder)"
+
+
 @dataclass
 class VideoInfo:
     """Facts about one video, complete once decoding has finished."""
@@ -77,7 +82,7 @@ class VideoInfo:
     fps: float
     rotation_deg: int
     has_audio: bool
-    audio_codec: str | None = None
+    audio_codec: str | None = None  # NO_AUDIO_DECODER: audio tracks there, none that FFmpeg can decode
     audio_channels: int | None = None
     audio_rate_hz: int | None = None
     size_bytes: int | None = None

@@ -536,3 +536,87 @@ def _remux_with_bad_packets(
                 index += 1
             to_write.stream = out_streams[packet.stream.index]
             out.mux(to_write)
+
+
+def combine_streams(path: str | os.PathLike[str], *sources: str | os.PathLike[str],
+                    options: dict[str, str] | None = None) -> Path:
+    """Copy every stream of ``sources`` (in that order) into one file at ``path``, without re-encoding:
+    a video with two audio tracks, say.  ``options``: the muxer's (e.g. an MPEG-TS service id)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = [av.open(str(s)) for s in sources]
+    try:
+        with av.open(str(path), "w", options=options or {}) as out:
+            copies = {(i, s.index): out.add_stream_from_template(s) for i, c in enumerate(inputs) for s in c.streams}
+            packets = [(float(p.dts * p.time_base), i, n, p) for i, c in enumerate(inputs)
+                       for n, p in enumerate(c.demux()) if p.size and p.dts is not None]
+            for _, i, _, packet in sorted(packets, key=lambda e: e[:3]):
+                packet.stream = copies[(i, packet.stream.index)]
+                out.mux(packet)
+    finally:
+        for c in inputs:
+            c.close()
+    return path
+
+
+def without_decoder(path: str | os.PathLike[str], source: str | os.PathLike[str],
+                    stream: Literal["video", "audio"]) -> Path:
+    """``source`` (an MP4 of H.264 + AAC) with the first track of ``stream``'s kind relabelled as a codec
+    FFmpeg has no decoder for: its AAC as AC-4 (ATSC 3.0 broadcast audio), or its H.264 as an unknown code."""
+    data = Path(source).read_bytes()
+    if stream == "audio":
+        data = data.replace(b"mp4a", b"ac-4", 1).replace(b"esds", b"xsds", 1)
+    else:
+        data = data.replace(b"avc1", b"xvc1")
+    path = Path(path)
+    path.write_bytes(data)
+    return path
+
+
+def _mpeg_crc32(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+        crc &= 0xFFFFFFFF
+    return crc
+
+
+def make_multiprogram_ts(path: str | os.PathLike[str], *services: str | os.PathLike[str]) -> Path:
+    """An MPEG-TS multiplex of several services (programs), as a DVB capture of a whole transponder holds:
+    each of ``services`` (a media file) copied into a program of its own (service ids 1, 2, ...), their
+    packets interleaved in proportion, the first service's first."""
+    path = Path(path)
+    parts: list[list[bytes]] = []
+    pmt_pids = []
+    for n, source in enumerate(services):
+        one = path.with_name(f"{path.stem}.service{n + 1}.ts")
+        pmt_pids.append(0x1000 + n)
+        combine_streams(one, source, options={"mpegts_service_id": str(n + 1),
+                                              "mpegts_pmt_start_pid": str(pmt_pids[-1]),
+                                              "mpegts_start_pid": str(0x100 * (n + 1))})
+        data = one.read_bytes()
+        one.unlink()
+        packets = [data[i:i + 188] for i in range(0, len(data), 188)]
+        parts.append([p for p in packets if ((p[1] & 0x1F) << 8 | p[2]) not in (0x00, 0x11)])  # no PAT, no SDT
+
+    def pat(counter: int) -> bytes:
+        body = b"\x00\x01\xc1\x00\x00" + b"".join(
+            bytes([(n + 1) >> 8, (n + 1) & 0xFF, 0xE0 | pid >> 8, pid & 0xFF]) for n, pid in enumerate(pmt_pids))
+        section = bytes([0x00, 0xB0, len(body) + 4]) + body
+        payload = b"\x00" + section + _mpeg_crc32(section).to_bytes(4, "big")
+        return bytes([0x47, 0x40, 0x00, 0x10 | counter & 0x0F]) + payload + b"\xff" * (184 - len(payload))
+
+    total = sum(len(p) for p in parts)
+    taken = [0] * len(parts)
+    out: list[bytes] = []
+    for k in range(total):
+        if k % 40 == 0:
+            out.append(pat(k // 40))
+        n = min((i for i in range(len(parts)) if taken[i] < len(parts[i])),
+                key=lambda i: (taken[i] / len(parts[i]), i))
+        out.append(parts[n][taken[n]])
+        taken[n] += 1
+    path.write_bytes(b"".join(out))
+    return path

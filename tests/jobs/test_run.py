@@ -498,6 +498,31 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(first_run, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_codecs_without_a_decoder_are_explained_and_the_picture_is_labelled(first_run, tmp_path, capsys):
+    """Such a file failed as internal_error with a Python traceback for message; a video whose only audio track
+    cannot be decoded (AC-4, MPEG-H) is labelled without audio, and the run says so."""
+    from tests import media_factory as mf
+
+    source = mf.make_video(tmp_path / "src.mp4", duration_s=2.0, audio="tone")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    mf.without_decoder(inputs / "ac4.mp4", source, "audio")
+    mf.without_decoder(inputs / "unknown_video.mp4", source, "video")
+    out = tmp_path / "o"
+    code = main(["run", str(inputs), "--out", str(out), "--allow-untrained", "--no-progress"])
+    assert code == EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert ("WARNING: 1 video was labelled without audio: this FFmpeg build cannot decode its audio tracks' codec"
+            in err and "\"SELECT uri FROM videos WHERE audio_codec = '(no decoder)'\"" in err), err
+    (failure,) = run_query(out, "SELECT uri, error_kind, message FROM failures").to_pylist()
+    assert failure["uri"].endswith("unknown_video.mp4") and failure["error_kind"] == "unsupported_codec"
+    assert "its video track has a codec this FFmpeg build" in failure["message"] and "Traceback" not in failure["message"]
+    (video,) = run_query(out, "SELECT uri, has_audio, audio_codec, n_segments FROM videos").to_pylist()
+    assert video == {"uri": str(inputs / "ac4.mp4"), "has_audio": False, "audio_codec": "(no decoder)",
+                     "n_segments": 2}
+    assert run_query(out, "SELECT count(*) AS n FROM segments WHERE NOT has_audio").to_pylist() == [{"n": 2}]
+
+
 def test_a_bad_manifest_row_found_by_the_run_is_its_status_message_in_its_own_words(first_run, tmp_path, capsys):
     """status said 'failed: ConfigError: manifest ...' (the exception's class, as for an internal error)."""
     from jobs.status import read_status

@@ -753,6 +753,60 @@ def test_audio_only_file_has_no_video_stream(tmp_path: Path, suffix: str) -> Non
     assert "audio-only" in err.message
 
 
+def dominant_hz(chunks: list[Chunk], rate_hz: int = SamplingSpec().audio_rate_hz) -> float:
+    audio = core_rows(chunks)["audio"].ravel().astype(np.float64)
+    return float(np.argmax(np.abs(np.fft.rfft(audio))) * rate_hz / len(audio))
+
+
+def test_a_video_codec_without_a_decoder_is_unsupported_codec(media_dir: Path, tmp_path: Path) -> None:
+    """A video track FFmpeg has no decoder for failed as internal_error, a Python traceback for message
+    (found by a helper)."""
+    source = mf.make_video(media_dir / "to_relabel.mp4", duration_s=2.0, audio="tone")
+    err = expect_error(mf.without_decoder(tmp_path / "unknown_video.mp4", source, "video"), "unsupported_codec")
+    assert "its video track has a codec this FFmpeg build" in err.message and "ffmpeg -i IN" in err.message
+    assert "Traceback" not in err.message
+
+
+def test_an_audio_track_without_a_decoder_is_left_out(media_dir: Path, tmp_path: Path, caplog) -> None:
+    """AC-4 or MPEG-H audio (broadcast formats this FFmpeg build cannot decode) failed the whole video as
+    internal_error; the picture is labelled, without audio, and a warning names the track."""
+    source = mf.make_video(media_dir / "to_relabel.mp4", duration_s=2.0, audio="tone")
+    path = mf.without_decoder(tmp_path / "ac4.mp4", source, "audio")
+    with caplog.at_level(logging.WARNING, logger="pipeline.decode"):
+        chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.n_segments == 2 and not info.has_audio
+    assert info.audio_codec == "(no decoder)" and info.audio_rate_hz is None
+    assert not any(c.has_audio for c in chunks) and not core_rows(chunks)["audio"].any()
+    assert f"{path}: audio stream 1 has a codec this FFmpeg build cannot decode; labelled without audio" in caplog.text
+
+
+def test_the_first_audio_track_ffmpeg_can_decode_is_used(media_dir: Path, tmp_path: Path) -> None:
+    source = mf.make_video(media_dir / "to_relabel.mp4", duration_s=2.0, audio="tone", tone_hz=440)
+    second = mf.make_audio(tmp_path / "second.m4a", duration_s=2.0, tone_hz=1000)
+    both = mf.combine_streams(tmp_path / "two_tracks.mp4", source, second)
+    assert dominant_hz(decode(both)) == pytest.approx(440, abs=5)  # the first track, as before
+    chunks = decode(mf.without_decoder(tmp_path / "ac4_first.mp4", both, "audio"))
+    info = chunks[-1].info
+    assert info is not None and info.has_audio and info.audio_codec == "aac"
+    assert dominant_hz(chunks) == pytest.approx(1000, abs=5)
+
+
+def test_a_broadcast_multiplex_gives_the_video_its_own_programs_audio(tmp_path: Path) -> None:
+    """In an MPEG-TS of several services (a radio station's listed first) the TV picture got the radio's sound:
+    the first audio track of the file, not of its program (found by a helper)."""
+    radio = mf.make_audio(tmp_path / "radio.m4a", duration_s=3.0, channels=2, rate_hz=48_000, tone_hz=1000)
+    tv = mf.make_video(tmp_path / "tv.mp4", duration_s=3.0, audio="tone", audio_rate_hz=44_100, tone_hz=440)
+    mux = mf.make_multiprogram_ts(tmp_path / "multiplex.ts", radio, tv)
+    with av.open(str(mux)) as c:
+        assert [s.type for s in c.streams] == ["audio", "video", "audio"]
+    chunks = decode(mux)
+    info = chunks[-1].info
+    assert info is not None and info.n_segments == 3
+    assert (info.audio_channels, info.audio_rate_hz) == (1, 44_100)
+    assert dominant_hz(chunks) == pytest.approx(440, abs=5)
+
+
 def test_video_stream_without_frames(tmp_path: Path) -> None:
     import av
 
