@@ -46,7 +46,12 @@ log = logging.getLogger(__name__)
 
 SEGMENT_TOLERANCE_S = 1e-3  # a remainder shorter than this after the last full segment is dropped
 _TIE_S = 1e-6  # a frame starting within 1 µs after a target time counts as shown at it (float noise)
-MAX_BAD_PACKETS = 10  # corrupt packets tolerated per video (FFmpeg conceals them) before failing
+# Corrupt packets (FFmpeg conceals each) that fail a video: more than MAX_BAD_PACKETS and more than
+# MAX_BAD_FRACTION of the packets read, counted at its end (a broadcast capture with 0.1 % of its MPEG-TS
+# packets lost had 14 corrupt in a minute, 0.35 %: more than 10 failed it); and at once where more than half
+# of those read so far are corrupt (the file is damaged past its header: nothing to label).
+MAX_BAD_PACKETS = 10
+MAX_BAD_FRACTION = 0.01
 # A frame that ends further than this (or than half the announced length) past the end the header
 # announces has a damaged timestamp: a damaged MP4 index gave a 60-s video frames at 140,400 s, and the
 # segments up to there, held in memory, took the machine's 21 GB.  It is dropped and counted as corrupt.
@@ -871,6 +876,7 @@ class _VideoRun:
         self.quarter_turns = 0
         self.width = self.height = 0
         self.bad_packets = 0
+        self.packets_read = 0  # of the video and audio tracks used
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
@@ -933,6 +939,7 @@ class _VideoRun:
                     f"(FFmpeg: {_ffmpeg_message(e)}); re-encode or re-download it",
                 ) from e
             self.last_packet = packet
+            self.packets_read += 1
             yield packet
 
     def _position_s(self, packet: av.Packet | None) -> float:
@@ -961,17 +968,30 @@ class _VideoRun:
             return []
 
     def _count_bad(self, where: Callable[[], str], error: BaseException | None = None) -> None:
-        """One more corrupt packet or frame (``where()`` says where and how); past MAX_BAD_PACKETS the video fails."""
+        """One more corrupt packet or frame (``where()`` says where and how): the video fails at once where more
+        than MAX_BAD_PACKETS and more than half of the packets read are (see ``_check_damage`` for its end)."""
         self.bad_packets += 1
         if not self.first_error:
             self.first_error = where()
-        if self.bad_packets > MAX_BAD_PACKETS:
+        if self.bad_packets > MAX_BAD_PACKETS and 2 * self.bad_packets > self.packets_read:
             raise MediaError(
                 self.uri,
                 "decode_error",
-                f"more than {MAX_BAD_PACKETS} corrupt packets (first {self.first_error}); "
+                f"{self.bad_packets} corrupt packets in the first {self.packets_read} (first {self.first_error}); "
                 "the file is damaged: re-encode or re-download it",
             ) from error
+
+    def _check_damage(self) -> None:
+        """At the end: more than MAX_BAD_PACKETS corrupt packets, and more than MAX_BAD_FRACTION of those read,
+        fail the video; fewer are concealed (a damaged minute of a long recording is not a failed recording)."""
+        if self.bad_packets > max(MAX_BAD_PACKETS, MAX_BAD_FRACTION * self.packets_read):
+            raise MediaError(
+                self.uri,
+                "decode_error",
+                f"{self.bad_packets} corrupt packets in {self.packets_read} (first {self.first_error}): more than "
+                f"{MAX_BAD_PACKETS} and more than {MAX_BAD_FRACTION:.0%} of them; the file is damaged: re-encode or "
+                "re-download it",
+            )
 
     # -- video -----------------------------------------------------------------------------------------
 
@@ -1296,6 +1316,7 @@ class _VideoRun:
                 "no_frames",
                 f"the video stream has no decodable frames{detail}; the file may be damaged",
             )
+        self._check_damage()
         if self.audio is not None and self.audio.n_late:
             log.warning(
                 "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import av
@@ -826,6 +827,25 @@ def test_video_stream_without_frames(tmp_path: Path) -> None:
     expect_error(path, "no_frames")
 
 
+def test_scattered_corrupt_packets_in_a_long_recording_are_concealed(shared_media, tmp_path: Path) -> None:
+    """More than 10 corrupt packets failed any video: a broadcast capture of 60 s that lost 0.1 % of its MPEG-TS
+    packets had 14 (found by a helper).  Now more than 1 % of the packets read must be corrupt as well."""
+    source = shared_media / "bbb_clip_720p.mp4"
+    with av.open(str(source)) as c:
+        n_video = sum(1 for p in c.demux(video=0) if p.size)
+    every = n_video // 13  # 13 damaged packets, 0.9 % (every frame decoded: skipping could leave some undecoded)
+    scattered = mf.make_corrupt(tmp_path / "scattered.mkv", kind="bad_packets", source=source,
+                                bad_packets=range(every, n_video, every))
+    chunks = list(VideoDecoder(SamplingSpec(segment_seconds=10.0), ONE_CHUNK, skip_unsampled=False).chunks(scattered))
+    info = chunks[-1].info
+    assert info is not None and info.duration_s > 60 and info.n_segments == 7
+    dense = mf.make_corrupt(tmp_path / "dense.mkv", kind="bad_packets", source=source,
+                            bad_packets=range(every, n_video, every // 4))  # ~4 % of the packets
+    err = expect_error(dense, "decode_error")
+    assert re.search(r"^\d+ corrupt packets in \d+ \(first near \d+\.\d s: .*\): more than 10 and more than 1% of "
+                     r"them; the file is damaged", err.message), err.message
+
+
 def test_a_few_corrupt_packets_are_tolerated_many_fail(media_dir: Path, tmp_path: Path) -> None:
     source = mf.make_video(media_dir / "to_damage.mkv", duration_s=2.0, size=(96, 96))
     few = mf.make_corrupt(tmp_path / "few.mkv", kind="bad_packets", source=source, bad_packets=[5, 20, 33])
@@ -880,7 +900,7 @@ def test_where_the_damage_starts_is_said_from_the_packet(media_dir: Path, tmp_pa
     with pytest.raises(MediaError) as info:
         list(VideoDecoder(SamplingSpec(), ChunkingSpec(64, 8), skip_unsampled=skip).chunks(damaged))
     assert info.value.error_kind == "decode_error"
-    assert "corrupt packets (first near 1.5 s:" in info.value.message
+    assert "corrupt packets in " in info.value.message and "(first near 1.5 s:" in info.value.message
 
 
 @needs_media
