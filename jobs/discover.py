@@ -16,7 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.inputs import file_uri_path, local_path, path_uri
 
 VIDEO_EXTENSIONS = frozenset(
-    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob".split()
+    (".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv .mxf .vob "
+     ".dv .m2v .m2p .mod .tod .asf .f4v .y4m").split()
 )
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".parquet"})
 _SLUG_KEPT = ".-_"

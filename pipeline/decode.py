@@ -52,6 +52,9 @@ _TIE_S = 1e-6  # a frame starting within 1 µs after a target time counts as sho
 # of those read so far are corrupt (the file is damaged past its header: nothing to label).
 MAX_BAD_PACKETS = 10
 MAX_BAD_FRACTION = 0.01
+
+MAX_PLAUSIBLE_FPS = 1000  # an average frame rate above it is a demuxer's mistake (raw DV: 60,000)
+
 # A frame that ends further than this (or than half the announced length) past the end the header
 # announces has a damaged timestamp: a damaged MP4 index gave a 60-s video frames at 140,400 s, and the
 # segments up to there, held in memory, took the machine's 21 GB.  It is dropped and counted as corrupt.
@@ -862,7 +865,9 @@ class _VideoRun:
         avi = "avi" in self.container.format.name.split(",")
         self.origin_pts: int | None = None if avi else self.vstream.start_time
         self.reorder = _GuessedPtsReorder() if avi else None
-        rate = self.vstream.average_rate or self.vstream.guessed_rate
+        rate = self.vstream.average_rate
+        if not rate or (rate > MAX_PLAUSIBLE_FPS and self.vstream.guessed_rate):
+            rate = self.vstream.guessed_rate  # FFmpeg's raw DV demuxer gives its time base, 60,000, as the average
         self.avg_fps = float(rate) if rate else 0.0
         sar = self.vstream.sample_aspect_ratio or vcc.sample_aspect_ratio
         self.sample_aspect = Fraction(sar) if sar and sar > 0 else Fraction(1)

@@ -27,6 +27,15 @@ def test_folder_is_searched_recursively_in_sorted_order(tmp_path):
     assert refs[1].video_id.startswith("b__z.mp4-")
 
 
+def test_tape_and_camcorder_formats_are_found_in_folders(tmp_path):
+    """A folder of DV tape captures or camcorder MPEG-PS files (.dv, .mod, .tod) was said to hold no video file,
+    although each named alone was labelled (found by a helper)."""
+    names = ["a.dv", "b.m2v", "c.m2p", "d.MOD", "e.tod", "f.asf", "g.f4v", "h.y4m"]
+    for name in names:
+        _touch(tmp_path / name)
+    assert [Path(r.uri).name for r in discover([str(tmp_path)])] == names
+
+
 def test_each_input_once_and_stable_ids(tmp_path):
     f = _touch(tmp_path / "clip one.mp4")
     refs = list(discover([str(f), str(tmp_path), str(tmp_path / "*.mp4")]))

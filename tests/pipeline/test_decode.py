@@ -808,6 +808,30 @@ def test_a_broadcast_multiplex_gives_the_video_its_own_programs_audio(tmp_path: 
     assert dominant_hz(chunks) == pytest.approx(440, abs=5)
 
 
+def test_a_raw_dv_tape_capture_gives_its_frame_rate(tmp_path: Path) -> None:
+    """FFmpeg's DV demuxer gives the stream's time base (60,000) as its average frame rate: videos.fps said
+    60000 for an NTSC tape capture (found by a helper)."""
+    from fractions import Fraction
+
+    path = tmp_path / "tape.dv"
+    rate = Fraction(30000, 1001)
+    with av.open(str(path), "w", format="dv") as out:
+        stream = out.add_stream("dvvideo", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 720, 480, "yuv411p"
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(mf.stamped_image(720, 480, i), format="rgb24").reformat(format="yuv411p")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].average_rate == 60000  # FFmpeg's, as found
+    chunks = decode(path)
+    info = chunks[-1].info
+    assert info is not None and info.fps == pytest.approx(29.97, abs=0.01)
+    assert info.duration_s == pytest.approx(2.002) and info.n_segments == 3
+    check_stamps(core_rows(chunks), [float(i / rate) for i in range(60)])
+
+
 def test_video_stream_without_frames(tmp_path: Path) -> None:
     import av
 
