@@ -833,6 +833,10 @@ class _VideoRun:
         self.vstream: av.video.stream.VideoStream = decodable[0]
         self.astream: av.audio.stream.AudioStream | None = self._audio_stream()
 
+    def _image_format(self) -> bool:
+        """Whether FFmpeg read the file as an image (its image demuxers: ``png_pipe``, ``jpeg_pipe``, ... ``image2``)."""
+        return any(n == "image2" or n.endswith("_pipe") for n in self.container.format.name.split(","))
+
     def _audio_stream(self) -> av.audio.stream.AudioStream | None:
         """The audio track to use: the first one FFmpeg can decode; in an MPEG-TS with more than one, the one
         FFmpeg pairs with the video (``av_find_best_stream``): of the video's own program, since in a broadcast
@@ -1322,6 +1326,9 @@ class _VideoRun:
                 f"the video stream has no decodable frames{detail}; the file may be damaged",
             )
         self._check_damage()
+        if self.n_frames == 1 and self._image_format():
+            raise MediaError(self.uri, "no_video_stream",
+                             f"no video stream: this is a still image ({_codec_name(self.vstream).upper()}), not a video")
         if self.audio is not None and self.audio.n_late:
             log.warning(
                 "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",

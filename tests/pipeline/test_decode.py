@@ -832,6 +832,21 @@ def test_a_raw_dv_tape_capture_gives_its_frame_rate(tmp_path: Path) -> None:
     check_stamps(core_rows(chunks), [float(i / rate) for i in range(60)])
 
 
+@pytest.mark.parametrize(("codec", "pix_fmt", "name"), [("png", "rgb24", "PNG"), ("mjpeg", "yuvj420p", "MJPEG"),
+                                                    ("libwebp", "yuv420p", "WEBP")])
+def test_a_still_image_named_as_a_video_is_not_one(tmp_path: Path, codec: str, pix_fmt: str, name: str) -> None:
+    """A PNG or JPEG renamed .mp4 was labelled as a video of 0.04 s (found by a helper)."""
+    path = tmp_path / "poster.mp4"
+    with av.open(str(path), "w", format="image2pipe") as out:
+        stream = out.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        frame = av.VideoFrame.from_ndarray(mf.stamped_image(64, 48, 3), format="rgb24").reformat(format=pix_fmt)
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    err = expect_error(path, "no_video_stream")
+    assert err.message == f"no video stream: this is a still image ({name}), not a video"
+
+
 def test_video_stream_without_frames(tmp_path: Path) -> None:
     import av
 
