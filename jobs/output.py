@@ -969,7 +969,8 @@ class ResultWriter:
         scores = np.concatenate([np.asarray(p["topk_scores"], np.float32).reshape(len(p["segment_index"]), -1)
                                  for p in parts])
         n, k = idx.shape
-        has_audio = bool(parts[0]["has_audio"])
+        # the video's end knows whether its audio track gave any sound (an empty track sends has_audio chunks)
+        has_audio = buf.info.has_audio if buf.info is not None else bool(parts[0]["has_audio"])
         cols: dict[str, Any] = {
             "video_id": pa.array([video_id] * n, pa.string()),
             "segment_index": pa.array(seg_index, pa.int32()),

@@ -1365,7 +1365,9 @@ class _VideoRun:
             height=self.height,
             fps=self.avg_fps or (self.n_frames / duration_s if duration_s > 0 else 0.0),
             rotation_deg=_quarter_turns_to_deg(self.quarter_turns),
-            has_audio=self.astream is not None,
+            # an audio track that never gave a sample (a Matroska track without packets) is no audio: the
+            # chunks, sent before the end, could not know (the driver writes the segments' value from here)
+            has_audio=self.audio is not None and self.audio.cursor is not None,
             audio_codec=(_codec_name(self.astream) if self.astream is not None
                          else NO_AUDIO_DECODER if self.container.streams.audio else None),
             audio_channels=acc.layout.nb_channels if acc is not None else None,

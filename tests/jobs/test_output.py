@@ -60,6 +60,19 @@ def test_only_complete_videos_are_committed(tmp_path):
     assert out.finished_video_ids() == {"v1"}
 
 
+def test_whether_a_video_has_audio_is_taken_from_its_end(tmp_path):
+    """Chunks are sent before the decoder knows whether the audio track gives any sound; the video's info
+    (with its last chunk) says, and its segments take that."""
+    out, w = writer_for(tmp_path)
+    last = head_row("v1", 1, 4, 6, is_last=True, n_total=6)
+    info = json.loads(last["info_json"]) | {"has_audio": False}
+    w.add_row(head_row("v1", 0, 0, 4, is_last=False))  # has_audio True, as sent
+    w.add_row(last | {"info_json": json.dumps(info)})
+    w.flush()
+    assert run_query(out.root, "SELECT DISTINCT has_audio FROM segments").to_pylist() == [{"has_audio": False}]
+    assert run_query(out.root, "SELECT has_audio FROM videos").to_pylist() == [{"has_audio": False}]
+
+
 def test_failure_row_discards_partial_chunks(tmp_path):
     out, w = writer_for(tmp_path)
     w.add_row(head_row("v1", 0, 0, 4, is_last=False))

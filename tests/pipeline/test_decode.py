@@ -847,6 +847,29 @@ def test_a_still_image_named_as_a_video_is_not_one(tmp_path: Path, codec: str, p
     assert err.message == f"no video stream: this is a still image ({name}), not a video"
 
 
+def test_an_audio_track_without_packets_is_no_audio(tmp_path: Path) -> None:
+    """A Matroska file whose audio track holds no packet said has_audio = true (its audio all zeros; found by a
+    helper). The chunks, sent before the end, cannot know; the video's info, which the driver writes, does."""
+    path = tmp_path / "silent_track.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=44_100)
+        audio.layout = "mono"
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(mf.stamped_image(64, 48, i), format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    with av.open(str(path)) as c:
+        assert len(c.streams.audio) == 1
+    info = decode(path)[-1].info
+    assert info is not None and info.n_segments == 2 and not info.has_audio and info.audio_codec == "aac"
+    with_sound = mf.make_video(tmp_path / "with_sound.mkv", duration_s=2.0, audio="tone")
+    info = decode(with_sound)[-1].info
+    assert info is not None and info.has_audio
+
+
 def test_video_stream_without_frames(tmp_path: Path) -> None:
     import av
 
