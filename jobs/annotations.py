@@ -98,6 +98,25 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
     return path_uri(str(path.resolve()))
 
 
+def _utf8(value: bytes, column: str, where: str) -> str:
+    """A Parquet binary cell (strings written without their UTF-8 annotation, as some Hive writers do) as text."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the {column!r} value is bytes that are not UTF-8 text; write it as a string"
+                          ) from None
+
+
+def _video_text(value: object, where: str) -> str:
+    """A ``video`` cell as text: a Parquet column of numbers said "empty video" for 0, bytes their repr."""
+    if isinstance(value, bytes):
+        return _utf8(value, "video", where)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: the 'video' column holds {type(value).__name__} values, not paths or URIs; "
+                          "write them as strings")
+    return value or ""
+
+
 def label_list(labels: list[str]) -> str:
     """Labels for a message: one holding a comma (or quotes, spaces at an end) is quoted, so the list reads once."""
     return ", ".join(repr(name) if "," in name or "'" in name or '"' in name or name != name.strip() else name
@@ -157,8 +176,12 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not x.strip() for x in row):
                 continue
-            if len(row) <= max(index.values()):
-                raise ConfigError(f"annotations {path} line {lineno}: {len(row)} fields, the header has {len(header)}")
+            if len(row) <= max(index.values()) or (len(row) > len(header) and any(x.strip() for x in row[len(header):])):
+                # more cells than the header: an unquoted comma in a label ('noise, loud' was trained as 'noise')
+                more = (f"; a value holding a {'comma' if delimiter == ',' else 'tab'} must be quoted "
+                        '("noise, loud")') if len(row) > len(header) else ""
+                raise ConfigError(f"annotations {path} line {lineno}: {len(row)} fields, the header has "
+                                  f"{len(header)}{more}")
             rows.append((lineno, {c: row[i] for c, i in index.items()}))
         return rows
 
@@ -261,11 +284,12 @@ def read_annotations(
     order: list[str] = []
     for lineno, row in rows:
         where = f"annotations {path} {'line' if path.suffix.lower() != '.parquet' else 'row'} {lineno}"
-        uri = _resolve_video(str(row["video"] or ""), root, where)
+        uri = _resolve_video(_video_text(row["video"], where), root, where)
         start, end = _number(row["start_s"], "start_s", where), _number(row["end_s"], "end_s", where)
         if end <= start:
             raise ConfigError(f"{where}: end_s {end:g} <= start_s {start:g}; an annotation must have end_s > start_s")
-        label = str(row["label"] if row["label"] is not None else "").strip()
+        label = _utf8(row["label"], "label", where) if isinstance(row["label"], bytes) else row["label"]
+        label = str(label if label is not None else "").strip()
         if not label:
             raise ConfigError(f"{where}: empty label")
         if labels is not None and label not in labels:

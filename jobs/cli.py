@@ -544,7 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         why = f" ({exc})" if str(exc) else ""
-        print(f"vidpipe: interrupted{why}; rerun the same command to resume", file=sys.stderr)
+        # train and eval keep the features extracted so far, not a training's epochs ("to resume" said so)
+        again = {"train": "rerun the same command to go on: the features extracted so far are cached (training "
+                          "starts over)",
+                 "eval": "rerun the same command to go on: the features extracted so far are cached"}.get(
+            args.command, "rerun the same command to resume" if args.command in ("run", "submit") else "")
+        print(f"vidpipe: interrupted{why}{'; ' if again else ''}{again}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -22,6 +22,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM: stopped, the finished videos committe
 # Shorter segments than this are not a labelling of video any more (and would sample each frame many
 # times); the audio encoders' log-mel windows are 25 ms.
 MIN_SEGMENT_S = 0.1
+MAX_VIDEO_TIMEOUT_S = 1_000_000  # --video-timeout
 
 
 def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
@@ -111,8 +112,12 @@ class JobSpec:
             raise ConfigError(f"--precision must be auto, fp32 or bf16; got {self.precision!r}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.video_timeout_s is not None and not self.video_timeout_s > 0:
-            raise ConfigError(f"--video-timeout must be > 0 seconds, got {self.video_timeout_s}")
+        if self.video_timeout_s is not None and not 0 < self.video_timeout_s <= MAX_VIDEO_TIMEOUT_S:
+            # the decoder's wait (a poll in milliseconds, a C int) overflowed past ~24.8 days: every video of
+            # the run failed as internal_error, recorded as failed for later runs too
+            raise ConfigError(f"--video-timeout must be a number of seconds > 0 and at most {MAX_VIDEO_TIMEOUT_S:,} "
+                              f"(11.6 days: a decode that makes no progress that long is not going to), got "
+                              f"{self.video_timeout_s}")
         if self.max_attempts < 1:
             raise ConfigError(f"--max-attempts must be >= 1, got {self.max_attempts}")
         if self.wave_size is not None and self.wave_size < 1:

@@ -73,6 +73,7 @@ from pipeline.specs import (
 )
 
 WORK_DIR = "work"
+MAX_LR = 1.0  # --lr: AdamW moves each weight by about lr per step; past this, no head trains
 # kept when a bundle directory is retrained: the feature cache and a README the user wrote there
 _KEPT = (WORK_DIR, "README.md")
 
@@ -136,8 +137,10 @@ class TrainSpec:
                                    ("batch_windows", self.batch_windows, 1)):
             if value < least:
                 raise ConfigError(f"{flag} must be >= {least}, got {value}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            # 1e300 failed after the features' extraction with torch's traceback; 1e30 trained to NaN and saved it
+            raise ConfigError(f"--lr must be a positive number at most {MAX_LR:g} (AdamW's step; the default is 2e-3), "
+                              f"got {self.lr}")
         cells = max(1, -(-self.image_size // 32))  # the CNNs' feature map: 1/32 of the input a side (7 at 224)
         if not 0 <= self.image_grid <= cells:
             raise ConfigError(f"--image-grid must be in [0, {cells}] at --image-size {self.image_size} (the image "
@@ -466,6 +469,17 @@ def _check_out(out: Path) -> None:
                               f"{'it' if len(others) == 1 else 'them'} out, or use a new directory")
 
 
+def _check_cache_outside_bundle(cache: Path, out: Path) -> None:
+    """Refuse a feature cache that saving the bundle would delete: --out itself or a folder in it other than its
+    work/ (``--cache X --out X`` lost every feature it had extracted, without a word)."""
+    cache, out = cache.resolve(), out.resolve()
+    work = out / WORK_DIR
+    if (cache == out or out in cache.parents) and not (cache == work or work in cache.parents):
+        raise ConfigError(f"--cache {cache}: {'is' if cache == out else 'lies in'} the bundle directory --out {out}, "
+                          f"which saving the bundle replaces (keeping only {' and '.join(_KEPT)}); leave --cache out "
+                          f"to cache in {work / 'features'}, or give a folder outside --out")
+
+
 def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult:
     """Train a head per ``spec`` and save the bundle to ``spec.out``."""
     started = time.monotonic()
@@ -514,6 +528,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     cache_root = Path(spec.cache).expanduser() if spec.cache else out / WORK_DIR / "features"
     if spec.cache:
         check_writable_dir(spec.cache, "--cache")
+        _check_cache_outside_bundle(cache_root, out)
     videos = _videos_to_train_on(ann, spec.annotations, say)
     fres = extract_features([(v.uri, v.video_id) for v in videos], fspec, cache_root, address=spec.address,
                             device=spec.device, say=say)
@@ -648,6 +663,9 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         for epoch in range(1, spec.epochs + 1):
             t0 = time.monotonic()
             train_loss = trainer.epoch()
+            if not math.isfinite(train_loss):
+                raise ConfigError(f"training diverged in epoch {epoch} (training loss {train_loss}): no bundle is "
+                                  f"written; train again with a smaller --lr (it was {spec.lr:g}; the default is 2e-3)")
             val_loss, probs, targets = trainer.predict(monitor)
             thresholds = tune_thresholds(np.concatenate(probs), np.concatenate(targets)) \
                 if spec.task == "multilabel" else None

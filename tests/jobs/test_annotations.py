@@ -63,6 +63,16 @@ def test_parquet_annotations(tmp_path, videos):
         with pytest.raises(ConfigError, match=r"ann\.parquet: columns video appear more than once") as info:
             read_annotations(path, videos)
         assert "not a readable Parquet file" not in str(info.value)
+    # a column of numbers said "empty video" of 0; binary strings (no UTF-8 annotation) were unknown videos
+    # "b'a.mp4'" (found by a helper)
+    pq.write_table(pa.table({"video": [0, 1], "start_s": [0.0, 1.0], "end_s": [1.0, 2.0], "label": ["x", "y"]}), path)
+    with pytest.raises(ConfigError, match=r"ann\.parquet row 1: the 'video' column holds int values, not paths or "
+                                          r"URIs; write them as strings"):
+        read_annotations(path, videos)
+    pq.write_table(pa.table({"video": pa.array([b"a.mp4", b"b.mp4"], pa.binary()), "start_s": [0.0, 1.0],
+                             "end_s": [1.0, 2.0], "label": pa.array([b"x", b"y"], pa.binary())}), path)
+    s = read_annotations(path, videos)
+    assert [Path(v.uri).name for v in s.videos] == ["a.mp4", "b.mp4"] and s.labels == ["x", "y", BACKGROUND]
     # a readable file with a column missing was "not a readable Parquet file (...); write it with a Parquet
     # writer" (the check's own error re-wrapped; found by a helper)
     pq.write_table(pa.table({"Video": ["a.mp4"], "start_s": [0.0], "end_s": [4.0]}), path)
@@ -151,6 +161,9 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
     ("video,start_s,end_s,label\na.mp4,0,1,\n", r"ann\.csv line 2: empty label"),
     ("video,start,end,label\na.mp4,0,1,x\n", r"ann\.csv line 1: missing columns \['start_s', 'end_s'\]"),
     ("video,start_s,end_s,label\na.mp4,0,1\n", r"ann\.csv line 2: 3 fields"),
+    # an unquoted comma in a label: 'noise, loud' was trained as 'noise' (found by a helper)
+    ("video,start_s,end_s,label\na.mp4,0,1,noise, loud\n",
+     r'ann\.csv line 2: 5 fields, the header has 4; a value holding a comma must be quoted \("noise, loud"\)'),
     ("video,start_s,end_s,label\na.mp4,0,2,x\na.mp4,1,3,y\n", r"ann\.csv line 3: \[1, 3\) 'y' overlaps line 2"),
     ("video,start_s,end_s,label\na.mp4,-1,2,x\n", r"ann\.csv line 2: start_s must be"),
     ("video,start_s,end_s,label\na.mp4,0,1_0,x\n", r"ann\.csv line 2: end_s '1_0' is not a number"),  # float(): 10
@@ -215,7 +228,8 @@ def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
     (["--image-encoder", "resnet18", "--image-weights", "file:/no/such.pth"],
      "--image-weights file:/no/such.pth: image encoder 'resnet18': weights file '/no/such.pth' "),
     (["--patience", "0"], "--patience must be >= 1, got 0"),
-    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--lr", "0"], "--lr must be a positive number at most 1 (AdamW's step; the default is 2e-3), got 0.0"),
+    (["--lr", "1e300"], "--lr must be a positive number at most 1"),  # torch's traceback after the extraction
     (["--window-segments", "0"], "--window-segments must be >= 1, got 0"),
     (["--context-segments", "-1"], "--context-segments must be >= 0, got -1"),
     (["--audio-fmax", "100000"], "--audio-fmax 100000: audio f_max_hz=100000.0 is above the Nyquist frequency 8000.0"),
@@ -238,6 +252,25 @@ def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
     assert not out.exists()  # nothing extracted, nothing cached
+
+
+@pytest.mark.parametrize("where", [".", "features"])
+def test_a_feature_cache_that_saving_the_bundle_would_delete_is_refused(tmp_path, videos, capsys, where):
+    """--cache X --out X trained, and saving the bundle deleted every feature extracted (found by a helper)."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    ann = _csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,2,dog\nb.mp4,0,1,cat\n")
+    out = tmp_path / "bundle"
+    cache = out / where
+    code = main(["train", "--annotations", str(ann), "--videos", str(videos), "--out", str(out), "--cache", str(cache)])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    said = "is" if where == "." else "lies in"
+    assert (f"--cache {cache.resolve()}: {said} the bundle directory --out {out.resolve()}, which saving the bundle "
+            f"replaces (keeping only work and README.md); leave --cache out to cache in {out.resolve() / 'work' / 'features'}"
+            ) in err, err
+    assert not any(out.rglob("*.npz")) and not any(out.rglob("*.parquet"))
 
 
 def test_train_outputs_and_annotation_files_that_cannot_work_are_named_before_any_work(tmp_path, videos, capsys):

@@ -328,6 +328,11 @@ list(stage.decode_video({str(clip)!r}, "v"))  # hangs: no time limit
     ({"segment_seconds": float("nan")}, "--segment-seconds"),
     ({"chunk_seconds": float("inf")}, "--chunk-seconds must be a number of seconds > 0, got inf"),
     ({"chunk_seconds": 0.0}, "--chunk-seconds"),
+    # past ~24.8 days the decoder's wait overflowed: every video failed as internal_error (found by a helper)
+    ({"video_timeout_s": float("inf")}, "--video-timeout must be a number of seconds > 0 and at most 1,000,000 "
+                                        "(11.6 days"),
+    ({"video_timeout_s": 1e10}, "--video-timeout must be a number of seconds > 0 and at most 1,000,000"),
+    ({"video_timeout_s": 0.0}, "--video-timeout must be a number of seconds > 0"),
 ])
 def test_job_flags_out_of_range_are_usage_errors(flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

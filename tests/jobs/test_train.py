@@ -243,6 +243,23 @@ def test_second_train_hits_the_feature_cache_and_is_deterministic(trained, corpu
     assert again.bundle.model_id == first.bundle.model_id
 
 
+def test_a_training_that_diverges_writes_no_bundle(trained, corpus, tmp_path, monkeypatch):
+    """--lr 1e30 trained to NaN losses and saved the NaN weights, exit 0 (found by a helper; --lr is now at most
+    1). Whatever makes a training loss stop being a number, nothing is saved and the message says what to do."""
+    from jobs import train as train_mod
+    from pipeline.errors import ConfigError
+
+    root, videos, files = corpus
+    _, cache = trained
+    monkeypatch.setattr(train_mod._Trainer, "epoch", lambda self: float("nan"))
+    spec = TrainSpec(annotations=str(files[("audio", "train")]), videos=str(videos), out=str(tmp_path / "b"),
+                     cache=str(cache), **SMALL)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^training diverged in epoch 1 \(training loss nan\): no bundle is written; "
+                                          r"train again with a smaller --lr \(it was 0\.\d+; the default is 2e-3\)$"):
+        train(spec, say=lambda _: None)
+    assert not (tmp_path / "b" / "bundle.json").exists()
+
+
 def test_cli_train_eval_and_run_with_the_bundle(corpus, trained, tmp_path, capsys):
     root, videos, files = corpus
     results, cache = trained
@@ -738,7 +755,8 @@ def test_train_stopped_inside_an_import_of_its_feature_extraction_says_so(tmp_pa
     r = stop_inside_an_import("av.container", ["train", "--annotations", str(ann), "--videos", str(videos),
                                                "--out", str(tmp_path / "m"), "--epochs", "2"])
     assert r.returncode == 130, r.stderr[-2000:]
-    assert r.stderr.endswith("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume\n")
+    assert r.stderr.endswith("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to go on: the "
+                             "features extracted so far are cached (training starts over)\n")
     assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
 
 
@@ -772,7 +790,8 @@ def test_train_stopped_by_sigterm_as_ray_starts_says_so_and_writes_no_bundle(tmp
             proc.kill()
     err = "".join(said) + err
     assert proc.returncode == 130, err[-2000:]
-    assert "vidpipe: interrupted (stopped by SIGTERM); rerun the same command to resume" in err
+    assert ("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to go on: the features extracted "
+            "so far are cached (training starts over)") in err
     assert "Exception ignored" not in err
     assert not (tmp_path / "m" / "bundle.json").exists()
 
