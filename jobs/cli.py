@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, JobSpec
 from pipeline.errors import ConfigError
 
 _EPILOG = """exit status: 0 all inputs done, 3 some inputs failed (see the failures table),
@@ -235,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_spec(args: argparse.Namespace) -> JobSpec:
+    """The job 'vidpipe run ARGS' asks for; its flags' values checked (ConfigError)."""
+    return JobSpec(inputs=args.inputs, out=args.out, model=args.model, allow_untrained=args.allow_untrained,
+                   segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,
+                   chunk_seconds=args.chunk_seconds, address=args.address, device=args.device, top_k=args.top_k,
+                   with_embedding=args.embeddings, retry_failed=args.retry_failed, progress=not args.no_progress,
+                   decode_device=args.decode_device, precision=args.precision,
+                   video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
+                   commit_seconds=args.commit_seconds)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from jobs import stopping
 
@@ -243,15 +254,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stopping.install()
     with stopping.deferred("loading"):  # a stop inside an import leaves a half-made module the cleanup then meets
         from jobs.runner import JobRunner
-        from jobs.spec import JobSpec
 
-    spec = JobSpec(inputs=args.inputs, out=args.out, model=args.model, allow_untrained=args.allow_untrained,
-                   segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,
-                   chunk_seconds=args.chunk_seconds, address=args.address, device=args.device, top_k=args.top_k,
-                   with_embedding=args.embeddings, retry_failed=args.retry_failed, progress=not args.no_progress,
-                   decode_device=args.decode_device, precision=args.precision,
-                   video_timeout_s=args.video_timeout, max_attempts=args.max_attempts, wave_size=args.wave_size,
-                   commit_seconds=args.commit_seconds)
+    spec = _run_spec(args)
     _outlive_readers()
     try:
         result = JobRunner(spec).run()
@@ -356,7 +360,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     options = SubmitOptions(address=args.address, job_id=args.job_id, wait=args.wait, command=args.vidpipe_command)
     entry = entrypoint(args.run_args, parse_run, options.command)
-    out = parse_run(args.run_args).out
+    out = _run_spec(parse_run(args.run_args)).out  # flags out of range: said here, not by the job on the cluster
     check_server_address(options.address)  # before the line that says it is submitting
     print(f"submitting to {options.address}: {entry}", file=sys.stderr)
     job_id, code = submit(options, entry, out=out if "://" in out else os.path.abspath(out))
@@ -447,14 +451,17 @@ def _cmd_repair(args: argparse.Namespace) -> int:
                             + ([_count(len(records), "damaged commit record")] if records else []))
         print(f"{verb} {what}; rerun the job's 'vidpipe run' command to do those videos again"
               if not args.dry_run else f"{verb} {what}; run without --dry-run to drop them")
-    else:
-        print(f"{out.uri}: every committed file is in place"
-              + (" and reads whole" if args.verify else "") + "; nothing to drop"
-              + ("" if args.verify else " (--verify also reads every data page)"))
+    job_damage: ConfigError | None = None
     try:  # not repair's to rewrite, but a run refuses OUT until it is mended: say so here too
         out.read_json("_job/job.json")
     except ConfigError as exc:
-        print(f"vidpipe repair: error: {exc}", file=sys.stderr)
+        job_damage = exc
+    if not (lost or records):  # "nothing to drop" and then the damaged job.json read as a contradiction
+        print(f"{out.uri}: every committed file is in place"
+              + (" and reads whole" if args.verify else "") + ("" if job_damage else "; nothing to drop")
+              + ("" if args.verify else " (--verify also reads every data page)"))
+    if job_damage is not None:
+        print(f"vidpipe repair: error: {job_damage}", file=sys.stderr)
         return EXIT_USAGE
     if unrecorded:  # only a dry run gets here with some
         print(f"{len(unrecorded)} data files that no commit names are in the way: move them out of {out.uri} "

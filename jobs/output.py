@@ -313,6 +313,9 @@ class OutputDir:
                 obj = json.loads(self.store.read_text(rel))
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
+                if rel == f"{JOB}/job.json" and (lacks := [k for k in ("model_id", "sampling") if k not in obj]):
+                    # '{}' was "another job (model None with sampling None)", and repair called OUT sound
+                    raise ValueError(f"it does not say the job's {' or '.join(lacks)}")
                 return obj
             except FileNotFoundError:
                 return None
@@ -726,7 +729,7 @@ class OutputDir:
                 who = _lock_holder(f)
                 f.close()
                 raise ConfigError(f"another vidpipe run is writing to {self.uri} ({who}); wait for it to finish "
-                                  "or stop it, then rerun to resume") from None
+                                  "or stop it, then give this command again") from None
             # Who holds OUT, for the message of a run refused: progress.json is written later (a run
             # refused in between named the previous run, or none).
             f.seek(0)
@@ -779,7 +782,7 @@ class OutputDir:
                 holder = lease
             if time.time() > deadline:
                 raise ConfigError(f"another vidpipe run is writing to {self.uri} (run {holder.get('run_id')} on "
-                                  f"{holder.get('host')}, alive {age:.0f} s ago); stop it or wait, then rerun")
+                                  f"{holder.get('host')}, alive {age:.0f} s ago); stop it or wait, then give this command again")
             log.warning("waiting for run %s to release %s (alive %.0f s ago; a run that sends no sign of life "
                         "for %.0f s is taken as stopped; this run gives up %.0f s from now)",
                         holder.get("run_id"), self.uri, age, lease_s, max(0.0, deadline - time.time()))

@@ -119,6 +119,10 @@ class TrainSpec:
             if value not in allowed:
                 raise ConfigError(f"{flag} {value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
+        for flag, path, what in (("--out", self.out, "the bundle directory to write"),
+                                 ("--annotations", self.annotations, "the annotation file")):
+            if not str(path).strip():  # --out "" was "--out .: the directory holds other files"
+                raise ConfigError(f"{flag} is empty; give {what}")
         choice("--fusion", self.fusion, FUSION_KINDS)
         choice("--task", self.task, get_args(TaskKind))
         choice("--unlabeled", self.unlabeled, get_args(UnlabeledMode))

@@ -415,6 +415,12 @@ def test_submit_and_status_given_a_gcs_address_say_it_takes_the_job_servers_url(
     # and without --job, --address was ignored without a word
     assert main(["status", str(tmp_path), "--address", "http://127.0.0.1:8265"]) == EXIT_USAGE
     assert "--address is for --job ID" in capsys.readouterr().err
+    # run's flags out of range went to the job server, to fail as the job on the cluster (found by a helper)
+    assert main(["submit", str(clip), "--out", str(tmp_path / "o"), "--allow-untrained", "--segment-seconds", "0",
+                 "--address", "http://127.0.0.1:8265"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "vidpipe submit: error: --segment-seconds must be a number of seconds >= 0.1, got 0.0" in err, err
+    assert "submitting to" not in err
 
 
 def test_job_server_errors_say_what_to_do():

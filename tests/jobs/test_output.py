@@ -305,7 +305,7 @@ def test_embeddings_are_fixed_size_arrays_in_queries(tmp_path):
     assert [r["s"] for r in sims] == pytest.approx([1.0] * 3)
 
 
-def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path):
+def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path, capsys):
     """A commit record or job.json changed by something else: query and run say which file; a damaged
     heartbeat (progress.json) only loses the run's rates."""
     from jobs.status import read_status
@@ -326,6 +326,16 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path):
     from jobs.spec import EXIT_USAGE
 
     assert main(["repair", str(out.root)]) == EXIT_USAGE
+    # a job.json that parses but records nothing: run said "another job (model None with sampling None)" and
+    # repair called OUT sound; repair also said "nothing to drop" before the error (found by a helper)
+    (out.job_dir / "job.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"job\.json is damaged \(it does not say the job's model_id or sampling\)"):
+        out.read_json("_job/job.json")
+    capsys.readouterr()
+    assert main(["repair", str(out.root)]) == EXIT_USAGE
+    said = capsys.readouterr()
+    assert "nothing to drop" not in said.out and "every committed file is in place" in said.out
+    assert "vidpipe repair: error: " in said.err and "does not say the job's model_id or sampling" in said.err
     record = sorted(out.commits_dir.glob("*.json"))[0]
     record.write_text("")
     with pytest.raises(ConfigError, match=f"{record.name} is damaged .*a commit record names the files"):
