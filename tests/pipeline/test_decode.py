@@ -847,15 +847,21 @@ def test_a_still_image_named_as_a_video_is_not_one(tmp_path: Path, codec: str, p
     assert err.message == f"no video stream: this is a still image ({name}), not a video"
 
 
+def _h264_and_aac_tracks(out: av.container.OutputContainer) -> tuple[av.VideoStream, av.AudioStream]:
+    """A 64x48 H.264 track and a mono AAC track, for a test that writes their packets itself."""
+    video = out.add_stream("libx264", rate=25)
+    video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+    audio = out.add_stream("aac", rate=44_100)
+    audio.layout = "mono"
+    return video, audio
+
+
 def test_an_audio_track_without_packets_is_no_audio(tmp_path: Path) -> None:
     """A Matroska file whose audio track holds no packet said has_audio = true (its audio all zeros; found by a
     helper). The chunks, sent before the end, cannot know; the video's info, which the driver writes, does."""
     path = tmp_path / "silent_track.mkv"
     with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = out.add_stream("aac", rate=44_100)
-        audio.layout = "mono"
+        video, audio = _h264_and_aac_tracks(out)
         for i in range(50):
             frame = av.VideoFrame.from_ndarray(mf.stamped_image(64, 48, i), format="rgb24")
             frame.pts = i
@@ -876,10 +882,7 @@ def test_video_stream_without_frames(tmp_path: Path) -> None:
     # A video track that never receives a packet, next to an audio track (so the file is written).
     path = tmp_path / "empty_track.mkv"
     with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=25)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = out.add_stream("aac", rate=44_100)
-        audio.layout = "mono"
+        video, audio = _h264_and_aac_tracks(out)
         frame = av.AudioFrame.from_ndarray(
             np.zeros((1, 4096), dtype=np.float32), format="fltp", layout="mono"
         )
