@@ -304,6 +304,7 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
                 entry["n"] = int(row["chunk_index"]) + 1
                 info = row_info(row)
                 entry["info_segments"] = info.n_segments if info is not None else None
+                entry["info_audio"] = info.has_audio if info is not None else None
             if entry["n"] is not None and len(entry["chunks"]) == entry["n"]:
                 del pending[uri]
                 parts = [entry["chunks"][i] for i in range(entry["n"])]
@@ -311,7 +312,8 @@ def _run_stages(todo: list[tuple[str, str]], spec: FeatureSpec, audio_state: dic
                     uri=uri, video_id=entry["video_id"],
                     start_s=np.concatenate([p[0] for p in parts]), end_s=np.concatenate([p[1] for p in parts]),
                     image=np.concatenate([p[2] for p in parts]), audio=np.concatenate([p[3] for p in parts]),
-                    has_audio=parts[0][5],
+                    # the video's end knows whether its audio track gave any sound (as the run's output takes it)
+                    has_audio=parts[0][5] if entry.get("info_audio") is None else entry["info_audio"],
                     grid=None if parts[0][4] is None else np.concatenate([p[4] for p in parts]))
                 expected = entry.get("info_segments")
                 if expected is not None and feats.n_segments != expected:

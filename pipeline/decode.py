@@ -1,6 +1,7 @@
 """Decode a video once, in order, into chunks of fixed-length segments (RGB frames + mono audio).
 
-One pass demuxes the video and the first audio stream together.  Frames are sampled by
+One pass demuxes the video and one audio stream together (the first of the video's program that FFmpeg can
+decode).  Frames are sampled by
 presentation time (so variable frame rate is right) and only the sampled ones are converted to RGB,
 by FFmpeg's scaler.  Audio is resampled to mono ``audio_rate_hz`` and laid on the same timeline.
 Segments are grouped into :class:`~pipeline.media.Chunk` s as soon as a chunk's right context has
@@ -47,11 +48,13 @@ log = logging.getLogger(__name__)
 SEGMENT_TOLERANCE_S = 1e-3  # a remainder shorter than this after the last full segment is dropped
 _TIE_S = 1e-6  # a frame starting within 1 µs after a target time counts as shown at it (float noise)
 # Corrupt packets (FFmpeg conceals each) that fail a video: more than MAX_BAD_PACKETS and more than
-# MAX_BAD_FRACTION of the packets read, counted at its end (a broadcast capture with 0.1 % of its MPEG-TS
+# MAX_BAD_FRACTION of the packets decoded, counted at its end (a broadcast capture with 0.1 % of its MPEG-TS
 # packets lost had 14 corrupt in a minute, 0.35 %: more than 10 failed it); and at once where more than half
-# of those read so far are corrupt (the file is damaged past its header: nothing to label).
+# of a track's last BAD_RUN_PACKETS are (the file is damaged from there on: reading on labels nothing, while
+# the other track's data waits for frames that do not come).
 MAX_BAD_PACKETS = 10
 MAX_BAD_FRACTION = 0.01
+BAD_RUN_PACKETS = 100
 
 MAX_PLAUSIBLE_FPS = 1000  # an average frame rate above it is a demuxer's mistake (raw DV: 60,000)
 
@@ -833,25 +836,37 @@ class _VideoRun:
         self.vstream: av.video.stream.VideoStream = decodable[0]
         self.astream: av.audio.stream.AudioStream | None = self._audio_stream()
 
-    def _image_format(self) -> bool:
-        """Whether FFmpeg read the file as an image (its image demuxers: ``png_pipe``, ``jpeg_pipe``, ... ``image2``)."""
-        return any(n == "image2" or n.endswith("_pipe") for n in self.container.format.name.split(","))
+    def _image_format(self) -> str:
+        """The kind of image FFmpeg read the file as ("PNG" of its ``png_pipe`` demuxer, ... ``image2``: the
+        codec's name); "" for a video format."""
+        for name in self.container.format.name.split(","):
+            if name.endswith("_pipe"):
+                return name.removesuffix("_pipe").upper()
+            if name == "image2":
+                return _codec_name(self.vstream).upper()
+        return ""
 
     def _audio_stream(self) -> av.audio.stream.AudioStream | None:
-        """The audio track to use: the first one FFmpeg can decode; in an MPEG-TS with more than one, the one
-        FFmpeg pairs with the video (``av_find_best_stream``): of the video's own program, since in a broadcast
-        multiplex the first audio track can be another service's (a radio station's)."""
-        tracks = self.container.streams.audio
+        """The audio track to use: the first of the video's program (in a broadcast multiplex the file's first
+        audio track can be another service's: a radio station's) that FFmpeg can decode."""
+        tracks = self._same_program(self.container.streams.audio)
         audio = [s for s in tracks if s.codec_context is not None]
         if len(audio) < len(tracks):
             skipped = [str(s.index) for s in tracks if s.codec_context is None]
             log.warning("%s: audio stream %s has a codec this FFmpeg build cannot decode; %s", self.uri,
                         ", ".join(skipped), f"using stream {audio[0].index}" if audio else "labelled without audio")
-        if len(audio) > 1 and "mpegts" in self.container.format.name.split(","):
-            best = self.container.streams.best("audio", related=self.vstream)
-            if best is not None and best.codec_context is not None:
-                return best  # type: ignore[return-value]
+        self.audio_undecodable = bool(tracks) and not audio
         return audio[0] if audio else None
+
+    def _same_program(self, tracks: tuple[av.audio.stream.AudioStream, ...]) -> list[av.audio.stream.AudioStream]:
+        """``tracks`` of the video's program: all of them in a file of one program or of none (PyAV does not list
+        programs; ``av_find_best_stream`` keeps to the program of the stream it is given, and finds no video for a
+        radio service's audio)."""
+        best = self.container.streams.best
+        mine = best("video", related=self.vstream)
+        if mine is None or not tracks:
+            return list(tracks)
+        return [s for s in tracks if (v := best("video", related=s)) is not None and v.index == mine.index]
 
     def _setup(self) -> None:
         s = self.sampling
@@ -885,7 +900,10 @@ class _VideoRun:
         self.quarter_turns = 0
         self.width = self.height = 0
         self.bad_packets = 0
-        self.packets_read = 0  # of the video and audio tracks used
+        self.packets_decoded = 0  # of the video and audio tracks used (skipped ones are not)
+        # whether each of a track's latest packets failed to decode (True), for a run of damage
+        self.recent_bad: dict[bool, deque[bool]] = {True: deque(maxlen=BAD_RUN_PACKETS),
+                                                    False: deque(maxlen=BAD_RUN_PACKETS)}
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
@@ -948,7 +966,6 @@ class _VideoRun:
                     f"(FFmpeg: {_ffmpeg_message(e)}); re-encode or re-download it",
                 ) from e
             self.last_packet = packet
-            self.packets_read += 1
             yield packet
 
     def _position_s(self, packet: av.Packet | None) -> float:
@@ -967,37 +984,45 @@ class _VideoRun:
         return self.origin_pts if self.origin_pts is not None else (self.vstream.start_time or 0)
 
     def _decode(self, packet: av.Packet) -> list:
+        self.packets_decoded += 1
+        recent = self.recent_bad[packet.stream is self.vstream]
         try:
-            return packet.stream.codec_context.decode(packet)
+            frames = packet.stream.codec_context.decode(packet)
         except av.error.FFmpegError as e:
             # Broad on purpose: any libav error here concerns this one packet, which FFmpeg
             # conceals; only many of them make the video a failure.
+            recent.append(True)
             error = e  # (``e`` is unbound after the except clause; the message is built only for the first)
-            self._count_bad(lambda: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e)
+            self._count_bad(lambda: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e, recent)
             return []
+        recent.append(False)
+        return frames
 
-    def _count_bad(self, where: Callable[[], str], error: BaseException | None = None) -> None:
-        """One more corrupt packet or frame (``where()`` says where and how): the video fails at once where more
-        than MAX_BAD_PACKETS and more than half of the packets read are (see ``_check_damage`` for its end)."""
+    def _count_bad(self, where: Callable[[], str], error: BaseException | None = None,
+                   recent: deque[bool] | None = None) -> None:
+        """One more corrupt packet or frame (``where()`` says where and how): the video fails at once where there
+        are more than MAX_BAD_PACKETS and ``recent`` (the track's latest packets) is mostly corrupt (see
+        ``_check_damage`` for its end)."""
         self.bad_packets += 1
         if not self.first_error:
             self.first_error = where()
-        if self.bad_packets > MAX_BAD_PACKETS and 2 * self.bad_packets > self.packets_read:
+        if self.bad_packets > MAX_BAD_PACKETS and recent is not None and 2 * sum(recent) > len(recent):
+            track = "video" if recent is self.recent_bad[True] else "audio"
             raise MediaError(
                 self.uri,
                 "decode_error",
-                f"{self.bad_packets} corrupt packets in the first {self.packets_read} (first {self.first_error}); "
-                "the file is damaged: re-encode or re-download it",
+                f"{self.bad_packets} corrupt packets, {sum(recent)} of the last {len(recent)} of the {track} track "
+                f"(first {self.first_error}); the file is damaged: re-encode or re-download it",
             ) from error
 
     def _check_damage(self) -> None:
-        """At the end: more than MAX_BAD_PACKETS corrupt packets, and more than MAX_BAD_FRACTION of those read,
+        """At the end: more than MAX_BAD_PACKETS corrupt packets, and more than MAX_BAD_FRACTION of those decoded,
         fail the video; fewer are concealed (a damaged minute of a long recording is not a failed recording)."""
-        if self.bad_packets > max(MAX_BAD_PACKETS, MAX_BAD_FRACTION * self.packets_read):
+        if self.bad_packets > max(MAX_BAD_PACKETS, MAX_BAD_FRACTION * self.packets_decoded):
             raise MediaError(
                 self.uri,
                 "decode_error",
-                f"{self.bad_packets} corrupt packets in {self.packets_read} (first {self.first_error}): more than "
+                f"{self.bad_packets} corrupt packets in {self.packets_decoded} (first {self.first_error}): more than "
                 f"{MAX_BAD_PACKETS} and more than {MAX_BAD_FRACTION:.0%} of them; the file is damaged: re-encode or "
                 "re-download it",
             )
@@ -1316,6 +1341,7 @@ class _VideoRun:
         if self.held_audio:
             self._release_held_audio(joined=False)
         self.audio_done = True
+        self._check_damage()  # first: a video track all corrupt is damage (decode_error), not a lack of frames
         if self.n_frames == 0 or self.sampler is None:
             detail = (
                 f" ({self.bad_packets} corrupt packets, first {self.first_error})" if self.bad_packets else ""
@@ -1325,10 +1351,8 @@ class _VideoRun:
                 "no_frames",
                 f"the video stream has no decodable frames{detail}; the file may be damaged",
             )
-        self._check_damage()
-        if self.n_frames == 1 and self._image_format():
-            raise MediaError(self.uri, "no_video_stream",
-                             f"no video stream: this is a still image ({_codec_name(self.vstream).upper()}), not a video")
+        if self.n_frames == 1 and (image := self._image_format()):
+            raise MediaError(self.uri, "no_video_stream", f"no video stream: this is a still image ({image}), not a video")
         if self.audio is not None and self.audio.n_late:
             log.warning(
                 "%s: %d audio samples lagged the video by more than %.0f s in the file and were dropped",
@@ -1355,6 +1379,9 @@ class _VideoRun:
 
     def _info(self, duration_s: float, n: int) -> VideoInfo:
         acc = self.astream.codec_context if self.astream is not None else None
+        # an audio track that never gave a sample (a Matroska track without packets) is no audio: the chunks,
+        # sent before the end, could not know (the driver writes the segments' value from here)
+        has_audio = self.audio is not None and self.audio.cursor is not None
         return VideoInfo(
             uri=self.uri,
             video_id=self.video_id,
@@ -1365,13 +1392,11 @@ class _VideoRun:
             height=self.height,
             fps=self.avg_fps or (self.n_frames / duration_s if duration_s > 0 else 0.0),
             rotation_deg=_quarter_turns_to_deg(self.quarter_turns),
-            # an audio track that never gave a sample (a Matroska track without packets) is no audio: the
-            # chunks, sent before the end, could not know (the driver writes the segments' value from here)
-            has_audio=self.audio is not None and self.audio.cursor is not None,
-            audio_codec=(_codec_name(self.astream) if self.astream is not None
-                         else NO_AUDIO_DECODER if self.container.streams.audio else None),
-            audio_channels=acc.layout.nb_channels if acc is not None else None,
-            audio_rate_hz=acc.sample_rate if acc is not None else None,
+            has_audio=has_audio,
+            audio_codec=(_codec_name(self.astream) if has_audio and self.astream is not None
+                         else NO_AUDIO_DECODER if self.audio_undecodable else None),
+            audio_channels=acc.layout.nb_channels if has_audio and acc is not None else None,
+            audio_rate_hz=acc.sample_rate if has_audio and acc is not None else None,
             size_bytes=self.size_bytes,
             n_frames_decoded=self.n_frames,
             n_frames_skipped=self.frames_skipped,
