@@ -28,6 +28,25 @@ def pytest_configure(config: pytest.Config) -> None:
                    capture_output=True, timeout=120, check=True)
 
 
+# Test files that take minutes (their tests' and fixtures' time on the 2-core VM), heaviest first.  pytest-xdist
+# hands whole files to its two workers in collection order (--dist loadfile, --no-loadscope-reorder in
+# pyproject.toml); by default it orders them by their number of tests, which put the cluster tests (4 tests, ~8
+# minutes) near the end, where the other worker, done with its files, waited for them.
+HEAVY_FILES_FIRST = ("jobs/test_supervise.py", "jobs/test_cluster.py", "jobs/test_train.py", "jobs/test_s3.py",
+                     "jobs/test_run.py", "jobs/test_resume_kill.py", "jobs/test_train_default_bundle.py",
+                     "jobs/test_train_labels.py", "jobs/test_decode_memory.py", "pipeline/test_encoders.py",
+                     "workers/test_encoder_stages.py", "jobs/test_train_encoder_weights.py", "jobs/test_faults.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy files first, in HEAVY_FILES_FIRST's order; the rest after them in their own order (stable)."""
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, name in enumerate(HEAVY_FILES_FIRST) if path.endswith(name)), len(HEAVY_FILES_FIRST))
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def shared_media() -> Path:
     if not (SHARED_MEDIA / "bbb_clip_720p.mp4").is_file():
