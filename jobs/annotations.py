@@ -31,6 +31,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from jobs.discover import make_video_id
+from jobs.manifest import first_non_utf8_line, path_cell, utf8_cell
 from pipeline.errors import ConfigError
 from pipeline.inputs import file_uri_path, path_uri
 
@@ -96,25 +97,6 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
         raise ConfigError(f"{where}: unknown video {entry!r}: no such file {str(path)!r}"
                           + (f" (resolved against --videos {videos_root})" if videos_root else ""))
     return path_uri(str(path.resolve()))
-
-
-def _utf8(value: bytes, column: str, where: str) -> str:
-    """A Parquet binary cell (strings written without their UTF-8 annotation, as some Hive writers do) as text."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: the {column!r} value is bytes that are not UTF-8 text; write it as a string"
-                          ) from None
-
-
-def _video_text(value: object, where: str) -> str:
-    """A ``video`` cell as text: a Parquet column of numbers said "empty video" for 0, bytes their repr."""
-    if isinstance(value, bytes):
-        return _utf8(value, "video", where)
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{where}: the 'video' column holds {type(value).__name__} values, not paths or URIs; "
-                          "write them as strings")
-    return value or ""
 
 
 def label_list(labels: list[str]) -> str:
@@ -264,8 +246,6 @@ def read_annotations(
         ave = _is_ave(path)
         rows = _ave_rows(path) if ave else _table_rows(path)
     except UnicodeDecodeError as exc:
-        from jobs.manifest import first_non_utf8_line
-
         number = first_non_utf8_line(path.read_bytes())
         line = f" line {number}" if number is not None else ""
         raise ConfigError(f"annotations {path}{line}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV/TSV, or "
@@ -284,11 +264,12 @@ def read_annotations(
     order: list[str] = []
     for lineno, row in rows:
         where = f"annotations {path} {'line' if path.suffix.lower() != '.parquet' else 'row'} {lineno}"
-        uri = _resolve_video(_video_text(row["video"], where), root, where)
+        # a Parquet column of numbers said "empty video" for 0, and binary strings their repr
+        uri = _resolve_video(path_cell(row["video"], "video", where) or "", root, where)
         start, end = _number(row["start_s"], "start_s", where), _number(row["end_s"], "end_s", where)
         if end <= start:
             raise ConfigError(f"{where}: end_s {end:g} <= start_s {start:g}; an annotation must have end_s > start_s")
-        label = _utf8(row["label"], "label", where) if isinstance(row["label"], bytes) else row["label"]
+        label = utf8_cell(row["label"], "label", where, "it as a string") if isinstance(row["label"], bytes) else row["label"]
         label = str(label if label is not None else "").strip()
         if not label:
             raise ConfigError(f"{where}: empty label")

@@ -116,6 +116,26 @@ class ManifestRowError(ConfigError):
     """A row of a manifest that cannot name a video (what the file says, not a passing failure to read it)."""
 
 
+def utf8_cell(value: bytes, column: str, where: str, write: str = "paths and URIs as strings") -> str:
+    """A Parquet cell of a binary column (strings written without their UTF-8 annotation, as some Hive writers
+    leave them) as the text it holds, not the bytes' repr; bytes that are not UTF-8 say to ``write`` them so."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestRowError(f"{where}: the {column!r} value is bytes that are not UTF-8 text; write {write}"
+                               ) from None
+
+
+def path_cell(value: object, column: str, where: str) -> str | None:
+    """A Parquet cell that names a video, as text (a manifest's, an annotation file's); None stays None."""
+    if isinstance(value, bytes):
+        return utf8_cell(value, column, where)
+    if value is not None and not isinstance(value, str):
+        raise ManifestRowError(f"{where}: the {column!r} column holds {type(value).__name__} values, not paths or "
+                               "URIs; write them as strings")
+    return value
+
+
 def _text(binary: Any, name: str) -> Iterator[str]:
     """The file's lines (universal newlines: a Mac spreadsheet's CR-only CSV too); bytes that are not UTF-8 are a
     usage error naming their line; a byte-order mark (as spreadsheet programs write one) is not part of the
@@ -234,15 +254,7 @@ def read_manifest(manifest: str | Path) -> Generator[VideoRef, None, None]:
                 for entry in batch.column(0).to_pylist():
                     number += 1
                     where = f"manifest {name} row {number}"
-                    if isinstance(entry, bytes):  # a binary column: UTF-8 text in bytes, not their repr
-                        try:
-                            entry = entry.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise ManifestRowError(f"{where}: the {col_name!r} value is bytes that are not UTF-8 "
-                                                   "text; write paths and URIs as strings") from None
-                    elif entry is not None and not isinstance(entry, str):
-                        raise ManifestRowError(f"{where}: the {col_name!r} column holds {type(entry).__name__} "
-                                               "values, not paths or URIs; write them as strings")
+                    entry = path_cell(entry, col_name, where)
                     if entry is None or not entry.strip():
                         raise ManifestRowError(f"{where}: the {col_name!r} value is "
                                                f"{'null' if entry is None else 'empty'}; fill in the video's path "

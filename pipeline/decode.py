@@ -902,8 +902,8 @@ class _VideoRun:
         self.bad_packets = 0
         self.packets_decoded = 0  # of the video and audio tracks used (skipped ones are not)
         # whether each of a track's latest packets failed to decode (True), for a run of damage
-        self.recent_bad: dict[bool, deque[bool]] = {True: deque(maxlen=BAD_RUN_PACKETS),
-                                                    False: deque(maxlen=BAD_RUN_PACKETS)}
+        self.recent_bad: dict[str, deque[bool]] = {"video": deque(maxlen=BAD_RUN_PACKETS),
+                                                   "audio": deque(maxlen=BAD_RUN_PACKETS)}
         self.first_error = ""  # where and how the first corrupt packet failed
         self.last_packet: av.Packet | None = None  # the latest demuxed (where a damaged file stops)
         self.announced_end_s: float | None = None  # the video's end as its header says (set at the first frame)
@@ -985,7 +985,8 @@ class _VideoRun:
 
     def _decode(self, packet: av.Packet) -> list:
         self.packets_decoded += 1
-        recent = self.recent_bad[packet.stream is self.vstream]
+        track = "video" if packet.stream is self.vstream else "audio"
+        recent = self.recent_bad[track]
         try:
             frames = packet.stream.codec_context.decode(packet)
         except av.error.FFmpegError as e:
@@ -993,27 +994,27 @@ class _VideoRun:
             # conceals; only many of them make the video a failure.
             recent.append(True)
             error = e  # (``e`` is unbound after the except clause; the message is built only for the first)
-            self._count_bad(lambda: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e, recent)
+            self._count_bad(lambda: f"near {self._position_s(packet):.1f} s: {_ffmpeg_message(error)}", e, track)
             return []
         recent.append(False)
         return frames
 
-    def _count_bad(self, where: Callable[[], str], error: BaseException | None = None,
-                   recent: deque[bool] | None = None) -> None:
+    def _count_bad(self, where: Callable[[], str], error: BaseException | None = None, track: str = "") -> None:
         """One more corrupt packet or frame (``where()`` says where and how): the video fails at once where there
-        are more than MAX_BAD_PACKETS and ``recent`` (the track's latest packets) is mostly corrupt (see
-        ``_check_damage`` for its end)."""
+        are more than MAX_BAD_PACKETS and most of the latest packets of ``track`` (of a packet that failed to
+        decode) are corrupt (see ``_check_damage`` for its end)."""
         self.bad_packets += 1
         if not self.first_error:
             self.first_error = where()
-        if self.bad_packets > MAX_BAD_PACKETS and recent is not None and 2 * sum(recent) > len(recent):
-            track = "video" if recent is self.recent_bad[True] else "audio"
-            raise MediaError(
-                self.uri,
-                "decode_error",
-                f"{self.bad_packets} corrupt packets, {sum(recent)} of the last {len(recent)} of the {track} track "
-                f"(first {self.first_error}); the file is damaged: re-encode or re-download it",
-            ) from error
+        if self.bad_packets > MAX_BAD_PACKETS and track:
+            recent = self.recent_bad[track]
+            if 2 * (bad := sum(recent)) > len(recent):
+                raise MediaError(
+                    self.uri,
+                    "decode_error",
+                    f"{self.bad_packets} corrupt packets, {bad} of the last {len(recent)} of the {track} track "
+                    f"(first {self.first_error}); the file is damaged: re-encode or re-download it",
+                ) from error
 
     def _check_damage(self) -> None:
         """At the end: more than MAX_BAD_PACKETS corrupt packets, and more than MAX_BAD_FRACTION of those decoded,
