@@ -844,6 +844,8 @@ class _VideoRun:
                 return name.removesuffix("_pipe").upper()
             if name == "image2":
                 return _codec_name(self.vstream).upper()
+            if name == "gif":  # an animated GIF is read as a video; one of a single frame is a picture
+                return "GIF"
         return ""
 
     def _audio_stream(self) -> av.audio.stream.AudioStream | None:
@@ -1417,8 +1419,10 @@ class _VideoRun:
         first = max(0, core_start - self.chunking.context_segments)
         n_rows = rows_end - first
         spp = s.samples_per_segment
-        start_s = np.arange(first, rows_end, dtype=np.float64) * seg_s
-        end_s = np.arange(first + 1, rows_end + 1, dtype=np.float64) * seg_s  # each the next one's start_s, exactly
+        # the decimal borders (0.9, not 3 * 0.3 = 0.8999999999999999): a query's `start_s = 0.9` finds its segment;
+        # each end_s is the next one's start_s, exactly
+        borders = np.round(np.arange(first, rows_end + 1, dtype=np.float64) * seg_s, 9)
+        start_s, end_s = borders[:-1], borders[1:]
         if duration_s is not None:
             end_s = np.minimum(end_s, duration_s)
         frames = np.zeros((n_rows, s.frames_per_segment, s.image_size, s.image_size, 3), dtype=np.uint8)

@@ -153,7 +153,8 @@ def test_sampled_frames_are_those_shown_at_target_times(media_dir: Path, segment
     # segments tile the video: each ends exactly where the next starts (0.1 s ones overlapped by 1e-16 s, so a
     # lookup `start_s <= t < end_s` found two segments)
     np.testing.assert_array_equal(rows["end_s"][:-1], rows["start_s"][1:])
-    np.testing.assert_array_equal(rows["start_s"], np.arange(n) * segment_s)
+    # the decimal borders: 3 x 0.1 s starts at 0.3, which a query's `start_s = 0.3` finds (not 0.30000000000000004)
+    assert rows["start_s"].tolist() == [float(f"{i * segment_s:.9f}") for i in range(n)]
     check_stamps(rows, [i / 25 for i in range(85)])
 
 
@@ -859,6 +860,28 @@ def test_a_still_image_named_as_a_video_is_not_one(tmp_path: Path, codec: str, p
         out.mux(stream.encode(None))
     err = expect_error(path, "no_video_stream")
     assert err.message == f"no video stream: this is a still image ({name}), not a video"
+
+
+def _gif(path: Path, n_frames: int) -> Path:
+    with av.open(str(path), "w", format="gif") as out:
+        stream = out.add_stream("gif", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb8"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(mf.stamped_image(64, 48, i), format="rgb24").reformat(format="rgb8")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_a_one_frame_gif_is_a_still_image_and_an_animated_one_a_video(tmp_path: Path) -> None:
+    """A one-frame GIF (an image in an archive's folder) was labelled as a video of 0.1 s (found by a helper)."""
+    err = expect_error(_gif(tmp_path / "logo.gif", 1), "no_video_stream")
+    assert err.message == "no video stream: this is a still image (GIF), not a video"
+    chunks = decode(_gif(tmp_path / "animated.gif", 25))
+    info = chunks[-1].info
+    assert info is not None and info.n_segments == 3 and info.duration_s == pytest.approx(2.5)
+    check_stamps(core_rows(chunks), [i / 10 for i in range(25)])
 
 
 def _h264_and_aac_tracks(out: av.container.OutputContainer) -> tuple[av.VideoStream, av.AudioStream]:
