@@ -620,3 +620,31 @@ def make_multiprogram_ts(path: str | os.PathLike[str], *services: str | os.PathL
         taken[n] += 1
     path.write_bytes(b"".join(out))
     return path
+
+
+def head_of(path: str | os.PathLike[str], source: str | os.PathLike[str], seconds: float) -> Path:
+    """The first ``seconds`` of ``source`` (H.264 + AAC, say) at ``path``, without re-encoding: its video packets up
+    to the first keyframe at or after ``seconds`` (so every frame kept has what it refers to), its audio up to the
+    same time.  A shorter copy of a real clip, for tests that need it in work for a while but not for minutes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        video = src.streams.video[0]
+        end_s = min(float(p.pts * p.time_base) for p in src.demux(video)
+                    if p.is_keyframe and p.pts is not None and float(p.pts * p.time_base) >= seconds)
+        src.seek(0)
+        copies = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        cut = False
+        for packet in src.demux():
+            if packet.dts is None or not packet.size:
+                continue
+            at_s = float(packet.pts * packet.time_base)
+            if packet.stream.type == "video":
+                cut = cut or (packet.is_keyframe and at_s >= end_s)  # in decode order: B-frames before it stay
+                if cut:
+                    continue
+            elif at_s >= end_s:
+                continue
+            packet.stream = copies[packet.stream.index]
+            out.mux(packet)
+    return path

@@ -32,7 +32,7 @@ from tests.jobs.conftest import (
     vidpipe_env,
     wait_for,
 )
-from tests.media_factory import make_video
+from tests.media_factory import head_of, make_video
 
 # A stand-in driver: each MODE does what a real driver can do to its process.  It records itself in
 # OUT/_job/progress.json as a run does, then touches OUT/ready.
@@ -318,25 +318,32 @@ def test_a_killed_driver_takes_what_its_raylet_started_too(tmp_path):
             p.kill()
 
 
-def _stoppable_archive(shared_media: Path, inputs: Path, minutes: int) -> int:
+@pytest.fixture(scope="module")
+def clip_16s(shared_media: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 16 s of the 720p clip (H.264 + AAC): in work for seconds on any machine, as a stop needs, and
+    not for the minutes of the whole clip that a rerun would then spend."""
+    return head_of(tmp_path_factory.mktemp("clip") / "clip_16s.mp4", shared_media / "bbb_clip_720p.mp4", 15.0)
+
+
+def _stoppable_archive(clip: Path, inputs: Path, copies: int) -> int:
     """A folder whose run a test stops after its first commit: a one-second clip first (committed as soon as the
-    models have started), then ``minutes`` copies of the 60-s 720p clip, in work when the stop comes and left for
-    the rerun (copies: links count once).  Returns the number of videos."""
+    models have started), then ``copies`` copies of a 720p ``clip``, in work when the stop comes and left for the
+    rerun (copies: links count once).  Returns the number of videos."""
     inputs.mkdir()
     make_video(inputs / "clip0.mp4", duration_s=1.0, fps=10, size=(96, 64), audio="tone")
-    for i in range(1, minutes + 1):
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
-    return minutes + 1
+    for i in range(1, copies + 1):
+        shutil.copyfile(clip, inputs / f"clip{i}.mp4")
+    return copies + 1
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, tmp_path):
+def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(clip_16s, tmp_path):
     """The head node stops mid-job: Ray ends the driver (status 1, no Python runs); 'vidpipe run' says
     why, status reports the run failed with that reason, the committed videos stay, and a rerun on the
     local machine finishes the job without redoing them."""
     inputs = tmp_path / "in"
-    total = _stoppable_archive(shared_media, inputs, minutes=4)  # still running when the cluster goes
+    total = _stoppable_archive(clip_16s, inputs, copies=4)  # still running when the cluster goes
     out = tmp_path / "o"
     root = Path(tempfile.mkdtemp(prefix="vpl-", dir="/tmp"))  # short: Ray's socket paths are limited
     cluster = LocalCluster(root, head_cpus=2)
@@ -376,12 +383,12 @@ def test_cluster_lost_mid_run_is_explained_and_a_rerun_completes(shared_media, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("everyone", [False, True], ids=["its process group", "every process of the run"])
-def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_completes(shared_media, tmp_path, everyone):
+def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_completes(clip_16s, tmp_path, everyone):
     """``timeout`` and ``kill -TERM -PGID`` signal vidpipe's process group; systemd and batch schedulers signal
     every process of a job, Ray's too.  Either way the run is interrupted (exit 130, status "interrupted"),
     keeps its committed videos without duplicates, its Ray processes end, and a rerun finishes the rest."""
     inputs = tmp_path / "in"
-    total = _stoppable_archive(shared_media, inputs, minutes=3)
+    total = _stoppable_archive(clip_16s, inputs, copies=3)
     out = tmp_path / "o"
     args = ["run", str(inputs), "--out", str(out), *RUN_FLAGS, "--commit-seconds", "0.3"]
     proc = subprocess.Popen([str(VIDPIPE), *args], env=vidpipe_env(), stdout=subprocess.PIPE,
@@ -409,14 +416,14 @@ def test_a_run_stopped_by_sigterm_to_all_of_it_is_interrupted_and_a_rerun_comple
 
 
 @pytest.mark.slow
-def test_a_killed_driver_leaves_no_process_of_its_run_behind(shared_media, tmp_path):
+def test_a_killed_driver_leaves_no_process_of_its_run_behind(clip_16s, tmp_path):
     """SIGKILL on a real run's driver (as the out-of-memory killer sends): 'vidpipe run' explains it, and
     what the driver had started (Ray's local processes and agents, the workers, their decoder processes)
     ends with it — Ray's agents used to outlive it by 30-60 s."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(4):
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+        shutil.copyfile(clip_16s, inputs / f"clip{i}.mp4")
     out = tmp_path / "o"
     proc = subprocess.Popen([str(VIDPIPE), "run", str(inputs), "--out", str(out), *RUN_FLAGS], env=vidpipe_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -495,14 +502,14 @@ class _Terminal:
 
 
 @pytest.mark.slow
-def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_completes(shared_media, tmp_path):
+def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_completes(clip_16s, tmp_path):
     """A lost ssh connection or a closed terminal window: the shell passes SIGHUP on to 'vidpipe run', whose
     progress lines then meet a hung-up terminal.  The run stops like Ctrl-C (its finished videos committed,
     status "interrupted: stopped by SIGHUP"), its Ray processes end, and a rerun finishes the rest.  It used
     to die with its terminal: the videos finished since the last commit lost, Ray's agents left for a minute,
     progress.json saying "running"."""
     inputs = tmp_path / "in"
-    total = _stoppable_archive(shared_media, inputs, minutes=3)
+    total = _stoppable_archive(clip_16s, inputs, copies=3)
     out = tmp_path / "o"
     flags = [f for f in RUN_FLAGS if f != "--no-progress"]  # progress lines on the terminal, as a user sees them
     args = ["run", str(inputs), "--out", str(out), *flags, "--commit-seconds", "0.3"]
@@ -527,14 +534,14 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
 
 
 @pytest.mark.slow
-def test_a_disowned_run_goes_on_when_its_terminal_closes(shared_media, tmp_path):
+def test_a_disowned_run_goes_on_when_its_terminal_closes(clip_16s, tmp_path):
     """``vidpipe run ... & disown``, then the terminal closes: the shell sends no SIGHUP to a disowned job, so
     the run goes on, and its progress lines meet a hung-up terminal (EIO): they are dropped, the run finishes.
     A write error used to escape the progress printer."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(2):
-        shutil.copyfile(shared_media / "bbb_clip_720p.mp4", inputs / f"clip{i}.mp4")
+        shutil.copyfile(clip_16s, inputs / f"clip{i}.mp4")
     out = tmp_path / "o"
     flags = [f for f in RUN_FLAGS if f != "--no-progress"]
     args = ["run", str(inputs), "--out", str(out), *flags]
