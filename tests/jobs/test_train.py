@@ -148,8 +148,9 @@ def _variants(kind: str, drawn: list[tuple[str, str]]) -> list[list[tuple[str, s
             [(flip_colour(c), next_sound(s)) for c, s in drawn]]
 
 
-# classic audio (the default bundle's): the audio CNN costs ~66 ms per segment on a core of this VM, and ~11x that
-# in the bf16 passes where bf16 is emulated; test_cli_train_eval_and_run_with_the_bundle trains with the CNN
+# classic audio (the default bundle's): the audio CNN took 65-80 ms per segment on a core of this VM (beside other
+# tests), and ~11x that in the bf16 passes where bf16 is emulated; test_cli_train_eval_and_run_with_the_bundle
+# trains with the CNN
 SMALL = dict(image_encoder="resnet18", image_weights="none", image_size=32, audio_encoder="classic", window_segments=4,
              context_segments=2, epochs=40, patience=10, proj_dim=32, lstm_hidden=32, val_fraction=0.25)
 
