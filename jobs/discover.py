@@ -129,7 +129,7 @@ def check_inputs(inputs: list[str]) -> None:
 
             check_s3(item)
         elif glob.has_magic(item) and not Path(item).expanduser().exists():
-            matched = 0
+            matched = folders = 0
             for m in glob.iglob(os.path.expanduser(item), recursive=True):
                 matched += 1
                 kind = _glob_kind(item, m)
@@ -137,15 +137,21 @@ def check_inputs(inputs: list[str]) -> None:
                     from jobs.manifest import check_manifest
 
                     check_manifest(m)  # as if it were named: an empty or unreadable one is named now
+                if kind == "folder" and next(_walk(Path(m)), None) is None:  # as a folder named without a glob
+                    folders += 1  # it ran a job of nothing, exit 0
+                    continue
                 if kind is not None:
                     break
             else:
                 if not matched:
                     raise ConfigError(_no_match(item))
-                raise ConfigError(f"input pattern {item!r} matches {matched} files but no video file (extensions "
-                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))}) or folder"
-                                  + ("" if _manifest_pattern(item) else ", and its files are not read as manifests "
-                                     "unless the pattern ends in .txt, .csv, .tsv or .parquet")
+                files = matched - folders
+                what = " and ".join(([f"{files} file{'s' * (files != 1)}"] if files else [])
+                                    + ([f"{folders} folder{'s' * (folders != 1)} without video files"] if folders
+                                       else []))
+                raise ConfigError(f"input pattern {item!r} matches {what} but no video file (extensions {', '.join(sorted(VIDEO_EXTENSIONS))})"
+                                  + ("" if _manifest_pattern(item) or matched == folders else ", and its files are "
+                                     "not read as manifests unless the pattern ends in .txt, .csv, .tsv or .parquet")
                                   + "; check the pattern")
         else:
             path = _local_path(item)

@@ -1,3 +1,4 @@
+import re
 import unicodedata
 from pathlib import Path
 
@@ -64,12 +65,33 @@ def test_a_glob_of_manifests_reads_them_and_a_glob_of_other_files_is_refused(tmp
     assert [r.uri for r in discover([pattern])] == [str(a.resolve()), str(b.resolve())]
     # a .txt that a pattern for everything matches is a note, not a manifest
     assert [r.uri for r in discover([str(tmp_path / "v" / "*")])] == [str(a.resolve()), str(b.resolve())]
-    with pytest.raises(ConfigError, match=r"input pattern '.*notes\*' matches 1 files but no video file .*, and "
+    with pytest.raises(ConfigError, match=r"input pattern '.*notes\*' matches 1 file but no video file .*, and "
                                           "its files are not read as manifests unless the pattern ends in .txt"):
         check_inputs([str(tmp_path / "v" / "notes*")])
     (tmp_path / "v" / "notes.txt").write_text("")  # '*.txt' asks for manifests: an empty one is named, as if named
     with pytest.raises(ConfigError, match=r"manifest .*notes\.txt lists no videos"):
         check_inputs([str(tmp_path / "v" / "*.txt")])
+
+
+def test_a_glob_that_matches_only_folders_without_videos_is_refused(tmp_path):
+    """Such a folder named is refused; matched by a glob it ran a job of nothing and exited 0."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "m.csv").write_text("uri\n../v/a.mp4\n")
+    (tmp_path / "lists" / ".hidden").mkdir()
+    _touch(tmp_path / "lists" / ".hidden" / "x.mp4")  # hidden: not searched
+    for pattern, what in (("em*", "1 folder without video files"), ("*s", "1 folder without video files"),
+                          ("*", "2 folders without video files")):
+        with pytest.raises(ConfigError, match=f"input pattern '.*{re.escape(pattern)}' matches {what} but no video "
+                                              "file .*; check the pattern$"):
+            check_inputs([str(tmp_path / pattern)])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ConfigError, match=r"matches 1 file and 2 folders without video files but no video file .*, "
+                                          "and its files are not read as manifests"):
+        check_inputs([str(tmp_path / "*")])
+    clip = _touch(tmp_path / "empty" / "deep" / "a.mp4")  # a video anywhere below a matched folder: it runs
+    check_inputs([str(tmp_path / "*")])
+    assert [r.uri for r in discover([str(tmp_path / "*")])] == [str(clip.resolve())]
 
 
 def test_missing_plain_file_is_kept_for_a_failure_row(tmp_path):
