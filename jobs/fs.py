@@ -17,7 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from pipeline.errors import ConfigError
 from pipeline.s3 import unreachable
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as a person can read it: a byte of another encoding in a name as ``\\xff``, not a surrogate."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def is_remote(uri: str | os.PathLike[str]) -> bool:
@@ -37,6 +43,13 @@ class Store:
         self.fs: pafs.FileSystem
         if self.local:
             path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser().resolve()
+            try:
+                str(path).encode("utf-8")
+            except UnicodeEncodeError:  # pyarrow's paths are UTF-8: it failed on the first file, with a traceback
+                raise ConfigError(f"{shown(path)}: this path is not valid UTF-8 (its name has bytes of another encoding), "
+                                  "and pyarrow, which writes and reads vidpipe's Parquet files, takes UTF-8 paths "
+                                  "only; rename the folder (or the one above it) to a UTF-8 name, or use another "
+                                  "directory") from None
             self.fs = pafs.LocalFileSystem()
             self.root = str(path)
             self.uri = self.root

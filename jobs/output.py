@@ -31,6 +31,7 @@ same machine, in the same boot and pid namespace).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -718,11 +719,25 @@ class OutputDir:
         On S3 the lease is ``progress.json``: a run renews it with its progress; a holder that writes none
         (``vidpipe repair``) passes ``keepalive`` to have it renewed here, and gets the last run's back at the end.
         """
-        self.store.makedirs(JOB)
         if self.local:
             import fcntl
 
-            f = open(self.store.full(f"{JOB}/lock"), "a+")  # noqa: SIM115 - held open for the lock's lifetime
+            f = None
+            try:
+                self.store.makedirs(JOB)
+                f = open(self.store.full(f"{JOB}/lock"), "a+")  # noqa: SIM115 - held open for the lock's lifetime
+                probe = Path(self.store.full(f"{JOB}/.write-check.{uuid.uuid4().hex}"))  # commit records go here
+                probe.touch()
+                probe.unlink()
+            except OSError as exc:
+                if f is not None:
+                    f.close()
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                # before anything is done: it was an internal error (exit 1) that said to rerun to resume
+                raise ConfigError(f"cannot write to {self.uri} ({exc.strerror}: {exc.filename}): a run keeps its "
+                                  "lock, commit records and results there; make it writable for this user, or "
+                                  "give another directory ('vidpipe query' and 'status' only read it)") from None
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 
 from jobs import stopping
 from jobs.discover import VideoRef, check_inputs, count_videos, discover
+from jobs.fs import shown
 from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
@@ -102,8 +103,7 @@ def _utf8_entrypoint(ray: Any) -> None:
     original = getattr(utils.get_entrypoint_name, "__wrapped__", utils.get_entrypoint_name)
 
     def entrypoint() -> str:
-        name = original()
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown(original())
 
     entrypoint.__wrapped__ = original  # type: ignore[attr-defined]
     utils.get_entrypoint_name = entrypoint
@@ -344,13 +344,13 @@ def _open_output(uri: str) -> OutputDir:
             raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except ConfigError as exc:  # says what to do in its own words ('s3://' without a bucket)
-        raise ConfigError(f"cannot use --out {uri}: {exc}") from None
+        raise ConfigError(f"cannot use --out {shown(uri)}: {exc}") from None
     except (OSError, ValueError) as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else str(exc)
         if uri.startswith("s3://"):  # an endpoint or credentials problem, not a folder to create
             raise ConfigError(f"cannot use --out {uri}: {why}; check AWS credentials, region and AWS_ENDPOINT_URL "
                               "(and that this identity may read and write the bucket)") from None
-        raise ConfigError(f"cannot use --out {uri}: {why}; pass a directory that can be created "
+        raise ConfigError(f"cannot use --out {shown(uri)}: {why}; pass a directory that can be created "
                           "(or an earlier run's --out to resume it)") from None
     return out
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 
@@ -361,6 +365,63 @@ def test_an_out_that_cannot_be_a_directory_is_a_usage_error(tmp_path, shared_med
         err = capsys.readouterr().err
         assert f"cannot use --out {out}: " in err and why in err and "Traceback" not in err
     assert afile.read_text() == "x"
+
+
+def test_an_out_whose_path_is_not_utf8_is_a_usage_error_of_every_command(tmp_path, shared_media, capsys):
+    """pyarrow takes UTF-8 paths only: 'query', 'status' and 'repair' on such an OUT ended in a traceback
+    (UnicodeEncodeError, exit 1), and 'run' said to pass a directory that can be created, having made it."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    old = tmp_path / os.fsdecode(b"old\xffout")
+    (old / "_job").mkdir(parents=True)  # what an OUT copied under such a name looks like to a reader
+    new = tmp_path / os.fsdecode(b"new\xfeout")
+    clip = str(shared_media / "bbb_5s_51.mp4")
+    for args, named in ((["run", clip, "--out", str(new), "--allow-untrained"], f"{tmp_path}/new\\xfeout"),
+                        (["query", str(old), "SELECT 1"], f"{tmp_path}/old\\xffout"),
+                        (["status", str(old)], f"{tmp_path}/old\\xffout"),
+                        (["repair", str(old)], f"{tmp_path}/old\\xffout")):
+        assert main(args) == EXIT_USAGE, args
+        err = capsys.readouterr().err
+        assert f"{named}: this path is not valid UTF-8" in err and "rename the folder" in err, err
+        assert "Traceback" not in err and not any("\udc80" <= c <= "\udcff" for c in err), err  # no surrogate
+    assert not new.exists()
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path):  # noqa: ANN202
+    """``folder`` made unwritable: root writes through permissions, not through an immutable folder."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("root here cannot make a folder immutable (chattr +i)")
+    try:
+        yield
+    finally:
+        if os.geteuid() != 0:
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_out_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_path, shared_media, capsys):
+    """It was an internal error (exit 1, a raw errno) that said the committed videos were kept and to rerun."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    clip = str(shared_media / "bbb_5s_51.mp4")
+    fresh = tmp_path / "fresh"  # an empty folder given to a first run
+    fresh.mkdir()
+    earlier = tmp_path / "earlier"  # an earlier run's OUT whose _job (commit records, lock) cannot be written
+    (earlier / "_job").mkdir(parents=True)
+    (earlier / "_job" / "lock").touch()
+    for out, unwritable in ((fresh, fresh), (earlier, earlier / "_job")):
+        with _unwritable(unwritable):
+            assert main(["run", clip, "--out", str(out), "--allow-untrained"]) == EXIT_USAGE
+            err = capsys.readouterr().err
+            assert f"cannot write to {out} (" in err and "make it writable for this user" in err, err
+            assert "rerun" not in err and "Traceback" not in err, err
+    assert list(fresh.iterdir()) == [] and sorted(p.name for p in (earlier / "_job").iterdir()) == ["lock"]
 
 
 @pytest.mark.parametrize("address, message", [
