@@ -388,6 +388,23 @@ def test_an_out_whose_path_is_not_utf8_is_a_usage_error_of_every_command(tmp_pat
     assert not new.exists()
 
 
+def test_an_out_inside_another_outs_tables_or_job_is_a_usage_error(tmp_path, shared_media, capsys):
+    """A run there wrote data files the other OUT could not account for: that OUT then refused run and repair."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    outer = tmp_path / "outer"
+    (outer / "_job").mkdir(parents=True)
+    (outer / "segments").mkdir()
+    clip = str(shared_media / "bbb_5s_51.mp4")
+    for inner, folder in ((outer / "segments" / "nested", "segments"), (outer / "_job" / "a" / "b", "_job")):
+        assert main(["run", clip, "--out", str(inner), "--allow-untrained"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"cannot use --out {inner}: it lies in {outer}/{folder}, a folder of the vidpipe output {outer}," in err
+        assert not inner.exists()
+    assert sorted(p.name for p in outer.iterdir()) == ["_job", "segments"]
+
+
 @contextlib.contextmanager
 def _unwritable(folder: Path):  # noqa: ANN202
     """``folder`` made unwritable: root writes through permissions, not through an immutable folder."""
