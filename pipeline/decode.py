@@ -820,6 +820,10 @@ class _VideoRun:
             if not (s.disposition & av.stream.Disposition.attached_pic)
         ]
         if not video:
+            if not self.container.streams:  # FFmpeg found no track at all: what an MP4 whose moov box is damaged gives
+                raise MediaError(self.uri, "invalid_data", f"the {self.container.format.name} demuxer found no "
+                                 "track at all in this file: it is damaged (an MP4's index, its moov box, unreadable) "
+                                 "or not a video")
             what = "an audio-only file" if self.container.streams.audio else "a file without a video track"
             raise MediaError(self.uri, "no_video_stream", f"no video stream: this is {what}")
         # A stream whose codec this FFmpeg build has no decoder for (PyAV gives it no codec context):

@@ -755,6 +755,20 @@ def test_audio_only_file_has_no_video_stream(tmp_path: Path, suffix: str) -> Non
     assert "audio-only" in err.message
 
 
+def test_an_mp4_whose_index_is_damaged_is_invalid_data_not_a_file_without_video(tmp_path: Path) -> None:
+    """The moov box's content zeroed: FFmpeg opens the file and finds no track at all.  That read as
+    no_video_stream, "a file without a video track", where the file is damaged."""
+    path = mf.make_video(tmp_path / "clip.mp4", duration_s=1.0, size=(96, 96), audio="tone")
+    data = bytearray(path.read_bytes())
+    at = data.find(b"moov") - 4
+    size = int.from_bytes(data[at:at + 4], "big")
+    data[at + 8:at + size] = bytes(size - 8)
+    path.write_bytes(bytes(data))
+    err = expect_error(path, "invalid_data")
+    assert "found no track at all in this file: it is damaged (an MP4's index, its moov box, unreadable)" in \
+        err.message, err.message
+
+
 def dominant_hz(chunks: list[Chunk], rate_hz: int = SamplingSpec().audio_rate_hz) -> float:
     audio = core_rows(chunks)["audio"].ravel().astype(np.float64)
     return float(np.argmax(np.abs(np.fft.rfft(audio))) * rate_hz / len(audio))
