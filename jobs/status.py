@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.errors import ConfigError
+
 _ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
 
 
@@ -56,7 +58,13 @@ def read_status(out_uri: str) -> JobStatus:
                                 "(SELECT uri FROM videos) GROUP BY uri HAVING bool_and(error_kind IN "
                                 f"({transient})))) AS retried", check_all=True).to_pylist()[0]
     done, seconds, failed = counts["done"], counts["seconds"], counts["failed"]
-    progress = out.last_progress()  # only the run's heartbeat and rates: the counts above come from the tables
+    damaged = ""
+    try:  # only the run's heartbeat and rates: the counts above come from the tables
+        progress = out.read_json("_job/progress.json") or {}
+    except ConfigError:  # it said "no run recorded", as if no run had been
+        progress = {}
+        damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged: its state is "
+                   "unknown (the counts above come from the tables); the next 'vidpipe run' into this OUT rewrites it")
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
     alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)
@@ -86,7 +94,7 @@ def read_status(out_uri: str) -> JobStatus:
                      total=None if total is None else int(total), pending=pending, run_state=state,
                      run_id=progress.get("run_id"), updated_at=progress.get("updated_at"),
                      videos_per_s=per_s, video_seconds_per_s=per_video_s,
-                     eta_s=eta, message=str(progress.get("message") or ""), rate_since_first_result=steady,
+                     eta_s=eta, message=str(progress.get("message") or damaged), rate_since_first_result=steady,
                      finished_uncommitted=uncommitted)
 
 
@@ -170,7 +178,7 @@ def format_status(s: JobStatus) -> str:
     lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}; {pending} pending{soon} of the last run's "
                  f"{total} input videos")
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
-    run = s.run_state or "no run recorded"
+    run = s.run_state or s.message or "no run recorded"
     if s.run_state == "dead":
         run = ("stopped without recording why (killed, or its OUT out of reach as it ended); rerun the same "
                "command to resume")

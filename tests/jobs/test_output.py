@@ -316,7 +316,14 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path, capsys):
     w.flush()
     out.write_json("_job/job.json", {"model_id": "m1"})
     (out.job_dir / "progress.json").write_text("{not json")
-    assert read_status(str(out.root)).done == 1
+    status = read_status(str(out.root))
+    assert status.done == 1 and status.run_state is None
+    from jobs.status import format_status
+
+    # it said "last run -: no run recorded", as of an OUT no run had written
+    assert (f"last run -: {out.job_dir}/progress.json, the last run's record, is damaged: its state is unknown (the "
+            "counts above come from the tables); the next 'vidpipe run' into this OUT rewrites it") in \
+        format_status(status)
     (out.job_dir / "job.json").write_text('{"model_id": "x"')
     with pytest.raises(ConfigError, match=r"job\.json is damaged .*or move it out of OUT and rerun the job's own "
                                           r"command: the run records the job again"):
