@@ -293,7 +293,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{args.out} describe the old file{'s' if n != 1 else ''}, which a rerun does not label again. To "
               "label the new ones, run them into a new --out.", file=sys.stderr)
     if result.videos_failed_before:
-        print(f"{_count(result.videos_failed_before, 'input')} failed in an earlier run and were not tried again; "
+        n = result.videos_failed_before
+        print(f"{_count(n, 'input')} failed in an earlier run and {'was' if n == 1 else 'were'} not tried again; "
               "add --retry-failed to try them again", file=sys.stderr)
     return result.exit_code
 

@@ -288,6 +288,10 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
                 out.write_json("_job/job.json", old | {"precision": precision})
             return
         if out.commits():
+            if "model_id" in mismatch and spec.top_k == JobSpec.top_k:
+                # --top-k not given: the top_k recorded is at most the model's number of labels, so another model
+                # gives another, which named a flag the user never passed
+                mismatch = [k for k in mismatch if k != "top_k"]
             said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
                     else k for k in mismatch]
             raise ConfigError(

@@ -386,6 +386,11 @@ def test_an_out_whose_path_is_not_utf8_is_a_usage_error_of_every_command(tmp_pat
         assert f"{named}: this path is not valid UTF-8" in err and "rename the folder" in err, err
         assert "Traceback" not in err and not any("\udc80" <= c <= "\udcff" for c in err), err  # no surrogate
     assert not new.exists()
+    # an empty path is the current folder to pathlib: query read it, status said " is not a vidpipe output"
+    for args in (["query", "", "SELECT 1"], ["repair", ""]):
+        assert main(args) == EXIT_USAGE
+        assert "an empty path names no directory; pass the --out directory of a 'vidpipe run'" in \
+            capsys.readouterr().err
 
 
 def test_an_out_inside_another_outs_tables_or_job_is_a_usage_error(tmp_path, shared_media, capsys):

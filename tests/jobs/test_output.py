@@ -763,6 +763,30 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
             check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=other), other)
 
 
+def test_another_model_is_named_without_the_top_k_its_labels_make(tmp_path):
+    """The default bundle's job (4 labels: top_k 4), rerun with --allow-untrained and no --top-k, was refused as
+    differing in "bundle_fingerprint; model_id; top_k 4 there, 5 now": a flag the user never passed."""
+    import dataclasses
+
+    from jobs.models import resolve_bundle
+    from jobs.runner import check_job_identity
+    from jobs.spec import JobSpec
+
+    out, w = writer_for(tmp_path)
+    default = resolve_bundle(None, allow_untrained=False)
+    spec = JobSpec(inputs=["x.mp4"], out=str(out.root))
+    check_job_identity(out, default, spec, "fp32")
+    assert out.read_json("_job/job.json")["top_k"] == len(default.labels) < spec.top_k
+    w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
+    w.flush()
+    untrained = resolve_bundle(None, allow_untrained=True)
+    assert len(untrained.labels) >= spec.top_k
+    with pytest.raises(ConfigError, match=r"\(differs in: bundle_fingerprint; model_id; it has model "):
+        check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True), "fp32")
+    with pytest.raises(ConfigError, match=r"\(differs in: bundle_fingerprint; model_id; top_k 4 there, 3 now; "):
+        check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True, top_k=3), "fp32")
+
+
 def test_a_top_k_past_the_bundles_labels_is_the_same_job_whatever_its_value(tmp_path):
     """--top-k 10 and then the default 5, with a bundle of 4 labels, give the same rows (all 4 labels): the rerun
     was refused as another job ("top_k 10 there, 5 now")."""
