@@ -149,7 +149,8 @@ def check_inputs(inputs: list[str]) -> None:
                 what = " and ".join(([f"{files} file{'s' * (files != 1)}"] if files else [])
                                     + ([f"{folders} folder{'s' * (folders != 1)} without video files"] if folders
                                        else []))
-                raise ConfigError(f"input pattern {item!r} matches {what} but no video file (extensions {', '.join(sorted(VIDEO_EXTENSIONS))})"
+                raise ConfigError(f"input pattern {item!r} matches {what} but no video file (extensions "
+                                  f"{', '.join(sorted(VIDEO_EXTENSIONS))})"
                                   + ("" if _manifest_pattern(item) or matched == folders else ", and its files are "
                                      "not read as manifests unless the pattern ends in .txt, .csv, .tsv or .parquet")
                                   + "; check the pattern")

@@ -359,7 +359,7 @@ def _open_output(uri: str) -> OutputDir:
         if out.local and (where := _inside_another_out(Path(out.store.root))) is not None:
             raise ConfigError(f"it lies in {where}, a folder of the vidpipe output {Path(where).parent}, whose files "
                               "the other output must account for (a run there made that output refuse to run); "
-                              "give a directory outside it") from None
+                              "give a directory outside it")
         if out.local:
             out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named
         elif bucket_missing(out.store.fs, out.store.root):
