@@ -74,7 +74,12 @@ def _ref(entry: str, base: _Base) -> VideoRef:
     uri = base.resolve(entry)
     entry = entry.strip()
     given = file_uri_path(entry) if entry.startswith("file://") else entry.split("://", 1)[-1]
-    return VideoRef(uri, make_video_id(uri, given if base.local is None else slug_source(uri, base.local, given)))
+    if base.local is None:  # an S3 manifest: its key relative to the manifest's prefix where it lies there, as for a
+        # local manifest's folder (a full URI of the prefix's object was slugged bucket__prefix__name, its walk name)
+        source = uri[len(base.prefix):] if uri.startswith(base.prefix) else given
+    else:
+        source = slug_source(uri, base.local, given)
+    return VideoRef(uri, make_video_id(uri, source))
 
 
 def _checked_ref(entry: str, base: _Base, where: str) -> VideoRef:

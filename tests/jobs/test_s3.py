@@ -244,6 +244,22 @@ def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_us
             check_inputs([missing])
 
 
+def test_an_s3_manifest_and_its_prefix_give_the_same_ids(s3, s3_archive):
+    """As a local manifest and its folder do: a full URI of an object under the manifest's prefix was slugged
+    bucket__prefix__name (vidpipe-in__videos__b__clip000.mp4), the walk of the prefix b__clip000.mp4."""
+    from jobs.discover import discover
+
+    walked = {r.uri: r.video_id for r in discover(["s3://vidpipe-in/videos/"])}
+    listed = {r.uri: r.video_id for r in discover(["s3://vidpipe-in/videos/list.txt"])}
+    assert listed.pop("s3://vidpipe-in/videos/not/there.mp4").startswith("not__there.mp4-")
+    assert listed == {uri: walked[uri] for uri in listed} and len(listed) == 2
+    assert listed["s3://vidpipe-in/videos/b/clip000.mp4"].startswith("b__clip000.mp4-")
+    # an entry outside the manifest's prefix keeps its path as given
+    other = {r.uri: r.video_id for r in discover(["s3://vidpipe-in/lists/m.txt"])}
+    assert other["s3://vidpipe-in/videos/a/clip001.mp4"].startswith("videos__a__clip001.mp4-")
+    assert other["s3://vidpipe-in/videos/b/clip000.mp4"].startswith("vidpipe-in__videos__b__clip000.mp4-")
+
+
 def test_s3_inputs_and_outs_that_name_nothing_to_run_are_usage_errors(s3, s3_archive, capsys):
     """'run s3://' ran every video of every bucket the credentials could list; status, query and repair of
     's3://' were tracebacks (exit 1); a prefix holding no video ran nothing and exited 0; an S3 glob was taken
