@@ -43,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, TextIO
 
 import pyarrow.compute as pc
@@ -339,26 +339,29 @@ def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> 
                 "of the earlier runs)", out.uri, ", ".join(found))
 
 
-def _inside_another_out(root: Path) -> str | None:
-    """Where ``root`` lies in another OUT's own folders (its tables, ``_job``): a run there wrote data files that
+def _inside_another_out(out: OutputDir) -> str | None:
+    """Where ``out`` lies in another OUT's own folders (its tables, ``_job``): a run there wrote data files that
     the other OUT cannot account for, and it refused to run (or repair) until they were moved."""
+    from pyarrow import fs as pafs
+
     from jobs.output import JOB
     from pipeline.schema import TABLES
 
-    for parent in root.parents:
-        if (parent / JOB).is_dir():
-            inside = root.relative_to(parent).parts[0]
-            if inside in (JOB, *TABLES):
-                return f"{parent}/{inside}"
+    parts = PurePosixPath(out.store.root).parts
+    for i in range(1 if out.local else 2, len(parts)):  # on S3, parts[0] is the bucket
+        if parts[i] in (JOB, *TABLES):
+            parent = str(PurePosixPath(*parts[:i])).rstrip("/")
+            if out.store.fs.get_file_info(f"{parent}/{JOB}").type != pafs.FileType.NotFound:
+                return f"{parent}/{parts[i]}" if out.local else f"s3://{parent}/{parts[i]}"
     return None
 
 
 def _open_output(uri: str) -> OutputDir:
     try:
         out = OutputDir(uri)
-        if out.local and (where := _inside_another_out(Path(out.store.root))) is not None:
-            raise ConfigError(f"it lies in {where}, a folder of the vidpipe output {Path(where).parent}, whose files "
-                              "the other output must account for (a run there made that output refuse to run); "
+        if (where := _inside_another_out(out)) is not None:
+            raise ConfigError(f"it lies in {where}, a folder of the vidpipe output {where.rsplit('/', 1)[0]}, whose "
+                              "files the other output must account for (a run there made that output refuse to run); "
                               "give a directory outside it")
         if out.local:
             out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named

@@ -297,6 +297,21 @@ def test_s3_inputs_and_outs_that_name_nothing_to_run_are_usage_errors(s3, s3_arc
     assert "there is no bucket 'no-such-bucket'" in capsys.readouterr().err
 
 
+def test_an_s3_out_inside_another_outs_tables_or_job_is_a_usage_error(s3):
+    """As locally: a run there wrote data files the other OUT could not account for, and that OUT then refused run."""
+    from jobs.runner import _open_output
+
+    s3.put_object(Bucket="vidpipe-out", Key="outer/_job/job.json", Body=b"{}")
+    for inner, folder in (("outer/segments/nested", "segments"), ("outer/videos", "videos"),
+                          ("outer/_job/x", "_job")):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"cannot use --out s3://vidpipe-out/{inner}: it lies in s3://vidpipe-out/outer/{folder}, a folder of "
+                "the vidpipe output s3://vidpipe-out/outer,")):
+            _open_output(f"s3://vidpipe-out/{inner}")
+    _open_output("s3://vidpipe-out/outer/segments_2026")  # a name that only begins like a table's is no table
+    _open_output("s3://vidpipe-out/other/segments/nested")  # no OUT above it
+
+
 def test_an_s3_out_that_cannot_be_reached_says_to_check_the_s3_settings(s3_server, monkeypatch):
     """It said "pass a directory that can be created", as for a local folder."""
     from jobs.query import open_output
