@@ -145,7 +145,17 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
     tail = "\n".join(logs.rstrip().splitlines()[-20:])
     if tail:
         say(tail)
-    return job_id, job_exit_code(status, info.message or "")
+    code = job_exit_code(status, info.message or "")
+    if code == 127 and "not found" in tail:  # the shell's: it said only "/bin/sh: 1: vidpipe: not found"
+        say(f"vidpipe submit: the job's command ({command_of(entry)}) was not found on the head node: install "
+            "vidpipe there, or give its path there with --command")
+    return job_id, code
+
+
+def command_of(entry: str) -> str:
+    """The program an entrypoint runs (its first word, as the shell reads it)."""
+    words = shlex.split(entry)
+    return words[0] if words else entry
 
 
 def job_info(client: Any, address: str, job_id: str) -> Any:

@@ -66,6 +66,12 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
         f"vidpipe submit: error: --job-id {job_id}: the Ray job server at {cluster.dashboard_url} already has a job "
         "of that id (a job id names one submission, finished or not; 'ray job list' shows them): give another "
         "--job-id, or leave it out for a new one (a rerun with the same OUT resumes its job)")
+    # vidpipe not where the head's shell looks: it said only "/bin/sh: 1: vidpipe: not found" (exit 127)
+    missing = _vidpipe(cluster, ["submit", str(small_archive), "--out", str(tmp_path / "o2"), *RUN_FLAGS,
+                                 "--address", cluster.dashboard_url, "--wait", "--command", "/no/such/vidpipe"])
+    assert missing.returncode == 127, missing.stdout[-3000:] + missing.stderr[-3000:]
+    assert ("vidpipe submit: the job's command (/no/such/vidpipe) was not found on the head node: install vidpipe "
+            "there, or give its path there with --command") in missing.stdout, missing.stdout[-3000:]
 
 
 def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_path):
