@@ -428,7 +428,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
     out = open_output(args.out)
     try:
-        with out.lock(new_run_id(), keepalive=True):
+        with out.lock(new_run_id(), keepalive=True, writes=not args.dry_run):
             records = out.damaged_records()
             if args.dry_run:
                 lost = out.missing_files(pages=args.verify, past_damaged_records=True)

@@ -245,6 +245,8 @@ def _damaged(where: str, why: object, *, repair: bool = False) -> str:
                           "videos again), " if repair else "") + "or run the job again into a new --out")
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
 # a data file's name: part-COMMIT-XXXXXXXX.parquet (ResultWriter._stage), COMMIT being RUN_ID-SEQUENCE
 _PART_NAME = re.compile(r"part-(.+-\d{5})-[0-9a-f]{8}\.parquet")
 
@@ -712,9 +714,46 @@ class OutputDir:
         return ids
 
     # -- one writer at a time ------------------------------------------------------------------------
+    def _open_lock(self, writes: bool) -> Any:
+        """The local lock file, open; where ``writes``, after checking that this user can write the folders a
+        run writes (a ConfigError naming the first that refuses: it was an internal error, exit 1, after the work,
+        that said to rerun to resume).  Without ``writes`` it may be open read-only: flock takes that too."""
+        import tempfile
+
+        try:
+            self.store.makedirs(JOB)
+        except OSError as exc:
+            raise self._unwritable(JOB, exc) from None
+        try:
+            f = open(self.store.full(f"{JOB}/lock"), "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError as exc:
+            if writes or exc.errno not in _NOT_WRITABLE:
+                raise self._unwritable(JOB, exc) from None
+            return open(self.store.full(f"{JOB}/lock"))  # noqa: SIM115
+        for folder in [JOB, STAGING, COMMITS, *TABLES] if writes else []:
+            if os.path.isdir(self.store.full(folder)):
+                try:  # a file without a name (O_TMPFILE): nothing is left behind, whatever happens
+                    with tempfile.TemporaryFile(dir=self.store.full(folder)):
+                        pass
+                except OSError as exc:
+                    f.close()
+                    raise self._unwritable(folder, exc) from None
+        return f
+
+    def _unwritable(self, folder: str, exc: OSError) -> Exception:
+        if exc.errno not in _NOT_WRITABLE:
+            return exc
+        return ConfigError(f"cannot write to {self.store.uri_of(folder)} ({exc.strerror}): a run keeps its lock, "
+                           "commit records and results in OUT; make it writable for this user, or give another "
+                           "directory ('vidpipe query', 'status' and 'repair --dry-run' only read it)")
+
     @contextmanager
-    def lock(self, run_id: str, *, wait_s: float = 2 * LEASE_S, keepalive: bool = False) -> Iterator[None]:
+    def lock(self, run_id: str, *, wait_s: float = 2 * LEASE_S, keepalive: bool = False,
+             writes: bool = True) -> Iterator[None]:
         """Hold OUT for one run; another live run makes this wait (S3) or fail (local) with a clear message.
+
+        Locally, a holder that ``writes`` is refused at once, before any work, where this user cannot write the
+        folders a run writes; one that does not (``repair --dry-run``) may hold a read-only OUT.
 
         On S3 the lease is ``progress.json``: a run renews it with its progress; a holder that writes none
         (``vidpipe repair``) passes ``keepalive`` to have it renewed here, and gets the last run's back at the end.
@@ -722,22 +761,7 @@ class OutputDir:
         if self.local:
             import fcntl
 
-            f = None
-            try:
-                self.store.makedirs(JOB)
-                f = open(self.store.full(f"{JOB}/lock"), "a+")  # noqa: SIM115 - held open for the lock's lifetime
-                probe = Path(self.store.full(f"{JOB}/.write-check.{uuid.uuid4().hex}"))  # commit records go here
-                probe.touch()
-                probe.unlink()
-            except OSError as exc:
-                if f is not None:
-                    f.close()
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise
-                # before anything is done: it was an internal error (exit 1) that said to rerun to resume
-                raise ConfigError(f"cannot write to {self.uri} ({exc.strerror}: {exc.filename}): a run keeps its "
-                                  "lock, commit records and results there; make it writable for this user, or "
-                                  "give another directory ('vidpipe query' and 'status' only read it)") from None
+            f = self._open_lock(writes)
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -745,16 +769,17 @@ class OutputDir:
                 f.close()
                 raise ConfigError(f"another vidpipe run is writing to {self.uri} ({who}); wait for it to finish "
                                   "or stop it, then give this command again") from None
-            # Who holds OUT, for the message of a run refused: progress.json is written later (a run
-            # refused in between named the previous run, or none).
-            f.seek(0)
-            f.truncate()
-            from jobs import supervise
+            if f.writable():
+                # Who holds OUT, for the message of a run refused: progress.json is written later (a run
+                # refused in between named the previous run, or none).
+                f.seek(0)
+                f.truncate()
+                from jobs import supervise
 
-            # the process the user started (`vidpipe run`, which supervises this driver), else this one
-            pid = supervise.SUPERVISOR_PID or os.getpid()
-            f.write(json.dumps({"run_id": run_id, "pid": pid, "host": socket.gethostname()}))
-            f.flush()
+                # the process the user started (`vidpipe run`, which supervises this driver), else this one
+                pid = supervise.SUPERVISOR_PID or os.getpid()
+                f.write(json.dumps({"run_id": run_id, "pid": pid, "host": socket.gethostname()}))
+                f.flush()
             self._lock_file = f
             try:
                 yield

@@ -427,23 +427,32 @@ def _unwritable(folder: Path):  # noqa: ANN202
 
 
 def test_an_out_that_cannot_be_written_is_a_usage_error_before_any_work(tmp_path, shared_media, capsys):
-    """It was an internal error (exit 1, a raw errno) that said the committed videos were kept and to rerun."""
+    """It was an internal error (exit 1, a raw errno) that said the committed videos were kept and to rerun; where
+    only a table's folder refused, after the work.  'repair --dry-run' writes nothing: it still reads such an OUT."""
     from jobs.cli import main
-    from jobs.spec import EXIT_USAGE
+    from jobs.spec import EXIT_OK, EXIT_USAGE
 
     clip = str(shared_media / "bbb_5s_51.mp4")
     fresh = tmp_path / "fresh"  # an empty folder given to a first run
     fresh.mkdir()
-    earlier = tmp_path / "earlier"  # an earlier run's OUT whose _job (commit records, lock) cannot be written
+    earlier = tmp_path / "earlier"  # an earlier run's OUT
     (earlier / "_job").mkdir(parents=True)
     (earlier / "_job" / "lock").touch()
-    for out, unwritable in ((fresh, fresh), (earlier, earlier / "_job")):
+    (earlier / "segments").mkdir()
+    for out, unwritable, named in ((fresh, fresh, fresh / "_job"), (earlier, earlier / "_job", earlier / "_job"),
+                                   (earlier, earlier / "segments", earlier / "segments")):
         with _unwritable(unwritable):
             assert main(["run", clip, "--out", str(out), "--allow-untrained"]) == EXIT_USAGE
             err = capsys.readouterr().err
-            assert f"cannot write to {out} (" in err and "make it writable for this user" in err, err
+            assert f"cannot write to {named} (" in err and "make it writable for this user" in err, err
             assert "rerun" not in err and "Traceback" not in err, err
-    assert list(fresh.iterdir()) == [] and sorted(p.name for p in (earlier / "_job").iterdir()) == ["lock"]
+            if out == earlier:
+                assert main(["repair", str(out)]) == EXIT_USAGE
+                assert f"cannot write to {named} (" in capsys.readouterr().err
+                assert main(["repair", str(out), "--dry-run"]) == EXIT_OK
+                assert "nothing to drop" in capsys.readouterr().out
+    assert list(fresh.iterdir()) == []
+    assert sorted(p.name for p in (earlier / "_job").iterdir()) == ["lock"] and not any((earlier / "segments").iterdir())
 
 
 @pytest.mark.parametrize("address, message", [
