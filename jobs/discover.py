@@ -130,6 +130,7 @@ def check_inputs(inputs: list[str]) -> None:
             check_s3(item)
         elif glob.has_magic(item) and not Path(item).expanduser().exists():
             matched = folders = 0
+            unreadable: list[str] = []
             for m in glob.iglob(os.path.expanduser(item), recursive=True):
                 matched += 1
                 kind = _glob_kind(item, m)
@@ -137,7 +138,7 @@ def check_inputs(inputs: list[str]) -> None:
                     from jobs.manifest import check_manifest
 
                     check_manifest(m)  # as if it were named: an empty or unreadable one is named now
-                if kind == "folder" and next(_walk(Path(m)), None) is None:  # as a folder named without a glob
+                if kind == "folder" and next(_walk(Path(m), unreadable), None) is None:  # as a folder named alone
                     folders += 1  # it ran a job of nothing, exit 0
                     continue
                 if kind is not None:
@@ -153,6 +154,7 @@ def check_inputs(inputs: list[str]) -> None:
                                   f"{', '.join(sorted(VIDEO_EXTENSIONS))})"
                                   + ("" if _manifest_pattern(item) or matched == folders else ", and its files are "
                                      "not read as manifests unless the pattern ends in .txt, .csv, .tsv or .parquet")
+                                  + (f"; could not read {unreadable[0]}" if unreadable else "")
                                   + "; check the pattern")
         else:
             path = _local_path(item)
@@ -165,7 +167,7 @@ def check_inputs(inputs: list[str]) -> None:
                 if not path.suffix:
                     raise ConfigError(f"input {item!r} does not exist (no file or folder by that name); check the "
                                       "path")
-            unreadable: list[str] = []
+            unreadable = []
             if path.is_dir() and next(_walk(path, unreadable), None) is None:  # stops at the first video found
                 why = f"; could not read {unreadable[0]}" if unreadable else ""
                 raise ConfigError(f"input folder {item!r} holds no video files (none with the extensions "

@@ -39,7 +39,7 @@ class Store:
 
     def __init__(self, uri: str | os.PathLike[str]) -> None:
         text = str(uri)
-        if not text:  # Path("") is the current folder: 'query ""' read it, 'status ""' named no path
+        if text in ("", "file://"):  # Path("") is the current folder: 'query ""' read it, 'status ""' named no path
             raise ConfigError("an empty path names no directory; pass the --out directory of a 'vidpipe run'")
         self.local = not is_remote(text)
         self.fs: pafs.FileSystem

@@ -288,12 +288,10 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
                 out.write_json("_job/job.json", old | {"precision": precision})
             return
         if out.commits():
-            if "model_id" in mismatch and spec.top_k == JobSpec.top_k:
-                # --top-k not given: the top_k recorded is at most the model's number of labels, so another model
-                # gives another, which named a flag the user never passed
-                mismatch = [k for k in mismatch if k != "top_k"]
             said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
                     else k for k in mismatch]
+            if "model_id" in mismatch and "top_k" in mismatch:  # another model: its labels may make it, not a flag
+                said[mismatch.index("top_k")] += " (at most each model's number of labels)"
             raise ConfigError(
                 f"{spec.out} already holds results of another job (differs in: {'; '.join(said)}; "
                 f"it has model {old.get('model_id')} with sampling {old.get('sampling')}). "
@@ -348,7 +346,7 @@ def _inside_another_out(out: OutputDir) -> str | None:
     from pipeline.schema import TABLES
 
     parts = PurePosixPath(out.store.root).parts
-    for i in range(1 if out.local else 2, len(parts)):  # on S3, parts[0] is the bucket
+    for i in range(1, len(parts)):  # parts[0] is "/" or the bucket (an OUT at a bucket's root is one too)
         if parts[i] in (JOB, *TABLES):
             parent = str(PurePosixPath(*parts[:i])).rstrip("/")
             if out.store.fs.get_file_info(f"{parent}/{JOB}").type != pafs.FileType.NotFound:
@@ -360,7 +358,8 @@ def _open_output(uri: str) -> OutputDir:
     try:
         out = OutputDir(uri)
         if (where := _inside_another_out(out)) is not None:
-            raise ConfigError(f"it lies in {where}, a folder of the vidpipe output {where.rsplit('/', 1)[0]}, whose "
+            outer = where.rsplit("/", 1)[0] or "/"
+            raise ConfigError(f"it lies in {where}, a folder of the vidpipe output {outer}, whose "
                               "files the other output must account for (a run there made that output refuse to run); "
                               "give a directory outside it")
         if out.local:

@@ -64,7 +64,7 @@ def read_status(out_uri: str) -> JobStatus:
     except ConfigError:  # it said "no run recorded", as if no run had been
         progress = {}
         damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged: its state is "
-                   "unknown (the counts above come from the tables); the next 'vidpipe run' into this OUT rewrites it")
+                   "unknown (the counts come from the tables); the next 'vidpipe run' into this OUT rewrites it")
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
     alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)

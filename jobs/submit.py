@@ -146,7 +146,7 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
     if tail:
         say(tail)
     code = job_exit_code(status, info.message or "")
-    if code == 127 and "not found" in tail:  # the shell's: it said only "/bin/sh: 1: vidpipe: not found"
+    if code == 127:  # the shell's "command not found" (dash: "vidpipe: not found"; bash: "No such file or directory")
         say(f"vidpipe submit: the job's command ({command_of(entry)}) was not found on the head node: install "
             "vidpipe there, or give its path there with --command")
     return job_id, code

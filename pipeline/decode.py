@@ -821,7 +821,8 @@ class _VideoRun:
         ]
         if not video:
             if not self.container.streams:  # FFmpeg found no track at all: what an MP4 whose moov box is damaged gives
-                raise MediaError(self.uri, "invalid_data", f"the {self.container.format.name} demuxer found no "
+                demuxer = self.container.format.name.split(",")[0]  # "mov,mp4,m4a,3gp,3g2,mj2": its first name
+                raise MediaError(self.uri, "invalid_data", f"the {demuxer} demuxer found no "
                                  "track at all in this file: it is damaged (an MP4's index, its moov box, unreadable) "
                                  "or not a video")
             what = "an audio-only file" if self.container.streams.audio else "a file without a video track"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -322,7 +323,7 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path, capsys):
 
     # it said "last run -: no run recorded", as of an OUT no run had written
     assert (f"last run -: {out.job_dir}/progress.json, the last run's record, is damaged: its state is unknown (the "
-            "counts above come from the tables); the next 'vidpipe run' into this OUT rewrites it") in \
+            "counts come from the tables); the next 'vidpipe run' into this OUT rewrites it") in \
         format_status(status)
     (out.job_dir / "job.json").write_text('{"model_id": "x"')
     with pytest.raises(ConfigError, match=r"job\.json is damaged .*or move it out of OUT and rerun the job's own "
@@ -763,9 +764,9 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
             check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3, precision=other), other)
 
 
-def test_another_model_is_named_without_the_top_k_its_labels_make(tmp_path):
+def test_another_models_top_k_is_said_to_follow_its_labels(tmp_path):
     """The default bundle's job (4 labels: top_k 4), rerun with --allow-untrained and no --top-k, was refused as
-    differing in "bundle_fingerprint; model_id; top_k 4 there, 5 now": a flag the user never passed."""
+    differing in "bundle_fingerprint; model_id; top_k 4 there, 5 now": a flag the user never passed, as it read."""
     import dataclasses
 
     from jobs.models import resolve_bundle
@@ -781,10 +782,13 @@ def test_another_model_is_named_without_the_top_k_its_labels_make(tmp_path):
     w.flush()
     untrained = resolve_bundle(None, allow_untrained=True)
     assert len(untrained.labels) >= spec.top_k
-    with pytest.raises(ConfigError, match=r"\(differs in: bundle_fingerprint; model_id; it has model "):
-        check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True), "fp32")
-    with pytest.raises(ConfigError, match=r"\(differs in: bundle_fingerprint; model_id; top_k 4 there, 3 now; "):
-        check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True, top_k=3), "fp32")
+    for top_k in (spec.top_k, 3):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"(differs in: bundle_fingerprint; model_id; top_k 4 there, {top_k} now (at most each model's number "
+                "of labels); it has model ")):
+            check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True, top_k=top_k), "fp32")
+    with pytest.raises(ConfigError, match=re.escape("(differs in: top_k 4 there, 3 now; it has model ")):
+        check_job_identity(out, default, dataclasses.replace(spec, top_k=3), "fp32")  # the same model: a flag
 
 
 def test_a_top_k_past_the_bundles_labels_is_the_same_job_whatever_its_value(tmp_path):

@@ -309,6 +309,11 @@ def test_an_s3_out_inside_another_outs_tables_or_job_is_a_usage_error(s3):
                 "the vidpipe output s3://vidpipe-out/outer,")):
             _open_output(f"s3://vidpipe-out/{inner}")
     _open_output("s3://vidpipe-out/outer/segments_2026")  # a name that only begins like a table's is no table
+    s3.create_bucket(Bucket="vidpipe-root")
+    s3.put_object(Bucket="vidpipe-root", Key="_job/job.json", Body=b"{}")  # an OUT at a bucket's root
+    with pytest.raises(ConfigError, match=re.escape("it lies in s3://vidpipe-root/segments, a folder of the vidpipe "
+                                                    "output s3://vidpipe-root,")):
+        _open_output("s3://vidpipe-root/segments/nested")
     _open_output("s3://vidpipe-out/other/segments/nested")  # no OUT above it
 
 
