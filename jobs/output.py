@@ -59,7 +59,7 @@ from jobs.progress import driver_ended, this_process
 from pipeline.errors import ConfigError
 from pipeline.media import NO_AUDIO_DECODER, Failure, VideoInfo
 from pipeline.s3 import unreachable
-from pipeline.schema import FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
+from pipeline.schema import ACTIVE_LABELS, FAILURES_SCHEMA, TABLES, VIDEOS_SCHEMA, segments_schema
 from workers.metrics import StageMeter
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ FILE_NAME_KEY = b"vidpipe.file"  # a data file's own name, in its Parquet footer
 
 
 # the columns vidpipe writes to each table (never removed, only added): any other name in a footer is damage
-_COLUMNS = {"segments": set(segments_schema(1).names), "videos": set(VIDEOS_SCHEMA.names),
+_COLUMNS = {"segments": {*segments_schema(1).names, ACTIVE_LABELS.name}, "videos": set(VIDEOS_SCHEMA.names),
             "failures": set(FAILURES_SCHEMA.names)}
 
 
@@ -1033,9 +1033,9 @@ class ResultWriter:
             # multilabel bundles: every label whose probability reached its tuned threshold, in label order
             active = np.concatenate([np.asarray(p["active_mask"], np.bool_).reshape(len(p["segment_index"]), -1)
                                      for p in parts])
-            cols["active_labels"] = pa.array([self.labels[np.flatnonzero(r)].tolist() for r in active],
-                                             pa.list_(pa.string()))
-            schema = schema.append(pa.field("active_labels", pa.list_(pa.string()), nullable=False))
+            cols[ACTIVE_LABELS.name] = pa.array([self.labels[np.flatnonzero(r)].tolist() for r in active],
+                                                ACTIVE_LABELS.type)
+            schema = schema.append(ACTIVE_LABELS)
         if self.embedding_dim:
             emb = np.concatenate([np.asarray(p["embedding"], np.float32).reshape(len(p["segment_index"]), -1)
                                   for p in parts])

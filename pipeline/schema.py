@@ -27,6 +27,10 @@ def segments_schema(embedding_dim: int | None = None) -> pa.Schema:
     return pa.schema(fields, metadata=_META)
 
 
+# multilabel bundles' extra segments column: every label whose probability reached its tuned threshold
+ACTIVE_LABELS = pa.field("active_labels", pa.list_(pa.string()), nullable=False)
+
+
 VIDEOS_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),

@@ -302,7 +302,7 @@ def test_cli_train_eval_and_run_with_the_bundle(corpus, trained, tmp_path, capsy
     assert code == 0 and "visual features zeroed" in out and "confusion matrix" in out
 
 
-def test_multilabel_bundle_writes_active_labels(corpus, trained, tmp_path, ray_session):
+def test_multilabel_bundle_writes_active_labels(corpus, trained, tmp_path, ray_session, capsys):
     root, videos, files = corpus
     _, cache = trained
     # overlapping labels: the whole clip is "clip" and each half has its colour
@@ -330,6 +330,16 @@ def test_multilabel_bundle_writes_active_labels(corpus, trained, tmp_path, ray_s
         colour = truth[0 if row["start_s"] < SECONDS // 2 else SECONDS // 2]
         assert set(row["active_labels"]) == {"clip", colour}, row
         assert row["label"] in row["active_labels"] and row["model_id"] == result.bundle.model_id
+    # read back as a user does: query, status and a rerun called the file damaged ("its footer names a column
+    # vidpipe does not write ('active_labels')"), and 'repair' dropped it, to be written the same again
+    from jobs.query import run_query
+
+    queried = run_query(out, "SELECT segment_index, active_labels FROM segments ORDER BY 1").to_pylist()
+    assert queried == [{"segment_index": r["segment_index"], "active_labels": r["active_labels"]}
+                       for r in sorted(table, key=lambda r: r["segment_index"])]
+    assert main(["status", str(out)]) == 0
+    assert main(["run", str(clip), "--out", str(out), "--model", str(result.path), "--no-progress"]) == 0
+    assert "0 videos ok, 0 failed, 1 skipped" in capsys.readouterr().out
 
 
 def test_cache_key_depends_on_encoders():
