@@ -137,6 +137,7 @@ class TrainSpec:
         if not 0.0 <= self.modality_dropout < 0.5:
             raise ConfigError(f"modality_dropout must be in [0, 0.5), got {self.modality_dropout}")
         for flag, value, least in (("--patience", self.patience, 1), ("--window-segments", self.window_segments, 1),
+                                   ("--frames-per-segment", self.frames_per_segment, 1),
                                    ("--context-segments", self.context_segments, 0),
                                    ("batch_windows", self.batch_windows, 1)):
             if value < least:
@@ -149,6 +150,9 @@ class TrainSpec:
         if not 0 <= self.image_grid <= cells:
             raise ConfigError(f"--image-grid must be in [0, {cells}] at --image-size {self.image_size} (the image "
                               f"encoder's feature map is {cells}x{cells}), got {self.image_grid}")
+        if self.image_grid and self.fusion != "attention":  # ignored there, at the cost of every grid's features
+            raise ConfigError(f"--image-grid is for --fusion attention (the regions it attends over); --fusion "
+                              f"{self.fusion} does not use them: leave --image-grid out, or add --fusion attention")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
 

@@ -239,6 +239,9 @@ def test_split_by_video_is_seeded_and_disjoint(tmp_path, videos):
     (["--image-grid", "100", "--fusion", "attention"],  # ran, pooling a 7x7 map up to 100x100
      "--image-grid must be in [0, 7] at --image-size 224 (the image encoder's feature map is 7x7), got 100"),
     (["--seed", str(2**70)], f"--seed must be in [0, 2**32), got {2**70}"),
+    (["--image-grid", "2"],  # ran, extracting regions that concat fusion does not use
+     "--image-grid is for --fusion attention (the regions it attends over); --fusion concat does not use them"),
+    (["--frames-per-segment", "0"], "--frames-per-segment must be >= 1, got 0"),  # named frames_per_segment
     (["--out", ""], "--out is empty; give the bundle directory to write"),  # "--out .: the directory holds other files"
 ])
 def test_train_flags_that_cannot_work_are_usage_errors_before_any_work(tmp_path, videos, capsys, flags, said):
