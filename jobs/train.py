@@ -655,8 +655,10 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         say(f"warning: the {len(val_data)} validation videos have no segment with a label ({val_text}); early "
             "stopping watches the training set instead")
         val_data = []
-    say(f"training on {device.type}: {len(train_data)} train videos ({train_text}), {len(val_data)} validation "
-        f"videos ({val_text if val_data else 'none'}); fusion {spec.fusion}, up to {spec.epochs} epochs")
+    n_train, n_val = len(train_data), len(val_data)
+    say(f"training on {device.type}: {n_train} train video{'s' * (n_train != 1)} ({train_text}), {n_val} validation "
+        f"video{'s' * (n_val != 1)} ({val_text if val_data else 'none'}); fusion {spec.fusion}, up to {spec.epochs} "
+        "epochs")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)

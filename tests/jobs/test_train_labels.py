@@ -138,12 +138,12 @@ def test_unlabeled_ignore_counts_only_the_labelled_segments(clips, tmp_path, tas
     assert (meta["train_segments"], meta["val_segments"]) == (3 * labelled, labelled)
     assert meta["unlabeled_segments_left_out"] == {"train": 3 * 2, "val": 2}
     assert sum(meta["label_counts_train"].values()) == meta["train_segments"]
-    assert any(f"3 train videos ({3 * labelled} segments, 6 unlabelled left out), 1 validation videos "
+    assert any(f"3 train videos ({3 * labelled} segments, 6 unlabelled left out), 1 validation video "
                f"({labelled} segments, 2 unlabelled left out)" in line for line in lines), lines
 
     # with background, every segment is a training segment
     _, lines, meta = _train(ann, clips, tmp_path / "background", task=task)
     assert (meta["train_segments"], meta["val_segments"]) == (3 * SECONDS, SECONDS)
     assert meta["unlabeled_segments_left_out"] == {"train": 0, "val": 0}
-    assert any(f"3 train videos ({3 * SECONDS} segments), 1 validation videos ({SECONDS} segments)" in line
+    assert any(f"3 train videos ({3 * SECONDS} segments), 1 validation video ({SECONDS} segments)" in line
                for line in lines), lines
