@@ -599,7 +599,7 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         if (kind, use) not in said and (kind, "floor and check") not in said:
             said.add((kind, use))
             say(f"bf16 is emulated here (the encoders run on a CPU without native bf16, ~11x slower than float32): "
-                f"bf16's {use} use{'s' if use == 'check' else ''} {EMULATED_BF16_VIDEOS} of the {len(videos)} "
+                f"bf16's {use} use{'' if ' and ' in use else 's'} {EMULATED_BF16_VIDEOS} of the {len(videos)} "
                 f"{kind} videos")
         # those with segments to score first (--unlabeled ignore can leave a video none): the check scores them
         return sorted(videos, key=lambda v: not _scored(torch.from_numpy(targets_of(v, labels))))[
