@@ -49,9 +49,9 @@ class Store:
                 str(path).encode("utf-8")
             except UnicodeEncodeError:  # pyarrow's paths are UTF-8: it failed on the first file, with a traceback
                 raise ConfigError(f"{shown(path)}: this path is not valid UTF-8 (its name has bytes of another "
-                                  "encoding), and pyarrow, which writes and reads vidpipe's Parquet files, takes UTF-8 paths "
-                                  "only; rename the folder (or the one above it) to a UTF-8 name, or use another "
-                                  "directory") from None
+                                  "encoding), and pyarrow, which writes and reads vidpipe's Parquet files, takes "
+                                  "UTF-8 paths only; rename the folder (or the one above it) to a UTF-8 name, or use "
+                                  "another directory") from None
             self.fs = pafs.LocalFileSystem()
             self.root = str(path)
             self.uri = self.root

@@ -47,6 +47,7 @@ from pathlib import PurePosixPath
 from typing import Any, TextIO
 
 import pyarrow.compute as pc
+from pyarrow import fs as pafs
 
 from jobs import stopping
 from jobs.discover import VideoRef, check_inputs, count_videos, discover
@@ -54,7 +55,7 @@ from jobs.fs import shown
 from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
-from jobs.output import OutputDir, ResultWriter, new_run_id, sized
+from jobs.output import JOB, OutputDir, ResultWriter, new_run_id, sized
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
@@ -64,6 +65,7 @@ from pipeline.inputs import local_path, missing_local_file
 from pipeline.media import Failure
 from pipeline.precision import emulated_bf16_warning, pick_device
 from pipeline.s3 import bucket_missing
+from pipeline.schema import TABLES
 from workers.build import PipelinePlan, build_stages, chunking_for
 from workers.decode_stage import DecodeStage
 from workers.rows import iter_rows
@@ -340,11 +342,6 @@ def _check_rows_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec) -> 
 def _inside_another_out(out: OutputDir) -> str | None:
     """Where ``out`` lies in another OUT's own folders (its tables, ``_job``): a run there wrote data files that
     the other OUT cannot account for, and it refused to run (or repair) until they were moved."""
-    from pyarrow import fs as pafs
-
-    from jobs.output import JOB
-    from pipeline.schema import TABLES
-
     parts = PurePosixPath(out.store.root).parts
     for i in range(1, len(parts)):  # parts[0] is "/" or the bucket (an OUT at a bucket's root is one too)
         if parts[i] in (JOB, *TABLES):
