@@ -525,6 +525,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found: argparse.ArgumentParser = subparsers.choices[command]
+    return found
+
+
+def _stray_hint(command: str, extra: Sequence[str]) -> str:
+    """What an argument the command does not take was probably meant to be (train and eval take no positional)."""
+    from pathlib import Path
+
+    from pipeline.bundle import BUNDLE_JSON
+
+    for arg in extra:
+        if not arg.startswith("-") and (Path(arg) / BUNDLE_JSON).is_file():
+            return f" ({arg} is a model bundle: give it as --model {arg})" if command != "train" else \
+                f" ({arg} is a model bundle: train writes one with --out BUNDLE, eval and run read one with --model)"
+    if command in ("train", "eval") and any(not a.startswith("-") for a in extra):
+        return f" ({command} takes no positional argument: --annotations FILE, --videos DIR" + \
+            (", --model BUNDLE)" if command == "eval" else ", --out BUNDLE)")
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -539,7 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         argv = [*argv[:i + 1], "--address", options.address, *(["--job-id", options.job_id] if options.job_id else []),
                 *(["--wait"] if options.wait else []), "--command", options.command, "--", *run_argv]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser (its usage line), not by vidpipe's, with a hint where one helps
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}"
+                                                    f"{_stray_hint(args.command, extra)}")
     if getattr(args, "run_args", None) and args.run_args[0] == "--":
         args.run_args = args.run_args[1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

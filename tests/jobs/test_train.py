@@ -845,3 +845,22 @@ def test_a_stop_during_the_save_of_the_bundle_lets_it_finish_and_says_so(corpus,
     assert ("vidpipe: a stop (stopped by SIGTERM) came during the save of the bundle, which was finished first\n"
             f"saved model {bundle.model_id} to {out}") in r.stderr
     assert "interrupted" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_positional_given_to_eval_or_train_is_named_by_the_command_with_the_flag_it_wants(tmp_path, capsys):
+    bundle = str(Path(__file__).parents[2] / "pipeline" / "bundles" / "default")
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", bundle, "--annotations", str(tmp_path / "a.csv")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "vidpipe eval: error: unrecognized arguments" in err
+    assert f"is a model bundle: give it as --model {bundle}" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--annotations", str(tmp_path / "a.csv"), str(tmp_path)])
+    assert "eval takes no positional argument: --annotations FILE, --videos DIR, --model BUNDLE" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--annotations", "a.csv", "--out", str(tmp_path / "b"), bundle])
+    assert "train writes one with --out BUNDLE, eval and run read one with --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus"])
+    assert "vidpipe run: error: unrecognized arguments: --bogus" in capsys.readouterr().err
