@@ -488,8 +488,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                      image_size=args.image_size, window_segments=args.window_segments,
                      context_segments=args.context_segments, lr=args.lr, seed=args.seed, cache=args.cache,
                      address=args.address, device=args.device)
-    result = train(spec, say=lambda line: print(line, file=sys.stderr, flush=True))
+    result = train(spec, say=_say)
     return EXIT_SOME_FAILED if result.n_failed else EXIT_OK
+
+
+def _say(line: str) -> None:
+    """One progress line of train / eval on stderr, in one write: print() writes the text and its newline
+    separately, and a stop (SIGINT) between the two glued the interruption message onto the line."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -504,7 +511,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.model, allow_untrained=False, local=runs_here(args.address))
     report = evaluate(bundle, args.annotations, args.videos, ablate=args.ablate, unlabeled=args.unlabeled,
                       cache=args.cache, address=args.address, device=args.device, precision=args.precision,
-                      say=lambda line: print(line, file=sys.stderr, flush=True))
+                      say=_say)
     write_report(report, args.json)
     return EXIT_SOME_FAILED if report.n_failed else EXIT_OK
 

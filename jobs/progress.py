@@ -130,6 +130,7 @@ class Progress:
         self.started = time.monotonic()
         self._last = 0.0
         self._written = ""  # the counts of the last line written to a log or pipe
+        self._open = False  # a terminal's line written in place, not yet ended
 
     def line(self, c: _Counts) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -147,6 +148,7 @@ class Progress:
         self._last = now
         if self.tty:
             self.stream.write("\r" + self.line(c) + "\x1b[K")
+            self._open = True
         else:
             self._write_line(c)
         self.stream.flush()
@@ -156,9 +158,18 @@ class Progress:
             return
         if self.tty:
             self.stream.write("\r" + self.line(c) + "\x1b[K\n")
+            self._open = False
         elif self._counts(self.line(c)) != self._written:  # a log showed the same counts twice at the end
             self._write_line(c)
         self.stream.flush()
+
+    def break_line(self) -> None:
+        """End the line a terminal shows in place, so that what is printed next (a warning, a stop) has its own;
+        the next update writes the progress line again below it."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
     def _write_line(self, c: _Counts) -> None:
         line = self.line(c)

@@ -112,6 +112,16 @@ def _utf8_entrypoint(ray: Any) -> None:
     utils.get_entrypoint_name = entrypoint
 
 
+class _TokenNoticeFilter(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" at an embedded start (README, Limits)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE = _TokenNoticeFilter()  # one: addFilter adds the same filter once
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, set inside a Ray job) or start an embedded local Ray."""
     import ray
@@ -151,6 +161,8 @@ def init_ray(address: str | None) -> None:
                                       "--address out to run on an embedded Ray") from None
                 raise _cannot_join(address, exc) from None
         else:
+            if not show_logs:  # Ray's notice that a new local cluster takes a token: nothing for the user to do
+                logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_NOTICE)
             with stopping.deferred("Ray's start"):  # it forks its processes: a stop in there hangs (jobs/stopping.py)
                 ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
                          configure_logging=False)
@@ -492,6 +504,7 @@ class JobRunner:
         self._plan_videos = 0
         self._input_error: ConfigError | None = None  # a bad manifest row that counting found ahead of the waves
         self._said_emulated = False  # whether the run said its encoders ran bf16 emulated (_say_emulated)
+        self._progress: Progress | None = None  # the running waves' progress line (a terminal shows it in place)
         self.precision: str = spec.precision  # what it means for this job ("bf16" or "fp32"), set when it runs
 
     def run(self) -> JobResult:
@@ -547,6 +560,8 @@ class JobRunner:
                     writer.flush()
                     status.state = "finished"
                 except BaseException as exc:
+                    if self._progress is not None:  # what is said of the stop starts on a line of its own
+                        self._progress.break_line()
                     stopped = isinstance(exc, KeyboardInterrupt)
                     # a usage error says what to do in its own words; anything else is named by its kind
                     said = str(exc) if stopped or isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
@@ -608,7 +623,7 @@ class JobRunner:
         spec = self.spec
         retry: deque[list[VideoRef]] = deque()
         wave_size = spec.wave_size or 0
-        progress = Progress(None, self.stream, enabled=spec.progress)
+        progress = self._progress = Progress(None, self.stream, enabled=spec.progress)
         ray_started = False
         while True:
             stopping.check()
@@ -814,4 +829,7 @@ class JobRunner:
             log.warning("could not commit the finished videos while stopping: %s", exc)
 
     def _say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self._progress is not None:
+            self._progress.break_line()
+        self.stream.write(f"{text}\n")  # one write: a stop between text and newline glued the next line on
+        self.stream.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -470,19 +471,23 @@ class _Terminal:
         if self.bash == 0:
             os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], vidpipe_env())
         self.supervisor: int | None = None
+        self.shown = ""
         return self
 
     def type(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
 
-    def read(self) -> None:
-        """Read what the terminal shows: unread, it would block the run's writes."""
+    def read(self) -> str:
+        """Read what the terminal shows (unread, it would block the run's writes); all it showed so far."""
         while select.select([self.master], [], [], 0)[0]:
             try:
-                if not os.read(self.master, 65536):
-                    return
+                shown = os.read(self.master, 65536)
             except OSError:
-                return
+                break
+            if not shown:
+                break
+            self.shown += shown.decode(errors="replace")
+        return self.shown
 
     def hang_up(self) -> None:
         """Close the terminal: the kernel signals the shell (which signals its jobs, disowned ones not); it ends."""
@@ -532,6 +537,35 @@ def test_a_run_whose_terminal_closes_commits_what_it_finished_and_a_rerun_comple
     status = read_status(str(out))
     assert (status.run_state, status.message) == ("interrupted", "stopped by SIGHUP (its terminal closed)")
     _kept_and_rerun_finishes(args, out, status, driver, total)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_terminal_says_so_on_a_line_of_its_own_and_keeps_what_is_committed(clip_16s, tmp_path):
+    """Ctrl-C while the terminal shows the progress line in place: the run stops (exit 130, "interrupted"), and
+    what it says of the stop starts a line of its own; it was written onto the progress line
+    ("| 26 s^Cvidpipe: interrupted ..."). Ray's notice that a new local cluster takes a token is not shown."""
+    inputs = tmp_path / "in"
+    _stoppable_archive(clip_16s, inputs, copies=3)
+    out = tmp_path / "o"
+    # chunks of 4 s: progress lines come while the 16-s clips are in work
+    flags = [f for f in RUN_FLAGS if f != "--no-progress"] + ["--chunk-seconds", "4", "--commit-seconds", "0.3"]
+    with _Terminal() as terminal:
+        terminal.type(" ".join([str(VIDPIPE), "run", str(inputs), "--out", str(out), *flags]) + '; echo "RC"=$?')
+
+        def committed_and_shown() -> bool:
+            commits = out / "_job" / "commits"
+            return "[vidpipe]" in terminal.read() and commits.is_dir() and any(commits.glob("*.json"))
+
+        wait_for(committed_and_shown, 300, "a first committed video and the progress line")
+        terminal.supervisor = _progress(out)["supervisor_pid"]
+        os.write(terminal.master, b"\x03")  # the kernel signals the terminal's foreground process group
+        wait_for(lambda: re.search(r"RC=\d", terminal.read()), 120, "'vidpipe run' to end")
+    shown = terminal.shown
+    assert "RC=130" in shown, shown[-3000:]
+    said = [line for line in shown.split("\n") if "vidpipe: interrupted" in line]
+    assert said and not any("[vidpipe]" in line for line in said), shown[-3000:]
+    assert "Token authentication is enabled" not in shown  # Ray's notice at an embedded start, nothing to do
+    assert read_status(str(out)).run_state == "interrupted"
 
 
 @pytest.mark.slow

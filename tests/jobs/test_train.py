@@ -864,3 +864,22 @@ def test_a_positional_given_to_eval_or_train_is_named_by_the_command_with_the_fl
     with pytest.raises(SystemExit):
         main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus"])
     assert "vidpipe run: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_train_and_eval_write_each_progress_line_with_its_newline_in_one_write(monkeypatch):
+    # print() writes a line and its newline apart; a SIGINT between them glued "vidpipe: interrupted" onto the line
+    from jobs import cli
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+    cli._say("extracting features of 3 videos into /tmp/cache")
+    assert writes == ["extracting features of 3 videos into /tmp/cache\n"]
