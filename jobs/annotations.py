@@ -363,9 +363,10 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
 
 
 def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], features: Mapping[str, Any],
-                             say: Callable[[str], None]) -> None:
+                             say: Callable[[str], None]) -> str | None:
     """Name the annotation lines whose span starts at or after their video's end: they label nothing
     (a wrong video, or times in another unit), so the model learns 'background' where they were meant.
+    Returns what was said (None when nothing was): eval's report keeps it among its notes.
 
     ``features``: uri -> the decoded video's features (their ``end_s``, whose last is the video's end); a video
     without them (it failed) is not looked at.
@@ -374,11 +375,13 @@ def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], feat
             if v.uri in features and len(features[v.uri].end_s)}
     past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
     if not past:
-        return
+        return None
     shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
                       for a, end in past[:5])
     more = f" (and {len(past) - 5} more)" if len(past) > 5 else ""
     spans = f"{len(past)} spans start after their video's end and label" if len(past) > 1 else \
         "1 span starts after the video's end and labels"
-    say(f"warning: annotations {annotations}: {spans} no segment: "
-        f"{shown}{more}; check the times (seconds) and the video paths")
+    warning = (f"warning: annotations {annotations}: {spans} no segment: "
+               f"{shown}{more}; check the times (seconds) and the video paths")
+    say(warning)
+    return warning

@@ -475,6 +475,9 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
     assert "no segment of the 1 decoded videos has a label to score" in err
+    assert main([*args, "--json"]) == 0  # its segments scored as background: the report says what was left out
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith(f"warning: annotations {past}: 1 span starts after the video's end") for n in notes), notes
 
 
 @pytest.mark.parametrize("kind", ["audio", "both"])
