@@ -9,8 +9,9 @@ been decoded, so memory is bounded by the chunk size, not the video length.
 
 Conventions:
 
-- t = 0 is the video stream's first presentation time (``stream.start_time``; in AVI, and where
-  the stream has none, the first decoded frame's); audio before it is dropped.
+- t = 0 is the video stream's first presentation time (``stream.start_time``; in AVI, where the
+  stream has none, and where FFmpeg's probe saw none of its frames, the first decoded frame's); audio
+  before it is dropped.
 - duration = end of the last video frame (pts + duration, or 1 / average fps) minus the origin.
   ``n_segments = ceil(duration / segment_seconds)``, except that a remainder under 1 ms does not
   make a segment; the last segment keeps its true (possibly shorter) end.
@@ -888,13 +889,18 @@ class _VideoRun:
         # t = 0: the stream's start time, as players count; in AVI the first decoded frame's pts, since
         # AVI's start time is its first decode time, which B-frames put a frame or more before the first
         # picture (3 s of video came out 3.04 s long, with a last segment of one frame).
+        # Where FFmpeg's probe saw no frame of the video (its size is unknown: in MPEG-TS, video that starts more
+        # than the probe's ~7 s after the audio), its start time is the container's and its rate a guess equal to
+        # the time base (90,000): t = 0 is then the first decoded frame's pts too, and the rate is left unknown
+        # (each frame's length comes from the frames' own times; a 5 s video starting 8 s in made 14 segments).
         avi = "avi" in self.container.format.name.split(",")
-        self.origin_pts: int | None = None if avi else self.vstream.start_time
+        unprobed = not vcc.width
+        self.origin_pts: int | None = None if avi or unprobed else self.vstream.start_time
         self.reorder = _GuessedPtsReorder() if avi else None
         rate = self.vstream.average_rate
         if not rate or (rate > MAX_PLAUSIBLE_FPS and self.vstream.guessed_rate):
             rate = self.vstream.guessed_rate  # FFmpeg's raw DV demuxer gives its time base, 60,000, as the average
-        self.avg_fps = float(rate) if rate else 0.0
+        self.avg_fps = float(rate) if rate and rate <= MAX_PLAUSIBLE_FPS else 0.0
         sar = self.vstream.sample_aspect_ratio or vcc.sample_aspect_ratio
         self.sample_aspect = Fraction(sar) if sar and sar > 0 else Fraction(1)
 

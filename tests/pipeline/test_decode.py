@@ -437,6 +437,24 @@ def test_audio_is_placed_by_its_timestamps(media_dir: Path) -> None:
     assert rms(rows["audio"][1, 8_020:]) > 0.3 and (rms(rows["audio"][2:]) > 0.3).all()
 
 
+@pytest.mark.parametrize("video_start_s", [3.0, 8.0])
+def test_video_that_starts_long_after_the_audio_starts_the_timeline(media_dir: Path, video_start_s: float) -> None:
+    # MPEG-TS whose video starts 8 s after its audio: past FFmpeg's probe window (~7 s), so the stream gets the
+    # container's start time and its time base (90,000) for a rate; t = 0 is still the video's first frame.
+    frame_times = [i / 25 for i in range(50)]
+    path = mf.make_video(media_dir / f"video_from_{video_start_s:g}s.ts", frame_times_s=[video_start_s + t for t in
+                         frame_times], size=(96, 96), codec="libx264", audio="tone", audio_codec="aac",
+                         audio_duration_s=video_start_s + 2.0,
+                         tone_start_s=video_start_s)
+    with av.open(str(path)) as probed:  # the case: FFmpeg's probe saw no frame of the 8 s one
+        assert (probed.streams.video[0].codec_context.width == 0) == (video_start_s > 7)
+    rows = rows_sampled_at(path, 2.0, [0.48, 1.48])
+    check_stamps(rows, frame_times)
+    assert (rows["audio_valid_samples"] == 16_000).all() and (rms(rows["audio"]) > 0.3).all()  # the tone, from 0
+    info = decode(path)[-1].info
+    assert info is not None and info.fps == pytest.approx(25) and (info.width, info.height) == (96, 96)
+
+
 def _write_pcm_with_jumps(path: Path, jumps: dict[int, int], duration_s: float = 4.0) -> Path:
     """25 fps video + 48 kHz stereo PCM in 1024-sample blocks; block i starts jumps[i] samples late (or early)."""
     import av
