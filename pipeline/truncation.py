@@ -95,5 +95,7 @@ def _vint(data: bytes, pos: int) -> tuple[int | None, int] | None:
 
 def _missing(kind: bytes, end: int, size: int) -> str:
     name = kind.decode("ascii", "replace").strip()
-    return (f"its {name} ends at byte {end:,} but the file has {size:,} bytes ({100 * size / end:.0f} % of "
-            "it): the file is cut short, e.g. an interrupted download or copy; fetch it again")
+    # "at least": the box need not be the file's last (a fragmented MP4 has a moof + mdat pair per fragment), so
+    # how much of the file is missing is not known, only that this box's end is (a share of it would mislead)
+    return (f"its {name} ends at byte {end:,} but the file has {size:,} bytes, at least {end - size:,} bytes are "
+            "missing: the file is cut short, e.g. an interrupted download or copy; fetch it again")
