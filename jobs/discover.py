@@ -35,8 +35,10 @@ class VideoRef:
 def make_video_id(uri: str, relative: str) -> str:
     """A stable id: a readable slug of the path relative to its input root + a hash of the full URI.
 
-    The slug keeps letters and digits of every script (NFC, so a name from macOS's decomposed form
-    gives the same slug); other characters become ``_``, folders ``__``.
+    The slug keeps letters, marks and digits of every script (NFC, so a name from macOS's decomposed form
+    gives the same slug) and ``.-_``; each run of other characters becomes one ``_``, a folder separator ``__``;
+    ``_`` and ``.`` are stripped from its ends and it keeps its last 80 characters.  The hash: the first 10 hex
+    digits of the URI's sha256.
     """
     digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:10]
     text = unicodedata.normalize("NFC", relative.replace(os.sep, "/")).replace("/", "__")
