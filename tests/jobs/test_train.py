@@ -462,7 +462,7 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     with_broken.write_text(test_ann.read_text() + f"{broken},0,1,tone,x\n")
     assert main(["eval", "--model", bundle, "--annotations", str(with_broken), "--videos", str(videos), "--cache",
                  str(cache), "--precision", "fp32"]) == 3  # some inputs failed
-    assert "1 failed to decode" in capsys.readouterr().out
+    assert f"{3 * N_TEST_DRAWN['audio']} decoded videos, 1 failed to decode" in capsys.readouterr().out
 
     past = tmp_path / "past.csv"
     name = sorted(videos.glob("audio_test_*.mp4"))[0].name
@@ -474,7 +474,7 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     assert main([*args, "--unlabeled", "ignore"]) == 2
     err = capsys.readouterr().err
     assert f"warning: annotations {past}: 1 span starts after the video's end" in err
-    assert "no segment of the 1 decoded videos has a label to score" in err
+    assert "no segment of the 1 decoded video has a label to score" in err
     assert main([*args, "--json"]) == 0  # its segments scored as background: the report says what was left out
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any(n.startswith(f"warning: annotations {past}: 1 span starts after the video's end") for n in notes), notes
