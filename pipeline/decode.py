@@ -12,7 +12,9 @@ Conventions:
 - t = 0 is the video stream's first presentation time (``stream.start_time``; in AVI, where the
   stream has none, and where FFmpeg's probe saw none of its frames, the first decoded frame's); audio
   before it is dropped.
-- duration = end of the last video frame (pts + duration, or 1 / average fps) minus the origin.
+- duration = end of the last video frame (pts + duration, or 1 / average fps) minus the origin, or
+  the end of the audio where it runs on more than 1 s past that (the last frame stays on screen, as
+  players show it: a still image over a song).
   ``n_segments = ceil(duration / segment_seconds)``, except that a remainder under 1 ms does not
   make a segment; the last segment keeps its true (possibly shorter) end.
 - Frame ``k`` of segment ``[a, b)`` is the frame shown at ``a + (k + 0.5) * (b - a) / K``: the last
@@ -83,8 +85,16 @@ _DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
 # Audio whose time went back waits this long (in its own samples) for the video to start a part too; past it the
 # jump is taken for damage and the audio is placed by its times.
 _AUDIO_HOLD_S = 10.0
-# Audio whose time is this far past the end the header announces (or the video has reached) is damaged.
+# Audio whose time is this far past the end the header announces (or the video has reached) is damaged, unless it
+# follows the track's previous audio (within _SMOOTH_STEP_S): audio that runs on past the video's end.
 _AUDIO_FAR_AHEAD_S = 600.0
+# Audio that runs on more than this past the video's last frame makes the video that long, its last frame on screen
+# to the end, as players play it (a still image over a song: one frame and minutes of audio).  Less is the usual
+# slack of muxed tracks (an AAC track's last frame, tens of ms), which makes no segment.
+_AUDIO_RUNS_ON_S = 1.0
+# Where it does, a remainder this short after the last whole segment is an audio codec's padding of its last frame
+# (AAC's 1,024 samples: 23 ms at 44.1 kHz), not a segment.
+_AUDIO_PADDING_S = 0.05
 # A frame this close after the previous one continues the stream (FFmpeg's own discontinuity threshold, 10 s).
 _SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
@@ -459,20 +469,24 @@ class _FrameSampler:
                                    if shown.frame is not None)
             del self.tail[:keep_from]
 
-    def finish(self, n_segments: int, duration_s: float) -> None:
-        """Resolve what is left once the video's true end is known."""
+    def finish(self, n_segments: int, duration_s: float, until: int) -> None:
+        """Resolve what is left of the segments before ``until`` once the video's true end is known.
+
+        Called for each chunk built after the end, so that segments past the last frame (audio that runs on) are
+        held a chunk at a time, not all at once."""
         if self.prev is None:
             return
         last = n_segments - 1
         last_end_s = min(n_segments * self.segment_s, duration_s)
         short_last = last_end_s < n_segments * self.segment_s - _TIE_S
-        full_targets_end = (last if short_last else n_segments) * self.k
+        full_targets_end = min(last if short_last else n_segments, until) * self.k
         while self.next_target < full_targets_end:  # targets after the last frame show it
             segment, slot = divmod(self.next_target, self.k)
             self.store.put(segment, slot, self.prev.picture(self.convert), self.prev.t_s)
             self.next_target += 1
-        if short_last:
+        if short_last and until >= n_segments and self.next_target < n_segments * self.k:
             self._sample_short_last(last, last_end_s)
+            self.next_target = n_segments * self.k
         for i in [i for i in self.store.slots if i >= n_segments]:
             del self.store.slots[i]
 
@@ -481,6 +495,8 @@ class _FrameSampler:
         targets = [start_s + (slot + 0.5) * (end_s - start_s) / self.k for slot in range(self.k)]
         candidates = list(self.tail)
         exact = bool(candidates) and (self.tail_has_first or candidates[0].t_s <= start_s + _TIE_S)
+        if self.prev is not None and self.prev.t_s <= start_s + _TIE_S:  # after the last frame (audio runs on)
+            candidates, exact = [self.prev], True
         if not exact:
             log.debug(
                 "video ended before the end its header announced; sampling the short last segment "
@@ -1308,7 +1324,9 @@ class _VideoRun:
         MPEG-TS time 3 s before the start reads 26.5 h ahead, and laying it there took gigabytes)."""
         assert self.audio is not None
         reach_s = max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0)
-        if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S:
+        cursor = self.audio.cursor
+        follows = cursor is not None and t_s is not None and abs(t_s - cursor / self.audio.rate_hz) <= _SMOOTH_STEP_S
+        if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S and not follows:
             self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: an audio frame's time is damaged (it "
                                     f"says {t_s:,.1f} s, past where the video ends)")
             return
@@ -1375,14 +1393,22 @@ class _VideoRun:
                 _AUDIO_WAIT_S,
             )
         duration_s = self.video_end_s
+        if self.audio is not None and self.audio.cursor is not None:
+            # the end of the audio as its last frame left it (the cursor: not a damaged time far ahead, which the
+            # frames after it came back from)
+            audio_end_s = self.audio.cursor / self.audio.rate_hz
+            if audio_end_s > duration_s + _AUDIO_RUNS_ON_S:
+                seg_s = self.sampling.segment_seconds
+                whole_s = math.floor(audio_end_s / seg_s + 1e-9) * seg_s
+                duration_s = whole_s if audio_end_s - whole_s < _AUDIO_PADDING_S else audio_end_s
         n = count_segments(duration_s, self.sampling.segment_seconds)
-        self.sampler.finish(n, duration_s)
         info = self._info(duration_s, n)
         core, ctx = self.chunking.core_segments, self.chunking.context_segments
         while self.next_chunk * core < n:
             core_start = self.next_chunk * core
             core_end = min(core_start + core, n)
             last = core_end == n
+            self.sampler.finish(n, duration_s, until=min(n, core_end + ctx))
             yield self._build_chunk(
                 core_start,
                 core_end,
