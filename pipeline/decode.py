@@ -95,6 +95,10 @@ _AUDIO_RUNS_ON_S = 1.0
 # Where it does, a remainder this short after the last whole segment is an audio codec's padding of its last frame
 # (AAC's 1,024 samples: 23 ms at 44.1 kHz), not a segment.
 _AUDIO_PADDING_S = 0.05
+# MP4/MOV list every packet of a track in their index: once all of the video's have been read and the audio has run
+# this far past the video, the video decoder is drained (its last frames held in its threads come out) and segments
+# past the last frame go out with the audio as it comes, rather than all of it waiting in memory for the file's end.
+_RUN_ON_DRAIN_S = _AUDIO_WAIT_S
 # A frame this close after the previous one continues the stream (FFmpeg's own discontinuity threshold, 10 s).
 _SMOOTH_STEP_S = 10.0
 # Segments this close to the end announced in the header convert every frame, so that a short
@@ -469,6 +473,13 @@ class _FrameSampler:
                                    if shown.frame is not None)
             del self.tail[:keep_from]
 
+    def hold(self, until: int) -> None:
+        """The targets of the segments before ``until`` show the last frame (the video has no more)."""
+        while self.prev is not None and self.next_target < until * self.k:
+            segment, slot = divmod(self.next_target, self.k)
+            self.store.put(segment, slot, self.prev.picture(self.convert), self.prev.t_s)
+            self.next_target += 1
+
     def finish(self, n_segments: int, duration_s: float, until: int) -> None:
         """Resolve what is left of the segments before ``until`` once the video's true end is known.
 
@@ -479,11 +490,7 @@ class _FrameSampler:
         last = n_segments - 1
         last_end_s = min(n_segments * self.segment_s, duration_s)
         short_last = last_end_s < n_segments * self.segment_s - _TIE_S
-        full_targets_end = min(last if short_last else n_segments, until) * self.k
-        while self.next_target < full_targets_end:  # targets after the last frame show it
-            segment, slot = divmod(self.next_target, self.k)
-            self.store.put(segment, slot, self.prev.picture(self.convert), self.prev.t_s)
-            self.next_target += 1
+        self.hold(min(last if short_last else n_segments, until))  # targets after the last frame show it
         if short_last and until >= n_segments and self.next_target < n_segments * self.k:
             self._sample_short_last(last, last_end_s)
             self.next_target = n_segments * self.k
@@ -734,6 +741,8 @@ class _VideoRun:
         self.threads = decoder.threads
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
+        self.video_packets_left: int | None = None  # set in _setup
+        self.video_drained = False
         self.gate: DisposableFrameGate | None = None
         self.video_end_s: float = -math.inf
         self.container = container
@@ -748,6 +757,13 @@ class _VideoRun:
         gate = self.gate = self._frame_gate()
         for packet in self._demux():
             if packet.stream is self.vstream:
+                if self.video_drained:
+                    if not packet.size:
+                        continue  # the end-of-stream packet: drained already
+                    self._undrain()
+                    gate = self.gate = None
+                if packet.size and self.video_packets_left is not None:
+                    self.video_packets_left -= 1
                 for p in gate.push(packet) if gate is not None else (packet,):
                     for frame in self._reordered(self._decode(p)):
                         self._on_video_frame(frame)
@@ -758,6 +774,8 @@ class _VideoRun:
             else:
                 for aframe in self._decode(packet):
                     self._on_audio_frame(aframe)
+                if self._video_over_and_audio_runs_on():
+                    self._drain_video()
                 if self._next_chunk_ready():
                     yield from self._ready_chunks()
         if gate is not None:
@@ -768,7 +786,7 @@ class _VideoRun:
             if held:
                 for frame in self.vstream.codec_context.decode(None):
                     self._on_video_frame(frame)
-            self.frames_skipped = gate.skipped
+            self.frames_skipped = self.frames_skipped + gate.skipped
             # a skipped frame may be the one shown last (a packet duration reaching past the others)
             self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
         if self.reorder is not None:
@@ -913,6 +931,10 @@ class _VideoRun:
         unprobed = not vcc.width
         self.origin_pts: int | None = None if avi or unprobed else self.vstream.start_time
         self.reorder = _GuessedPtsReorder() if avi else None
+        # video packets still to come where the index says how many there are (MP4/MOV; see _RUN_ON_DRAIN_S)
+        mov = "mov" in self.container.format.name.split(",")
+        self.video_packets_left = self.vstream.frames if mov and self.vstream.frames > 0 else None
+        self.video_drained = False
         rate = self.vstream.average_rate
         if not rate or (rate > MAX_PLAUSIBLE_FPS and self.vstream.guessed_rate):
             rate = self.vstream.guessed_rate  # FFmpeg's raw DV demuxer gives its time base, 60,000, as the average
@@ -1340,6 +1362,36 @@ class _VideoRun:
             self._place_audio_at(None if t_abs is None else t_abs - origin_s, samples)
         self.pending_audio.clear()
 
+    # -- the video ends before the audio (MP4/MOV; see _RUN_ON_DRAIN_S) -----------------------------------
+
+    def _video_over_and_audio_runs_on(self) -> bool:
+        if self.video_packets_left != 0 or self.video_drained or self.audio is None:
+            return False
+        reach_s = max(self.last_t_s, self.video_end_s, self.announced_end_s or 0.0, 0.0)
+        return self.audio.frontier_s > reach_s + _RUN_ON_DRAIN_S
+
+    def _drain_video(self) -> None:
+        """Every video packet the index lists has been read: decode what the gate and the decoder's threads hold, so
+        that the last frame is known and segments past it can go out as the audio comes (see _RUN_ON_DRAIN_S)."""
+        if self.gate is not None:
+            for p in self.gate.flush():
+                for frame in self._decode(p):
+                    self._on_video_frame(frame)
+        for frame in self.vstream.codec_context.decode(None):
+            self._on_video_frame(frame)
+        self.video_drained = True
+
+    def _undrain(self) -> None:
+        """A video packet after those the index listed (not seen in a valid file): decode on, from a reset decoder."""
+        log.warning("%s: the video has packets past the %d its index lists; decoding them after %.1f s of the video",
+                    self.uri, self.vstream.frames, max(self.last_t_s, 0.0))
+        self.vstream.codec_context.flush_buffers()
+        if self.gate is not None:
+            self.frames_skipped = self.gate.skipped
+            self.video_end_s = max(self.video_end_s, self.gate.skipped_end_s)
+        self.video_drained = False
+        self.video_packets_left = None
+
     # -- chunks ----------------------------------------------------------------------------------------
 
     def _next_chunk_ready(self) -> bool:
@@ -1347,6 +1399,8 @@ class _VideoRun:
         if self.sampler is None:
             return False
         frontier_s = self.last_t_s  # segments ending at or before the newest frame are final
+        if self.video_drained and self.audio is not None and self.audio.frontier_s > self.video_end_s + _AUDIO_RUNS_ON_S:
+            frontier_s = self.audio.frontier_s  # no more video: the audio that runs on makes the segments (see _finish)
         if not self.audio_done and self.audio is not None:
             frontier_s = min(frontier_s, max(self.audio.frontier_s, self.last_t_s - _AUDIO_WAIT_S))
         chunk, ready_s = self.ready_at
@@ -1364,6 +1418,8 @@ class _VideoRun:
         core, ctx = self.chunking.core_segments, self.chunking.context_segments
         while self._next_chunk_ready():
             core_start = self.next_chunk * core
+            if self.video_drained and self.sampler is not None:  # the segments past the last frame show it
+                self.sampler.hold(core_start + core + ctx)
             yield self._build_chunk(core_start, core_start + core, core_start + core + ctx, duration_s=None, info=None)
 
     def _finish(self) -> Iterator[Chunk]:

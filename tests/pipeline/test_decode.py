@@ -350,6 +350,68 @@ def test_audio_that_runs_on_past_the_video_is_labelled_with_the_last_frame_on_sc
     assert (rows["audio_valid_samples"] == 16_000).all() and (rms(rows["audio"]) > 0.3).all()
 
 
+def test_an_mp4_whose_video_has_ended_sends_the_audio_that_runs_on_as_it_comes(
+    media_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One frame over 90 s of audio: the audio past the frame was held to the file's end (~0.16 MB per second: 685 MB
+    # for an hour).  An MP4's index says when the video's packets are all read: past that, and 30 s of audio on, the
+    # decoder is drained and chunks go out with the audio, the same chunks.
+    path = mf.make_video(media_dir / "still_90s.mp4", duration_s=0.04, size=(96, 96), audio="tone",
+                         audio_duration_s=90.0)
+    held: list[int] = []
+    ensure = decode_mod._AudioTimeline._ensure
+
+    def recording(self, end: int) -> None:  # noqa: ANN001
+        ensure(self, end)
+        held.append(len(self.buf))
+
+    monkeypatch.setattr(decode_mod._AudioTimeline, "_ensure", recording)
+    spec = SamplingSpec(image_size=32)
+    chunking = ChunkingSpec(core_segments=4, context_segments=1)
+    sent = core_rows(decode(path, spec, chunking))
+    most_held_s = max(held) / spec.audio_rate_hz
+    held.clear()
+    monkeypatch.setattr(decode_mod, "_RUN_ON_DRAIN_S", math.inf)  # as before: the audio waits for the end
+    waited = core_rows(decode(path, spec, chunking))
+    assert max(held) / spec.audio_rate_hz > 85 and most_held_s < 45, most_held_s
+    assert sent["start_s"].size == 90
+    for name, values in sent.items():
+        np.testing.assert_array_equal(values, waited[name], err_msg=name)
+
+
+def test_video_packets_past_those_the_index_lists_are_decoded_after_a_drain(
+    media_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not seen in a valid MP4, so made here: an index that lists 10 of the 20 video packets, the other 10 coming
+    after 35 s of audio.  The decoder, drained after the 10th, is reset and decodes them: the frames are those of a
+    decode that never drained (the 11th frame, an IDR, starts afresh; no B-frames, and no encoder delay that would
+    write packets of the 35-s frames among the first ones)."""
+    times = [i / 25 for i in range(10)] + [35 + i / 25 for i in range(10)]
+    path = mf.make_video(media_dir / "late_video_packets.mp4", frame_times_s=times, size=(96, 96), audio="tone",
+                         audio_duration_s=36.0, video_options={"tune": "zerolatency",
+                                                               "x264-params": "keyint=10:min-keyint=10:scenecut=0"})
+    with av.open(str(path)) as probed:  # the file as meant: ten video packets, then 35 s of audio
+        kinds = [p.stream.type for p in probed.demux() if p.size]
+        assert kinds.index("video", kinds.index("audio", 30) + 1) > 1_000 and kinds[:30].count("video") == 10
+    spec, chunking = SamplingSpec(image_size=32), ChunkingSpec(core_segments=4, context_segments=1)
+    whole = core_rows(decode(path, spec, chunking))
+    setup = decode_mod._VideoRun._setup
+
+    def listing_ten(self) -> None:  # noqa: ANN001
+        setup(self)
+        self.video_packets_left = 10
+
+    monkeypatch.setattr(decode_mod._VideoRun, "_setup", listing_ten)
+    monkeypatch.setattr(decode_mod._VideoRun, "_estimated_end_s", lambda self: None)  # the track's 35.4 s unsaid
+    monkeypatch.setattr(decode_mod, "_RUN_ON_DRAIN_S", 5.0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.decode"):
+        drained = core_rows(decode(path, spec, chunking))
+    assert "the video has packets past the 20 its index lists; decoding them after 0.4 s" in caplog.text, caplog.text
+    check_stamps(drained, times)
+    for name, values in drained.items():
+        np.testing.assert_array_equal(values, whole[name], err_msg=name)
+
+
 def test_matroska_duration_tags_as_ffmpeg_names_them() -> None:
     tag = decode_mod._duration_tag_s
     assert tag({"DURATION": "00:00:02.480000000"}) == pytest.approx(2.48)
