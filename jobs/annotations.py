@@ -155,7 +155,15 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
                               f"(got {header}); keep one column of each")
         index = {c: lowered.index(c) for c in REQUIRED_COLUMNS}
         rows: list[tuple[int, dict[str, object]]] = []
-        for lineno, row in enumerate(reader, start=2):
+        ended = reader.line_num  # the file's lines read so far: a quoted value may hold line breaks
+        for row in reader:
+            lineno, ended = ended + 1, reader.line_num
+            if ended > lineno and any("\n" in x or "\r" in x for x in row):
+                # a quote not closed on its line takes the lines after it into one value ('beep\ntone2.mp4,2,4,beep'
+                # was trained as a label, the rows in it lost)
+                raise ConfigError(f"annotations {path} line {lineno}: a quoted value runs on to line {ended}: a quote "
+                                  '(") opened on this line is not closed on it; close it (a quote inside a value is '
+                                  'written twice: "a ""b"" c")')
             if not row or all(not x.strip() for x in row):
                 continue
             if len(row) <= max(index.values()) or (len(row) > len(header) and any(x.strip() for x in row[len(header):])):

@@ -169,6 +169,10 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
     ("video,start_s,end_s,label\na.mp4,0,1_0,x\n", r"ann\.csv line 2: end_s '1_0' is not a number"),  # float(): 10
     ("", r"ann\.csv: the file is empty"),
     ("video,Video,start_s,end_s,label\nnope.mp4,a.mp4,0,1,x\n", r"ann\.csv line 1: the header names video more than once"),
+    # a quote not closed on its line took the next rows into one label, 'x\na.mp4,1,2,y' (found by a helper); the line
+    # numbers after a quoted value with line breaks are the file's
+    ('video,start_s,end_s,label\na.mp4,0,1,x\na.mp4,1,2,"y\na.mp4,2,3,z\na.mp4,3,4,w"\na.mp4,4,5,v\n',
+     r'ann\.csv line 3: a quoted value runs on to line 5: a quote \(\"\) opened on this line is not closed on it'),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, videos, text, match):
     with pytest.raises(ConfigError, match=match):
