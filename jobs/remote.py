@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from jobs.discover import VIDEO_EXTENSIONS, VideoRef, make_video_id
 from pipeline.errors import ConfigError
-from pipeline.s3 import bucket_missing, s3_filesystem
+from pipeline.s3 import bucket_missing, odd_key_part, s3_filesystem
 
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
@@ -67,14 +67,29 @@ def _walk(filesystem: pafs.FileSystem, prefix: str) -> Iterator[VideoRef]:
     """The video objects under ``prefix`` (``bucket/key...``), one folder's listing at a time, in key order."""
     from pyarrow import fs as pafs
 
+    def ref(fi: pafs.FileInfo) -> Iterator[VideoRef]:
+        if fi.type == pafs.FileType.File and PurePosixPath(fi.path).suffix.lower() in VIDEO_EXTENSIONS:
+            full = f"s3://{fi.path}"
+            yield VideoRef(full, make_video_id(full, fi.path[len(prefix):].lstrip("/")), fi.size)
+
     def walk(folder: str) -> Iterator[VideoRef]:
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+        odd = False
         for fi in sorted(infos, key=lambda i: i.path):
-            if fi.type == pafs.FileType.Directory:
+            # keys with '//', '.' or '..' parts: a listing names 'p//' as 'p' itself (walking it recursed without
+            # end) and 'p/./' as 'p/.'
+            if fi.path.rstrip("/") == folder.rstrip("/") or odd_key_part(fi.path):
+                odd = True
+            elif fi.type == pafs.FileType.Directory:
                 yield from walk(fi.path)
-            elif fi.type == pafs.FileType.File and PurePosixPath(fi.path).suffix.lower() in VIDEO_EXTENSIONS:
-                rel = fi.path[len(prefix):].lstrip("/")
-                full = f"s3://{fi.path}"
-                yield VideoRef(full, make_video_id(full, rel), fi.size)
+            else:
+                yield from ref(fi)
+        if odd:  # their real keys come in a listing of the whole folder; reading each fails, saying why
+            everything = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+            for fi in sorted(everything, key=lambda i: i.path):
+                if odd_key_part(fi.path) and fi.path not in odd_seen:  # (a folder above may have listed it)
+                    odd_seen.add(fi.path)
+                    yield from ref(fi)
 
+    odd_seen: set[str] = set()
     yield from walk(prefix)

@@ -144,12 +144,21 @@ def open_input(uri: str, *, wrap: Any = None) -> Iterator[OpenedInput]:
     if uri.startswith("s3://"):
         from pyarrow import fs as pafs
 
-        from pipeline.s3 import bucket_missing, s3_filesystem
+        from pipeline.s3 import bucket_missing, odd_key_part, s3_filesystem
 
         try:
             filesystem, key = s3_filesystem(uri)
         except ConfigError as exc:  # a manifest's 's3:///key'
             raise MediaError(uri, "not_found", f"{exc}; check the manifest entry") from None
+        if key.endswith("/") and "/" in key.rstrip("/"):  # a manifest line naming a prefix: its read fails each time
+            raise MediaError(uri, "unreadable", "this names an S3 prefix (a folder), not an object: give it as an "
+                             "input of its own (vidpipe run s3://…/PREFIX/) to label the videos under it")
+        odd = odd_key_part(key)
+        if odd is not None:  # read as another key: 'not found', or another object's bytes
+            shown = "an empty path component ('//')" if odd == "//" else f"a '{odd}' path component"
+            raise MediaError(uri, "unsupported_uri", f"its key has {shown}, which the S3 client (pyarrow) cannot "
+                             "address as written: it would read another key; copy the object to a key without it "
+                             "(aws s3 mv) and run again")
         try:
             info = filesystem.get_file_info(key)
         except OSError as exc:

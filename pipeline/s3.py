@@ -41,6 +41,16 @@ def _filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
 
 
+def odd_key_part(path: str) -> str | None:
+    """The part of ``bucket/key`` that pyarrow's S3 client cannot address as written, or None: an empty one (``//``),
+    which it drops ('p//v.mp4' reads as 'p/v.mp4', and a listing of 'p' names 'p' itself), or ``.`` / ``..``,
+    which it resolves ('dot/./w.mp4' reads as 'dot/w.mp4').  A trailing ``/`` (a prefix's name) is not one."""
+    for part in path.rstrip("/").split("/")[1:]:
+        if part in ("", ".", ".."):
+            return "//" if not part else part
+    return None
+
+
 def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says no connection to the S3 endpoint could be made: the AWS client's NETWORK_CONNECTION
     error with curl's code 7 (could not connect: refused, no route) or 6 (host name not resolved).  The client has

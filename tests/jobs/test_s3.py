@@ -244,6 +244,35 @@ def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_us
             check_inputs([missing])
 
 
+def test_keys_that_pyarrow_cannot_address_are_listed_once_and_fail_saying_why(s3, s3_archive):
+    """A key with '//' under a prefix made the walk recurse without end (a listing of 'odd' names 'odd//' as 'odd'
+    itself): the run ended in a RecursionError, nothing labelled.  One with '/./' was read as another key and
+    recorded not_found; a manifest line naming a prefix failed as read_error, tried again on every rerun (found by a
+    helper).  Now each such key is listed once and fails as unsupported_uri, and a prefix as unreadable."""
+    from jobs.discover import discover
+    from pipeline.errors import MediaError
+    from pipeline.inputs import open_input
+
+    body = (s3_archive / "a" / "clip001.mp4").read_bytes()
+    odd = ["odd//lead.mp4", "odd/dbl//v.mp4", "odd/dot/./w.mp4", "odd/up/../y.mp4", "odd/ok/x//z.mp4"]
+    for key in [*odd, "odd/ok/fine.mp4"]:
+        s3.put_object(Bucket="vidpipe-in", Key=key, Body=body)
+    found = [r.uri for r in discover(["s3://vidpipe-in/odd/"])]
+    assert sorted(found) == sorted(f"s3://vidpipe-in/{k}" for k in [*odd, "odd/ok/fine.mp4"])  # each once
+    for uri in found:
+        if uri.endswith("fine.mp4"):
+            with open_input(uri) as opened:
+                assert opened.size_bytes == len(body)
+            continue
+        with pytest.raises(MediaError) as err, open_input(uri):
+            pass
+        assert err.value.error_kind == "unsupported_uri", err.value
+        assert "which the S3 client (pyarrow) cannot address as written" in err.value.message
+    with pytest.raises(MediaError) as err, open_input("s3://vidpipe-in/odd/ok/"):
+        pass
+    assert err.value.error_kind == "unreadable" and "names an S3 prefix (a folder), not an object" in err.value.message
+
+
 def test_an_s3_manifest_and_its_prefix_give_the_same_ids(s3, s3_archive):
     """As a local manifest and its folder do: a full URI of an object under the manifest's prefix was slugged
     bucket__prefix__name (vidpipe-in__videos__b__clip000.mp4), the walk of the prefix b__clip000.mp4."""
