@@ -314,7 +314,8 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
         # no result committed yet (the first run stopped before its first commit): nothing to mix with
     out.write_json("_job/job.json", identity | {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bundle": bundle.meta.get("source", "untrained" if spec.allow_untrained else spec.model or "default"),
+        # which bundle, as the command named it ("vidpipe train", its meta's source, named every trained one)
+        "bundle": spec.model or ("untrained" if spec.allow_untrained else "default"),
         "inputs": list(spec.inputs)})
 
 

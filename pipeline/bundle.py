@@ -136,11 +136,20 @@ class ModelBundle:
             return None
 
         def figure(which: str, key: str) -> str:  # meta is the user's to edit: anything else reads as unknown
+            value = score(which, key)
+            return "?" if value is None else f"{value:.3f}"
+
+        def score(which: str, key: str) -> float | None:
             scores = check.get(which)
             value = scores.get(key) if isinstance(scores, dict) else None
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-            return f"{value:.3f}" if ok else "?"
+            return float(value) if ok else None  # type: ignore[arg-type]
 
+        pairs = [(score("fp32", k), score("bf16", k)) for k in ("accuracy", "macro_f1")]
+        read = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if read and not any(b < a for a, b in read):  # edited: its own figures say bf16 did as well
+            return (f"model {self.model_id}: its bundle.json asks for fp32 encoders (meta.bf16_check.auto_precision "
+                    "\"fp32\"), so --precision auto runs its encoders in fp32 (--precision bf16 overrides)")
         return (f"model {self.model_id}: at training, bf16 encoders labelled {check.get('segments_alike', '?')} of "
                 f"its {check.get('segments', '?')} {check.get('on', 'validation')} segments as float32 ones did and "
                 f"scored them lower (accuracy {figure('fp32', 'accuracy')} -> {figure('bf16', 'accuracy')}, macro-F1 "
@@ -246,7 +255,7 @@ class ModelBundle:
             hint = (
                 "it was written by a newer vidpipe; upgrade vidpipe"
                 if isinstance(version, int) and version > BUNDLE_FORMAT_VERSION
-                else "re-save the bundle with this vidpipe"
+                else "it was written by an older vidpipe: train it again with this one (vidpipe train --out DIR)"
             )
             raise fail(f"format_version is {version!r}, this vidpipe reads {BUNDLE_FORMAT_VERSION}: {hint}")
         missing = [k for k in (*_HASHED_KEYS, "model_id") if k not in doc]
@@ -272,6 +281,11 @@ class ModelBundle:
         meta = doc.get("meta", {})
         if not isinstance(meta, dict):
             raise fail("meta must be a JSON object")
+        check = meta.get("bf16_check")
+        if isinstance(check, dict) and check.get("auto_precision", "bf16") not in ("bf16", "fp32"):
+            # an edit that --precision auto would read as bf16 without a word
+            raise fail(f"meta.bf16_check.auto_precision is {check.get('auto_precision')!r}: it must be \"fp32\" or "
+                       "\"bf16\" (what --precision auto runs the encoders in)")
 
         try:
             # From bytes, not a memory map: the bundle may be replaced on disk while tensors live on.
@@ -294,7 +308,9 @@ class ModelBundle:
             if model_id != expected:
                 raise fail(
                     f"model_id {model_id!r} does not match the bundle's content (hash {expected!r}): "
-                    f"bundle.json or weights.safetensors was changed after saving; re-save the bundle to give it a new model_id"
+                    f"bundle.json (but for its meta) or weights.safetensors was changed after saving, by an edit or a "
+                    "copy that went wrong; restore the bundle's files from where they came, or train it again "
+                    "(vidpipe train --out DIR)"
                 )
         elif model_id != UNTRAINED_MODEL_ID:
             raise fail(f"an untrained bundle must have model_id {UNTRAINED_MODEL_ID!r}, got {model_id!r}")

@@ -743,6 +743,9 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
     check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3), "bf16")  # nothing committed: the new run's
     assert out.read_json("_job/job.json")["top_k"] == 3
     assert out.read_json("_job/job.json")["bundle"] == "untrained"  # it said "default" (a helper)
+    named, _ = writer_for(tmp_path / "named")
+    check_job_identity(named, bundle, dataclasses.replace(spec, model="bundles/mine", allow_untrained=False), "bf16")
+    assert named.read_json("_job/job.json")["bundle"] == "bundles/mine"  # it said "vidpipe train" for any trained one
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
     for other, named in ((dataclasses.replace(spec, top_k=2), "top_k 3 there, 2 now"),

@@ -102,6 +102,9 @@ def test_tampered_trained_bundle_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model_id") as err:
         ModelBundle.load(path)
     assert str(path) in str(err.value)
+    # what to do (it said "re-save the bundle", which no command does; a helper)
+    assert "restore the bundle's files from where they came, or train it again (vidpipe train --out DIR)" in str(
+        err.value)
 
 
 def test_tampered_spec_is_rejected(tmp_path: Path) -> None:
@@ -176,6 +179,10 @@ def test_pickle_named_safetensors_is_refused_and_never_unpickled(tmp_path: Path,
         (lambda p: (p / "bundle.json").write_text("[1, 2]"), "JSON object"),
         (lambda p: rewrite_json(p, format_version=2), "format_version is 2.*newer vidpipe"),
         (lambda p: rewrite_json(p, format_version=None), "format_version is None"),
+        (lambda p: rewrite_json(p, format_version=0), r"older vidpipe: train it again with this one \(vidpipe train"),
+        # read by --precision auto as bf16 without a word (a helper)
+        (lambda p: rewrite_json(p, meta={"bf16_check": {"auto_precision": "fp16"}}),
+         r"meta.bf16_check.auto_precision is 'fp16': it must be \"fp32\" or \"bf16\""),
         (lambda p: rewrite_json(p, labels=["a", "b"]), "2 labels but the head has n_labels=3"),
         (lambda p: rewrite_json(p, labels=["a", "a", "b"]), "unique"),
         (lambda p: rewrite_json(p, head={"fusion": "gated"}), "unknown fusion 'gated'"),
@@ -253,3 +260,8 @@ def test_fp32_reason_reads_the_bf16_check_and_takes_any_edit_of_it():
         assert reason is not None and "accuracy 1.000 -> ?, macro-F1 1.000 -> ?" in reason
     b.meta["bf16_check"] = ["fp32"]
     assert b.fp32_reason() is None
+    # "fp32" written over a check whose figures say bf16 did as well: it said bf16 "scored them lower (accuracy 1.000
+    # -> 1.000 ...)" (a helper)
+    b.meta["bf16_check"] = {**check, "bf16": check["fp32"]}
+    assert b.fp32_reason() == ('model untrained: its bundle.json asks for fp32 encoders (meta.bf16_check.auto_precision '
+                               '"fp32"), so --precision auto runs its encoders in fp32 (--precision bf16 overrides)')
