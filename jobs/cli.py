@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from jobs.progress import count_of
 from jobs.spec import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, JobSpec
 from pipeline.errors import ConfigError
 
@@ -270,20 +271,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "to resume", file=sys.stderr)
         return EXIT_INTERNAL
     earlier = f", {result.videos_failed_before} of them failed" if result.videos_failed_before else ""
-    print(f"done: {_count(result.videos_done, 'video')} ok, {result.videos_failed} failed, {result.videos_skipped} "
+    print(f"done: {count_of(result.videos_done, 'video')} ok, {result.videos_failed} failed, {result.videos_skipped} "
           f"skipped (already finished{earlier}); {result.segments_written} segments; {result.video_seconds:,.1f} "
           f"video-s in {result.wall_s:,.1f} s ({result.video_seconds / max(result.wall_s, 1e-9):,.2f} video-s/s); "
           f"model {result.model_id}; output {args.out}")
     if result.model_id == "untrained":
         print("WARNING: these labels come from an UNTRAINED model and mean nothing.", file=sys.stderr)
     if result.videos_failed:
-        print(f"{_count(result.videos_failed, 'input')} failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
+        print(f"{count_of(result.videos_failed, 'input')} failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
               file=sys.stderr)
     if result.videos_audio_undecodable:
         from pipeline.media import NO_AUDIO_DECODER
 
         n = result.videos_audio_undecodable
-        print(f"WARNING: {_count(n, 'video')} {'were' if n != 1 else 'was'} labelled without audio: this FFmpeg build "
+        print(f"WARNING: {count_of(n, 'video')} {'were' if n != 1 else 'was'} labelled without audio: this FFmpeg build "
               f"cannot decode {'their' if n != 1 else 'its'} audio tracks' codec (AC-4 or MPEG-H broadcast audio, say); "
               f"has_audio is false in {'their' if n != 1 else 'its'} rows. List them: vidpipe query {args.out} "
               f"\"SELECT uri FROM videos WHERE audio_codec = '{NO_AUDIO_DECODER}'\"", file=sys.stderr)
@@ -296,14 +297,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
               "label the new ones, run them into a new --out.", file=sys.stderr)
     if result.videos_failed_before:
         n = result.videos_failed_before
-        print(f"{_count(n, 'input')} failed in an earlier run and {'was' if n == 1 else 'were'} not tried again; "
+        print(f"{count_of(n, 'input')} failed in an earlier run and {'was' if n == 1 else 'were'} not tried again; "
               "add --retry-failed to try them again", file=sys.stderr)
     return result.exit_code
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 video``, ``2 videos``: a count and its noun (nouns that take an ``s``)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _Outliving(io.TextIOBase):
@@ -447,11 +443,12 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"{verb} the damaged commit record {out.store.uri_of(record)} and the {len(files)} data files it named"
               + (f": {', '.join(out.store.uri_of(f) for f in files)}" if files else ""))
     for c, files in lost:
-        print(f"{verb} commit {c.name} ({c.n_videos} videos, {c.n_failures} failures, {c.n_segments} segments): "
+        print(f"{verb} commit {c.name} ({count_of(c.n_videos, 'video')}, {count_of(c.n_failures, 'failure')}, "
+              f"{count_of(c.n_segments, 'segment')}): "
               f"missing or damaged: {', '.join(out.store.uri_of(f) for f in files)}")
     if lost or records:
-        what = " and ".join(([_count(len(lost), "commit")] if lost else [])
-                            + ([_count(len(records), "damaged commit record")] if records else []))
+        what = " and ".join(([count_of(len(lost), "commit")] if lost else [])
+                            + ([count_of(len(records), "damaged commit record")] if records else []))
         print(f"{verb} {what}; rerun the job's 'vidpipe run' command to do those videos again"
               if not args.dry_run else f"{verb} {what}; run without --dry-run to drop them")
     job_damage: ConfigError | None = None
@@ -587,9 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         why = f" ({exc})" if str(exc) else ""
         # train and eval keep the features extracted so far, not a training's epochs ("to resume" said so)
-        again = {"train": "rerun the same command to go on: the features extracted so far are cached (training "
-                          "starts over)",
-                 "eval": "rerun the same command to go on: the features extracted so far are cached"}.get(
+        again = {"train": "rerun the same command to go on: the features of the videos already extracted are read "
+                          "from the cache (training starts over)",
+                 "eval": "rerun the same command to go on: the features of the videos already extracted are read "
+                         "from the cache"}.get(
             args.command, "rerun the same command to resume" if args.command in ("run", "submit") else "")
         print(f"vidpipe: interrupted{why}{'; ' if again else ''}{again}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -264,7 +264,7 @@ def format_report(report: EvalReport) -> str:
         for name, row in zip(m.labels, m.confusion, strict=True):
             lines.append(f"{name:<{width}}  " + " ".join(f"{x:>{cell}d}" for x in row))
     for note in report.notes:
-        lines.append(f"note: {note}")
+        lines.append(note if note.startswith("warning: ") else f"note: {note}")  # not "note: warning: …"
     return "\n".join(lines) + "\n"
 
 

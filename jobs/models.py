@@ -49,9 +49,13 @@ def resolve_bundle(model: str | None, *, allow_untrained: bool, local: bool = Tr
                           "untrained head instead of a bundle; give one of them")
     if model:
         path = Path(model).expanduser()
+        if path.is_file() and path.name == "bundle.json":
+            path = path.parent  # the bundle's own file named: its directory is meant (ModelBundle.load takes both)
         if not (path / "bundle.json").is_file():
-            raise ConfigError(f"--model {model}: no bundle.json there; pass a directory written by "
-                              "'vidpipe train' (bundle.json + weights.safetensors)")
+            what = ("no such directory" if not path.exists() else "a file, not a bundle's directory" if path.is_file()
+                    else "no bundle.json there")
+            raise ConfigError(f"--model {model}: {what}; pass a directory written by 'vidpipe train' (bundle.json + "
+                              "weights.safetensors)")
         bundle = ModelBundle.load(path)
         if bundle.image.weights != "none":  # the image weights file lives outside the bundle: there, and the one
             from pipeline.image_encoder import resolve_image_weights  # trained with?

@@ -239,10 +239,11 @@ def looks_damaged(error_text: str, names: tuple[str, ...] = ()) -> bool:
     return any(w in text for w in _DAMAGE_WORDS)
 
 
-def _damaged(where: str, why: object, *, repair: bool = False) -> str:
+def _damaged(where: str, why: object, *, repair: str | None = None) -> str:
+    """``repair``: the OUT that ``vidpipe repair`` would mend (where it can)."""
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
-            "backup, " + ("or run 'vidpipe repair OUT' to drop it with the files it named (a rerun then does their "
-                          "videos again), " if repair else "") + "or run the job again into a new --out")
+            "backup, " + (f"or run 'vidpipe repair {repair}' to drop it with the files it named (a rerun then does "
+                          "their videos again), " if repair else "") + "or run the job again into a new --out")
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -355,7 +356,7 @@ class OutputDir:
         found, damaged = self._records()
         if damaged and not past_damaged:
             name, exc = damaged[0]
-            raise ConfigError(_damaged(self.store.uri_of(f"{COMMITS}/{name}"), exc, repair=True) + " (a commit "
+            raise ConfigError(_damaged(self.store.uri_of(f"{COMMITS}/{name}"), exc, repair=self.uri) + " (a commit "
                               "record names the files of one flush: without it they cannot be read safely)")
         return found
 

@@ -20,6 +20,12 @@ from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 if TYPE_CHECKING:
     from jobs.output import OutputDir
 
+
+def count_of(n: int, noun: str) -> str:
+    """``1 video``, ``2 videos``: a count and its noun (nouns that take an ``s``)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 PROGRESS_FILE = "_job/progress.json"
 RunState = Literal["running", "finished", "failed", "interrupted"]
 

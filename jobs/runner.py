@@ -57,7 +57,7 @@ from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
 from jobs.output import JOB, OutputDir, ResultWriter, new_run_id, sized
 from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
-from jobs.progress import Progress, ProgressFile, RunStatus
+from jobs.progress import Progress, ProgressFile, RunStatus, count_of
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
@@ -544,7 +544,7 @@ class JobRunner:
                 self._say("WARNING: running an UNTRAINED model (--allow-untrained): labels are meaningless, "
                           "rows carry model_id 'untrained'. Train a bundle with 'vidpipe train'.")
             failed_note = f"{len(failed_before)} of them failed; " if len(failed_before) else ""
-            self._say(f"vidpipe: {len(done)} videos already finished in {out.uri} ({failed_note}done-set "
+            self._say(f"vidpipe: {count_of(len(done), 'video')} already finished in {out.uri} ({failed_note}done-set "
                       f"{(done.nbytes + sizes.nbytes) / 1e6:.1f} MB); model {bundle.model_id}; run {run_id}")
             embedding_dim = 2 * bundle.head.lstm_hidden if spec.with_embedding else None
             writer = ResultWriter(out, model_id=bundle.model_id, labels=list(bundle.labels),

@@ -54,6 +54,7 @@ from jobs.annotations import (
 )
 from jobs.evaluate import Metrics, decide, multiclass_metrics, multilabel_metrics, predict_video
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
+from jobs.progress import count_of
 from jobs.spec import check_segment_seconds, check_writable_dir, runs_here
 from pipeline.audio_encoder import build_audio_encoder
 from pipeline.bundle import ModelBundle
@@ -259,7 +260,8 @@ def _videos_to_train_on(ann: AnnotationSet, source: str, say: Callable[[str], No
     unsplit = [v.uri for v in ann.videos if v.uri not in ann.splits]
     say(f"AVE split: {len(kept)} train and validation videos; {n_test} test videos left for 'vidpipe eval'")
     if unsplit:
-        say(f"warning: {len(unsplit)} annotated videos are in none of the split files beside {source} "
+        say(f"warning: {count_of(len(unsplit), 'annotated video')} {'is' if len(unsplit) == 1 else 'are'} in none of "
+            f"the split files beside {source} "
             f"({', '.join(AVE_SPLIT_FILES.values())}) and are left out, e.g. {unsplit[0]}")
     return kept
 
@@ -520,7 +522,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     if spec.fusion == "attention" and not spec.image_grid:
         say("warning: --fusion attention without --image-grid attends over one region, the pooled image (no spatial "
             "attention); pass --image-grid G (G x G regions of the image encoder's feature map, e.g. 3)")
-    say(f"vidpipe train: {len(ann.videos)} annotated videos, {len(named)} labels ({label_list(named)})"
+    say(f"vidpipe train: {count_of(len(ann.videos), 'annotated video')}, {count_of(len(named), 'label')} "
+        f"({label_list(named)})"
         + (f" and {BACKGROUND!r} for the segments no annotation covers"
            + (" (if there are any)" if spec.task == "multilabel" else "") if implicit_bg else "")
         + f", task {spec.task}")
@@ -541,7 +544,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
     fres = extract_features([(v.uri, v.video_id) for v in videos], fspec, cache_root, address=spec.address,
                             device=spec.device, say=say)
     if fres.failures:
-        say(f"warning: {len(fres.failures)} annotated videos could not be decoded and are left out")
+        say(f"warning: {count_of(len(fres.failures), 'annotated video')} could not be decoded and "
+            f"{'is' if len(fres.failures) == 1 else 'are'} left out")
     usable = [v for v in videos if v.uri in fres.features]
     warn_spans_past_the_end(spec.annotations, usable, fres.features, say)
     train_v, val_v = split_videos(usable, ann, spec.val_fraction, spec.seed)

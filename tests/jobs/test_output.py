@@ -1170,8 +1170,9 @@ def test_repair_drops_a_damaged_commit_record_with_the_files_it_named(tmp_path, 
         for c in (c0, c1):
             (commits / f"{c.name}.json").unlink()
     record.write_bytes(record.read_bytes()[:-7] + b"\xff\x00garbage")  # not even UTF-8
-    with pytest.raises(ConfigError, match="is damaged .*run 'vidpipe repair OUT' to drop it with the files it named"):
+    with pytest.raises(ConfigError, match="is damaged .*run 'vidpipe repair .*' to drop it with the files it named") as e:
         out.commits()
+    assert f"run 'vidpipe repair {out.uri}'" in str(e.value)  # the OUT, not the word (a helper)
     files = sorted(f"{t}/{n}" for c in gone for t, n in c.files.items())
     before = sorted(str(p.relative_to(out.root)) for p in out.root.rglob("*.parquet"))
 

@@ -478,6 +478,9 @@ def test_eval_scores_the_labels_run_writes_and_says_what_it_could_not_score(corp
     assert main([*args, "--json"]) == 0  # its segments scored as background: the report says what was left out
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any(n.startswith(f"warning: annotations {past}: 1 span starts after the video's end") for n in notes), notes
+    assert main(args) == 0
+    report = capsys.readouterr().out  # the text report says it as stderr did (it said "note: warning: …")
+    assert f"\nwarning: annotations {past}: 1 span starts" in report and "note: warning" not in report
 
 
 @pytest.mark.parametrize("kind", ["audio", "both"])
@@ -771,8 +774,10 @@ def test_train_stopped_inside_an_import_of_its_feature_extraction_says_so(tmp_pa
     r = stop_inside_an_import("av.container", ["train", "--annotations", str(ann), "--videos", str(videos),
                                                "--out", str(tmp_path / "m"), "--epochs", "2"])
     assert r.returncode == 130, r.stderr[-2000:]
+    # (it said "the features extracted so far are cached" where none had been: a helper)
     assert r.stderr.endswith("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to go on: the "
-                             "features extracted so far are cached (training starts over)\n")
+                             "features of the videos already extracted are read from the cache (training starts "
+                             "over)\n")
     assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
 
 

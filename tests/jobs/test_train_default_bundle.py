@@ -41,6 +41,18 @@ def test_resolve_bundle_default_and_explicit_untrained():
         resolve_bundle(str(DEFAULT_BUNDLE_DIR), allow_untrained=True)
 
 
+def test_a_model_that_is_not_a_bundle_directory_says_what_it_is(tmp_path):
+    """'--model nope' and '--model B/bundle.json' both said "no bundle.json there" (a helper)."""
+    default = ModelBundle.load(DEFAULT_BUNDLE_DIR).model_id
+    assert resolve_bundle(str(DEFAULT_BUNDLE_DIR / "bundle.json"), allow_untrained=False).model_id == default
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    for given, said in (("nope", "no such directory"), ("empty", "no bundle.json there"),
+                        ("weights.bin", "a file, not a bundle's directory")):
+        with pytest.raises(ConfigError, match=f"--model {tmp_path / given}: {said}; pass a directory written by"):
+            resolve_bundle(str(tmp_path / given), allow_untrained=False)
+
+
 @pytest.mark.slow
 def test_run_without_model_uses_the_default_bundle(tmp_path, ray_session, capsys):
     out = tmp_path / "o"
