@@ -371,10 +371,11 @@ def segment_targets(video: AnnotatedVideo, start_s: np.ndarray, end_s: np.ndarra
 
 
 def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], features: Mapping[str, Any],
-                             say: Callable[[str], None]) -> str | None:
+                             say: Callable[[str], None]) -> list[str]:
     """Name the annotation lines whose span starts at or after their video's end: they label nothing
-    (a wrong video, or times in another unit), so the model learns 'background' where they were meant.
-    Returns what was said (None when nothing was): eval's report keeps it among its notes.
+    (a wrong video, or times in another unit), so the model learns 'background' where they were meant; and those
+    that end more than twice the video's length and 10 s past it (milliseconds: '0,1500' on a 4-s clip labels it
+    whole).  Returns what was said: eval's report keeps it among its notes.
 
     ``features``: uri -> the decoded video's features (their ``end_s``, whose last is the video's end); a video
     without them (it failed) is not looked at.
@@ -382,14 +383,21 @@ def warn_spans_past_the_end(annotations: str, videos: list[AnnotatedVideo], feat
     ends = {v.uri: float(features[v.uri].end_s[-1]) for v in videos
             if v.uri in features and len(features[v.uri].end_s)}
     past = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations if a.start_s >= ends[v.uri]]
-    if not past:
-        return None
-    shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
-                      for a, end in past[:5])
-    more = f" (and {len(past) - 5} more)" if len(past) > 5 else ""
-    spans = f"{len(past)} spans start after their video's end and label" if len(past) > 1 else \
-        "1 span starts after the video's end and labels"
-    warning = (f"warning: annotations {annotations}: {spans} no segment: "
-               f"{shown}{more}; check the times (seconds) and the video paths")
-    say(warning)
-    return warning
+    far = [(a, ends[v.uri]) for v in videos if v.uri in ends for a in v.annotations
+           if a.start_s < ends[v.uri] and a.end_s > max(2 * ends[v.uri], ends[v.uri] + 10)]
+    said = []
+    for spans, one, many, advice in (
+            (past, "1 span starts after the video's end and labels no segment",
+             "spans start after their video's end and label no segment", "check the times (seconds) and the video paths"),
+            (far, "1 span ends far past the video's end (more than twice its length)",
+             "spans end far past their video's end (more than twice its length)",
+             "check the times: seconds, not milliseconds")):
+        if not spans:
+            continue
+        shown = "; ".join(f"line {a.line}: {a.start_s:g}-{a.end_s:g} s '{a.label}', the video ends at {end:.1f} s"
+                          for a, end in spans[:5])
+        more = f" (and {len(spans) - 5} more)" if len(spans) > 5 else ""
+        what = one if len(spans) == 1 else f"{len(spans)} {many}"
+        said.append(f"warning: annotations {annotations}: {what}: {shown}{more}; {advice}")
+        say(said[-1])
+    return said

@@ -232,8 +232,7 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
     past_the_end = warn_spans_past_the_end(str(annotations), ann.videos, result.features, say)
     metrics = score(bundle, ann, result.features, ablate=ablate)
     notes = [f"{f.uri}: {f.error_kind}: {f.message}" for f in result.failures]
-    if past_the_end:  # the report (JSON or text, often kept in a file) says all that its figures leave out
-        notes.append(past_the_end)
+    notes += past_the_end  # the report (JSON or text, often kept in a file) says all that its figures leave out
     return EvalReport(model_id=bundle.model_id, annotations=str(annotations), ablate=ablate,
                       n_videos=len(result.features), n_failed=len(result.failures), metrics=metrics, notes=notes,
                       precision=encoders, fp32_reason=reason)

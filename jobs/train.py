@@ -656,7 +656,8 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
                           "the times (seconds) and the video paths")
     held_out = len(val_data)  # videos kept out of training, whether or not they have a segment to score
     if val_data and not n_val_seg:  # early stopping on nothing would keep epoch 1
-        say(f"warning: the {len(val_data)} validation videos have no segment with a label ({val_text}); early "
+        say(f"warning: the {count_of(len(val_data), 'validation video')} {'has' if len(val_data) == 1 else 'have'} "
+            f"no segment with a label ({val_text}); early "
             "stopping watches the training set instead")
         val_data = []
     n_train, n_val = len(train_data), len(val_data)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.annotations import BACKGROUND, read_annotations, segment_targets
+from jobs.annotations import BACKGROUND, read_annotations, segment_targets, warn_spans_past_the_end
 from jobs.train import split_videos
 from pipeline.errors import ConfigError
 
@@ -177,6 +177,24 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
 def test_bad_rows_name_file_and_line(tmp_path, videos, text, match):
     with pytest.raises(ConfigError, match=match):
         read_annotations(_csv(tmp_path, text), videos)
+
+
+def test_spans_past_the_end_or_far_past_it_are_named(tmp_path, videos):
+    """Times in milliseconds ('0,1500' on a 4-s clip) label the whole video without a word unless the span starts
+    after the end (a helper): a span that ends more than twice the video's length and 10 s past it is named too."""
+    from types import SimpleNamespace
+
+    ann = read_annotations(_csv(tmp_path, "video,start_s,end_s,label\na.mp4,0,1500,x\nxyz.mp4,3,4,y\nb.mp4,0,12,x\n"
+                                          "b.mp4,9,10,y\nsub/c.mp4,0,4,x\n"), videos, task="multilabel")
+    ends = {"a.mp4": 4.0, "b.mp4": 4.0, "c.mp4": 4.0, "xyz.mp4": 4.0}
+    features = {v.uri: SimpleNamespace(end_s=np.array([ends[Path(v.uri).name]])) for v in ann.videos}
+    said: list[str] = []
+    notes = warn_spans_past_the_end("ann.csv", ann.videos, features, said.append)
+    assert notes == said == [
+        "warning: annotations ann.csv: 1 span starts after the video's end and labels no segment: line 5: 9-10 s 'y', "
+        "the video ends at 4.0 s; check the times (seconds) and the video paths",
+        "warning: annotations ann.csv: 1 span ends far past the video's end (more than twice its length): line 2: "
+        "0-1500 s 'x', the video ends at 4.0 s; check the times: seconds, not milliseconds"]  # 0-12 s: within 10 s
 
 
 def test_relative_video_needs_videos_dir_and_label_vocabulary(tmp_path, videos):

@@ -643,7 +643,7 @@ def test_a_validation_split_with_nothing_to_score_is_said_and_not_used(tmp_path,
                    + f"{name},50,60,{name[0]}\n")  # the validation video's only span is past its end
     lines: list[str] = []
     result = train(spec, say=lines.append)
-    assert any(line.startswith("warning: the 1 validation videos have no segment with a label") for line in lines)
+    assert any(line.startswith("warning: the 1 validation video has no segment with a label") for line in lines)
     assert any("1 span starts after the video's end" in line for line in lines)
     assert any("train(no val) loss" in line for line in lines) and not any(" val loss" in line for line in lines)
     assert result.val_metrics is None
