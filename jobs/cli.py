@@ -43,7 +43,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, folders (searched recursively), glob patterns (quote them), "
                         "manifests (.txt/.csv/.tsv/.parquet) or s3:// URIs")
-    p.add_argument("--out", required=True, metavar="OUT", help="output directory")
+    p.add_argument("--out", required=True, metavar="OUT", help="output directory: a local path or s3://BUCKET/PREFIX")
     _add_pipeline_flags(p)
     p.add_argument("--allow-untrained", action="store_true",
                    help="run an UNTRAINED head instead of the packaged default bundle (labels are meaningless; "
@@ -456,15 +456,16 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         out.read_json("_job/job.json")
     except ConfigError as exc:
         job_damage = exc
-    if not (lost or records):  # "nothing to drop" and then the damaged job.json read as a contradiction
-        print(f"{out.uri}: every committed file is in place"
-              + (" and reads whole" if args.verify else "") + ("" if job_damage else "; nothing to drop")
+    if not (lost or records):  # "nothing to drop" and then the damaged job.json (or files in the way) read as a
+        print(f"{out.uri}: every committed file is in place"  # contradiction
+              + (" and reads whole" if args.verify else "") + ("" if job_damage or unrecorded else "; nothing to drop")
               + ("" if args.verify else " (--verify also reads every data page)"))
     if job_damage is not None:
         print(f"vidpipe repair: error: {job_damage}", file=sys.stderr)
         return EXIT_USAGE
     if unrecorded:  # only a dry run gets here with some
-        print(f"{len(unrecorded)} data files that no commit names are in the way: move them out of {out.uri} "
+        print(f"{count_of(len(unrecorded), 'data file')} that no commit names {'is' if len(unrecorded) == 1 else 'are'} "
+              f"in the way: move them out of {out.uri} "
               "(repair and run refuse it until then): " + ", ".join(out.store.uri_of(r) for r in unrecorded),
               file=sys.stderr)
         return EXIT_USAGE

@@ -350,6 +350,23 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path, capsys):
         run_query(out.root, "SELECT count(*) FROM segments")
 
 
+def test_repair_dry_run_does_not_call_an_out_with_files_in_the_way_sound(tmp_path, capsys):
+    """A deleted commit record leaves its data files named by nothing: 'repair --dry-run' said "every committed file
+    is in place; nothing to drop" and then that they are in the way (a helper)."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    for record in out.commits_dir.glob("*.json"):
+        record.unlink()
+    assert main(["repair", str(out.root), "--dry-run"]) == EXIT_USAGE
+    said = capsys.readouterr()
+    assert "nothing to drop" not in said.out and "every committed file is in place" in said.out
+    assert re.search(r"^\d+ data files? that no commit names (is|are) in the way: move them out of ", said.err, re.M), said
+
+
 def test_csv_keeps_floats_exact_and_lists_unambiguous():
     """CSV is for export: 1234567.891 was written as 1.23457e+06, and a label with a comma could not be told
     from two labels (found by QA)."""
