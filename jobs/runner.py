@@ -376,7 +376,7 @@ def _open_output(uri: str) -> OutputDir:
             out.store.makedirs("")  # a file in the way, a read-only or missing parent: fail here, named
         elif bucket_missing(out.store.fs, out.store.root):
             bucket = out.store.root.split("/", 1)[0]
-            raise OSError(f"there is no bucket {bucket!r} (create it, or check the name and AWS_ENDPOINT_URL)")
+            raise ConfigError(f"there is no bucket {bucket!r}: create it, or check the name and AWS_ENDPOINT_URL")
         out.is_output()  # reaches the bucket: bad credentials or endpoint fail here, before any work
     except ConfigError as exc:  # says what to do in its own words ('s3://' without a bucket)
         raise ConfigError(f"cannot use --out {shown(uri)}: {exc}") from None

@@ -225,6 +225,7 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_a_usage_error(s3_server, shar
                     env=vidpipe_env(**s3_server))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "cannot use --out s3://no-such-bucket/x: there is no bucket 'no-such-bucket'" in r.stderr
+    assert "check AWS credentials" not in r.stderr  # the bucket is what to see to, said once (a helper)
 
 
 def test_a_named_object_that_is_not_there_is_a_failure_row_a_missing_prefix_a_usage_error(s3, s3_archive):
