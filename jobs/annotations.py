@@ -20,6 +20,7 @@ segment no active label: that is how a multilabel head says "none of these".
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 from collections import defaultdict
@@ -94,8 +95,11 @@ def _resolve_video(entry: str, videos_root: Path | None, where: str) -> str:
             raise ConfigError(f"{where}: video {entry!r} is a relative path; pass --videos DIR to resolve it")
         path = videos_root / path
     if not path.is_file():
-        raise ConfigError(f"{where}: unknown video {entry!r}: no such file {str(path)!r}"
-                          + (f" (resolved against --videos {videos_root})" if videos_root else ""))
+        what = "a directory, not a video file" if path.is_dir() else "no such file"
+        windows = ("; write folders with '/' (a '\\' is part of a file's name here)"
+                   if "\\" in entry and not path.exists() else "")
+        raise ConfigError(f"{where}: unknown video {entry!r}: {what} {str(path)!r}"
+                          + (f" (resolved against --videos {videos_root})" if videos_root else "") + windows)
     return path_uri(str(path.resolve()))
 
 
@@ -106,6 +110,8 @@ def label_list(labels: list[str]) -> str:
 
 
 def _number(value: object, column: str, where: str) -> float:
+    if isinstance(value, datetime.timedelta):  # a Parquet duration column
+        value = value.total_seconds()
     try:
         text = str(value).strip()
         if "_" in text:  # Python's float() reads "1_0" as 10: a typo, not a number a table holds
@@ -147,8 +153,15 @@ def _table_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
         lowered = [h.strip().lower() for h in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in lowered]
         if missing:
+            other = next((sep for sep in (";", "\t", ",") if sep != delimiter and len(header) == 1
+                          and header[0].count(sep) >= len(REQUIRED_COLUMNS) - 1), None)
+            hint = "" if other is None else (
+                f"; its cells are separated by {'tabs' if other == chr(9) else repr(other)}, a {path.suffix} by "
+                f"{'tabs' if delimiter == chr(9) else 'commas'}: " + (
+                    "name it .tsv" if other == "\t" else "name it .csv" if other == "," else
+                    "save it with commas (.csv) or tabs (.tsv)"))
             raise ConfigError(f"annotations {path} line 1: missing columns {missing}; the header must name "
-                              f"{', '.join(REQUIRED_COLUMNS)} (got {header})")
+                              f"{', '.join(REQUIRED_COLUMNS)} (got {header}){hint}")
         twice = [c for c in REQUIRED_COLUMNS if lowered.count(c) > 1]
         if twice:  # which one holds the times or labels is anyone's guess
             raise ConfigError(f"annotations {path} line 1: the header names {', '.join(twice)} more than once "

@@ -302,7 +302,10 @@ def check_job_identity(out: OutputDir, bundle: ModelBundle, spec: JobSpec, preci
                 out.write_json("_job/job.json", old | {"precision": precision})
             return
         if out.commits():
+            if "model_id" in mismatch and "bundle_fingerprint" in mismatch:  # another model: its id says it
+                mismatch.remove("bundle_fingerprint")
             said = [f"{k} {old.get(k)!r} there, {identity[k]!r} now" if k in ("top_k", "with_embedding", "precision")
+                    else "the model's encoders, head, labels or sampling" if k == "bundle_fingerprint"  # not jargon
                     else k for k in mismatch]
             if "model_id" in mismatch and "top_k" in mismatch:  # another model: its labels may make it, not a flag
                 said[mismatch.index("top_k")] += " (at most each model's number of labels)"

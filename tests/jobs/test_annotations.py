@@ -73,6 +73,11 @@ def test_parquet_annotations(tmp_path, videos):
                              "end_s": [1.0, 2.0], "label": pa.array([b"x", b"y"], pa.binary())}), path)
     s = read_annotations(path, videos)
     assert [Path(v.uri).name for v in s.videos] == ["a.mp4", "b.mp4"] and s.labels == ["x", "y", BACKGROUND]
+    # duration columns: "datetime.timedelta(seconds=2) is not a number of seconds" (a helper)
+    pq.write_table(pa.table({"video": ["a.mp4"], "start_s": pa.array([500_000], pa.duration("us")),
+                             "end_s": pa.array([2_000], pa.duration("ms")), "label": ["x"]}), path)
+    (span,) = read_annotations(path, videos).videos[0].annotations
+    assert (span.start_s, span.end_s) == (0.5, 2.0)
     # a readable file with a column missing was "not a readable Parquet file (...); write it with a Parquet
     # writer" (the check's own error re-wrapped; found by a helper)
     pq.write_table(pa.table({"Video": ["a.mp4"], "start_s": [0.0], "end_s": [4.0]}), path)
@@ -173,6 +178,12 @@ def test_overlapping_spans_of_one_label_cover_their_union_once(tmp_path, videos,
     # numbers after a quoted value with line breaks are the file's
     ('video,start_s,end_s,label\na.mp4,0,1,x\na.mp4,1,2,"y\na.mp4,2,3,z\na.mp4,3,4,w"\na.mp4,4,5,v\n',
      r'ann\.csv line 3: a quoted value runs on to line 5: a quote \(\"\) opened on this line is not closed on it'),
+    # what users got wrong, now said (a helper): a folder, Windows separators, ';' cells in a .csv
+    ("video,start_s,end_s,label\nsub,0,1,x\n", r"ann\.csv line 2: unknown video 'sub': a directory, not a video file"),
+    ("video,start_s,end_s,label\nsub\\c.mp4,0,1,x\n",
+     r"unknown video 'sub\\\\c\.mp4': no such file .*; write folders with '/' \(a '\\' is part of a file's name here\)"),
+    ("video;start_s;end_s;label\na.mp4;0;1;x\n",
+     r"its cells are separated by ';', a \.csv by commas: save it with commas \(\.csv\) or tabs \(\.tsv\)"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, videos, text, match):
     with pytest.raises(ConfigError, match=match):

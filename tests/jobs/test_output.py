@@ -760,9 +760,9 @@ def test_job_identity_records_precision_and_follows_a_run_while_nothing_is_commi
     check_job_identity(out, bundle, dataclasses.replace(spec, top_k=3), "bf16")  # nothing committed: the new run's
     assert out.read_json("_job/job.json")["top_k"] == 3
     assert out.read_json("_job/job.json")["bundle"] == "untrained"  # it said "default" (a helper)
-    named, _ = writer_for(tmp_path / "named")
-    check_job_identity(named, bundle, dataclasses.replace(spec, model="bundles/mine", allow_untrained=False), "bf16")
-    assert named.read_json("_job/job.json")["bundle"] == "bundles/mine"  # it said "vidpipe train" for any trained one
+    other_out, _ = writer_for(tmp_path / "other")
+    check_job_identity(other_out, bundle, dataclasses.replace(spec, model="bundles/mine", allow_untrained=False), "bf16")
+    assert other_out.read_json("_job/job.json")["bundle"] == "bundles/mine"  # it said "vidpipe train" for any trained
     w.add_row(head_row("v1", 0, 0, 2, is_last=True, n_total=2))
     w.flush()
     for other, named in ((dataclasses.replace(spec, top_k=2), "top_k 3 there, 2 now"),
@@ -805,7 +805,7 @@ def test_another_models_top_k_is_said_to_follow_its_labels(tmp_path):
     assert len(untrained.labels) >= spec.top_k
     for top_k in (spec.top_k, 3):
         with pytest.raises(ConfigError, match=re.escape(
-                f"(differs in: bundle_fingerprint; model_id; top_k 4 there, {top_k} now (at most each model's number "
+                f"(differs in: model_id; top_k 4 there, {top_k} now (at most each model's number "
                 "of labels); it has model ")):
             check_job_identity(out, untrained, dataclasses.replace(spec, allow_untrained=True, top_k=top_k), "fp32")
     with pytest.raises(ConfigError, match=re.escape("(differs in: top_k 4 there, 3 now; it has model ")):
