@@ -637,7 +637,13 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         class_weight = torch.tensor(w, dtype=torch.float32)
     missing = [name for name, c in counts.items() if c == 0 and not (implicit_bg and name == BACKGROUND)]
     if missing:
-        say(f"warning: no training segment has the labels {missing}; the model cannot learn them")
+        # spans shorter than half a segment label none (a segment takes a label covering at least half of it)
+        short = sorted(a.line for v in train_v for a in v.annotations
+                       if a.label in missing and a.end_s - a.start_s < spec.segment_seconds / 2)
+        why = (f" (their spans on lines {', '.join(map(str, short[:8]))}{' …' if len(short) > 8 else ''} are shorter "
+               f"than half a segment, {spec.segment_seconds / 2:g} s: a segment takes a label that covers at least "
+               "half of it)" if short else "")
+        say(f"warning: no training segment has the labels {missing}; the model cannot learn them{why}")
     if implicit_bg and counts.get(BACKGROUND) == 0:
         say(f"warning: the label {BACKGROUND!r} (for segments no annotation covers) has 0 training segments: every "
             f"segment of the training videos is annotated, so the model cannot learn it; pass --unlabeled ignore "

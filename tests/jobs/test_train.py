@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -369,13 +370,20 @@ def _two_clips(tmp_path: Path, *, seed: int) -> tuple[Path, Path]:
 def test_validation_of_labels_absent_from_training_has_a_finite_loss(tmp_path, ray_session):
     """Two videos, one label each: the by-video split leaves the validation video a label no training segment has."""
     videos, ann = _two_clips(tmp_path, seed=3)
+    # and a span too short to label a segment on each (0.2 s of a 1-s segment): only "no training segment has the
+    # labels" was said of it (a helper)
+    ann.write_text("video,start_s,end_s,label\na.mp4,0,1,bunny\na.mp4,2.1,2.3,tiny\nb.mp4,0,1,bike\n"
+                   "b.mp4,2.1,2.3,tiny\n")
     lines: list[str] = []
     spec = TrainSpec(annotations=str(ann), videos=str(videos), out=str(tmp_path / "model"),
                      **{**SMALL, "epochs": 2, "val_fraction": 0.5})  # type: ignore[arg-type]
     result = train(spec, say=lines.append)
-    assert any(line.startswith("warning: no training segment has the labels") for line in lines)
+    missing = [line for line in lines if line.startswith("warning: no training segment has the labels")]
+    assert len(missing) == 1 and "'tiny'" in missing[0], lines
+    assert re.search(r"\(their spans on lines [35] are shorter than half a segment, 0\.5 s: a segment takes a label "
+                     r"that covers at least half of it\)$", missing[0]), missing
     # background, which no line of the file names, is said as what it is (multilabel training may drop it)
-    assert any("2 labels (bike, bunny) and 'background' for the segments no annotation covers" in line
+    assert any("3 labels (bike, bunny, tiny) and 'background' for the segments no annotation covers" in line
                for line in lines), lines[:2]
     meta = json.loads((result.path / "bundle.json").read_text(), parse_constant=_not_json)["meta"]
     assert meta["train_videos"] == meta["val_videos"] == 1 and meta["val_segments"] == 4
