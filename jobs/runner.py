@@ -164,8 +164,10 @@ def init_ray(address: str | None) -> None:
             if not show_logs:  # Ray's notice that a new local cluster takes a token: nothing for the user to do
                 logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_NOTICE)
             with stopping.deferred("Ray's start"):  # it forks its processes: a stop in there hangs (jobs/stopping.py)
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=show_logs,
-                         configure_logging=False)
+                # "local": a new Ray of its own, even where 'ray start' left a cluster on this machine, which
+                # ray.init() would join (and then refuse num_cpus: a ValueError traceback, nothing run)
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=show_logs, configure_logging=False)
     except SystemExit as exc:
         # a SIGTERM that met a handler of Ray's after all (sys.exit(15); another Ray version): stop as ours would
         if callable(on_sigterm) and exc.code == signal.SIGTERM:

@@ -74,6 +74,24 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
             "there, or give its path there with --command") in missing.stdout, missing.stdout[-3000:]
 
 
+def test_the_embedded_default_starts_a_ray_of_its_own_beside_a_cluster_started_on_this_machine(cluster, shared_media,
+                                                                                               tmp_path):
+    """'ray start' writes its address where ray.init() looks first (TMP/ray/ray_current_cluster): a plain
+    'vidpipe run' there joined that cluster and failed on its own num_cpus, a ValueError traceback (a helper)."""
+    tmp = Path(tempfile.mkdtemp(prefix="vpt-", dir="/tmp"))  # short: the embedded Ray's sockets live under it
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text(cluster.address)
+        out = tmp_path / "out"
+        r = subprocess.run([str(VIDPIPE), "run", str(shared_media / "bbb_5s_51.mp4"), "--out", str(out), *RUN_FLAGS],
+                           capture_output=True, text=True, env=cluster_env(RAY_TMPDIR=str(tmp)), timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "joined the Ray cluster" not in r.stderr and "done: 1 video ok" in r.stdout, r.stdout + r.stderr
+        assert len(segment_rows(out)) == 6 and duplicate_keys(out) == 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([str(VIDPIPE), "run", str(small_archive), "--out", str(out), *RUN_FLAGS,
