@@ -85,8 +85,8 @@ _DISCONT_FORMATS = frozenset({"mpegts", "mpeg"})
 # Audio whose time went back waits this long (in its own samples) for the video to start a part too; past it the
 # jump is taken for damage and the audio is placed by its times.
 _AUDIO_HOLD_S = 10.0
-# Audio whose time is this far past the end the header announces (or the video has reached) is damaged, unless it
-# follows the track's previous audio (within _SMOOTH_STEP_S): audio that runs on past the video's end.
+# Audio whose time is this far past the end the header announces, what the video has reached and where the track's
+# audio has got to is damaged (audio that runs on past the video's end, gaps in it included, goes on from there).
 _AUDIO_FAR_AHEAD_S = 600.0
 # Audio that runs on more than this past the video's last frame makes the video that long, its last frame on screen
 # to the end, as players play it (a still image over a song: one frame and minutes of audio).  Less is the usual
@@ -1345,10 +1345,10 @@ class _VideoRun:
         """Place audio by its time, unless that time is far past anything the video reaches (a damaged time: an
         MPEG-TS time 3 s before the start reads 26.5 h ahead, and laying it there took gigabytes)."""
         assert self.audio is not None
-        reach_s = max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0)
-        cursor = self.audio.cursor
-        follows = cursor is not None and t_s is not None and abs(t_s - cursor / self.audio.rate_hz) <= _SMOOTH_STEP_S
-        if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S and not follows:
+        cursor = self.audio.cursor  # where the audio placed so far ends (not a damaged time: those are not placed)
+        reach_s = max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0,
+                      cursor / self.audio.rate_hz if cursor is not None else 0.0)
+        if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S:
             self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: an audio frame's time is damaged (it "
                                     f"says {t_s:,.1f} s, past where the video ends)")
             return
@@ -1400,7 +1400,9 @@ class _VideoRun:
             return False
         frontier_s = self.last_t_s  # segments ending at or before the newest frame are final
         if self.video_drained and self.audio is not None and self.audio.frontier_s > self.video_end_s + _AUDIO_RUNS_ON_S:
-            frontier_s = self.audio.frontier_s  # no more video: the audio that runs on makes the segments (see _finish)
+            # no more video: the audio that runs on makes the segments, up to where its end may be rounded down to
+            # (_finish: padding), so that a chunk sent as not the last is not the last
+            frontier_s = self.audio.frontier_s - _AUDIO_PADDING_S
         if not self.audio_done and self.audio is not None:
             frontier_s = min(frontier_s, max(self.audio.frontier_s, self.last_t_s - _AUDIO_WAIT_S))
         chunk, ready_s = self.ready_at
@@ -1455,7 +1457,7 @@ class _VideoRun:
             audio_end_s = self.audio.cursor / self.audio.rate_hz
             if audio_end_s > duration_s + _AUDIO_RUNS_ON_S:
                 seg_s = self.sampling.segment_seconds
-                whole_s = math.floor(audio_end_s / seg_s + 1e-9) * seg_s
+                whole_s = round(math.floor(audio_end_s / seg_s + 1e-9) * seg_s, 9)  # a decimal border, as start_s
                 duration_s = whole_s if audio_end_s - whole_s < _AUDIO_PADDING_S else audio_end_s
         n = count_segments(duration_s, self.sampling.segment_seconds)
         info = self._info(duration_s, n)
@@ -1486,7 +1488,9 @@ class _VideoRun:
             video_codec=_codec_name(self.vstream),
             width=self.width,
             height=self.height,
-            fps=self.avg_fps or (self.n_frames / duration_s if duration_s > 0 else 0.0),
+            # (over the video's own length, not the audio that may run on past it)
+            fps=self.avg_fps or ((self.n_frames + self.frames_skipped) / self.video_end_s if self.video_end_s > 0
+                                 else 0.0),
             rotation_deg=_quarter_turns_to_deg(self.quarter_turns),
             has_audio=has_audio,
             audio_codec=(_codec_name(self.astream) if has_audio and self.astream is not None

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -348,6 +349,13 @@ def test_audio_that_runs_on_past_the_video_is_labelled_with_the_last_frame_on_sc
     rows = core_rows(chunks)
     check_stamps(rows, [i / 25 for i in range(n_frames)])  # past the last frame, the last frame
     assert (rows["audio_valid_samples"] == 16_000).all() and (rms(rows["audio"]) > 0.3).all()
+    # rounded down to a whole segment, the end is the decimal the segments' borders are (6.9, not
+    # 6.8999999999999995, at 0.3-s segments: a review)
+    short = mf.make_video(media_dir / f"still_{n_frames}_69.{suffix}", duration_s=n_frames / 25, size=(96, 96),
+                          audio="tone", audio_duration_s=6.9)
+    chunks = decode(short, SamplingSpec(segment_seconds=0.3, image_size=32))
+    info = chunks[-1].info
+    assert info is not None and info.duration_s == 6.9 and info.n_segments == 23 and chunks[-1].end_s[-1] == 6.9
 
 
 def test_an_mp4_whose_video_has_ended_sends_the_audio_that_runs_on_as_it_comes(
@@ -371,12 +379,48 @@ def test_an_mp4_whose_video_has_ended_sends_the_audio_that_runs_on_as_it_comes(
     sent = core_rows(decode(path, spec, chunking))
     most_held_s = max(held) / spec.audio_rate_hz
     held.clear()
+    # no context, and cores that end where the audio's padding is rounded off (90 s = 18 x 5): the chunk sent with
+    # the audio as it came, ending at 90, was not the last, and no last one followed (a review)
+    bare = decode(path, spec, ChunkingSpec(core_segments=5, context_segments=0))
     monkeypatch.setattr(decode_mod, "_RUN_ON_DRAIN_S", math.inf)  # as before: the audio waits for the end
     waited = core_rows(decode(path, spec, chunking))
     assert max(held) / spec.audio_rate_hz > 85 and most_held_s < 45, most_held_s
     assert sent["start_s"].size == 90
     for name, values in sent.items():
         np.testing.assert_array_equal(values, waited[name], err_msg=name)
+    assert [c.is_last for c in bare] == [False] * 17 + [True] and bare[-1].info is not None
+    for name, values in core_rows(bare).items():
+        np.testing.assert_array_equal(values, waited[name], err_msg=name)
+
+
+def test_a_gap_in_audio_that_runs_on_is_no_damaged_time(media_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audio far past the video (here 20 s, as 600 s in the code) that went on after a gap of more than 10 s was
+    dropped as damaged times, frame after frame, and failed the video as decode_error (a review): where the track's
+    audio has got to counts as reached."""
+    monkeypatch.setattr(decode_mod, "_AUDIO_FAR_AHEAD_S", 20.0)
+    path = media_dir / "audio_gap.mkv"
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=25)
+        v.width = v.height = 96
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("aac", rate=44100)
+        a.layout = "mono"
+        picture = av.VideoFrame.from_ndarray(mf.stamped_image(96, 96, 0), format="rgb24")
+        picture.pts = 0
+        out.mux(v.encode(picture))
+        out.mux(v.encode(None))
+        tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(1024) / 44100)).astype(np.float32)[None]
+        for start_s, end_s in ((0.0, 25.0), (40.0, 45.0)):
+            for first in range(int(start_s * 44100), int(end_s * 44100), 1024):
+                frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = 44100, first, Fraction(1, 44100)
+                out.mux(a.encode(frame))
+        out.mux(a.encode(None))
+    chunks = decode(path, SamplingSpec(image_size=32))
+    info = chunks[-1].info
+    assert info is not None and info.n_segments == 45
+    heard = core_rows(chunks)["audio_valid_samples"] > 0
+    assert heard[:25].all() and not heard[26:39].any() and heard[40:].all()  # (AAC's priming: 39.98 s on)
 
 
 def test_video_packets_past_those_the_index_lists_are_decoded_after_a_drain(
@@ -535,6 +579,12 @@ def test_video_that_starts_long_after_the_audio_starts_the_timeline(media_dir: P
     assert (rows["audio_valid_samples"] == 16_000).all() and (rms(rows["audio"]) > 0.3).all()  # the tone, from 0
     info = decode(path)[-1].info
     assert info is not None and info.fps == pytest.approx(25) and (info.width, info.height) == (96, 96)
+    # the audio running on 5 s past it: the frame rate is of the video's 2 s, not 50 frames over 7 s (a review)
+    longer = mf.make_video(media_dir / f"video_from_{video_start_s:g}s_audio_on.ts", frame_times_s=[
+        video_start_s + t for t in frame_times], size=(96, 96), codec="libx264", audio="tone", audio_codec="aac",
+        audio_duration_s=video_start_s + 7.0, tone_start_s=video_start_s)
+    info = decode(longer)[-1].info
+    assert info is not None and info.duration_s == pytest.approx(7.0, abs=0.05) and info.fps == pytest.approx(25)
 
 
 def _write_pcm_with_jumps(path: Path, jumps: dict[int, int], duration_s: float = 4.0) -> Path:
