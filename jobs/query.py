@@ -244,8 +244,9 @@ def _cell(v: Any) -> str:
         return _interval_text(v)
     if isinstance(v, float):
         return "NaN" if math.isnan(v) else f"{v:.6g}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_cell(x) for x in v) + "]"
+    if isinstance(v, list):  # a label holding ', ' (or a bracket, a quote) quoted, so the list reads one way
+        return "[" + ", ".join(repr(x) if isinstance(x, str) and (any(c in x for c in ",[]'\"") or x != x.strip())
+                               else _cell(x) for x in v) + "]"
     return str(v)
 
 

@@ -234,6 +234,9 @@ def test_format_table_csv_json():
     assert "label" in text.splitlines()[0] and "(2 rows)" in text
     assert format_table(t, "csv").splitlines()[0] == "label,score,topk"
     assert json.loads(format_table(t, "json").splitlines()[1])["label"] == "b"
+    # a label holding ', ' read as two in the table's list: [beep, high, background] (a helper)
+    listed = format_table(pa.table({"topk": [["beep, high", "background", " x"]]}), "table")
+    assert "['beep, high', background, ' x']" in listed
 
 
 def test_columns_of_the_same_name_each_show_their_own_values(tmp_path, capsys):
