@@ -737,6 +737,10 @@ def train(spec: TrainSpec, *, say: Callable[[str], None] = print) -> TrainResult
         "val_segments": n_val_seg,
         "early_stopping_on": "validation" if val_data else "training",
         "unlabeled_segments_left_out": left_out,
+        # the annotated videos that could not be decoded and were left out (the first 1,000: kind and message)
+        "videos_failed": len(fres.failures),
+        "failed_videos": [{"uri": f.uri, "error_kind": f.error_kind, "message": f.message}
+                          for f in fres.failures[:1000]],
         "label_counts_train": counts,
         "epochs_run": len(history),
         "best_epoch": best_epoch,

@@ -147,3 +147,16 @@ def test_unlabeled_ignore_counts_only_the_labelled_segments(clips, tmp_path, tas
     assert meta["unlabeled_segments_left_out"] == {"train": 0, "val": 0}
     assert any(f"3 train videos ({3 * SECONDS} segments), 1 validation video ({SECONDS} segments)" in line
                for line in lines), lines
+
+
+def test_a_video_that_fails_to_decode_is_left_out_and_named_in_the_bundle(clips, tmp_path):
+    """The bundle's meta did not say which annotated videos were left out (a helper): it names them, kind and
+    message, beside its counts."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    ann = _annotations(tmp_path / "with_broken.csv", [f"{n},0,{SECONDS // 2},x" for n in NAMES] + [f"{broken},0,1,x"])
+    _, lines, meta = _train(ann, clips, tmp_path / "m")
+    assert "warning: 1 annotated video could not be decoded and is left out" in lines
+    assert meta["videos_failed"] == 1 and len(meta["failed_videos"]) == 1
+    (failed,) = meta["failed_videos"]
+    assert failed["uri"].endswith("broken.mp4") and failed["error_kind"] == "invalid_data" and failed["message"]
