@@ -193,12 +193,26 @@ def _check_reachable(address: str, *, from_env: bool = False) -> None:
     if where is None:
         return
     try:
-        socket.create_connection(where, timeout=10).close()
+        conn = socket.create_connection(where, timeout=10)
     except OSError as exc:
         given = "unset RAY_ADDRESS (it is set here)" if from_env else "leave --address out"
         raise ConfigError(f"cannot reach a Ray cluster at {address}{' (RAY_ADDRESS)' if from_env else ''} "
                           f"({exc.strerror or exc}); check the address ('ray start --head' prints it) and that the "
                           f"cluster is up, or {given} to run on this machine") from None
+    # A web server there (the dashboard and job server, http://HEAD:8265, is the address users meet first): ray.init
+    # retried "Failed to connect to GCS" until killed.  The GCS speaks gRPC (HTTP/2) and answers no HTTP/1 request.
+    try:
+        with conn:
+            conn.settimeout(2)
+            conn.sendall(b"GET / HTTP/1.0\r\nHost: vidpipe\r\n\r\n")
+            answer = conn.recv(16)
+    except OSError:
+        return
+    if answer.startswith(b"HTTP/"):
+        raise ConfigError(f"{address}{' (RAY_ADDRESS)' if from_env else ''} answers as a web server, not as a Ray "
+                          "cluster's GCS: that is the dashboard and job server's port, which 'vidpipe submit' and "
+                          "'status --job' take as http://HEAD:8265; give run the GCS address, HOST:PORT as 'ray "
+                          "start --head' prints it (port 6379 unless --port said otherwise)")
 
 
 def _cannot_join(address: str, exc: Exception) -> ConfigError:
@@ -525,6 +539,7 @@ class JobRunner:
             init_ray(spec.address)  # the cluster 'ray start' started on this machine, or an error saying none is
         elif spec.address:
             _check_reachable(spec.address)
+            _check_token(spec.address)  # a refused token is said before OUT is made, as an unreachable address is
         elif os.environ.get("RAY_ADDRESS"):
             _check_env_address(os.environ["RAY_ADDRESS"])
         if here:

@@ -477,6 +477,26 @@ def test_an_unreachable_cluster_fails_in_seconds_naming_the_address():
             _check_reachable(f"127.0.0.1:{port}")
 
 
+def test_an_address_that_answers_as_a_web_server_is_named_as_not_a_gcs():
+    """The job server's port given to run (127.0.0.1:8265, the address users meet first): ray.init retried "Failed
+    to connect to GCS" until it was killed (a helper)."""
+    import http.server
+    import threading
+
+    from jobs.runner import _check_reachable
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ConfigError, match=re.escape(f"{address} answers as a web server, not as a Ray cluster's "
+                                                        "GCS: that is the dashboard and job server's port")):
+            _check_reachable(address)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_run_with_an_unreachable_address_makes_no_output(tmp_path, capsys):
     """Before: the error came after OUT and its _job/ were made (a new, empty output left behind)."""
     from jobs.cli import main

@@ -142,6 +142,9 @@ def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refuse
                                env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef"})
         assert wrong.returncode == 2, wrong.stderr[-3000:]
         assert "the cluster may have refused this token" in wrong.stderr, wrong.stderr[-3000:]
+        # said before OUT is made, as an unreachable address is (it left OUT with its _job/lock and empty tables,
+        # which status then called "no run recorded": a helper)
+        assert not (tmp_path / "o").exists()
         joined = subprocess.run([str(VIDPIPE), *args], capture_output=True, text=True,
                                 env=env | {"RAY_AUTH_MODE": "token"}, timeout=300)
         assert joined.returncode == 0, joined.stderr[-3000:]
