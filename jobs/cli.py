@@ -371,7 +371,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from jobs.status import format_status, ray_job_info, read_status
+    from jobs.status import format_job_line, format_status, ray_job_info, read_status
 
     job = None
     if args.job:
@@ -384,7 +384,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     out = args.out or (job or {}).get("out")
     if not out:
         raise ConfigError("name the job's OUT, or give --job ID --address URL of a job submitted by vidpipe")
-    status = read_status(out)
+    try:
+        status = read_status(out)
+    except ConfigError as exc:
+        if job is None:
+            raise
+        # a job that ended before making OUT (its command not found, a usage error): its state says why, and
+        # "OUT does not exist" alone hid it (a helper)
+        if args.json:
+            print(json.dumps({"ray_job": job, "out": out, "out_error": str(exc)}, indent=2))
+        else:
+            print(f"{format_job_line(job)}\noutput {out}: {exc}")
+        return EXIT_OK
     status.ray_job = job
     _warn_unrecorded(out)
     if args.json:

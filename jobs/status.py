@@ -162,13 +162,17 @@ def ray_job_info(address: str, job_id: str) -> dict[str, Any]:
     return d
 
 
+def format_job_line(j: dict[str, Any]) -> str:
+    """The Ray job's line of ``status --job``: its state, and the job server's message."""
+    extra = " (some inputs failed; see the failures table)" if j.get("exit_status") == 3 else ""
+    return f"ray job {j['job_id']}: {j['status']}{extra}" + (f" — {j['message']}" if j["message"] and not extra
+                                                              else "")
+
+
 def format_status(s: JobStatus) -> str:
     lines = []
     if s.ray_job:
-        j = s.ray_job
-        extra = " (some inputs failed; see the failures table)" if j.get("exit_status") == 3 else ""
-        lines.append(f"ray job {j['job_id']}: {j['status']}{extra}" + (f" — {j['message']}" if j["message"] and
-                                                                          not extra else ""))
+        lines.append(format_job_line(s.ray_job))
     total = "?" if s.total is None else f"{s.total:,}"
     pending = "?" if s.pending is None else f"{s.pending:,}"
     lines.append(f"output {s.out}")

@@ -72,6 +72,12 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
     assert missing.returncode == 127, missing.stdout[-3000:] + missing.stderr[-3000:]
     assert ("vidpipe submit: the job's command (/no/such/vidpipe) was not found on the head node: install vidpipe "
             "there, or give its path there with --command") in missing.stdout, missing.stdout[-3000:]
+    # its OUT was never made: 'status --job' said only "o2 does not exist" (exit 2), the job's FAILED unsaid (a helper)
+    failed_id = missing.stdout.splitlines()[0].strip()
+    st = _vidpipe(cluster, ["status", "--job", failed_id, "--address", cluster.dashboard_url])
+    assert st.returncode == 0, st.stderr[-3000:]
+    assert st.stdout.startswith(f"ray job {failed_id}: FAILED"), st.stdout
+    assert f"output {tmp_path / 'o2'}: {tmp_path / 'o2'} does not exist" in st.stdout, st.stdout
 
 
 def test_the_embedded_default_starts_a_ray_of_its_own_beside_a_cluster_started_on_this_machine(cluster, shared_media,
