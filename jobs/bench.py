@@ -177,11 +177,16 @@ def naive_baseline(paths: list[str], bundle: ModelBundle, cpus: int, batch: int 
         kept: list[np.ndarray] = []
         next_t = 0.0
         last_t = 0.0
+        first_t: float | None = None
         with av.open(path) as container:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 rgb = frame.to_ndarray(format="rgb24")
+                # from the first frame, as (a) and (b) count: a clock that starts at 10 s (MPEG-TS) made it keep a
+                # frame a segment for 10 s of nothing and count 14 video-s for 4 (a helper)
                 t = float(frame.time or 0.0)
+                first_t = t if first_t is None else first_t
+                t -= first_t
                 last_t = t
                 if t + 1e-9 >= next_t:
                     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
@@ -253,8 +258,16 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
           address: str | None = None, device: str = "auto", skip_naive: bool = False,
           precision: str = "auto") -> dict[str, Any]:
     """Measure (a) decode-only, (b) the pipeline and (c) the naive baseline on the same local files."""
+    from jobs.spec import check_chunk_seconds, runs_here
+    from pipeline.precision import pick_device
     from workers.build import chunking_for
 
+    # flags the pipeline run (b) would refuse, refused before anything is measured (it came after (a), minutes in)
+    check_chunk_seconds(chunk_seconds)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be one of auto, cpu, cuda; got {device!r}")
+    if runs_here(address):
+        pick_device(device)  # --device cuda without a GPU
     check_inputs(inputs)  # a folder without videos, a glob matching nothing: named
     paths = []
     for ref in discover(inputs):

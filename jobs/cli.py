@@ -530,7 +530,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from jobs.bench import bench, format_report
+    from jobs import stopping
+
+    stopping.install()  # SIGTERM and SIGHUP stop it as Ctrl-C does (exit 130)
+    with stopping.deferred("loading"):
+        from jobs.bench import bench, format_report
 
     report = bench(args.inputs, model=args.model, allow_untrained=args.allow_untrained,
                    segment_seconds=args.segment_seconds, frames_per_segment=args.frames_per_segment,

@@ -22,6 +22,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM: stopped, the finished videos committe
 # Shorter segments than this are not a labelling of video any more (and would sample each frame many
 # times); the audio encoders' log-mel windows are 25 ms.
 MIN_SEGMENT_S = 0.1
+# Longer ones hold too much in memory: a chunk holds a head window of segments (16 by default) and each segment its
+# audio (64 kB a second): 10 minutes make 0.6 GB; 1e6 s asked numpy for 60 GiB (a helper).
+MAX_SEGMENT_S = 600.0
 MAX_VIDEO_TIMEOUT_S = 1_000_000  # --video-timeout
 
 
@@ -38,10 +41,17 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
 
 
 def check_segment_seconds(value: float) -> None:
-    """``--segment-seconds`` (of run, bench, eval and train): a finite number of seconds, at least
-    :data:`MIN_SEGMENT_S`."""
-    if not MIN_SEGMENT_S <= value < math.inf:
-        raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g}, got {value}")
+    """``--segment-seconds`` (of run, bench, eval and train): a number of seconds from :data:`MIN_SEGMENT_S` to
+    :data:`MAX_SEGMENT_S`."""
+    if not MIN_SEGMENT_S <= value <= MAX_SEGMENT_S:
+        raise ConfigError(f"--segment-seconds must be a number of seconds >= {MIN_SEGMENT_S:g} and at most "
+                          f"{MAX_SEGMENT_S:g}, got {value}")
+
+
+def check_chunk_seconds(value: float) -> None:
+    """``--chunk-seconds`` (of run and bench): a finite number of seconds > 0."""
+    if not 0 < value < math.inf:
+        raise ConfigError(f"--chunk-seconds must be a number of seconds > 0, got {value}")
 
 
 def runs_here(address: str | None) -> bool:
@@ -102,8 +112,7 @@ class JobSpec:
             check_segment_seconds(self.segment_seconds)
         if self.frames_per_segment is not None and self.frames_per_segment < 1:
             raise ConfigError(f"--frames-per-segment must be >= 1, got {self.frames_per_segment}")
-        if not 0 < self.chunk_seconds < math.inf:
-            raise ConfigError(f"--chunk-seconds must be a number of seconds > 0, got {self.chunk_seconds}")
+        check_chunk_seconds(self.chunk_seconds)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.decode_device not in ("cpu", "cuda"):

@@ -50,11 +50,13 @@ SUPERVISOR_PID: int | None = None
 
 
 def wanted(argv: Sequence[str]) -> bool:
-    """Whether this command line runs under a supervisor: ``vidpipe run`` on Linux, unless disabled."""
+    """Whether this command line runs under a supervisor: ``vidpipe run`` and ``vidpipe bench`` (which starts an
+    embedded Ray too: a SIGTERM to its group reached Ray's processes, 39 lines of their stack dumps and exit 134) on
+    Linux, unless disabled."""
     if not sys.platform.startswith("linux") or os.environ.get("VIDPIPE_SUPERVISE", "1") == "0":
         return False
     words = [a for a in argv if not a.startswith("-")]
-    return bool(words) and words[0] == "run" and not {"-h", "--help", "--version"} & set(argv)
+    return bool(words) and words[0] in ("run", "bench") and not {"-h", "--help", "--version"} & set(argv)
 
 
 def supervise(argv: Sequence[str], command: Callable[[], int]) -> int:
@@ -358,7 +360,9 @@ def record_abrupt_end(argv: Sequence[str], child: int, child_started: int | None
     from pipeline.errors import ConfigError
 
     try:
-        out_uri = build_parser().parse_args(list(argv)).out
+        out_uri = getattr(build_parser().parse_args(list(argv)), "out", None)
+        if not out_uri:  # bench: no OUT to mark
+            return
         out = OutputDir(out_uri)
         progress = out.read_json(PROGRESS_FILE) if out.is_output() else None
         ours = {"state": "running", "pid": child, "pid_started": child_started}

@@ -327,7 +327,9 @@ list(stage.decode_video({str(clip)!r}, "v"))  # hangs: no time limit
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"segment_seconds": float("inf")}, "--segment-seconds must be a number of seconds >= 0.1, got inf"),
+    ({"segment_seconds": float("inf")}, "--segment-seconds must be a number of seconds >= 0.1 and at most 600, got inf"),
+    # 1e6 asked numpy for 60 GiB in bench (a helper)
+    ({"segment_seconds": 1e6}, "--segment-seconds must be a number of seconds >= 0.1 and at most 600, got 1000000.0"),
     ({"segment_seconds": 1e-6}, "--segment-seconds must be a number of seconds >= 0.1"),
     ({"segment_seconds": float("nan")}, "--segment-seconds"),
     ({"chunk_seconds": float("inf")}, "--chunk-seconds must be a number of seconds > 0, got inf"),
@@ -534,7 +536,7 @@ def test_submit_and_status_given_a_gcs_address_say_it_takes_the_job_servers_url(
     assert main(["submit", str(clip), "--out", str(tmp_path / "o"), "--allow-untrained", "--segment-seconds", "0",
                  "--address", "http://127.0.0.1:8265"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "vidpipe submit: error: --segment-seconds must be a number of seconds >= 0.1, got 0.0" in err, err
+    assert "vidpipe submit: error: --segment-seconds must be a number of seconds >= 0.1 and at most 600, got 0.0" in err, err
     assert "submitting to" not in err
 
 

@@ -70,6 +70,34 @@ def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["bench", str(tmp_path / "empty.txt")]) == EXIT_USAGE
     assert f"manifest {tmp_path / 'empty.txt'} lists no videos" in capsys.readouterr().err
+    # flags the pipeline (b) refuses, refused before anything is measured: nan and inf were tracebacks, 0 and
+    # --device cuda came after the decode pass, minutes in on a long input (a helper)
+    clip = str(SAMPLES / "bbb_5s_51.mp4")
+    for flags, said in ((["--chunk-seconds", "nan"], "--chunk-seconds must be a number of seconds > 0, got nan"),
+                        (["--chunk-seconds", "inf"], "--chunk-seconds must be a number of seconds > 0, got inf"),
+                        (["--chunk-seconds", "0"], "--chunk-seconds must be a number of seconds > 0, got 0.0"),
+                        (["--allow-untrained", "--segment-seconds", "1e6"], "at most 600, got 1000000.0")):
+        assert main(["bench", clip, *flags]) == EXIT_USAGE, flags
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["bench", clip, "--device", "cuda"]) == EXIT_USAGE
+        assert "--device cuda: this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_naive_baseline_counts_from_the_first_frame(tmp_path):
+    """An MPEG-TS whose clock starts at 10 s: the baseline kept a frame a segment for 10 s of nothing and counted 14
+    video-s for 4, so pipeline / naive compared different work (a helper)."""
+    from jobs.bench import naive_baseline
+    from jobs.models import resolve_bundle
+    from tests.media_factory import make_video
+
+    late = make_video(tmp_path / "late.ts", frame_times_s=[10 + i / 25 for i in range(100)], size=(96, 96),
+                      codec="libx264")
+    measured = naive_baseline([str(late)], resolve_bundle(None, allow_untrained=True), cpus=1)
+    assert measured["video_s"] == pytest.approx(4.0, abs=0.05) and measured["segments"] == 4
 
 
 @pytest.mark.parametrize("damage", ["garbage", "bad_packets"])
@@ -89,3 +117,37 @@ def test_bench_refuses_an_undecodable_file_with_a_usage_error(tmp_path, capsys, 
 
 def _not_json(constant: str) -> None:
     raise AssertionError(f"bench --json wrote {constant}, which is not JSON")
+
+
+def test_bench_stopped_by_sigterm_to_its_group_says_so_like_ctrl_c(tmp_path):
+    """'timeout' and schedulers send SIGTERM to the process group: it reached bench's embedded Ray too, whose
+    processes printed 39 lines of stack dumps ("*** SIGTERM received ...") and the bench ended with exit 134
+    (Aborted) (a helper). Now bench runs supervised as run does: exit 130, "interrupted", nothing of Ray's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.jobs.conftest import VIDPIPE, vidpipe_env
+
+    p = subprocess.Popen([str(VIDPIPE), "bench", str(SAMPLES / "bbb_5s_51.mp4"), "--skip-naive"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=vidpipe_env(),
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:  # until its pipeline (b) has Ray's raylet up
+            if any("raylet" in " ".join(c.cmdline()) for c in psutil.Process(p.pid).children(recursive=True)):
+                break
+            time.sleep(0.5)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(2)
+        os.killpg(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert err.rstrip().endswith("vidpipe: interrupted (stopped by SIGTERM)"), err[-3000:]
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
