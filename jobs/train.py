@@ -258,7 +258,8 @@ def _videos_to_train_on(ann: AnnotationSet, source: str, say: Callable[[str], No
     kept = [v for v in ann.videos if ann.splits.get(v.uri) in ("train", "val")]
     n_test = sum(ann.splits.get(v.uri) == "test" for v in ann.videos)
     unsplit = [v.uri for v in ann.videos if v.uri not in ann.splits]
-    say(f"AVE split: {len(kept)} train and validation videos; {n_test} test videos left for 'vidpipe eval'")
+    say(f"AVE split: {len(kept)} train and validation videos; {count_of(n_test, 'test video')} left for "
+        "'vidpipe eval'")
     if unsplit:
         say(f"warning: {count_of(len(unsplit), 'annotated video')} {'is' if len(unsplit) == 1 else 'are'} in none of "
             f"the split files beside {source} "

@@ -624,8 +624,8 @@ def test_ave_training_decodes_its_train_and_validation_videos_only(tmp_path, ray
                      **{**SMALL, "epochs": 2})  # type: ignore[arg-type]
     lines: list[str] = []
     train(spec, say=lines.append)
-    assert "AVE split: 3 train and validation videos; 1 test videos left for 'vidpipe eval'" in lines
-    warning = next(line for line in lines if line.startswith("warning: 1 annotated videos are in none of the split"))
+    assert "AVE split: 3 train and validation videos; 1 test video left for 'vidpipe eval'" in lines
+    warning = next(line for line in lines if line.startswith("warning: 1 annotated video is in none of the split"))
     assert str(ave / "Annotations.txt") in warning and warning.endswith(str(videos / "none1.mp4"))
     assert any(line.startswith("extracting features of 3 videos") for line in lines), lines
 
@@ -819,8 +819,8 @@ def test_train_stopped_by_sigterm_as_ray_starts_says_so_and_writes_no_bundle(tmp
             proc.kill()
     err = "".join(said) + err
     assert proc.returncode == 130, err[-2000:]
-    assert ("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to go on: the features extracted "
-            "so far are cached (training starts over)") in err
+    assert ("vidpipe: interrupted (stopped by SIGTERM); rerun the same command to go on: the features of the "
+            "videos already extracted are read from the cache (training starts over)") in err
     assert "Exception ignored" not in err
     assert not (tmp_path / "m" / "bundle.json").exists()
 
