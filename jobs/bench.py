@@ -258,14 +258,13 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
           address: str | None = None, device: str = "auto", skip_naive: bool = False,
           precision: str = "auto") -> dict[str, Any]:
     """Measure (a) decode-only, (b) the pipeline and (c) the naive baseline on the same local files."""
-    from jobs.spec import check_chunk_seconds, runs_here
+    from jobs.spec import check_chunk_seconds, check_device, runs_here
     from pipeline.precision import pick_device
     from workers.build import chunking_for
 
     # flags the pipeline run (b) would refuse, refused before anything is measured (it came after (a), minutes in)
     check_chunk_seconds(chunk_seconds)
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be one of auto, cpu, cuda; got {device!r}")
+    check_device(device)
     if runs_here(address):
         pick_device(device)  # --device cuda without a GPU
     check_inputs(inputs)  # a folder without videos, a glob matching nothing: named

@@ -34,6 +34,7 @@ from jobs.annotations import (
 )
 from jobs.features import FeatureSpec, VideoFeatures, extract_features, tensors_digest
 from jobs.plan import job_precision
+from jobs.progress import count_of
 from jobs.spec import check_writable_dir, runs_here
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ConfigError
@@ -177,7 +178,7 @@ def score(bundle: ModelBundle, ann: AnnotationSet, features: dict[str, VideoFeat
     truth, pred = np.concatenate(truths), np.concatenate(preds)
     scored = int((truth >= 0).sum()) if truth.ndim == 1 else int((truth >= 0).all(axis=1).sum())
     if not scored:  # accuracy 0.000 of nothing would read as a result
-        raise ConfigError(f"annotations {ann.source}: no segment of the {_videos_decoded(len(truths))} has a label to "
+        raise ConfigError(f"annotations {ann.source}: no segment of the {count_of(len(truths), 'decoded video')} has a label to "
                           "score: every segment is outside the annotated spans and --unlabeled ignore leaves such "
                           "segments out; check the times (seconds) and the video paths, or score them as "
                           "background (--unlabeled background)")
@@ -238,16 +239,12 @@ def evaluate(bundle: ModelBundle, annotations: str, videos: str | None, *, ablat
                       precision=encoders, fp32_reason=reason)
 
 
-def _videos_decoded(n: int) -> str:
-    return f"{n} decoded video" if n == 1 else f"{n} decoded videos"
-
-
 def format_report(report: EvalReport) -> str:
     """A human-readable report: headline figures, a per-label table, the confusion matrix."""
     m = report.metrics
     lines = [f"model {report.model_id} on {report.annotations}"
              + (f" with {report.ablate} features zeroed (--ablate {report.ablate})" if report.ablate else ""),
-             f"{_videos_decoded(report.n_videos)}, {report.n_failed} failed to decode, {m.n_segments} scored segments, "
+             f"{count_of(report.n_videos, 'decoded video')}, {report.n_failed} failed to decode, {m.n_segments} scored segments, "
              f"task {m.task}, encoders {report.precision}",
              f"accuracy {m.accuracy:.3f}" + (" (exact label set)" if m.task == "multilabel" else "")
              + f"   macro-F1 {m.macro_f1:.3f}" + (f"   micro-F1 {m.micro_f1:.3f}" if m.micro_f1 is not None else ""),

@@ -48,6 +48,12 @@ def check_segment_seconds(value: float) -> None:
                           f"{MAX_SEGMENT_S:g}, got {value}")
 
 
+def check_device(value: str) -> None:
+    """``--device`` (of run and bench): where the models run."""
+    if value not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be one of auto, cpu, cuda; got {value!r}")
+
+
 def check_chunk_seconds(value: float) -> None:
     """``--chunk-seconds`` (of run and bench): a finite number of seconds > 0."""
     if not 0 < value < math.inf:
@@ -113,8 +119,7 @@ class JobSpec:
         if self.frames_per_segment is not None and self.frames_per_segment < 1:
             raise ConfigError(f"--frames-per-segment must be >= 1, got {self.frames_per_segment}")
         check_chunk_seconds(self.chunk_seconds)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be one of auto, cpu, cuda; got {self.device!r}")
+        check_device(self.device)
         if self.decode_device not in ("cpu", "cuda"):
             raise ConfigError(f"--decode-device must be cpu or cuda; got {self.decode_device!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -786,14 +786,18 @@ class _VideoRun:
             if held:
                 for frame in self.vstream.codec_context.decode(None):
                     self._on_video_frame(frame)
-            self.frames_skipped = self.frames_skipped + gate.skipped
-            # a skipped frame may be the one shown last (a packet duration reaching past the others)
-            self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
+            self._take_gate_counts(gate)
         if self.reorder is not None:
             for frame in self.reorder.drain():
                 self._on_video_frame(frame)
         self._flush_join_candidate()
         yield from self._finish()
+
+    def _take_gate_counts(self, gate: DisposableFrameGate) -> None:
+        """The frames ``gate`` skipped (it is done: the stream ended, or decoding goes on without it)."""
+        self.frames_skipped += gate.skipped
+        # a skipped frame may be the one shown last (a packet duration reaching past the others)
+        self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
 
     def _reordered(self, frames: list) -> list:
         if self.reorder is None:
@@ -1346,8 +1350,7 @@ class _VideoRun:
         MPEG-TS time 3 s before the start reads 26.5 h ahead, and laying it there took gigabytes)."""
         assert self.audio is not None
         cursor = self.audio.cursor  # where the audio placed so far ends (not a damaged time: those are not placed)
-        reach_s = max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0,
-                      cursor / self.audio.rate_hz if cursor is not None else 0.0)
+        reach_s = max(self._video_reach_s(), cursor / self.audio.rate_hz if cursor is not None else 0.0)
         if t_s is not None and t_s > reach_s + _AUDIO_FAR_AHEAD_S:
             self._count_bad(lambda: f"near {max(self.last_t_s, 0.0):.1f} s: an audio frame's time is damaged (it "
                                     f"says {t_s:,.1f} s, past where the video ends)")
@@ -1367,8 +1370,11 @@ class _VideoRun:
     def _video_over_and_audio_runs_on(self) -> bool:
         if self.video_packets_left != 0 or self.video_drained or self.audio is None:
             return False
-        reach_s = max(self.last_t_s, self.video_end_s, self.announced_end_s or 0.0, 0.0)
-        return self.audio.frontier_s > reach_s + _RUN_ON_DRAIN_S
+        return self.audio.frontier_s > self._video_reach_s() + _RUN_ON_DRAIN_S
+
+    def _video_reach_s(self) -> float:
+        """How far the video goes, as far as is known: the end its header announces, or its frames so far."""
+        return max(self.announced_end_s or 0.0, self.last_t_s, self.video_end_s, 0.0)
 
     def _drain_video(self) -> None:
         """Every video packet the index lists has been read: decode what the gate and the decoder's threads hold, so
@@ -1387,8 +1393,7 @@ class _VideoRun:
                     self.uri, self.vstream.frames, max(self.last_t_s, 0.0))
         self.vstream.codec_context.flush_buffers()
         if self.gate is not None:
-            self.frames_skipped = self.gate.skipped
-            self.video_end_s = max(self.video_end_s, self.gate.skipped_end_s)
+            self._take_gate_counts(self.gate)
         self.video_drained = False
         self.video_packets_left = None
 
