@@ -76,7 +76,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPACT_AT = 256  # commit records folded into one checkpoint when a run starts with more than this
 CLAIMS = f"{JOB}/claims"  # S3: one object per run that claims OUT (OutputDir.lock)
 LEASE_S = 30.0  # S3: a run whose progress.json (rewritten every 5 s) is older than this is taken as dead
-_JSON_READS = 5  # tries at a small JSON object before it is called damaged (OutputDir.read_json), 0.75 s
+_JSON_READS = 8  # tries at a small JSON object before it is called damaged (OutputDir.read_json), ~1.2 s in all
+_JSON_PAUSE_S = (0.05, 0.1, 0.2)  # the pauses between them; the last one repeats
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -310,7 +311,8 @@ class OutputDir:
         reader takes the size of one version and the bytes of another (on moto, 1 read in 5 under two writers:
         cut off, padded with stray bytes, not UTF-8, or the key gone in between).  A JSON object torn so never
         parses, so such a read is tried again before the object is called damaged (locally, where writes are
-        atomic renames, too: it costs 0.75 s only where the file is damaged or unreadable).
+        atomic renames, too: it costs ~1.2 s only where the file is damaged or unreadable).  The pauses are jittered, so
+        that a reader does not keep step with a writer; a loaded CI machine met five tries torn in a row once.
         """
         for attempt in range(_JSON_READS):
             try:
@@ -327,7 +329,7 @@ class OutputDir:
                 # not where no connection to the endpoint could be made: each failed read is ~1.8 s of the
                 # client's own tries there, and asks whether the key was deleted (as long again): 17 s in all
                 if attempt + 1 < _JSON_READS and not unreachable(exc):
-                    time.sleep(0.05 * 2 ** attempt)
+                    time.sleep(_JSON_PAUSE_S[min(attempt, len(_JSON_PAUSE_S) - 1)] * random.uniform(0.75, 1.25))
                     continue
                 if isinstance(exc, OSError):
                     raise

@@ -528,14 +528,29 @@ def test_a_progress_file_read_while_it_is_rewritten_is_read_whole_or_not_at_all(
             writer.write_json("_job/progress.json", {"run_id": "r", "n": i, "pad": "x" * (3000 if i % 2 else 10)})
             if i % 5 == 0:
                 writer.store.delete("_job/progress.json")
-            # a run rewrites it every 5 s; these two rewrite it ~100 times a second, which still meets most reads,
-            # but not every try of one: unpaced, a loaded CI machine met all five tries of a read once (2026-12-03)
-            stop.wait(0.01)
+            # a run rewrites it every 5 s; these two rewrite it up to 40 times a second, which tears ~1 try in 10
+            # (moto, 2026-12-04). Unpaced, a loaded CI machine met all five tries of a read torn once (2026-12-03);
+            # paced at 0.01 s, once more (2026-12-04, with five tries then)
+            stop.wait(0.05)
 
     writers = [threading.Thread(target=rewrite) for _ in range(2)]
     for w in writers:
         w.start()
     seen = {"whole": 0, "none": 0}
+    torn_tries = 0
+    read_text = out.store.read_text
+
+    def counting_read_text(rel: str) -> str:  # the reader's tries that came back torn, to show the race is met
+        nonlocal torn_tries
+        try:
+            text = read_text(rel)
+            json.loads(text)
+            return text
+        except (UnicodeDecodeError, ValueError):
+            torn_tries += 1
+            raise
+
+    out.store.read_text = counting_read_text  # type: ignore[method-assign]
     try:
         deadline = time.time() + 8
         while time.time() < deadline:
@@ -550,6 +565,7 @@ def test_a_progress_file_read_while_it_is_rewritten_is_read_whole_or_not_at_all(
         for w in writers:
             w.join()
     assert seen["whole"] >= 20 and seen["none"] >= 1, seen
+    assert torn_tries >= 1, "the writers met no read: the test proves nothing"
 
 
 def test_a_claim_counts_while_its_run_may_live_and_not_once_its_run_said_it_ended(s3, caplog):
