@@ -29,7 +29,8 @@ How a job over an archive runs (see also ``jobs/output.py`` for the commit proto
   ``max_attempts`` runs (the last alone) it becomes one ``worker_crashed`` failure row (stage
   ``worker``) with its ``attempts``.  Innocent videos that shared a dead task finish in their half.
   Chunks a dead task had already delivered are discarded (or, for repeats of a finished video,
-  ignored) by the writer.
+  ignored) by the writer.  A wave that a lost node leaves waiting (actors restarted where there is no room
+  for them) is ended by ``_WaveWatch`` and its unfinished videos run again as one group, planned anew.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from jobs.idset import IdSet
 from jobs.manifest import ManifestRowError
 from jobs.models import bundle_fingerprint, is_untrained, resolve_bundle, with_sampling
 from jobs.output import JOB, OutputDir, ResultWriter, new_run_id, sized
-from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, cluster_nodes, job_precision, plan_for_cluster
+from jobs.plan import VIDEOS_PER_CORE_FOR_ONE_THREAD, Node, cluster_nodes, job_precision, plan_for_cluster
 from jobs.progress import Progress, ProgressFile, RunStatus, count_of
 from jobs.spec import EXIT_OK, EXIT_SOME_FAILED, JobSpec, check_address, runs_here
 from pipeline.bundle import ModelBundle
@@ -76,6 +77,10 @@ MAX_WAVE = 16_384
 TARGET_WAVE_S = 300.0
 _MAX_ROWS_PER_BLOCK = 8
 _TARGET_BLOCK_BYTES = 1 << 20
+# A wave that brings no batch for this long after the cluster lost CPUs or GPUs is ended and its unfinished
+# videos planned again for the nodes left (VIDPIPE_STALL_S overrides it: tests).
+STALL_S = 60.0
+_WATCH_EVERY_S = 2.0
 
 
 @dataclass
@@ -514,6 +519,63 @@ def _infrastructure_error(exc: BaseException) -> bool:
     return False
 
 
+class _WaveWatch:
+    """Ends a wave that a lost node left waiting without end.
+
+    Ray restarts an actor of a lost node elsewhere and its task waits for the restart; where the nodes left
+    cannot hold the plan's actors (a 2-CPU head and a 1-CPU node, the node lost: 0.75-CPU actors pending on
+    0.5 free CPU), Ray Data waits for them forever.  A thread looks at the cluster every few seconds; once it
+    has fewer CPUs or GPUs than when the wave started and no batch came for ``stall_s`` since, it shuts the
+    wave's execution down (its actors, the pending ones too, are killed): the wave's iterator ends, and the
+    runner plans its unfinished videos again for the nodes left.  Nothing is ended while batches come.
+    """
+
+    def __init__(self, ds: Any, nodes: list[Node], stall_s: float) -> None:
+        self._ds = ds
+        self._cpus, self._gpus = sum(n[0] for n in nodes), sum(n[1] for n in nodes)
+        self._stall_s = stall_s
+        self._last = time.monotonic()
+        self._lost_since: float | None = None
+        self.ended: str | None = None  # why the wave was ended, for the run's output
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="vidpipe-wave-watch", daemon=True)
+        self._thread.start()
+
+    def batch(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_WATCH_EVERY_S):
+            try:
+                nodes = cluster_nodes()
+            except Exception:  # noqa: BLE001 - the GCS busy or gone: the execution itself says so
+                continue
+            cpus, gpus = sum(n[0] for n in nodes), sum(n[1] for n in nodes)
+            if cpus >= self._cpus and gpus >= self._gpus:  # never lost, or a node came in its place
+                self._lost_since = None
+                continue
+            now = time.monotonic()
+            if self._lost_since is None:
+                self._lost_since = now
+            if now - max(self._last, self._lost_since) < self._stall_s:
+                continue
+            executor = getattr(self._ds, "_current_executor", None)  # Ray Data's own handle (not public)
+            if executor is None:
+                log.warning("a wave stalled after the cluster lost a node, and this Ray Data gives no handle to "
+                            "end it: stop the run (Ctrl-C) and rerun it to resume")
+                return
+            gone = [f"{self._cpus - cpus:g} of {self._cpus:g} CPUs"] + (
+                [f"{self._gpus - gpus:g} of {self._gpus:g} GPUs"] if gpus < self._gpus else [])
+            self.ended = (f"the cluster lost {' and '.join(gone)} during a wave, which then brought nothing for "
+                          f"{now - max(self._last, self._lost_since):.0f} s (its actors wait for room that is gone)")
+            executor.shutdown(force=True)
+            return
+
+
 class JobRunner:
     """Runs one JobSpec to completion on Ray Data (embedded local Ray unless an address is given)."""
 
@@ -704,14 +766,18 @@ class JobRunner:
             status.wave_size = max(wave_size, len(group))
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
             t0 = time.monotonic()
-            lost = self._run_group(bundle, plan, group, writer, status, feeder, progress)
+            lost, node_lost = self._run_group(bundle, plan, nodes, group, writer, status, feeder, progress)
             status.waves += 1
             self._say_emulated(writer)
             elapsed = time.monotonic() - t0
             if fresh and spec.wave_size is None and len(group) >= wave_size and elapsed < TARGET_WAVE_S:
                 # grow toward TARGET_WAVE_S per wave (at most 8x at a time: early waves are mostly start-up)
                 wave_size = min(MAX_WAVE, int(wave_size * min(8.0, TARGET_WAVE_S / max(elapsed, 1.0))))
-            self._requeue(group, lost, writer, retry)
+            if node_lost:  # not the videos' doing: no attempt counted, no halves; the next wave plans anew
+                if lost:
+                    retry.appendleft(lost)
+            else:
+                self._requeue(group, lost, writer, retry)
             self._sync(status, writer, feeder)
             progress_file.write()
         progress.total, progress.skipped = status.inputs_total or feeder.discovered, feeder.skipped
@@ -731,13 +797,31 @@ class JobRunner:
                   "its precision; run it on nodes with native bf16 (or GPUs), or start a new --out with "
                   "--precision fp32")
 
-    def _run_group(self, bundle: ModelBundle, plan: PipelinePlan, group: list[VideoRef], writer: ResultWriter,
-                   status: RunStatus, feeder: WaveFeeder, progress: Progress) -> list[VideoRef]:
-        """Run ``group`` through one Ray Data execution; return the videos that did not come back."""
+    def _run_group(self, bundle: ModelBundle, plan: PipelinePlan, nodes: list[Node],
+                   group: list[VideoRef], writer: ResultWriter, status: RunStatus, feeder: WaveFeeder,
+                   progress: Progress) -> tuple[list[VideoRef], bool]:
+        """Run ``group`` through one Ray Data execution on ``nodes`` (the cluster when it was planned); return
+        the videos that did not come back, and whether the wave was ended for a node lost (_WaveWatch)."""
         writer.begin_wave()
         finished_before = writer.videos_done + writer.videos_failed
         ds = self._dataset(bundle, plan, group)
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        watch = _WaveWatch(ds, nodes, float(os.environ.get("VIDPIPE_STALL_S", STALL_S)))  # tests shorten it
+        try:
+            self._take_batches(batches, watch, group, writer, status, feeder, progress, finished_before)
+        finally:
+            watch.stop()
+        del batches
+        writer.discard_incomplete()
+        status.in_flight = 0
+        lost = [r for r in group if not writer.is_closed(r.video_id)]
+        if watch.ended is not None:
+            self._say(f"vidpipe: {watch.ended}: its {count_of(len(lost), 'unfinished video')} run again, planned "
+                      "for the nodes left")
+        return lost, watch.ended is not None
+
+    def _take_batches(self, batches: Iterator[Any], watch: _WaveWatch, group: list[VideoRef], writer: ResultWriter,
+                      status: RunStatus, feeder: WaveFeeder, progress: Progress, finished_before: int) -> None:
         while True:
             try:
                 batch = next(batches)
@@ -750,6 +834,7 @@ class JobRunner:
                 log.warning("a wave's execution failed (%s: %s); re-running its unfinished videos",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 break
+            watch.batch()
             for row in iter_rows(batch):
                 writer.add_row(row)
             stopping.check()  # a stop noted in a commit that then ended with an error, handled since
@@ -757,10 +842,6 @@ class JobRunner:
             self._sync(status, writer, feeder)
             progress.total, progress.skipped = status.inputs_total, feeder.skipped
             progress.update(writer)
-        del batches
-        writer.discard_incomplete()
-        status.in_flight = 0
-        return [r for r in group if not writer.is_closed(r.video_id)]
 
     def _requeue(self, group: list[VideoRef], lost: list[VideoRef], writer: ResultWriter,
                  retry: deque[list[VideoRef]]) -> None:

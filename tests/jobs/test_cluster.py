@@ -3,10 +3,13 @@ and a worker node SIGKILLed mid-job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +123,55 @@ def test_worker_node_sigkilled_mid_job(cluster, small_archive, baseline, tmp_pat
 
     assert json.loads((out / "_job" / "job.json").read_text())["precision"] == ("bf16" if cpu_has_native_bf16()
                                                                                  else "fp32")
+
+
+def test_a_wave_left_waiting_by_a_lost_node_is_ended_and_its_videos_planned_again(small_archive, baseline, tmp_path):
+    """A 2-CPU head and a 1-CPU node, the node lost 2 s into decoding: Ray restarted its actors, which the 2 CPUs
+    left could not place beside the head's, and their tasks waited for them; the run waited without end, the
+    finished videos uncommitted (a helper, 4 tries of 4).  The wave is ended once nothing comes for the stall
+    time after the loss (VIDPIPE_STALL_S), and its unfinished videos run again on the head alone."""
+    import psutil
+
+    root = Path(tempfile.mkdtemp(prefix="vpl-", dir="/tmp"))
+    c = LocalCluster(root, head_cpus=2)
+    try:
+        c.start()
+        node = c.add_node(1)
+        c.wait_for_cpus(3)
+        out = tmp_path / "out"
+        proc = subprocess.Popen([str(VIDPIPE), "run", str(small_archive), "--out", str(out), *RUN_FLAGS,
+                                 "--address", c.address, "--commit-seconds", "0.5"],
+                                env={**c.env, "VIDPIPE_STALL_S": "10"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+        def decoding() -> bool:
+            for raylet in c.raylets():
+                for p in raylet.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "DecodeTask" in " ".join(p.cmdline()):
+                            return True
+            return proc.poll() is not None
+
+        wait_for(decoding, 300, "a decode task")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(2)
+        c.kill_node(node)
+        try:
+            stdout, stderr = proc.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the run still waited 400 s after its node was lost:\n{stderr[-3000:]}")
+        assert proc.returncode == 0, stderr[-4000:]
+        assert "done: 20 videos ok, 0 failed, 0 skipped" in stdout, stdout
+        assert re.search(r"vidpipe: the cluster lost 1 of 3 CPUs during a wave, which then brought nothing for "
+                         r"\d+ s \(its actors wait for room that is gone\): its \d+ unfinished videos? run "
+                         r"again, planned for the nodes left", stderr), stderr[-3000:]
+        assert duplicate_keys(out) == 0
+        _same_results(segment_rows(out), baseline)
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_cluster_with_token_authentication_is_joined_with_its_token_and_refused_without(shared_media, tmp_path):
