@@ -95,9 +95,10 @@ _AUDIO_RUNS_ON_S = 1.0
 # Where it does, a remainder this short after the last whole segment is an audio codec's padding of its last frame
 # (AAC's 1,024 samples: 23 ms at 44.1 kHz), not a segment.
 _AUDIO_PADDING_S = 0.05
-# MP4/MOV list every packet of a track in their index: once all of the video's have been read and the audio has run
-# this far past the video, the video decoder is drained (its last frames held in its threads come out) and segments
-# past the last frame go out with the audio as it comes, rather than all of it waiting in memory for the file's end.
+# MP4/MOV list every packet of a track in their index, and Matroska files from FFmpeg's or mkvmerge's muxers tag each
+# track with its own end (DURATION): once all of the video's packets have been read, or the audio has run this far
+# past the tagged end, the video decoder is drained (its last frames held in its threads come out) and segments past
+# the last frame go out with the audio as it comes, rather than all of it waiting in memory for the file's end.
 _RUN_ON_DRAIN_S = _AUDIO_WAIT_S
 # A frame this close after the previous one continues the stream (FFmpeg's own discontinuity threshold, 10 s).
 _SMOOTH_STEP_S = 10.0
@@ -742,6 +743,7 @@ class _VideoRun:
         self.skip_unsampled = decoder.skip_unsampled
         self.frames_skipped = 0
         self.video_packets_left: int | None = None  # set in _setup
+        self.video_tagged_end_s: float | None = None
         self.video_drained = False
         self.gate: DisposableFrameGate | None = None
         self.video_end_s: float = -math.inf
@@ -935,9 +937,13 @@ class _VideoRun:
         unprobed = not vcc.width
         self.origin_pts: int | None = None if avi or unprobed else self.vstream.start_time
         self.reorder = _GuessedPtsReorder() if avi else None
-        # video packets still to come where the index says how many there are (MP4/MOV; see _RUN_ON_DRAIN_S)
-        mov = "mov" in self.container.format.name.split(",")
-        self.video_packets_left = self.vstream.frames if mov and self.vstream.frames > 0 else None
+        # video packets still to come where the index says how many there are (MP4/MOV), or the video's end where
+        # its track is tagged with it (Matroska); see _RUN_ON_DRAIN_S
+        formats = self.container.format.name.split(",")
+        self.video_packets_left = self.vstream.frames if "mov" in formats and self.vstream.frames > 0 else None
+        tagged_s = _duration_tag_s(self.vstream.metadata) if "matroska" in formats else None
+        self.video_tagged_end_s = (None if tagged_s is None or self.origin_pts is None
+                                   else tagged_s - float(self.origin_pts * self.time_base))
         self.video_drained = False
         rate = self.vstream.average_rate
         if not rate or (rate > MAX_PLAUSIBLE_FPS and self.vstream.guessed_rate):
@@ -1212,7 +1218,7 @@ class _VideoRun:
         self.part_shifts_s.append(shift_s)
         self.video_part += 1
         self.recent_claims.clear()
-        self.announced_end_s = None
+        self.announced_end_s = self.video_tagged_end_s = None
         if self.sampler is not None:
             self.sampler.tail_start_s = -math.inf
             self._end_unknown(self.sampler)
@@ -1365,12 +1371,18 @@ class _VideoRun:
             self._place_audio_at(None if t_abs is None else t_abs - origin_s, samples)
         self.pending_audio.clear()
 
-    # -- the video ends before the audio (MP4/MOV; see _RUN_ON_DRAIN_S) -----------------------------------
+    # -- the video ends before the audio (MP4/MOV, tagged Matroska; see _RUN_ON_DRAIN_S) ------------------
 
     def _video_over_and_audio_runs_on(self) -> bool:
-        if self.video_packets_left != 0 or self.video_drained or self.audio is None:
+        if self.video_drained or self.audio is None:
             return False
-        return self.audio.frontier_s > self._video_reach_s() + _RUN_ON_DRAIN_S
+        if self.video_packets_left == 0:
+            reach_s = self._video_reach_s()
+        elif self.video_tagged_end_s is not None:  # not the header's duration: in Matroska, the longest track's
+            reach_s = max(self.video_tagged_end_s, self.last_t_s, self.video_end_s, 0.0)
+        else:
+            return False
+        return self.audio.frontier_s > reach_s + _RUN_ON_DRAIN_S
 
     def _video_reach_s(self) -> float:
         """How far the video goes, as far as is known: the end its header announces, or its frames so far."""
@@ -1389,13 +1401,15 @@ class _VideoRun:
 
     def _undrain(self) -> None:
         """A video packet after those the index listed (not seen in a valid file): decode on, from a reset decoder."""
-        log.warning("%s: the video has packets past the %d its index lists; decoding them after %.1f s of the video",
-                    self.uri, self.vstream.frames, max(self.last_t_s, 0.0))
+        listed = (f"the {self.vstream.frames} its index lists" if self.video_tagged_end_s is None
+                  else f"the end its track's DURATION tag gives ({self.video_tagged_end_s:.1f} s)")
+        log.warning("%s: the video has packets past %s; decoding them after %.1f s of the video",
+                    self.uri, listed, max(self.last_t_s, 0.0))
         self.vstream.codec_context.flush_buffers()
         if self.gate is not None:
             self._take_gate_counts(self.gate)
         self.video_drained = False
-        self.video_packets_left = None
+        self.video_packets_left = self.video_tagged_end_s = None
 
     # -- chunks ----------------------------------------------------------------------------------------
 

@@ -358,13 +358,15 @@ def test_audio_that_runs_on_past_the_video_is_labelled_with_the_last_frame_on_sc
     assert info is not None and info.duration_s == 6.9 and info.n_segments == 23 and chunks[-1].end_s[-1] == 6.9
 
 
-def test_an_mp4_whose_video_has_ended_sends_the_audio_that_runs_on_as_it_comes(
-    media_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("suffix", ["mp4", "mkv", "webm"])
+def test_a_video_that_has_ended_sends_the_audio_that_runs_on_as_it_comes(
+    media_dir: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
 ) -> None:
     # One frame over 90 s of audio: the audio past the frame was held to the file's end (~0.16 MB per second: 685 MB
-    # for an hour).  An MP4's index says when the video's packets are all read: past that, and 30 s of audio on, the
-    # decoder is drained and chunks go out with the audio, the same chunks.
-    path = mf.make_video(media_dir / "still_90s.mp4", duration_s=0.04, size=(96, 96), audio="tone",
+    # for an hour).  An MP4's index says when the video's packets are all read, a Matroska track's DURATION tag where
+    # the video ends: past that, and 30 s of audio on, the decoder is drained and chunks go out with the audio, the
+    # same chunks.  (Matroska held it all until 2026-12-04: 661 MB for an hour.)
+    path = mf.make_video(media_dir / f"still_90s.{suffix}", duration_s=0.04, size=(96, 96), audio="tone",
                          audio_duration_s=90.0)
     held: list[int] = []
     ensure = decode_mod._AudioTimeline._ensure
@@ -385,7 +387,7 @@ def test_an_mp4_whose_video_has_ended_sends_the_audio_that_runs_on_as_it_comes(
     monkeypatch.setattr(decode_mod, "_RUN_ON_DRAIN_S", math.inf)  # as before: the audio waits for the end
     waited = core_rows(decode(path, spec, chunking))
     assert max(held) / spec.audio_rate_hz > 85 and most_held_s < 45, most_held_s
-    assert sent["start_s"].size == 90
+    assert sent["start_s"].size == 90 and bare[-1].info.n_segments == 90
     for name, values in sent.items():
         np.testing.assert_array_equal(values, waited[name], err_msg=name)
     assert [c.is_last for c in bare] == [False] * 17 + [True] and bare[-1].info is not None
@@ -423,15 +425,16 @@ def test_a_gap_in_audio_that_runs_on_is_no_damaged_time(media_dir: Path, monkeyp
     assert heard[:25].all() and not heard[26:39].any() and heard[40:].all()  # (AAC's priming: 39.98 s on)
 
 
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
 def test_video_packets_past_those_the_index_lists_are_decoded_after_a_drain(
-    media_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    media_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, suffix: str
 ) -> None:
-    """Not seen in a valid MP4, so made here: an index that lists 10 of the 20 video packets, the other 10 coming
-    after 35 s of audio.  The decoder, drained after the 10th, is reset and decodes them: the frames are those of a
-    decode that never drained (the 11th frame, an IDR, starts afresh; no B-frames, and no encoder delay that would
-    write packets of the 35-s frames among the first ones)."""
+    """Not seen in a valid file, so made here: an MP4 index that lists 10 of the 20 video packets (a Matroska track
+    tagged as ending after 10 frames), the other 10 coming after 35 s of audio.  The decoder, drained after the 10th,
+    is reset and decodes them: the frames are those of a decode that never drained (the 11th frame, an IDR, starts
+    afresh; no B-frames, and no encoder delay that would write packets of the 35-s frames among the first ones)."""
     times = [i / 25 for i in range(10)] + [35 + i / 25 for i in range(10)]
-    path = mf.make_video(media_dir / "late_video_packets.mp4", frame_times_s=times, size=(96, 96), audio="tone",
+    path = mf.make_video(media_dir / f"late_video_packets.{suffix}", frame_times_s=times, size=(96, 96), audio="tone",
                          audio_duration_s=36.0, video_options={"tune": "zerolatency",
                                                                "x264-params": "keyint=10:min-keyint=10:scenecut=0"})
     with av.open(str(path)) as probed:  # the file as meant: ten video packets, then 35 s of audio
@@ -443,14 +446,19 @@ def test_video_packets_past_those_the_index_lists_are_decoded_after_a_drain(
 
     def listing_ten(self) -> None:  # noqa: ANN001
         setup(self)
-        self.video_packets_left = 10
+        if suffix == "mp4":
+            self.video_packets_left = 10
+        else:
+            assert self.video_tagged_end_s == pytest.approx(35.4)  # the track's own end, as FFmpeg tags it
+            self.video_tagged_end_s = 0.4
 
     monkeypatch.setattr(decode_mod._VideoRun, "_setup", listing_ten)
     monkeypatch.setattr(decode_mod._VideoRun, "_estimated_end_s", lambda self: None)  # the track's 35.4 s unsaid
     monkeypatch.setattr(decode_mod, "_RUN_ON_DRAIN_S", 5.0)
     with caplog.at_level(logging.WARNING, logger="pipeline.decode"):
         drained = core_rows(decode(path, spec, chunking))
-    assert "the video has packets past the 20 its index lists; decoding them after 0.4 s" in caplog.text, caplog.text
+    listed = "the 20 its index lists" if suffix == "mp4" else "the end its track's DURATION tag gives (0.4 s)"
+    assert f"the video has packets past {listed}; decoding them after 0.4 s" in caplog.text, caplog.text
     check_stamps(drained, times)
     for name, values in drained.items():
         np.testing.assert_array_equal(values, whole[name], err_msg=name)
