@@ -253,6 +253,44 @@ def run_pipeline(inputs: list[str], bundle_args: dict[str, Any], cpus: int) -> d
             "bf16_emulated_chunks": int(m.get("bf16_emulated_chunks", 0)), "ray_session_start_s": session_start_s}
 
 
+def _cpu_model() -> str:
+    """This machine's CPU as the kernel names it (Linux), else what Python's platform module knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for row in f:
+                if row.lower().startswith(("model name", "hardware", "cpu model")):
+                    return row.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measured_on() -> dict[str, Any]:
+    """When, where and with what a bench ran: figures are quoted with their date and machine (README)."""
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - a broken CUDA setup only leaves the GPU unnamed here
+        gpu = None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "cpu": _cpu_model(),
+            "cpus": os.cpu_count() or 1, "gpu": gpu,
+            "versions": {name: of(name) for name in ("vidpipe", "torch", "torchvision", "torchaudio", "ray", "av")}}
+
+
 def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool = False,
           segment_seconds: float | None = None, frames_per_segment: int | None = None, chunk_seconds: float = 60.0,
           address: str | None = None, device: str = "auto", skip_naive: bool = False,
@@ -282,7 +320,8 @@ def bench(inputs: list[str], *, model: str | None = None, allow_untrained: bool 
                            frames_per_segment)
     cpus = os.cpu_count() or 1
     chunking = chunking_for(bundle, chunk_seconds)
-    report: dict[str, Any] = {"files": len(paths), "cpus": cpus, "model_id": bundle.model_id,
+    report: dict[str, Any] = {"measured": measured_on(), "files": len(paths), "cpus": cpus,
+                              "model_id": bundle.model_id,
                               "image_encoder": bundle.image.name, "audio_encoder": bundle.audio.kind,
                               "sampling": bundle.sampling.to_dict()}
     _check_decodable(paths, bundle.sampling)
@@ -326,6 +365,10 @@ def format_report(r: dict[str, Any], stream: TextIO) -> None:
     line(f"vidpipe bench: {r['files']} file{'s' if r['files'] != 1 else ''}, {r['cpus']} CPUs, model {r['model_id']} "
          f"({r['image_encoder']} + {r['audio_encoder']} audio), segment {r['sampling']['segment_seconds']} s, "
          f"{r['sampling']['frames_per_segment']} frame(s)/segment at {r['sampling']['image_size']} px")
+    m = r["measured"]
+    versions = ", ".join(f"{name} {v}" for name, v in m["versions"].items() if v)
+    machine = m["cpu"] + (f" + {m['gpu']}" if m["gpu"] else "")
+    line(f"measured {m['date']} on {machine} ({versions})")
     line()
     line(f"{'run':<34} {'video-s':>9} {'wall s':>8} {'video-s/s':>10} {'segments':>9}")
     rows = [("(a) decode only, same sampling", r["decode_only"]), ("(b) pipeline (Ray, audio + video)", r["pipeline"])]

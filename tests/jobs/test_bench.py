@@ -20,6 +20,10 @@ def test_bench_reports_consistent_figures_for_the_samples(ray_session, capsys):
     r = json.loads(capsys.readouterr().out, parse_constant=_not_json)  # strict JSON: no NaN or Infinity
     decode, pipeline, naive = r["decode_only"], r["pipeline"], r["naive"]
     assert r["files"] == 2 and r["model_id"] == "1434b10b7b367cd4"
+    # figures are quoted with their date and machine: the report says them (a helper had to add them by hand)
+    m = r["measured"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["date"]) and m["cpu"] and m["cpus"] == r["cpus"]
+    assert m["versions"]["vidpipe"] == "0.1.0" and m["versions"]["torch"].startswith("2.11")
     # the same files, the same sampling: the same video-seconds and segments in every measurement
     assert pipeline["videos_failed"] == 0
     assert pipeline["segments"] == decode["segments"] == 16  # 6 for the 5.28 s clip, 10 for the 10 s one
@@ -51,6 +55,8 @@ def test_bench_text_report_names_what_it_excludes(ray_session, capsys):
     out = capsys.readouterr().out
     assert "(b) pipeline" in out and "(c) naive" not in out and "(b) over (c)" not in out
     assert out.startswith("vidpipe bench: 1 file, ")
+    assert re.search(r"^measured \d{4}-\d\d-\d\dT[\d:]+Z on .+ \(vidpipe 0\.1\.0, torch 2\.11[^,]*, .*ray ", out,
+                     re.MULTILINE), out
     # what "auto" meant for the sample segments, not only the flag (a helper could not tell)
     assert re.search(r"encoder precision auto \((bf16|fp32) on this machine's CPU\): labels agree with float32 on "
                      r"[\d.]+ % of \d+ sample segments of the first file", out), out
