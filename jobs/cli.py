@@ -384,6 +384,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     out = args.out or (job or {}).get("out")
     if not out:
         raise ConfigError("name the job's OUT, or give --job ID --address URL of a job submitted by vidpipe")
+    if args.out and job is not None and job.get("out") and _out_key(job["out"]) != _out_key(args.out):
+        # the job's state and another OUT's progress, printed as one job's (a helper)
+        print(f"vidpipe: warning: ray job {args.job} writes to {job['out']}, not {args.out}: the lines below are its "
+              f"state and the progress of {args.out}; leave OUT out to see the job's own", file=sys.stderr)
     try:
         status = read_status(out)
     except ConfigError as exc:
@@ -403,6 +407,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_status(status))
     return EXIT_OK
+
+
+def _out_key(out: str) -> str:
+    """An OUT as comparable: an S3 URI without its trailing slash, a local path made absolute."""
+    return out.rstrip("/") if "://" in out else os.path.normpath(os.path.abspath(os.path.expanduser(out)))
 
 
 def _warn_unrecorded(out_uri: str) -> None:

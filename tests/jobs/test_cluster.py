@@ -61,6 +61,16 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
     status = json.loads(st.stdout)
     assert status["ray_job"]["status"] == "SUCCEEDED" and status["out"] == str(out)
     assert (status["done"], status["failed"], status["pending"], status["run_state"]) == (20, 0, 0, "finished")
+    # the job's state beside another OUT's progress was printed as one job's, unsaid (a helper)
+    other = tmp_path / "other"
+    other_run = _vidpipe(cluster, ["run", str(small_archive / "a" / "clip001.mp4"), "--out", str(other), *RUN_FLAGS])
+    assert other_run.returncode == 0, other_run.stderr[-3000:]
+    st = _vidpipe(cluster, ["status", str(other), "--job", job_id, "--address", cluster.dashboard_url])
+    assert st.returncode == 0 and st.stderr == (
+        f"vidpipe: warning: ray job {job_id} writes to {out}, not {other}: the lines below are its state and the "
+        f"progress of {other}; leave OUT out to see the job's own\n"), st.stderr
+    st = _vidpipe(cluster, ["status", str(out), "--job", job_id, "--address", cluster.dashboard_url])
+    assert st.returncode == 0 and st.stderr == "", st.stderr
     # the same job id again (a job stopped and resubmitted by its name): the server's 500 and traceback were raw
     again = _vidpipe(cluster, ["submit", str(small_archive), "--out", str(out), *RUN_FLAGS,
                                "--address", cluster.dashboard_url, "--job-id", job_id])
