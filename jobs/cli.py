@@ -357,6 +357,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             raise ConfigError("the arguments after the submit options must be those of 'vidpipe run' "
                               "(INPUT... --out OUT [run flags]); see the message above") from None
 
+    if args.wait:
+        from jobs import stopping
+
+        stopping.install()  # SIGTERM and SIGHUP stop the waiting as Ctrl-C does (exit 130); the job goes on
     options = SubmitOptions(address=args.address, job_id=args.job_id, wait=args.wait, command=args.vidpipe_command)
     entry = entrypoint(args.run_args, parse_run, options.command)
     out = _run_spec(parse_run(args.run_args)).out  # flags out of range: said here, not by the job on the cluster

@@ -129,15 +129,23 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
     if not options.wait:
         return job_id, 0
     last = None
-    while True:
-        info = job_info(client, options.address, job_id)
-        status = str(getattr(info.status, "value", info.status))
-        if status != last:
-            say(f"job {job_id}: {status}")
-            last = status
-        if status in _TERMINAL:
-            break
-        time.sleep(2.0)
+    try:
+        while True:
+            info = job_info(client, options.address, job_id)
+            status = str(getattr(info.status, "value", info.status))
+            if status != last:
+                say(f"job {job_id}: {status}")
+                last = status
+            if status in _TERMINAL:
+                break
+            time.sleep(2.0)
+    except KeyboardInterrupt as exc:
+        # only the waiting stops: the job is the cluster's (SIGTERM ended this silently, exit -15; a helper)
+        why = f" ({exc})" if str(exc) else ""
+        say(f"vidpipe submit: stopped waiting{why}; job {job_id} goes on on the cluster. Follow it with: "
+            f"vidpipe status {out} --job {job_id} --address {options.address}; stop it with: "
+            f"ray job stop {job_id} --address {options.address}")
+        return job_id, EXIT_INTERRUPTED
     try:
         logs = client.get_job_logs(job_id)
     except Exception:  # noqa: BLE001 - the status is known; the log tail is a courtesy

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -71,6 +72,27 @@ def test_submit_through_the_jobs_api_and_status(cluster, small_archive, baseline
         f"progress of {other}; leave OUT out to see the job's own\n"), st.stderr
     st = _vidpipe(cluster, ["status", str(out), "--job", job_id, "--address", cluster.dashboard_url])
     assert st.returncode == 0 and st.stderr == "", st.stderr
+    # SIGTERM to 'submit --wait' (a scheduler ending the client): it ended silently, exit -15 (a helper); it stops
+    # the waiting only, says so and how to follow the job, which goes on
+    waited = tmp_path / "waited"
+    proc = subprocess.Popen([str(VIDPIPE), "submit", str(small_archive / "a"), "--out", str(waited), *RUN_FLAGS,
+                             "--address", cluster.dashboard_url, "--wait"], env=cluster.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    for row in proc.stdout:  # type: ignore[union-attr]
+        lines.append(row)
+        if row.endswith(": RUNNING\n") or row.endswith(": PENDING\n"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + rest + stderr
+    waited_id = lines[0].strip()
+    assert (f"vidpipe submit: stopped waiting (stopped by SIGTERM); job {waited_id} goes on on the cluster. Follow it "
+            f"with: vidpipe status {waited} --job {waited_id} --address {cluster.dashboard_url}; stop it with: ray job "
+            f"stop {waited_id} --address {cluster.dashboard_url}") in rest, "".join(lines) + rest + stderr
+    wait_for(lambda: "SUCCEEDED" in _vidpipe(cluster, ["status", "--job", waited_id, "--address",
+                                                       cluster.dashboard_url]).stdout, 300, "the job's end")
+    assert len({r["video_id"] for r in segment_rows(waited)}) == 10
     # the same job id again (a job stopped and resubmitted by its name): the server's 500 and traceback were raw
     again = _vidpipe(cluster, ["submit", str(small_archive), "--out", str(out), *RUN_FLAGS,
                                "--address", cluster.dashboard_url, "--job-id", job_id])
