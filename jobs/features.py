@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # 2: BatchNorm-folded image encoders; 3: classic audio features per segment; 4: decode's t = 0 in AVI, mirrored
 # display matrices and a Matroska video's end (2026-12-01); 5: audio that runs on past the video's end makes segments,
-# and an MPEG-TS video past FFmpeg's probe starts at its first frame (2026-12-04)
-FEATURE_FORMAT_VERSION = 5
+# and an MPEG-TS video past FFmpeg's probe starts at its first frame (2026-12-04); 6: an MP4/MOV video ends at its
+# track's end where B-frames' decode-order durations reached past it, durations rounded to 1 ns (2026-12-04)
+FEATURE_FORMAT_VERSION = 6
 # Features do not need head context: chunks of 64 segments without overlap keep memory bounded.
 _FEATURE_CHUNKING = ChunkingSpec(core_segments=64, context_segments=0)
 

@@ -798,8 +798,9 @@ class _VideoRun:
     def _take_gate_counts(self, gate: DisposableFrameGate) -> None:
         """The frames ``gate`` skipped (it is done: the stream ended, or decoding goes on without it)."""
         self.frames_skipped += gate.skipped
-        # a skipped frame may be the one shown last (a packet duration reaching past the others)
-        self.video_end_s = max(self.video_end_s, gate.skipped_end_s)
+        # a skipped frame may be the one shown last
+        if gate.skipped_last_s > self.last_t_s:
+            self.video_end_s = gate.skipped_end_s
 
     def _reordered(self, frames: list) -> list:
         if self.reorder is None:
@@ -1135,7 +1136,11 @@ class _VideoRun:
         sampler.push(t_s, frame)
         self.n_frames += 1
         self.last_t_s = t_s
-        self.video_end_s = max(self.video_end_s, t_s + dur_s)
+        # The video ends with the frame shown last (frames come in display order), not with the furthest end of any
+        # frame: an MP4/MOV frame's duration is its step to the next frame in *decode* order, and with B-frames at a
+        # variable rate one reached past the last frame's end (a 3.00-s screen recording came out 3.22 s long, a
+        # fourth segment re-showing its last frame; a helper).
+        self.video_end_s = t_s + dur_s
 
     # -- parts joined end to end (MPEG-TS / MPEG-PS, see _DISCONT_BACK_S) ---------------------------------
 
@@ -1470,6 +1475,7 @@ class _VideoRun:
                 _AUDIO_WAIT_S,
             )
         duration_s = self.video_end_s
+        duration_s = round(duration_s, 9)  # sums of times: 0.36 + 0.04 was 0.39999999999999997 (a helper)
         if self.audio is not None and self.audio.cursor is not None:
             # the end of the audio as its last frame left it (the cursor: not a damaged time far ahead, which the
             # frames after it came back from)

@@ -185,7 +185,8 @@ class DisposableFrameGate:
         self.off = False
         self.latest_dts = -math.inf  # the latest decode time seen (with decode_time_s)
         self.skipped = 0
-        self.skipped_end_s = -math.inf  # the latest end (pts + duration) of a skipped frame
+        self.skipped_last_s = -math.inf  # the time of the skipped frame shown last
+        self.skipped_end_s = -math.inf  # and its end (pts + duration)
         # times of the latest skipped frames: in MPEG-TS/PS the decoder tells a gap they leave from a jump of the clock.
         # Enough for all the gate may skip at once (what it holds) and in the next two pushes, before the decoder puts
         # out the frame after such a gap
@@ -405,5 +406,7 @@ class DisposableFrameGate:
         if t is not None and math.isfinite(t):
             self.skipped_times.append(t)
         end = self.packet_end_s(packet)
-        if end is not None and end > self.skipped_end_s:
-            self.skipped_end_s = end
+        if t is not None and end is not None and t >= self.skipped_last_s:
+            # the end of the frame shown last: not the furthest end, as a frame's duration in MP4 is its step in
+            # decode order (see _VideoRun._show)
+            self.skipped_last_s, self.skipped_end_s = t, end

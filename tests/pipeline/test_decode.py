@@ -1346,3 +1346,32 @@ def test_container_sizes_are_read_only_where_they_are_known() -> None:
     assert cut_short(reader(mkv), len(mkv)) is None and cut_short(reader(mkv[:-1]), len(mkv) - 1) is not None
     live = ebml + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff"  # unknown size: written live
     assert cut_short(reader(live), len(live)) is None
+
+
+@pytest.mark.parametrize("skip_unsampled", [True, False])
+@pytest.mark.parametrize("suffix", ["mp4", "mov", "mkv"])
+def test_a_variable_rate_video_with_b_frames_ends_with_its_last_frame(media_dir: Path, suffix: str,
+                                                                      skip_unsampled: bool) -> None:
+    """A screen recording: 25 fps, then pauses, the last frame at 2.96 s shown 40 ms; x264's B-frames.  An MP4/MOV
+    frame's duration is its step to the next frame in decode order, so the 2.92-s frame's reached to 3.22 s: the
+    video came out 3.22 s long with a fourth segment re-showing the last frame (a helper).  It ends at 3.00 s."""
+    times = [round(i * 0.04, 3) for i in range(50)] + [2.3, 2.6, 2.8, 2.92, 2.96]
+    path = mf.make_video(media_dir / f"screen.{suffix}", frame_times_s=times, size=(96, 96), audio="tone",
+                         audio_duration_s=3.0)
+    with av.open(str(path)) as probed:  # B-frames, and a frame whose decode-order step reaches past the end
+        packets = [(p.pts, p.duration) for p in probed.demux(video=0) if p.size]
+        tb = probed.streams.video[0].time_base
+        assert any(p[0] != d for p, d in zip(packets, sorted(p[0] for p in packets), strict=True))
+        if suffix != "mkv":
+            assert max(float((t + d) * tb) for t, d in packets) > 3.1
+    chunks = list(VideoDecoder(SamplingSpec(image_size=32), ChunkingSpec(core_segments=2, context_segments=1),
+                               skip_unsampled=skip_unsampled).chunks(path))
+    info = chunks[-1].info
+    assert info is not None and (info.duration_s, info.n_segments) == (3.0, 3)
+
+
+def test_a_video_s_duration_is_a_clean_decimal(media_dir: Path) -> None:
+    # ten frames at 25 fps: 0.36 + 0.04 was 0.39999999999999997, and WHERE duration_s = 0.4 found nothing (a helper)
+    path = mf.make_video(media_dir / "ten_frames.mp4", duration_s=0.4, fps=25, size=(96, 96))
+    info = decode(path, SamplingSpec(image_size=32))[-1].info
+    assert info is not None and info.duration_s == 0.4 and info.n_segments == 1
