@@ -130,8 +130,24 @@ class Commit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Commit:
-        return cls(name=d["name"], files=d["files"], n_videos=d["n_videos"], n_failures=d["n_failures"],
-                   n_segments=d["n_segments"])
+        """A record's commit; a TypeError where a field is not of its kind (a record edited by hand: it was read,
+        and failed later as an AttributeError or TypeError traceback; a helper)."""
+        c = cls(name=d["name"], files=d["files"], n_videos=d["n_videos"], n_failures=d["n_failures"],
+                n_segments=d["n_segments"])
+        if not isinstance(c.name, str) or not c.name:
+            raise TypeError(f"its 'name' is {c.name!r}, not a commit's name")
+        if not isinstance(c.files, dict) or not all(table in TABLES and isinstance(f, str) and f
+                                                    for table, f in c.files.items()):
+            raise TypeError("its 'files' is not a table → file name mapping")
+        for key in ("n_videos", "n_failures", "n_segments"):
+            value = getattr(c, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"its {key!r} is {value!r}, not a count")
+        return c
+
+    def rows(self, table: str) -> int:
+        """The rows its file of ``table`` holds."""
+        return {"segments": self.n_segments, "videos": self.n_videos, "failures": self.n_failures}[table]
 
     @classmethod
     def read(cls, path: Path) -> Commit:
@@ -169,12 +185,18 @@ _COLUMNS = {"segments": {*segments_schema(1).names, ACTIVE_LABELS.name}, "videos
             "failures": set(FAILURES_SCHEMA.names)}
 
 
-def footer_damage(rel: str, metadata: pq.FileMetaData) -> ValueError | None:
+def footer_damage(rel: str, metadata: pq.FileMetaData, rows: int | None = None) -> ValueError | None:
     """What the readable footer of the committed file ``rel`` shows wrong, or None: it names another data file
-    (copied over it), or a column name is damaged (not UTF-8, or no column vidpipe writes: it would read as nulls)."""
+    (copied over it), it holds other than the ``rows`` its commit record says (another file copied over it: an
+    export, or a file of before 2026-12-02, which names none), or a column name is damaged (not UTF-8, or no
+    column vidpipe writes: it would read as nulls)."""
     named = (metadata.metadata or {}).get(FILE_NAME_KEY)
     if named is not None and named != rel.rsplit("/", 1)[-1].encode():  # files written before 2026-12-02 name none
         return ValueError(f"it holds the rows of {named.decode(errors='replace')}, another file copied over it")
+    if rows is not None and metadata.num_rows != rows:
+        # an export of the table copied over a file was read whole: every row it held counted again (a helper)
+        return ValueError(f"it holds {metadata.num_rows} rows where its commit record says {rows}: another file "
+                          "copied over it")
     try:
         names = metadata.schema.to_arrow_schema().names
     except UnicodeDecodeError as exc:
@@ -272,6 +294,7 @@ class OutputDir:
         self._claim: str | None = None  # S3: this run's claim while it holds OUT (lock)
         self._lease_s = LEASE_S
         self.lost = False  # S3: another run took OUT over (this one stalled past a lease): commit nothing more
+        self._rows: dict[str, int] = {}  # committed file name → the rows its commit record says (_records)
 
     def check_held(self) -> None:
         """On S3, a ConfigError when another run took OUT over: this run gave no sign of life for longer than a
@@ -381,6 +404,7 @@ class OutputDir:
                     damaged.append((name, exc))
                     continue
                 found.update((c.name, c) for c in held)
+            self._rows = {f: c.rows(table) for c in found.values() for table, f in c.files.items()}
             return [found[k] for k in sorted(found)], damaged
         raise RuntimeError(f"the commit records of {self.uri} kept changing while being read; try again")
 
@@ -616,6 +640,10 @@ class OutputDir:
                 lost.setdefault(c.name, []).append(rel)
         return [(c, lost[c.name]) for c in commits if c.name in lost]
 
+    def committed_rows(self, rel: str) -> int | None:
+        """The rows the commit record that names ``rel``'s file says it holds (None: no record read names it)."""
+        return self._rows.get(rel.rsplit("/", 1)[-1])
+
     def readable_parquet(self, rel: str) -> bool:
         """Whether ``rel``'s Parquet footer can be read: False for a file cut short or overwritten; a failure to
         reach it (permissions, the network, S3) is raised, not taken as damage."""
@@ -626,7 +654,7 @@ class OutputDir:
         file cut short, overwritten or with damaged bytes; None where it can.  A failure to reach it
         (permissions, the network, S3) is raised, not taken as damage."""
         try:
-            if (damage := footer_damage(rel, self.store.read_metadata(rel))) is not None:
+            if (damage := footer_damage(rel, self.store.read_metadata(rel), self.committed_rows(rel))) is not None:
                 return damage
             if pages:
                 self.store.read_table(rel, verify=True)

@@ -87,7 +87,7 @@ def _table_dataset(out: OutputDir, rels: list[str], expected: pa.Schema) -> Any:
             return exc
         if len(rels) <= _KEPT_FOOTERS:
             kept[rel] = read
-        return footer_damage(rel, read.metadata)
+        return footer_damage(rel, read.metadata, out.committed_rows(rel))
 
     if any(e is not None for e in out.map_files(footer, rels)):
         # named, and told from an unreachable store (raised), as 'run' does: the footers are read again

@@ -517,6 +517,80 @@ def test_a_committed_file_copied_over_another_is_damage_that_repair_drops(tmp_pa
     assert capsys.readouterr().out.splitlines() == ["video_id,n", "v2,3"]
 
 
+def test_an_export_copied_over_a_committed_file_is_damage_by_its_row_count(tmp_path, capsys):
+    """A user's export (COPY (SELECT * FROM segments) TO ...) names no file in its footer, like a file of before
+    2026-12-02: copied over a committed file it was read whole, and every row it held was counted again (a helper:
+    18 rows, 10 keys, exit 0; repair --verify said every file is in place).  Its commit record says how many."""
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, w = writer_for(tmp_path)
+    commits = []
+    for vid, n in (("v1", 3), ("v2", 2)):
+        w.add_row(head_row(vid, 0, 0, n, is_last=True, n_total=n))
+        commits.append(w.flush())
+    export = tmp_path / "export.parquet"
+    assert main(["query", str(out.root), f"COPY (SELECT * FROM segments) TO '{export}'"]) == 0
+    victim = out.table_dir("segments") / commits[1].files["segments"]
+    victim.write_bytes(export.read_bytes())
+    capsys.readouterr()
+    for argv in (["query", str(out.root), "SELECT count(*) FROM segments"], ["status", str(out.root)]):
+        assert main(argv) == EXIT_USAGE, argv
+        assert (f"is damaged: {victim} cannot be read (it holds 5 rows where its commit record says 2: another file "
+                "copied over it)") in capsys.readouterr().err
+    assert main(["repair", str(out.root), "--verify"]) == 0
+    assert f"missing or damaged: {victim}" in capsys.readouterr().out
+    assert main(["query", str(out.root), "SELECT video_id, count(*) n FROM segments GROUP BY 1", "--format",
+                 "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["video_id,n", "v1,3"]
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [
+    ("files", "x", "its 'files' is not a table → file name mapping"),
+    ("name", 7, "its 'name' is 7, not a commit's name"),
+    ("n_videos", None, "its 'n_videos' is None, not a count"),
+    ("n_segments", "one", "its 'n_segments' is 'one', not a count"),
+])
+def test_a_commit_record_with_a_field_of_the_wrong_kind_is_damaged(tmp_path, capsys, field, value, why):
+    """A record that parses but holds a field of another kind was read, and query, status and run failed later
+    with an AttributeError or TypeError traceback (exit 1), or status alone did (a helper)."""
+    import json
+
+    from jobs.cli import main
+    from jobs.spec import EXIT_USAGE
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    commit = w.flush()
+    record = out.commits_dir / f"{commit.name}.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), field: value}))
+    for argv in (["query", str(out.root), "SELECT count(*) FROM segments"], ["status", str(out.root)]):
+        assert main(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert f"{record} is damaged ({why}); it was changed by something other than vidpipe" in err, err
+    assert main(["repair", str(out.root)]) == 0
+    assert out.commits() == []
+
+
+def test_a_progress_file_with_a_field_of_the_wrong_kind_is_said_damaged(tmp_path):
+    """"inputs_total": "four" or "heartbeat": "x" in progress.json was a ValueError traceback of status (a helper);
+    a progress.json that does not parse was already said to be damaged."""
+    import json
+
+    from jobs.status import format_status, read_status
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    w.flush()
+    for field, value, why in (("inputs_total", "four", 'its \'inputs_total\' is "four", not a whole number'),
+                              ("heartbeat", "x", 'its \'heartbeat\' is "x", not a number')):
+        (out.job_dir / "progress.json").write_text(json.dumps({"state": "running", "heartbeat": 1.0, field: value}))
+        status = read_status(str(out.root))
+        assert status.done == 1 and status.run_state is None
+        assert (f"is damaged ({why}): its state is unknown (the counts come from the tables)"
+                in format_status(status)), format_status(status)
+
+
 def test_past_the_kept_footers_a_query_reads_them_again(tmp_path, monkeypatch):
     """Footers kept for the scan cost ~40 kB each in memory (430 MB against 285 MB for 3,000 commits, a review):
     past _KEPT_FOOTERS files a table they are checked and let go, and the scan reads them again."""
