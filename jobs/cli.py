@@ -6,6 +6,7 @@ import argparse
 import io
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -278,7 +279,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.model_id == "untrained":
         print("WARNING: these labels come from an UNTRAINED model and mean nothing.", file=sys.stderr)
     if result.videos_failed:
-        print(f"{count_of(result.videos_failed, 'input')} failed: vidpipe query {args.out} \"SELECT * FROM failures\"",
+        print(f"{count_of(result.videos_failed, 'input')} failed: vidpipe query {shlex.quote(args.out)} \"SELECT * FROM failures\"",
               file=sys.stderr)
     if result.videos_audio_undecodable:
         from pipeline.media import NO_AUDIO_DECODER
@@ -286,7 +287,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         n = result.videos_audio_undecodable
         print(f"WARNING: {count_of(n, 'video')} {'were' if n != 1 else 'was'} labelled without audio: this FFmpeg build "
               f"cannot decode {'their' if n != 1 else 'its'} audio tracks' codec (AC-4 or MPEG-H broadcast audio, say); "
-              f"has_audio is false in {'their' if n != 1 else 'its'} rows. List them: vidpipe query {args.out} "
+              f"has_audio is false in {'their' if n != 1 else 'its'} rows. List them: vidpipe query {shlex.quote(args.out)} "
               f"\"SELECT uri FROM videos WHERE audio_codec = '{NO_AUDIO_DECODER}'\"", file=sys.stderr)
     if result.videos_changed:
         n = result.videos_changed
@@ -368,7 +369,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitting to {options.address}: {entry}", file=sys.stderr)
     job_id, code = submit(options, entry, out=out if "://" in out else os.path.abspath(out))
     if not options.wait:
-        print(f"follow it with: vidpipe status {out} --job {job_id} --address {options.address}", file=sys.stderr)
+        print(f"follow it with: vidpipe status {shlex.quote(out)} --job {job_id} --address {options.address}", file=sys.stderr)
     return code
 
 
@@ -416,6 +417,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _out_key(out: str) -> str:
     """An OUT as comparable: an S3 URI without its trailing slash, a local path made absolute."""
     return out.rstrip("/") if "://" in out else os.path.normpath(os.path.abspath(os.path.expanduser(out)))
+
+
+def _failed_now(out_uri: str) -> int:
+    """How many videos OUT records as failed now (0 where it cannot be read: said by the command's own checks)."""
+    from jobs.query import run_query
+
+    try:
+        return int(run_query(out_uri, "SELECT count(*) AS n FROM failures").to_pylist()[0]["n"])
+    except (ConfigError, OSError):
+        return 0
 
 
 def _warn_unrecorded(out_uri: str) -> None:
@@ -475,6 +486,14 @@ def _cmd_repair(args: argparse.Namespace) -> int:
                             + ([count_of(len(records), "damaged commit record")] if records else []))
         print(f"{verb} {what}; rerun the job's 'vidpipe run' command to do those videos again"
               if not args.dry_run else f"{verb} {what}; run without --dry-run to drop them")
+        if not args.dry_run and (failed := _failed_now(out.uri)):
+            them = "it" if failed == 1 else "them"
+            # a video that failed once and was finished by a later --retry-failed run whose commit was dropped is
+            # failed again by its old record: a plain rerun skipped it (a helper)
+            print(f"{count_of(failed, 'video')} of {out.uri} {'is' if failed == 1 else 'are'} recorded as failed "
+                  f"(some may be videos whose later success was dropped here): a plain rerun skips {them}, add "
+                  f"--retry-failed to try {them} again (vidpipe query {shlex.quote(out.uri)} "
+                  f"\"SELECT * FROM failures\" lists {them})")
     job_damage: ConfigError | None = None
     try:  # not repair's to rewrite, but a run refuses OUT until it is mended: say so here too
         out.read_json("_job/job.json")

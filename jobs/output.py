@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import socket
 import threading
 import time
@@ -168,7 +169,7 @@ class MissingCommitted(ConfigError):
         super().__init__(
             f"{names}{more} {'is' if len(lost) == 1 else 'are'} missing: committed (with the results of {videos} "
             f"videos) but in neither {table}/ nor _job/staging/ (deleted or moved by hand?). Put "
-            f"{'it' if len(lost) == 1 else 'them'} back; or run 'vidpipe repair {out.uri}' to drop those "
+            f"{'it' if len(lost) == 1 else 'them'} back; or run 'vidpipe repair {shlex.quote(out.uri)}' to drop those "
             "videos' results, so that rerunning the job does them again.")
 
 
@@ -213,7 +214,7 @@ def damaged_message(out: OutputDir, rel: str, exc: Exception, *, more: str = "",
     verify = " --verify" if pages else ""
     return (f"a committed file of {out.uri} is damaged: {out.store.uri_of(rel)}{more} cannot be read "
             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); restore "
-            f"{'them' if more else 'it'}, or run 'vidpipe repair {out.uri}{verify}' to drop "
+            f"{'them' if more else 'it'}, or run 'vidpipe repair {shlex.quote(out.uri)}{verify}' to drop "
             f"{'their' if more else 'its'} results so that rerunning the job does those videos again")
 
 
@@ -265,8 +266,8 @@ def looks_damaged(error_text: str, names: tuple[str, ...] = ()) -> bool:
 def _damaged(where: str, why: object, *, repair: str | None = None) -> str:
     """``repair``: the OUT that ``vidpipe repair`` would mend (where it can)."""
     return (f"{where} is damaged ({why}); it was changed by something other than vidpipe: restore it from a "
-            "backup, " + (f"or run 'vidpipe repair {repair}' to drop it with the files it named (a rerun then does "
-                          "their videos again), " if repair else "") + "or run the job again into a new --out")
+            "backup, " + (f"or run 'vidpipe repair {shlex.quote(repair)}' to drop it with the files it named (a rerun "
+                          "then does their videos again), " if repair else "") + "or run the job again into a new --out")
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

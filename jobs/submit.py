@@ -143,7 +143,7 @@ def submit(options: SubmitOptions, entry: str, *, out: str, say: Callable[[str],
         # only the waiting stops: the job is the cluster's (SIGTERM ended this silently, exit -15; a helper)
         why = f" ({exc})" if str(exc) else ""
         say(f"vidpipe submit: stopped waiting{why}; job {job_id} goes on on the cluster. Follow it with: "
-            f"vidpipe status {out} --job {job_id} --address {options.address}; stop it with: "
+            f"vidpipe status {shlex.quote(out)} --job {job_id} --address {options.address}; stop it with: "
             f"ray job stop {job_id} --address {options.address}")
         return job_id, EXIT_INTERRUPTED
     try:

@@ -591,6 +591,46 @@ def test_a_progress_file_with_a_field_of_the_wrong_kind_is_said_damaged(tmp_path
                 in format_status(status)), format_status(status)
 
 
+def test_repair_that_drops_a_retried_video_s_success_says_its_old_failure_needs_retry_failed(tmp_path, capsys):
+    """v1 failed, and a later --retry-failed run finished it; repair dropped that commit (its file deleted) and said
+    "rerun the job's command to do those videos again", but v1's old failure was back and a plain rerun skipped it
+    (a helper)."""
+    from jobs.cli import main
+    from pipeline.media import Failure
+
+    out, w = writer_for(tmp_path)
+    w.add_failure(Failure(uri="/v/v1.mp4", video_id="v1", stage="decode", error_kind="invalid_data", message="x"))
+    w.flush()
+    retrying = ResultWriter(out, model_id="m1", labels=LABELS)  # the --retry-failed run's writer
+    retrying.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    retried = retrying.flush()
+    (out.table_dir("segments") / retried.files["segments"]).unlink()
+    capsys.readouterr()
+    assert main(["repair", str(out.root)]) == 0
+    said = capsys.readouterr().out
+    assert (f"1 video of {out.root} is recorded as failed (some may be videos whose later success was dropped here): "
+            f"a plain rerun skips it, add --retry-failed to try it again (vidpipe query {out.root} \"SELECT * FROM "
+            "failures\" lists it)") in said, said
+
+
+def test_the_commands_a_message_gives_are_quoted_for_the_shell(tmp_path, capsys):
+    """An OUT with a space: "run 'vidpipe repair /x/my out'" pasted was two arguments (a helper)."""
+    import shlex
+
+    from jobs.cli import main
+
+    out = OutputDir(tmp_path / "my out")
+    out.create()
+    w = ResultWriter(out, model_id="m1", labels=LABELS)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    commit = w.flush()
+    (out.table_dir("segments") / commit.files["segments"]).unlink()
+    assert main(["query", str(out.root), "SELECT count(*) FROM segments"]) == 2
+    err = capsys.readouterr().err
+    given = re.search(r"or run '(vidpipe repair .*)' to drop those", err)
+    assert given is not None and shlex.split(given.group(1)) == ["vidpipe", "repair", str(out.root)], err
+
+
 def test_past_the_kept_footers_a_query_reads_them_again(tmp_path, monkeypatch):
     """Footers kept for the scan cost ~40 kB each in memory (430 MB against 285 MB for 3,000 commits, a review):
     past _KEPT_FOOTERS files a table they are checked and let go, and the scan reads them again."""
