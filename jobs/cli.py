@@ -499,16 +499,19 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         out.read_json("_job/job.json")
     except ConfigError as exc:
         job_damage = exc
-    if not (lost or records):  # "nothing to drop" and then the damaged job.json (or files in the way) read as a
-        print(f"{out.uri}: every committed file is in place"  # contradiction
-              + (" and reads whole" if args.verify else "") + ("" if job_damage or unrecorded else "; nothing to drop")
-              + ("" if args.verify else " (--verify also reads every data page)"))
+    if not (lost or records):
+        verify = "" if args.verify else " (--verify also reads every data page)"
+        # a plain "in place" and then an error (exit 2) read as a contradiction (a helper)
+        print(f"{out.uri}: every committed file is in place" + (" and reads whole" if args.verify else "")
+              + (f"{verify}, but a run refuses OUT until the problem below is mended" if job_damage or unrecorded
+                 else f"; nothing to drop{verify}"))
     if job_damage is not None:
         print(f"vidpipe repair: error: {job_damage}", file=sys.stderr)
         return EXIT_USAGE
     if unrecorded:  # only a dry run gets here with some
-        print(f"{count_of(len(unrecorded), 'data file')} that no commit names {'is' if len(unrecorded) == 1 else 'are'} "
-              f"in the way: move them out of {out.uri} "
+        one = len(unrecorded) == 1
+        print(f"vidpipe repair: error: {count_of(len(unrecorded), 'data file')} that no commit names "
+              f"{'is' if one else 'are'} in the way: move {'it' if one else 'them'} out of {out.uri} "
               "(repair and run refuse it until then): " + ", ".join(out.store.uri_of(r) for r in unrecorded),
               file=sys.stderr)
         return EXIT_USAGE

@@ -56,7 +56,7 @@ import pyarrow as pa
 from jobs import stopping
 from jobs.fs import Store
 from jobs.idset import IdSet
-from jobs.progress import driver_ended, this_process
+from jobs.progress import count_of, driver_ended, this_process
 from pipeline.errors import ConfigError
 from pipeline.media import NO_AUDIO_DECODER, Failure, VideoInfo
 from pipeline.s3 import unreachable
@@ -163,12 +163,14 @@ class MissingCommitted(ConfigError):
 
     def __init__(self, out: OutputDir, table: str, lost: list[tuple[Commit, str]]) -> None:
         self.lost = lost
-        videos = sum(c.n_videos + c.n_failures for c, _ in lost)
+        # videos finished and failures: a video retried may be in both (its count as videos was one too many)
+        held = count_of(sum(c.n_videos for c, _ in lost), "video") + (
+            f" and {count_of(n, 'failure')}" if (n := sum(c.n_failures for c, _ in lost)) else "")
         names = ", ".join(out.store.uri_of(f"{table}/{n}") for _, n in lost[:3])
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         super().__init__(
-            f"{names}{more} {'is' if len(lost) == 1 else 'are'} missing: committed (with the results of {videos} "
-            f"videos) but in neither {table}/ nor _job/staging/ (deleted or moved by hand?). Put "
+            f"{names}{more} {'is' if len(lost) == 1 else 'are'} missing: committed (with the results of {held}) "
+            f"but in neither {table}/ nor _job/staging/ (deleted or moved by hand?). Put "
             f"{'it' if len(lost) == 1 else 'them'} back; or run 'vidpipe repair {shlex.quote(out.uri)}' to drop those "
             "videos' results, so that rerunning the job does them again.")
 

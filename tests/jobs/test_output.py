@@ -161,7 +161,7 @@ def test_a_deleted_committed_file_is_named_not_read_around(tmp_path):
     lost.unlink()
     for read in (lambda: run_query(out.root, "SELECT count(*) FROM segments"), out.recover,
                  lambda: out.committed_files("segments")):
-        with pytest.raises(MissingCommitted, match=rf"{lost} is missing: committed \(with the results of 2 videos\) "
+        with pytest.raises(MissingCommitted, match=rf"{lost} is missing: committed \(with the results of 1 video and 1 failure\) "
                                                    r"but in neither segments/ nor _job/staging/.*vidpipe repair"):
             read()
     assert out.finished_video_ids() == {"v1", "v2", "v3"}  # the other tables are whole: no error reading them
@@ -345,7 +345,10 @@ def test_damaged_job_files_are_named_errors_not_tracebacks(tmp_path, capsys):
     capsys.readouterr()
     assert main(["repair", str(out.root)]) == EXIT_USAGE
     said = capsys.readouterr()
-    assert "nothing to drop" not in said.out and "every committed file is in place" in said.out
+    # then "every committed file is in place" and exit 2 read as a contradiction (another helper)
+    assert "nothing to drop" not in said.out and said.out.startswith(
+        f"{out.root}: every committed file is in place (--verify also reads every data page), but a run refuses OUT "
+        "until the problem below is mended\n")
     assert "vidpipe repair: error: " in said.err and "does not say the job's model_id or sampling" in said.err
     record = sorted(out.commits_dir.glob("*.json"))[0]
     record.write_text("")
@@ -366,8 +369,9 @@ def test_repair_dry_run_does_not_call_an_out_with_files_in_the_way_sound(tmp_pat
         record.unlink()
     assert main(["repair", str(out.root), "--dry-run"]) == EXIT_USAGE
     said = capsys.readouterr()
-    assert "nothing to drop" not in said.out and "every committed file is in place" in said.out
-    assert re.search(r"^\d+ data files? that no commit names (is|are) in the way: move them out of ", said.err, re.M), said
+    assert "nothing to drop" not in said.out and "but a run refuses OUT until the problem below is mended" in said.out
+    assert re.search(r"^vidpipe repair: error: \d+ data files? that no commit names (is|are) in the way: move "
+                     r"(it|them) out of ", said.err, re.M), said
 
 
 def test_csv_keeps_floats_exact_and_lists_unambiguous():
