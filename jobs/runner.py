@@ -815,7 +815,7 @@ class JobRunner:
         writer.discard_incomplete()
         status.in_flight = 0
         lost = [r for r in group if not writer.is_closed(r.video_id)]
-        if watch.ended is not None:
+        if watch.ended is not None and lost:  # (ended as the last batch came: nothing to say)
             self._say(f"vidpipe: {watch.ended}: its {count_of(len(lost), 'unfinished video')} run again, planned "
                       "for the nodes left")
         return lost, watch.ended is not None
