@@ -565,7 +565,25 @@ class OutputDir:
                  if not self.is_output() else "no commit record in _job/commits names them: they were not "
                  "written by a run of this output, or their records were removed")
         raise ConfigError(f"{self.uri} holds data files that vidpipe cannot account for ({shown}); {whose}. "
-                          f"Nothing was deleted. {then}")
+                          f"Nothing was deleted. {then}{self._renamed_hint(parts, commits)}")
+
+    def _renamed_hint(self, parts: list[str], commits: list[Commit] | None) -> str:
+        """Where a file no record names has the name of a commit's file (``part-<commit>-``) other than the one
+        its record names: it may be that file renamed (repair named one missing and refused the other; a
+        helper)."""
+        try:
+            by_name = {c.name: c for c in (self.commits(past_damaged=True) if commits is None else commits)}
+        except (ConfigError, OSError):
+            return ""
+        said = []
+        for rel in parts:
+            table, _, fname = rel.partition("/")
+            m = re.fullmatch(r"part-(.+)-[0-9a-f]{8}\.parquet", fname)
+            c = by_name.get(m.group(1)) if m else None
+            if c is not None and c.files.get(table) not in (None, fname):
+                said.append(f" {self.store.uri_of(rel)} has the name of a file of commit {c.name}, whose record names "
+                            f"{table}/{c.files[table]}: if it is that file renamed, give it that name back.")
+        return "".join(said[:3])
 
     def recover(self) -> None:
         """Roll committed flushes forward, delete staged files no commit names, fold old records into a

@@ -635,6 +635,28 @@ def test_the_commands_a_message_gives_are_quoted_for_the_shell(tmp_path, capsys)
     assert given is not None and shlex.split(given.group(1)) == ["vidpipe", "repair", str(out.root)], err
 
 
+def test_a_file_with_a_commit_s_name_but_not_the_one_its_record_names_is_said_to_be_it_renamed(tmp_path, capsys):
+    """A record naming part-<commit>-...Z.parquet beside part-<commit>-...b.parquet: query named the one missing and
+    sent the user to repair, which refused the other as a file it cannot account for, connecting neither (a
+    helper)."""
+    import json
+
+    from jobs.cli import main
+
+    out, w = writer_for(tmp_path)
+    w.add_row(head_row("v1", 0, 0, 3, is_last=True, n_total=3))
+    commit = w.flush()
+    real = commit.files["segments"]
+    record = out.commits_dir / f"{commit.name}.json"
+    d = json.loads(record.read_text())
+    d["files"]["segments"] = real[:-9] + "Z.parquet"
+    record.write_text(json.dumps(d))
+    assert main(["repair", str(out.root)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{out.table_dir('segments') / real} has the name of a file of commit {commit.name}, whose record names "
+            f"segments/{d['files']['segments']}: if it is that file renamed, give it that name back.") in err, err
+
+
 def test_past_the_kept_footers_a_query_reads_them_again(tmp_path, monkeypatch):
     """Footers kept for the scan cost ~40 kB each in memory (430 MB against 285 MB for 3,000 commits, a review):
     past _KEPT_FOOTERS files a table they are checked and let go, and the scan reads them again."""
