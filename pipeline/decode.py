@@ -1474,8 +1474,7 @@ class _VideoRun:
                 self.audio.n_late,
                 _AUDIO_WAIT_S,
             )
-        duration_s = self.video_end_s
-        duration_s = round(duration_s, 9)  # sums of times: 0.36 + 0.04 was 0.39999999999999997 (a helper)
+        duration_s = round(self.video_end_s, 9)  # sums of times: 0.36 + 0.04 was 0.39999999999999997 (a helper)
         if self.audio is not None and self.audio.cursor is not None:
             # the end of the audio as its last frame left it (the cursor: not a damaged time far ahead, which the
             # frames after it came back from)
