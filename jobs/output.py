@@ -175,6 +175,25 @@ class MissingCommitted(ConfigError):
             "videos' results, so that rerunning the job does them again.")
 
 
+_NUMBER = (int, float)
+# the fields of progress.json that status reads, with their types (None stands for any of them: unset)
+_PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "state": str, "run_id": str, "updated_at": str, "message": str, "heartbeat": _NUMBER, "inputs_total": int,
+    "inputs_finished": int, "discovered": int, "skipped": int, "done": int, "failed": int, "videos_per_s": _NUMBER,
+    "steady_videos_per_s": _NUMBER, "video_seconds_per_s": _NUMBER, "steady_video_seconds_per_s": _NUMBER,
+    "pid": int, "pid_started": _NUMBER, "supervisor_pid": int, "supervisor_started": _NUMBER}
+
+
+def wrong_progress_field(progress: dict[str, Any]) -> str | None:
+    """What is wrong in a progress.json that parses (a field of the wrong type: a hand edit), or None."""
+    for key, kind in _PROGRESS_FIELDS.items():
+        value = progress.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            wanted = "a text" if kind is str else "a whole number" if kind is int else "a number"
+            return f"its {key!r} is {json.dumps(value)[:40]}, not {wanted}"
+    return None
+
+
 def sized(uri: str, size_bytes: int | None) -> str:
     """The key of "``uri`` had ``size_bytes`` bytes" in a set of finished videos' sizes (None: not recorded)."""
     return f"{uri}\n{size_bytes}"
@@ -370,9 +389,10 @@ class OutputDir:
     def last_progress(self) -> dict[str, Any]:
         """The last run's progress.json; empty when there is none or it is damaged (the run rewrites it)."""
         try:
-            return self.read_json(f"{JOB}/progress.json") or {}
+            progress = self.read_json(f"{JOB}/progress.json") or {}
         except ConfigError:
             return {}
+        return {} if wrong_progress_field(progress) else progress  # "heartbeat": "x" was a traceback of run on S3
 
     def write_json(self, rel: str, obj: dict[str, Any]) -> None:
         self.store.write_atomic(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))

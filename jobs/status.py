@@ -7,11 +7,11 @@ With ``--job`` the Ray job's own state is shown as well.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from jobs.output import wrong_progress_field
 from pipeline.errors import ConfigError
 
 _ALIVE_S = 30.0  # a running driver rewrites progress.json every 5 s
@@ -66,7 +66,7 @@ def read_status(out_uri: str) -> JobStatus:
         progress = {}
         damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged: its state is "
                    "unknown (the counts come from the tables); the next 'vidpipe run' into this OUT rewrites it")
-    if (wrong := _wrong_progress_field(progress)) is not None:  # a traceback (a helper): said as damaged
+    if (wrong := wrong_progress_field(progress)) is not None:  # a traceback (a helper): said as damaged
         progress = {}
         damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged ({wrong}): its "
                    "state is unknown (the counts come from the tables); the next 'vidpipe run' into this OUT "
@@ -102,25 +102,6 @@ def read_status(out_uri: str) -> JobStatus:
                      videos_per_s=per_s, video_seconds_per_s=per_video_s,
                      eta_s=eta, message=str(progress.get("message") or damaged), rate_since_first_result=steady,
                      finished_uncommitted=uncommitted)
-
-
-_NUMBER = (int, float)
-# the fields of progress.json that status reads, with their types (None stands for any of them: unset)
-_PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "state": str, "run_id": str, "updated_at": str, "message": str, "heartbeat": _NUMBER, "inputs_total": int,
-    "inputs_finished": int, "discovered": int, "skipped": int, "done": int, "failed": int, "videos_per_s": _NUMBER,
-    "steady_videos_per_s": _NUMBER, "video_seconds_per_s": _NUMBER, "steady_video_seconds_per_s": _NUMBER,
-    "pid": int, "pid_started": _NUMBER, "supervisor_pid": int, "supervisor_started": _NUMBER}
-
-
-def _wrong_progress_field(progress: dict[str, Any]) -> str | None:
-    """What is wrong in a progress.json that parses (a field of the wrong type), or None."""
-    for key, kind in _PROGRESS_FIELDS.items():
-        value = progress.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            wanted = "a text" if kind is str else "a whole number" if kind is int else "a number"
-            return f"its {key!r} is {json.dumps(value)[:40]}, not {wanted}"
-    return None
 
 
 def _pending(progress: dict[str, Any], total: int, finished_in_out: int, committed_by_run: int = 0) -> int:

@@ -593,6 +593,7 @@ def test_a_progress_file_with_a_field_of_the_wrong_kind_is_said_damaged(tmp_path
         assert status.done == 1 and status.run_state is None
         assert (f"is damaged ({why}): its state is unknown (the counts come from the tables)"
                 in format_status(status)), format_status(status)
+        assert out.last_progress() == {}  # the S3 lease read it too: float("x") was a traceback of run
 
 
 def test_repair_that_drops_a_retried_video_s_success_says_its_old_failure_needs_retry_failed(tmp_path, capsys):
