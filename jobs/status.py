@@ -179,14 +179,16 @@ def format_status(s: JobStatus) -> str:
     lines = []
     if s.ray_job:
         lines.append(format_job_line(s.ray_job))
-    total = "?" if s.total is None else f"{s.total:,}"
-    pending = "?" if s.pending is None else f"{s.pending:,}"
     lines.append(f"output {s.out}")
     retried = (f" ({s.failed_retried:,} of them only with read errors, which a rerun tries again)"
                if s.failed_retried else "")
     soon = f" ({s.finished_uncommitted:,} of them finished, to be committed)" if s.finished_uncommitted else ""
-    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}; {pending} pending{soon} of the last run's "
-                 f"{total} input videos")
+    if s.total is None or s.pending is None:  # "? pending of the last run's ? input videos" (a helper)
+        of_run = "; the last run's inputs are not counted yet" if s.run_state == "running" else (
+            "; the last run's input count is not recorded")
+    else:
+        of_run = f"; {s.pending:,} pending{soon} of the last run's {s.total:,} input videos"
+    lines.append(f"videos: {s.done:,} done, {s.failed:,} failed{retried}{of_run}")
     lines.append(f"video-seconds done: {s.video_seconds:,.1f}")
     run = s.run_state or s.message or "no run recorded"
     if s.run_state == "dead":

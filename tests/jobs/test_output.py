@@ -402,6 +402,15 @@ def test_status_pending_counts_the_last_runs_inputs_not_the_whole_output(tmp_pat
     s = read_status(str(out.root))
     assert (s.done, s.total, s.pending) == (4, 4, 2)
     assert "4 done, 0 failed; 2 pending of the last run's 4 input videos" in format_status(s)
+    # a run killed before it counted its inputs, or progress.json deleted: "? pending of the last run's ? input
+    # videos" (a helper)
+    out.write_json("_job/progress.json", {k: v for k, v in last.items() if k != "inputs_total"})
+    assert "videos: 4 done, 0 failed; the last run's input count is not recorded\n" in format_status(
+        read_status(str(out.root)))
+    out.write_json("_job/progress.json", {k: v for k, v in last.items() if k != "inputs_total"} | {
+        "state": "running", "heartbeat": time.time()})
+    assert "videos: 4 done, 0 failed; the last run's inputs are not counted yet\n" in format_status(
+        read_status(str(out.root)))
     # still reading its inputs: the unread ones may be finished already, so the tables give the estimate
     out.write_json("_job/progress.json", last | {"state": "running", "inputs_total": 10, "discovered": 3,
                                                  "skipped": 3})
