@@ -176,7 +176,7 @@ class MissingCommitted(ConfigError):
 
 
 _NUMBER = (int, float)
-# the fields of progress.json that status reads, with their types (None stands for any of them: unset)
+# the fields of progress.json that status and the S3 lease read, with their types (each may be absent or null)
 _PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
     "state": str, "run_id": str, "updated_at": str, "message": str, "heartbeat": _NUMBER, "inputs_total": int,
     "inputs_finished": int, "discovered": int, "skipped": int, "done": int, "failed": int, "videos_per_s": _NUMBER,

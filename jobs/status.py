@@ -59,18 +59,16 @@ def read_status(out_uri: str) -> JobStatus:
                                 "(SELECT uri FROM videos) GROUP BY uri HAVING bool_and(error_kind IN "
                                 f"({transient})))) AS retried", check_all=True).to_pylist()[0]
     done, seconds, failed = counts["done"], counts["seconds"], counts["failed"]
-    damaged = ""
+    why: str | None = None  # why progress.json is damaged
     try:  # only the run's heartbeat and rates: the counts above come from the tables
         progress = out.read_json("_job/progress.json") or {}
     except ConfigError:  # it said "no run recorded", as if no run had been
-        progress = {}
-        damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged: its state is "
-                   "unknown (the counts come from the tables); the next 'vidpipe run' into this OUT rewrites it")
+        progress, why = {}, ""
     if (wrong := wrong_progress_field(progress)) is not None:  # a traceback (a helper): said as damaged
-        progress = {}
-        damaged = (f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged ({wrong}): its "
-                   "state is unknown (the counts come from the tables); the next 'vidpipe run' into this OUT "
-                   "rewrites it")
+        progress, why = {}, f" ({wrong})"
+    damaged = "" if why is None else (
+        f"{out.store.uri_of('_job/progress.json')}, the last run's record, is damaged{why}: its state is unknown "
+        "(the counts come from the tables); the next 'vidpipe run' into this OUT rewrites it")
     state = progress.get("state")
     heartbeat = float(progress.get("heartbeat") or 0)
     alive = state == "running" and time.time() - heartbeat < _ALIVE_S and not _gone(progress)
