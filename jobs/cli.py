@@ -349,7 +349,7 @@ def _outlive_readers() -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import SubmitOptions, check_server_address, entrypoint, submit
+    from jobs.submit import SubmitOptions, absolute, check_server_address, entrypoint, submit
 
     def parse_run(run_argv: list[str]) -> argparse.Namespace:
         try:
@@ -367,7 +367,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     out = _run_spec(parse_run(args.run_args)).out  # flags out of range: said here, not by the job on the cluster
     check_server_address(options.address)  # before the line that says it is submitting
     print(f"submitting to {options.address}: {entry}", file=sys.stderr)
-    job_id, code = submit(options, entry, out=out if "://" in out else os.path.abspath(out))
+    job_id, code = submit(options, entry, out=absolute(out))  # as the job's command names it
     if not options.wait:
         print(f"follow it with: vidpipe status {shlex.quote(out)} --job {job_id} --address {options.address}", file=sys.stderr)
     return code
@@ -415,8 +415,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _out_key(out: str) -> str:
-    """An OUT as comparable: an S3 URI without its trailing slash, a local path made absolute."""
-    return out.rstrip("/") if "://" in out else os.path.normpath(os.path.abspath(os.path.expanduser(out)))
+    """An OUT as comparable with the one 'vidpipe submit' recorded: absolute, without a trailing slash."""
+    from jobs.submit import absolute
+
+    return absolute(out).rstrip("/")
 
 
 def _failed_now(out_uri: str) -> int:

@@ -598,8 +598,8 @@ class OutputDir:
         said = []
         for rel in parts:
             table, _, fname = rel.partition("/")
-            m = re.fullmatch(r"part-(.+)-[0-9a-f]{8}\.parquet", fname)
-            c = by_name.get(m.group(1)) if m else None
+            m = _PART_NAME.fullmatch(fname)
+            c = by_name.get(m[1]) if m else None
             if c is not None and c.files.get(table) not in (None, fname):
                 said.append(f" {self.store.uri_of(rel)} has the name of a file of commit {c.name}, whose record names "
                             f"{table}/{c.files[table]}: if it is that file renamed, give it that name back.")

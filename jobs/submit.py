@@ -65,11 +65,12 @@ def entrypoint(run_argv: list[str], parse_run: Callable[[list[str]], argparse.Na
         raise ConfigError("give the cluster with 'vidpipe submit --address http://HEAD:8265'; the job's driver "
                           "joins that cluster by itself ('run --address' is not used with submit)")
     paths = {*args.inputs, args.out, *([args.model] if args.model else [])}
-    tokens = [_absolute(t) if t in paths else t for t in run_argv]
+    tokens = [absolute(t) if t in paths else t for t in run_argv]
     return " ".join([*shlex.split(command), "run", *(shlex.quote(t) for t in tokens)])
 
 
-def _absolute(value: str) -> str:
+def absolute(value: str) -> str:
+    """A local path as the job's command names it (absolute, ``~`` expanded); a URI as it is."""
     if "://" in value or os.path.isabs(value):
         return value
     return os.path.abspath(os.path.expanduser(value))  # keeps glob characters as they are
